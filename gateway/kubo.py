@@ -1,0 +1,188 @@
+"""A local Kubo node the project manages: find the binary, init and harden a repo, start the
+daemon, wait until it answers, stop it cleanly.
+
+Used by ``medicon-gateway dev`` and by the test suite alike, so tests exercise the same code
+an operator runs. Synchronous on purpose: it wraps a subprocess and is called at start-up
+and shutdown, never on a request path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+INSTALL_HINT = "run `make setup` (or `scripts/install-kubo.sh`) to build the pinned Kubo into .tools/bin/ipfs"
+
+
+class KuboError(RuntimeError):
+    """Kubo is missing, failed to start, or did not answer in time."""
+
+
+def find_binary() -> Path:
+    """``$MEDICON_KUBO_BIN``, else the project's ``.tools/bin/ipfs``, else ``ipfs`` on PATH."""
+    explicit = os.environ.get("MEDICON_KUBO_BIN")
+    if explicit:
+        path = Path(explicit)
+        if not os.access(path, os.X_OK):
+            raise KuboError(f"MEDICON_KUBO_BIN={explicit} is not an executable file")
+        return path
+    local = PROJECT_ROOT / ".tools" / "bin" / "ipfs"
+    if os.access(local, os.X_OK):
+        return local
+    found = shutil.which("ipfs")
+    if found:
+        return Path(found)
+    raise KuboError(f"Kubo (the `ipfs` binary) is not installed: {INSTALL_HINT}")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def harden(config: dict, *, api_port: int, gateway_port: int, offline: bool) -> dict:
+    """Make a Kubo config safe to sit behind the gateway.
+
+    The RPC API and the HTTP gateway listen on loopback only (the gateway is the only door);
+    the gateway never fetches from the network on a reader's behalf; no CORS headers.
+    ``deploy/kubo-harden.sh`` applies the same settings to a production repo.
+    """
+    addresses = config.setdefault("Addresses", {})
+    addresses["API"] = f"/ip4/127.0.0.1/tcp/{api_port}"
+    addresses["Gateway"] = f"/ip4/127.0.0.1/tcp/{gateway_port}"
+    config.setdefault("API", {})["HTTPHeaders"] = {}
+    gateway = config.setdefault("Gateway", {})
+    gateway["NoFetch"] = True
+    gateway["HTTPHeaders"] = {}
+    config.setdefault("Discovery", {}).setdefault("MDNS", {})["Enabled"] = False
+    config.setdefault("Swarm", {})["DisableNatPortMap"] = True
+    if offline:
+        addresses["Swarm"] = []
+        addresses["Announce"] = []
+        config["Bootstrap"] = []
+    return config
+
+
+@dataclass
+class KuboNode:
+    """One Kubo daemon on a repo of its own, on free loopback ports."""
+
+    repo: Path
+    binary: Path = field(default_factory=find_binary)
+    offline: bool = True
+    api_port: int = 0
+    gateway_port: int = 0
+    process: subprocess.Popen | None = None
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://127.0.0.1:{self.gateway_port}"
+
+    @property
+    def api_multiaddr(self) -> str:
+        return f"/ip4/127.0.0.1/tcp/{self.api_port}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "IPFS_PATH": str(self.repo)}
+
+    def init(self) -> None:
+        """Create the repo if it does not exist yet, then (re)apply the hardened config on
+        fresh ports. The ``test`` profile keeps a development node off the public network."""
+        self.repo.mkdir(parents=True, exist_ok=True)
+        config_file = self.repo / "config"
+        if not config_file.exists():
+            result = subprocess.run(
+                [str(self.binary), "init", "--empty-repo", "--profile", "test"],
+                env=self.env, capture_output=True, text=True,
+            )
+            if result.returncode != 0:
+                raise KuboError(f"`ipfs init` failed: {result.stderr.strip()}")
+        self.api_port = self.api_port or free_port()
+        self.gateway_port = self.gateway_port or free_port()
+        config = json.loads(config_file.read_text())
+        harden(config, api_port=self.api_port, gateway_port=self.gateway_port, offline=self.offline)
+        tmp = config_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(config, indent=2))
+        tmp.replace(config_file)
+
+    def start(self, timeout: float = 60.0) -> None:
+        if self.process is not None and self.process.poll() is None:
+            return
+        if not (self.repo / "config").exists() or not self.api_port:
+            self.init()
+        args = [str(self.binary), "daemon", "--migrate=false"]
+        if self.offline:
+            args.append("--offline")
+        log = open(self.repo / "daemon.log", "ab")
+        self.process = subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, start_new_session=True)
+        log.close()
+        self.wait_ready(timeout)
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise KuboError(f"Kubo exited with {self.process.returncode} while starting:\n{self.log_tail()}")
+            if self.version() is not None:
+                return
+            time.sleep(0.05)
+        raise KuboError(f"Kubo did not answer within {timeout}s:\n{self.log_tail()}")
+
+    def version(self) -> str | None:
+        """Kubo's version if its API answers, else None."""
+        req = urllib.request.Request(self.api_url + "/api/v0/version", method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=2) as resp:
+                return json.load(resp)["Version"]
+        except (OSError, ValueError, KeyError, urllib.error.URLError):
+            return None
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join((self.repo / "daemon.log").read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM (Kubo shuts down gracefully), SIGKILL if it does not within ``timeout``."""
+        proc, self.process = self.process, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def ipfs(self, *args: str, input: bytes | None = None, check: bool = True) -> subprocess.CompletedProcess:
+        """Run the Kubo CLI directly against this node (bypassing the gateway)."""
+        result = subprocess.run([str(self.binary), "--api", self.api_multiaddr, *args],
+                                env=self.env, input=input, capture_output=True)
+        if check and result.returncode != 0:
+            raise KuboError(f"ipfs {' '.join(args)} failed: {result.stderr.decode(errors='replace')}")
+        return result
+
+    def __enter__(self) -> "KuboNode":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

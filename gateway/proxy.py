@@ -1,0 +1,187 @@
+"""Streaming reverse proxy to Kubo's RPC API (``/api/v0``) and HTTP gateway (``/ipfs``, ``/ipns``).
+
+Bodies are never held in memory: the upload is pumped to Kubo while Kubo's answer is pumped
+back, chunk by chunk, with backpressure on both sides. Only what the gateway itself checks
+(the command, the origin, the credentials) is looked at; everything else passes unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import AsyncIterator
+from urllib.parse import quote, unquote_plus, urlsplit
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from . import commands
+from .appkeys import CONFIG, KUBO_SESSION
+from .commands import Action
+from .errors import GatewayError
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 18  # 256 KiB: large enough for throughput, small enough to keep memory flat
+
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
+    "trailer", "trailers", "transfer-encoding", "upgrade",
+})
+# Request headers the gateway consumes or that would mislead Kubo: the gateway's own
+# credentials, cookies, and the CSRF headers that Kubo checks against *its* port (the
+# gateway checks them itself, see ``check_origin``).
+DROP_REQUEST = HOP_BY_HOP | {
+    "host", "authorization", "cookie", "origin", "referer", "user-agent", "expect",
+    "forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-real-ip",
+}
+# ``Content-Length`` is set from the streamed body; the trailer Kubo announces cannot be
+# relayed by aiohttp (errors after the headers abort the connection instead).
+DROP_RESPONSE = HOP_BY_HOP | {"content-length", "server", "set-cookie"}
+# Query parameters never forwarded: the Kubo CLI may send its credentials as ``api-auth``.
+DROP_QUERY = frozenset({"api-auth"})
+
+USER_AGENT = "medicon-gateway"
+
+
+def check_origin(request: web.Request) -> None:
+    """Kubo's CSRF rule, applied for the gateway's own port.
+
+    Kubo only trusts origins on its own API port, so the gateway strips ``Origin`` and
+    ``Referer`` before forwarding and must do the check itself.
+    """
+    allowed = request.app[CONFIG].server.allowed_origins
+    origin = request.headers.get("Origin")
+    referer = request.headers.get("Referer")
+    if origin is not None:
+        if origin not in allowed:
+            raise GatewayError(403, f"origin {origin!r} is not allowed to use the RPC API")
+    elif referer is not None:
+        parts = urlsplit(referer)
+        if f"{parts.scheme}://{parts.netloc}" not in allowed:
+            raise GatewayError(403, "referer is not an allowed origin for the RPC API")
+    elif "mozilla" in request.headers.get("User-Agent", "").lower():
+        raise GatewayError(403, "browser requests to the RPC API must carry an allowed Origin")
+
+
+def upstream_query(query_string: str, path_arg: str | None) -> str:
+    """The client's query string, unchanged but for dropped credentials and a path argument.
+
+    Kubo appends an argument given in the path before the ``arg`` parameters; moving it
+    into the query keeps that order and leaves one canonical command path.
+    """
+    pairs = [p for p in query_string.split("&") if p]
+    kept = [p for p in pairs if unquote_plus(p.partition("=")[0]) not in DROP_QUERY]
+    if path_arg is not None:
+        kept.insert(0, "arg=" + quote(path_arg, safe=""))
+    return "&".join(kept)
+
+
+def upstream_headers(request: web.Request) -> CIMultiDict[str]:
+    headers = CIMultiDict(
+        (k, v) for k, v in request.headers.items() if k.lower() not in DROP_REQUEST
+    )
+    if "Transfer-Encoding" in request.headers:
+        headers.popall("Content-Length", None)
+    headers["User-Agent"] = USER_AGENT
+    return headers
+
+
+async def _body(request: web.Request) -> AsyncIterator[bytes]:
+    async for chunk in request.content.iter_chunked(CHUNK):
+        yield chunk
+
+
+def _abort(request: web.Request, why: str) -> None:
+    """Close the client connection without the final chunk, so a truncated stream is seen
+    as a failed transfer and never as a complete one."""
+    log.warning("aborting response to %s %s: %s", request.method, request.path, why)
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
+
+
+async def forward(request: web.Request, url: URL, *, method: str | None = None) -> web.StreamResponse:
+    """Send the request to Kubo at ``url`` and stream Kubo's answer back."""
+    session = request.app[KUBO_SESSION]
+    body = _body(request) if request.body_exists else None
+    timeouts = request.app[CONFIG].kubo
+    try:
+        upstream = await session.request(
+            method or request.method, url, headers=upstream_headers(request), data=body,
+            allow_redirects=False,
+        )
+    except asyncio.TimeoutError:
+        raise GatewayError(504, f"Kubo did not answer within {timeouts.read_timeout:g}s") from None
+    except aiohttp.ClientConnectorError:
+        raise GatewayError(502, "Kubo is not reachable") from None
+    except aiohttp.ClientError as exc:
+        raise GatewayError(502, f"Kubo connection failed: {type(exc).__name__}") from None
+    async with upstream:
+        return await _relay(request, upstream)
+
+
+async def _relay(request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+    resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+    for key, value in upstream.headers.items():
+        if key.lower() not in DROP_RESPONSE:
+            resp.headers.add(key, value)
+    length = upstream.headers.get("Content-Length")
+    if length is not None and length.isdigit():
+        resp.content_length = int(length)
+    # Readers such as `cat` announce their size; a shorter stream means Kubo failed after
+    # its headers and reported it only in a trailer we cannot relay.
+    expected = None
+    if upstream.headers.get("X-Stream-Output") == "1":
+        announced = upstream.headers.get("X-Content-Length", "")
+        expected = int(announced) if announced.isdigit() else None
+    await resp.prepare(request)
+    if request.method == "HEAD":
+        await resp.write_eof()
+        return resp
+    sent = 0
+    try:
+        async for chunk in upstream.content.iter_chunked(CHUNK):
+            await resp.write(chunk)
+            sent += len(chunk)
+    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
+        _abort(request, f"Kubo stream failed after {sent} bytes: {type(exc).__name__}")
+        return resp
+    if expected is not None and sent != expected:
+        _abort(request, f"Kubo stream ended after {sent} of {expected} bytes")
+        return resp
+    await resp.write_eof()
+    return resp
+
+
+async def rpc(request: web.Request) -> web.StreamResponse:
+    """``/api/v0/<command>``: classify by the command table, then forward or refuse."""
+    if request.method != "POST":
+        raise GatewayError(405, f"{request.method} is not allowed: the RPC API takes POST",
+                           headers={"Allow": "POST"})
+    check_origin(request)
+    resolved = commands.resolve(request.path[len("/api/v0/"):])
+    rule = resolved.rule
+    if rule.action is Action.REFUSE:
+        raise GatewayError(403, f"command {resolved.command!r} is refused by the gateway: {rule.why}")
+    if rule.action is Action.INTERCEPT:
+        raise GatewayError(501, f"command {resolved.command!r} has no handler")
+    base = URL(request.app[CONFIG].kubo.api_url)
+    query = upstream_query(request.query_string, resolved.path_arg)
+    path = "/api/v0/" + quote(resolved.command)
+    url = base.with_path(path, encoded=True).with_query(None)
+    url = URL(str(url) + ("?" + query if query else ""), encoded=True)
+    return await forward(request, url)
+
+
+async def http_gateway(request: web.Request) -> web.StreamResponse:
+    """``/ipfs/…`` and ``/ipns/…``: Kubo's HTTP gateway, read-only."""
+    if request.method not in ("GET", "HEAD", "OPTIONS"):
+        raise GatewayError(405, f"{request.method} is not allowed on the HTTP gateway",
+                           headers={"Allow": "GET, HEAD, OPTIONS"})
+    if any(seg in (".", "..") for seg in request.path.split("/")):
+        raise GatewayError(400, "dot segments are not allowed in gateway paths")
+    base = request.app[CONFIG].kubo.gateway_url.rstrip("/")
+    return await forward(request, URL(base + request.raw_path, encoded=True))

@@ -1,0 +1,1 @@
+"""Built-in plugins, registered through the ``medicon_gateway`` entry-point group like any third-party plugin."""
