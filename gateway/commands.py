@@ -40,6 +40,7 @@ PURE = "pure function of its arguments"
 COMMANDS: dict[str, Rule] = {
     # --- forwarded: the everyday commands IPFS clients use ---
     "version": _fwd(INFO + " (every Kubo CLI call starts with it)"),
+    "version/deps": _fwd(INFO),
     "id": _fwd(INFO),
     "add": _fwd(WRITE),
     "cat": _fwd(READ),
@@ -67,6 +68,7 @@ COMMANDS: dict[str, Rule] = {
     "cid/bases": _fwd(PURE),
     "cid/codecs": _fwd(PURE),
     "cid/hashes": _fwd(PURE),
+    "cid/inspect": _fwd(PURE),
     "multibase/encode": _fwd(PURE),
     "multibase/decode": _fwd(PURE),
     "multibase/transcode": _fwd(PURE),
@@ -102,6 +104,10 @@ COMMANDS: dict[str, Rule] = {
     "object": _refuse("deprecated object API"),
     "tar": _refuse("deprecated"),
     "dns": _refuse("makes the node resolve names"),
+    "version/check": _refuse("asks the network for newer Kubo releases"),
+    "bitswap": _refuse("exchange internals and reprovide control are administration"),
+    "daemon": _refuse("not an RPC command"),
+    "init": _refuse("not an RPC command"),
     "commands": _refuse("lists the node's full surface, not the gateway's"),
     "refs/local": _refuse("lists every block in the node, not only the caller's"),
 }

@@ -1,0 +1,53 @@
+#!/bin/sh
+# kubo-harden.sh: lock a Kubo repo down so that only medicon-gateway can reach it.
+#
+# Kubo's RPC API (5001) is a full admin interface with no authentication by default, so it
+# must listen on loopback only; the gateway, running beside Kubo (same host, same pod, or
+# the same container network namespace), is the only door to it.
+#
+# Usage:  IPFS_PATH=/path/to/repo [IPFS_BIN=ipfs] kubo-harden.sh
+#   KUBO_API_PORT         RPC API port on 127.0.0.1        (default 5001)
+#   KUBO_GATEWAY_PORT     HTTP gateway port on 127.0.0.1   (default 8080)
+#   KUBO_GATEWAY_NOFETCH  true: the gateway serves local blocks only; false: it may fetch
+#                         from the network (production nodes that should fetch) (default true)
+#   IPFS_PROFILE          profile(s) for the first `ipfs init` only, e.g. "server"
+#
+# Idempotent: it creates the repo only when missing and sets the same values on every run,
+# so it is safe as a container-init.d hook, a Kubernetes initContainer or an ExecStartPre.
+# Run it while the daemon is stopped: address changes only apply when the daemon starts.
+
+set -eu  # stop at the first failing command or unset variable: a half-hardened repo must not start
+
+: "${IPFS_PATH:?IPFS_PATH must point at the Kubo repo}"  # refuse to guess the repo (ipfs would use ~/.ipfs)
+export IPFS_PATH                                          # make sure every ipfs call below sees it
+IPFS_BIN="${IPFS_BIN:-ipfs}"                              # allow a binary outside PATH (systemd, tests)
+API_PORT="${KUBO_API_PORT:-5001}"                         # must match the gateway's kubo.api_url
+GATEWAY_PORT="${KUBO_GATEWAY_PORT:-8080}"                 # must match the gateway's kubo.gateway_url
+NOFETCH="${KUBO_GATEWAY_NOFETCH:-true}"                   # safe default: the HTTP gateway never triggers network fetches
+
+for port in "$API_PORT" "$GATEWAY_PORT"; do               # a typo here would produce an invalid multiaddr
+  case "$port" in ''|*[!0-9]*) echo "kubo-harden: invalid port: '$port'" >&2; exit 2 ;; esac  # digits only
+done
+case "$NOFETCH" in true|false) ;; *) echo "kubo-harden: KUBO_GATEWAY_NOFETCH must be true or false, got '$NOFETCH'" >&2; exit 2 ;; esac  # JSON booleans only
+
+if [ ! -f "$IPFS_PATH/config" ]; then                     # no repo yet: first start on an empty volume
+  echo "kubo-harden: initialising Kubo repo at $IPFS_PATH"  # leave a trace in the service log
+  "$IPFS_BIN" init --empty-repo ${IPFS_PROFILE:+"--profile=$IPFS_PROFILE"}  # --empty-repo: no welcome files in a server repo
+fi
+
+"$IPFS_BIN" config Addresses.API "/ip4/127.0.0.1/tcp/$API_PORT"              # RPC API on loopback only (never 0.0.0.0, as the Docker image's init sets)
+"$IPFS_BIN" config Addresses.Gateway "/ip4/127.0.0.1/tcp/$GATEWAY_PORT"      # Kubo's own gateway on loopback too: clients go through medicon-gateway
+"$IPFS_BIN" config --json Gateway.NoFetch "$NOFETCH"                         # by default the gateway cannot be used to make the node fetch arbitrary CIDs
+"$IPFS_BIN" config --json API.HTTPHeaders '{}'                               # no CORS headers: browsers must not call the RPC API directly
+"$IPFS_BIN" config --json Gateway.PublicGateways null                        # drop any hostname-specific gateway rules; Kubo's built-in defaults apply
+"$IPFS_BIN" config --json Swarm.DisableNatPortMap true                       # do not ask the router (UPnP/NAT-PMP) to open ports on the host
+"$IPFS_BIN" config --json Discovery.MDNS.Enabled false                       # do not announce the node on, or scan, the local network
+# API.Authorizations is deliberately left alone: an operator may have set RPC auth secrets.
+
+api="$("$IPFS_BIN" config Addresses.API)"                                    # read back what Kubo will actually use
+gw="$("$IPFS_BIN" config Addresses.Gateway)"                                 # same for the gateway listener
+if [ "$api" != "/ip4/127.0.0.1/tcp/$API_PORT" ] || [ "$gw" != "/ip4/127.0.0.1/tcp/$GATEWAY_PORT" ]; then  # belt and braces: never start on another address
+  echo "kubo-harden: refusing to start: API=$api Gateway=$gw" >&2                                  # say what is wrong
+  exit 1                                                                                            # non-zero stops the daemon from starting
+fi
+echo "kubo-harden: API=$api Gateway=$gw NoFetch=$NOFETCH"                   # one line summary for the service log
