@@ -1,0 +1,66 @@
+"""Configuration: TOML + MEDICON_* overrides, and clear errors naming the bad key."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.config import ConfigError, load_config
+
+
+def test_defaults_are_loopback():
+    cfg = load_config(env={})
+    assert cfg.server.host == "127.0.0.1"
+    assert cfg.kubo.api_url.startswith("http://127.0.0.1:")
+
+
+def test_file_then_env_then_overrides(tmp_path):
+    f = tmp_path / "gw.toml"
+    f.write_text('[server]\nport = 6000\nallowed_origins = ["https://a.example"]\n'
+                 '[kubo]\napi_url = "http://127.0.0.1:7001"\nread_timeout = 3\n')
+    cfg = load_config(f, env={"MEDICON_SERVER_PORT": "6001", "MEDICON_KUBO_CONNECT_TIMEOUT": "2.5",
+                              "MEDICON_TOKEN": "not config", "OTHER": "x"})
+    assert cfg.server.port == 6001
+    assert cfg.server.allowed_origins == ("https://a.example",)
+    assert cfg.kubo.api_url == "http://127.0.0.1:7001"
+    assert cfg.kubo.read_timeout == 3.0 and cfg.kubo.connect_timeout == 2.5
+    cfg = load_config(f, env={"MEDICON_SERVER_ALLOWED_ORIGINS": "https://b.example, https://c.example"},
+                      overrides={"server.port": 0})
+    assert cfg.server.port == 0
+    assert cfg.server.allowed_origins == ("https://b.example", "https://c.example")
+
+
+@pytest.mark.parametrize("text, env, needle", [
+    ("[server]\nprot = 1\n", {}, "'server.prot'"),
+    ("[srv]\nport = 1\n", {}, "'srv'"),
+    ("[server]\nport = \"eighty\"\n", {}, "'server.port'"),
+    ("[server]\nport = 70000\n", {}, "'server.port'"),
+    ("[kubo]\napi_url = \"ftp://x\"\n", {}, "'kubo.api_url'"),
+    ("[kubo]\nread_timeout = 0\n", {}, "'kubo.read_timeout'"),
+    ("[server]\nallowed_origins = \"x\"\n", {}, "'server.allowed_origins'"),
+    ("", {"MEDICON_KUBO_READ_TIMEOUT": "soon"}, "'kubo.read_timeout'"),
+    ("", {"MEDICON_KUBO_APIURL": "http://x"}, "MEDICON_KUBO_APIURL"),
+    ("[server\n", {}, "invalid TOML"),
+])
+def test_bad_values_name_the_key(tmp_path, text, env, needle):
+    f = tmp_path / "gw.toml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(f, env=env)
+    assert needle in str(err.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.toml", env={})
+
+
+def test_cli_reports_config_errors(tmp_path):
+    import subprocess
+    import sys
+    f = tmp_path / "gw.toml"
+    f.write_text("[server]\nprot = 1\n")
+    r = subprocess.run([sys.executable, "-m", "gateway", "serve", "--config", str(f)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2
+    assert "unknown config key 'server.prot'" in r.stderr
+    assert "Traceback" not in r.stderr

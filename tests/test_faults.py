@@ -1,0 +1,89 @@
+"""Kubo down, paused or dying mid-stream: clean, quick errors and recovery without restart."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import aiohttp
+import pytest
+
+from gateway.app import create_app
+from conftest import gateway_config
+
+
+@pytest.fixture
+async def fault_client(aiohttp_client, own_kubo):
+    cfg = gateway_config(own_kubo, **{"kubo.connect_timeout": 1.0, "kubo.read_timeout": 1.5})
+    return await aiohttp_client(create_app(cfg))
+
+
+async def test_kubo_stopped_gives_502_then_recovers(fault_client, own_kubo):
+    r = await fault_client.post("/api/v0/version")
+    assert r.status == 200
+    own_kubo.stop()
+
+    t0 = time.monotonic()
+    r = await fault_client.post("/api/v0/version")
+    assert time.monotonic() - t0 < 3
+    assert r.status == 502
+    assert await r.json() == {"Message": "Kubo is not reachable", "Code": 0, "Type": "error"}
+    r = await fault_client.get("/ipfs/bafkqaaa")
+    assert r.status == 502
+    r = await fault_client.get("/readyz")
+    assert r.status == 503 and (await r.json())["status"] == "not ready"
+    r = await fault_client.get("/healthz")
+    assert r.status == 200
+
+    own_kubo.start()  # same repo, same ports
+    r = await fault_client.post("/api/v0/version")
+    assert r.status == 200
+    r = await fault_client.get("/readyz")
+    assert r.status == 200 and (await r.json())["kubo"]
+
+
+async def test_kubo_paused_gives_504_within_the_timeout(fault_client, own_kubo):
+    os.kill(own_kubo.process.pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        r = await fault_client.post("/api/v0/version")
+        elapsed = time.monotonic() - t0
+        assert r.status == 504, await r.text()
+        body = await r.json()
+        assert body["Type"] == "error" and "did not answer" in body["Message"]
+        assert elapsed < 5
+        r = await fault_client.get("/readyz")
+        assert r.status == 503
+    finally:
+        os.kill(own_kubo.process.pid, signal.SIGCONT)
+    r = await fault_client.post("/api/v0/version")
+    assert r.status == 200
+
+
+async def test_kubo_dying_mid_stream_is_a_failed_transfer(fault_client, own_kubo):
+    """Never a silently truncated body that looks complete."""
+    data = os.urandom(48 * 1024 * 1024)
+    cid = own_kubo.ipfs("add", "-Q", input=data).stdout.decode().strip()
+    received = 0
+    with pytest.raises(aiohttp.ClientPayloadError):
+        r = await fault_client.post(f"/api/v0/cat?arg={cid}")
+        assert r.status == 200
+        async for chunk in r.content.iter_chunked(64 * 1024):
+            if received == 0:
+                os.kill(own_kubo.process.pid, signal.SIGKILL)
+                await asyncio.sleep(0.2)
+            received += len(chunk)
+    assert received < len(data)
+
+
+async def test_gateway_serves_again_after_a_failed_stream(fault_client, own_kubo):
+    own_kubo.process.kill()
+    own_kubo.process.wait()
+    own_kubo.process = None
+    r = await fault_client.post("/api/v0/version")
+    assert r.status == 502
+    own_kubo.start()
+    r = await fault_client.post("/api/v0/version")
+    assert r.status == 200

@@ -1,0 +1,96 @@
+"""``/ipfs`` and ``/ipns`` through the gateway: Kubo's HTTP gateway semantics preserved."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def sample(kubo):
+    data = b"<html><body>hello gateway</body></html>\n" * 100
+    return kubo.ipfs("add", "-Q", "--cid-version=1", input=data).stdout.decode().strip(), data
+
+
+async def test_get_with_headers(client, sample):
+    cid, data = sample
+    r = await client.get(f"/ipfs/{cid}")
+    assert r.status == 200
+    assert await r.read() == data
+    assert r.headers["Etag"] == f'"{cid}"'
+    assert r.headers["X-Ipfs-Path"] == f"/ipfs/{cid}"
+    assert "immutable" in r.headers["Cache-Control"]
+    assert r.headers["Content-Type"].startswith("text/html")
+    assert r.headers["Accept-Ranges"] == "bytes"
+
+
+async def test_conditional_get(client, sample):
+    cid, _ = sample
+    r = await client.get(f"/ipfs/{cid}", headers={"If-None-Match": f'"{cid}"'})
+    assert r.status == 304
+    assert await r.read() == b""
+
+
+async def test_head(client, sample):
+    cid, data = sample
+    r = await client.head(f"/ipfs/{cid}")
+    assert r.status == 200
+    assert int(r.headers["Content-Length"]) == len(data)
+    assert await r.read() == b""
+
+
+async def test_range(client, sample):
+    cid, data = sample
+    r = await client.get(f"/ipfs/{cid}", headers={"Range": "bytes=10-19"})
+    assert r.status == 206
+    assert await r.read() == data[10:20]
+    assert r.headers["Content-Range"] == f"bytes 10-19/{len(data)}"
+
+
+async def test_raw_and_car_formats(client, sample):
+    cid, _ = sample
+    r = await client.get(f"/ipfs/{cid}?format=raw")
+    assert r.status == 200 and r.headers["Content-Type"] == "application/vnd.ipld.raw"
+    r = await client.get(f"/ipfs/{cid}", headers={"Accept": "application/vnd.ipld.car"})
+    assert r.status == 200 and r.headers["Content-Type"].startswith("application/vnd.ipld.car")
+
+
+async def test_directory_paths(client, kubo, tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "x.json").write_text('{"ok": true}')
+    root = kubo.ipfs("add", "-r", "-Q", str(tmp_path / "d")).stdout.decode().strip()
+    r = await client.get(f"/ipfs/{root}/x.json")
+    assert r.status == 200 and json.loads(await r.read()) == {"ok": True}
+    r = await client.get(f"/ipfs/{root}/missing.json")
+    assert r.status == 404
+
+
+async def test_gateway_is_read_only(client, sample):
+    cid, _ = sample
+    r = await client.post(f"/ipfs/{cid}", data=b"x")
+    assert r.status == 405
+    body = await r.json()
+    assert body["Type"] == "error" and "not allowed" in body["Message"]
+
+
+async def test_no_fetch_for_unknown_content(client):
+    # A valid CID that this offline node does not have: answered at once, never a hang.
+    r = await client.get("/ipfs/bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy")
+    assert r.status in (404, 410, 412, 502, 504)
+
+
+async def test_bad_cid_is_a_client_error(client):
+    r = await client.get("/ipfs/not-a-cid")
+    assert 400 <= r.status < 500
+
+
+async def test_ipns_path_is_proxied(client, kubo):
+    """Kubo's own answer (offline, it cannot resolve the name) arrives unchanged."""
+    import aiohttp
+    path = "/ipns/k51qzi5uqu5dlvj2baxnqndepeb86cbk3ng7n3i46uzyxzyqj2xjonzllnv0v8"
+    async with aiohttp.ClientSession() as s:
+        async with s.get(kubo.gateway_url + path) as direct:
+            want = (direct.status, await direct.read())
+    r = await client.get(path)
+    assert (r.status, await r.read()) == want
