@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import AsyncIterator
 
 import aiohttp
 from aiohttp import web
 
-from . import proxy
-from .appkeys import CONFIG, KUBO_SESSION
-from .config import Config
+from . import api, chain, plugins, proxy, records
+from .appkeys import CONFIG, INTERCEPTORS, KUBO, KUBO_SESSION, PLUGINS, SCHEMAS, STORE
+from .commands import COMMANDS, Action
+from .config import Config, ConfigError
 from .errors import error_middleware
+from .ipfs import Kubo
+from .schemas import DEFAULT_SCHEMA_DIR, SchemaError, SchemaRegistry
+from .store import SQLiteHeadStore
 
 
 async def kubo_session(app: web.Application) -> AsyncIterator[None]:
@@ -28,8 +33,40 @@ async def kubo_session(app: web.Application) -> AsyncIterator[None]:
         read_bufsize=proxy.CHUNK,
     )
     app[KUBO_SESSION] = session
+    app[KUBO] = Kubo(session, cfg.api_url)
     yield
     await session.close()
+
+
+async def head_store(app: web.Application) -> AsyncIterator[None]:
+    store = await SQLiteHeadStore.open(Path(app[CONFIG].records.data_dir) / "heads.sqlite3")
+    app[STORE] = store
+    yield
+    await store.close()
+
+
+async def record_kinds(app: web.Application) -> AsyncIterator[None]:
+    """Schemas (built-in, configured, and from plugins) and chain policies, loaded once."""
+    cfg = app[CONFIG]
+    pm = app[PLUGINS]
+    dirs = [DEFAULT_SCHEMA_DIR, *map(Path, cfg.records.schema_dirs)]
+    for _, found in await plugins.call(pm, "medicon_schema_dirs", config=cfg):
+        dirs += [Path(d) for d in found]
+    try:
+        app[SCHEMAS] = SchemaRegistry.load(*dirs)
+    except SchemaError as exc:
+        raise ConfigError(f"schemas: {exc}") from None
+    policies: dict = {}
+    for _, provided in await plugins.call(pm, "medicon_chain_policies"):
+        policies.update(provided)
+    app[chain.POLICIES] = policies
+    wanted = {"records.chain_policy": cfg.records.chain_policy,
+              **{f"records.chain_policy_by_schema[{k!r}]": v for k, v in cfg.records.chain_policy_by_schema.items()}}
+    for key, name in wanted.items():
+        if name not in policies:
+            raise ConfigError(f"config key {key!r}: unknown chain policy {name!r} "
+                              f"(loaded: {', '.join(sorted(policies)) or 'none'})")
+    yield
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -58,10 +95,16 @@ async def readyz(request: web.Request) -> web.Response:
 def create_app(config: Config) -> web.Application:
     app = web.Application(middlewares=[error_middleware])
     app[CONFIG] = config
-    app.cleanup_ctx.append(kubo_session)
+    app[PLUGINS] = plugins.make_manager(config.plugins.modules)
+    app[chain.LOCKS] = chain.EpisodeLocks()
+    app[INTERCEPTORS] = records.INTERCEPTED
+    missing = {c for c, r in COMMANDS.items() if r.action is Action.INTERCEPT} - set(records.INTERCEPTED)
+    assert not missing, f"intercepted commands without a handler: {missing}"
+    app.cleanup_ctx.extend([kubo_session, head_store, record_kinds])
     app.router.add_get("/healthz", healthz, allow_head=True)
     app.router.add_get("/readyz", readyz, allow_head=True)
     app.router.add_route("*", "/api/v0/{command:.*}", proxy.rpc)
-    app.router.add_route("*", "/ipfs/{path:.*}", proxy.http_gateway)
+    app.router.add_route("*", "/ipfs/{path:.*}", records.ipfs_path)
     app.router.add_route("*", "/ipns/{path:.*}", proxy.http_gateway)
+    app.router.add_routes(api.routes)
     return app

@@ -28,6 +28,10 @@ def _fwd(why: str) -> Rule:
     return Rule(Action.FORWARD, why)
 
 
+def _intercept(why: str) -> Rule:
+    return Rule(Action.INTERCEPT, why)
+
+
 def _refuse(why: str) -> Rule:
     return Rule(Action.REFUSE, why)
 
@@ -38,12 +42,12 @@ INFO = "node information"
 PURE = "pure function of its arguments"
 
 COMMANDS: dict[str, Rule] = {
-    # --- forwarded: the everyday commands IPFS clients use ---
+    # --- forwarded (or intercepted): the everyday commands IPFS clients use ---
     "version": _fwd(INFO + " (every Kubo CLI call starts with it)"),
     "version/deps": _fwd(INFO),
     "id": _fwd(INFO),
-    "add": _fwd(WRITE),
-    "cat": _fwd(READ),
+    "add": _intercept("records are appended to their episode; other files pass as blobs"),
+    "cat": _intercept("a record CID reads back as the record's JSON"),
     "get": _fwd(READ),
     "ls": _fwd(READ),
     "refs": _fwd(READ),
@@ -55,7 +59,7 @@ COMMANDS: dict[str, Rule] = {
     "dag/resolve": _fwd(READ),
     "dag/stat": _fwd(READ),
     "dag/export": _fwd(READ),
-    "dag/put": _fwd(WRITE),
+    "dag/put": _intercept("a record is appended to its episode; other nodes pass"),
     "dag/import": _fwd(WRITE),
     "pin/add": _fwd(WRITE),
     "pin/ls": _fwd(READ),

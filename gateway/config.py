@@ -45,12 +45,37 @@ class KuboConfig:
 
 
 @dataclass(frozen=True)
+class RecordsConfig:
+    # Where the head store (SQLite) lives.
+    data_dir: str = ".medicon-data"
+    # Link-chaining policy by name ("strict": the client's prev must be the head; "auto":
+    # the gateway fills prev in), and per-schema exceptions {schema $id: policy}.
+    chain_policy: str = "auto"
+    chain_policy_by_schema: dict = field(default_factory=dict)
+    # Extra folders of JSON Schemas, beside the built-in schemas/.
+    schema_dirs: tuple[str, ...] = ()
+    # Largest record accepted, in bytes of JSON; larger JSON is treated as a blob.
+    max_record_size: int = 1024 * 1024
+    # Most files in one add of records.
+    max_parts: int = 1000
+
+
+@dataclass(frozen=True)
+class PluginsConfig:
+    # Plugin modules to load by import path, beside the entry-point group `medicon_gateway`.
+    modules: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     kubo: KuboConfig = field(default_factory=KuboConfig)
+    records: RecordsConfig = field(default_factory=RecordsConfig)
+    plugins: PluginsConfig = field(default_factory=PluginsConfig)
 
 
-SECTIONS: dict[str, type] = {"server": ServerConfig, "kubo": KuboConfig}
+SECTIONS: dict[str, type] = {"server": ServerConfig, "kubo": KuboConfig, "records": RecordsConfig,
+                             "plugins": PluginsConfig}
 
 
 def _coerce(key: str, value: Any, default: Any, from_env: bool) -> Any:
@@ -79,6 +104,15 @@ def _coerce(key: str, value: Any, default: Any, from_env: bool) -> Any:
             if isinstance(value, str):
                 return value
             raise TypeError
+        if kind is dict:
+            if from_env:
+                pairs = [item.split("=", 1) for item in str(value).split(",") if item.strip()]
+                if any(len(p) != 2 for p in pairs):
+                    raise ValueError
+                return {k.strip(): v.strip() for k, v in pairs}
+            if isinstance(value, dict) and all(isinstance(v, str) for v in value.values()):
+                return dict(value)
+            raise TypeError
         if kind is tuple:
             if from_env:
                 return tuple(v.strip() for v in str(value).split(",") if v.strip())
@@ -87,7 +121,7 @@ def _coerce(key: str, value: Any, default: Any, from_env: bool) -> Any:
             raise TypeError
     except (TypeError, ValueError):
         pass
-    expected = "list of strings" if kind is tuple else kind.__name__
+    expected = {tuple: "list of strings", dict: "table of strings"}.get(kind, kind.__name__)
     raise ConfigError(f"config key {key!r}: expected {expected}, got {value!r}")
 
 
@@ -104,8 +138,10 @@ def _check(config: Config) -> Config:
         section, name = key.split(".")
         if getattr(getattr(config, section), name) <= 0:
             raise ConfigError(f"config key {key!r}: must be > 0")
-    if config.kubo.max_connections < 1:
-        raise ConfigError("config key 'kubo.max_connections': must be >= 1")
+    for key in ("kubo.max_connections", "records.max_record_size", "records.max_parts"):
+        section, name = key.split(".")
+        if getattr(getattr(config, section), name) < 1:
+            raise ConfigError(f"config key {key!r}: must be >= 1")
     return config
 
 

@@ -35,12 +35,14 @@ class GatewayError(Exception):
         *,
         code: int | None = None,
         headers: Mapping[str, str] | None = None,
+        details: Mapping[str, object] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = _CODE_FOR_STATUS.get(status, CODE_NORMAL) if code is None else code
         self.headers = dict(headers or {})
+        self.details = dict(details or {})
 
 
 def kubo_error(status: int, message: str, *, code: int | None = None,
@@ -51,18 +53,34 @@ def kubo_error(status: int, message: str, *, code: int | None = None,
                         headers=err.headers)
 
 
+API_PREFIX = "/medicon/"
+
+
+def api_error(err: GatewayError) -> web.Response:
+    """The gateway's own API: ``{"error": {"status", "message", ...details}}`` (see the OpenAPI
+    document's ``Error`` schema)."""
+    body = {"error": {"status": err.status, "message": err.message, **err.details}}
+    return web.json_response(body, status=err.status, headers=err.headers)
+
+
+def render(request: web.Request, err: GatewayError) -> web.Response:
+    if request.path.startswith(API_PREFIX):
+        return api_error(err)
+    return kubo_error(err.status, err.message, code=err.code, headers=err.headers)
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler):
-    """Render ``GatewayError`` and aiohttp's own HTTP errors in Kubo's shape; hide tracebacks."""
+    """Render ``GatewayError`` and aiohttp's own HTTP errors in one place; hide tracebacks."""
     try:
         return await handler(request)
     except GatewayError as err:
-        return kubo_error(err.status, err.message, code=err.code, headers=err.headers)
+        return render(request, err)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
-        return kubo_error(exc.status, exc.reason, headers=headers)
+        return render(request, GatewayError(exc.status, exc.reason, headers=headers))
     except Exception:
         log.exception("internal error on %s %s", request.method, request.path)
-        return kubo_error(500, "internal gateway error", code=CODE_IMPLEMENTATION)
+        return render(request, GatewayError(500, "internal gateway error", code=CODE_IMPLEMENTATION))

@@ -18,7 +18,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from . import commands
-from .appkeys import CONFIG, KUBO_SESSION
+from .appkeys import CONFIG, INTERCEPTORS, KUBO_SESSION
 from .commands import Action
 from .errors import GatewayError
 
@@ -94,6 +94,17 @@ async def _body(request: web.Request) -> AsyncIterator[bytes]:
         yield chunk
 
 
+def upstream_error(request: web.Request, exc: Exception) -> Exception:
+    """Kubo unreachable → 502, Kubo silent → 504; anything else is not a Kubo fault."""
+    if isinstance(exc, asyncio.TimeoutError):
+        return GatewayError(504, f"Kubo did not answer within {request.app[CONFIG].kubo.read_timeout:g}s")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return GatewayError(502, "Kubo is not reachable")
+    if isinstance(exc, aiohttp.ClientError):
+        return GatewayError(502, f"Kubo connection failed: {type(exc).__name__}")
+    return exc
+
+
 def _abort(request: web.Request, why: str) -> None:
     """Close the client connection without the final chunk, so a truncated stream is seen
     as a failed transfer and never as a complete one."""
@@ -103,22 +114,28 @@ def _abort(request: web.Request, why: str) -> None:
         transport.abort()
 
 
-async def forward(request: web.Request, url: URL, *, method: str | None = None) -> web.StreamResponse:
-    """Send the request to Kubo at ``url`` and stream Kubo's answer back."""
+async def forward(request: web.Request, url: URL, *, body=None,
+                  failed_body: list | None = None) -> web.StreamResponse:
+    """Send the request to Kubo at ``url`` and stream Kubo's answer back.
+
+    ``body`` replaces the client's body (bytes or an async iterator, e.g. a re-encoded
+    multipart); a ``GatewayError`` put in ``failed_body`` by that iterator before Kubo answered
+    is the answer instead.
+    """
     session = request.app[KUBO_SESSION]
-    body = _body(request) if request.body_exists else None
-    timeouts = request.app[CONFIG].kubo
+    headers = upstream_headers(request)
+    if body is not None:
+        headers.popall("Content-Length", None)  # computed again for the new body
+    elif request.body_exists:
+        body = _body(request)
     try:
         upstream = await session.request(
-            method or request.method, url, headers=upstream_headers(request), data=body,
-            allow_redirects=False,
+            request.method, url, headers=headers, data=body, allow_redirects=False,
         )
-    except asyncio.TimeoutError:
-        raise GatewayError(504, f"Kubo did not answer within {timeouts.read_timeout:g}s") from None
-    except aiohttp.ClientConnectorError:
-        raise GatewayError(502, "Kubo is not reachable") from None
-    except aiohttp.ClientError as exc:
-        raise GatewayError(502, f"Kubo connection failed: {type(exc).__name__}") from None
+    except Exception as exc:
+        if failed_body:
+            raise failed_body[0] from None
+        raise upstream_error(request, exc) from None
     async with upstream:
         return await _relay(request, upstream)
 
@@ -146,7 +163,7 @@ async def _relay(request: web.Request, upstream: aiohttp.ClientResponse) -> web.
         async for chunk in upstream.content.iter_chunked(CHUNK):
             await resp.write(chunk)
             sent += len(chunk)
-    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
+    except (aiohttp.ClientError, asyncio.TimeoutError, GatewayError) as exc:
         _abort(request, f"Kubo stream failed after {sent} bytes: {type(exc).__name__}")
         return resp
     if expected is not None and sent != expected:
@@ -167,21 +184,33 @@ async def rpc(request: web.Request) -> web.StreamResponse:
     if rule.action is Action.REFUSE:
         raise GatewayError(403, f"command {resolved.command!r} is refused by the gateway: {rule.why}")
     if rule.action is Action.INTERCEPT:
-        raise GatewayError(501, f"command {resolved.command!r} has no handler")
+        return await request.app[INTERCEPTORS][resolved.command](request, resolved)
+    return await forward_rpc(request, resolved)
+
+
+def rpc_url(request: web.Request, resolved: commands.Resolved) -> URL:
+    """Kubo's URL for a classified command: canonical path, the client's query."""
     base = URL(request.app[CONFIG].kubo.api_url)
     query = upstream_query(request.query_string, resolved.path_arg)
     path = "/api/v0/" + quote(resolved.command)
     url = base.with_path(path, encoded=True).with_query(None)
-    url = URL(str(url) + ("?" + query if query else ""), encoded=True)
-    return await forward(request, url)
+    return URL(str(url) + ("?" + query if query else ""), encoded=True)
 
 
-async def http_gateway(request: web.Request) -> web.StreamResponse:
-    """``/ipfs/…`` and ``/ipns/…``: Kubo's HTTP gateway, read-only."""
+async def forward_rpc(request: web.Request, resolved: commands.Resolved, **kw) -> web.StreamResponse:
+    return await forward(request, rpc_url(request, resolved), **kw)
+
+
+def check_gateway_request(request: web.Request) -> None:
     if request.method not in ("GET", "HEAD", "OPTIONS"):
         raise GatewayError(405, f"{request.method} is not allowed on the HTTP gateway",
                            headers={"Allow": "GET, HEAD, OPTIONS"})
     if any(seg in (".", "..") for seg in request.path.split("/")):
         raise GatewayError(400, "dot segments are not allowed in gateway paths")
+
+
+async def http_gateway(request: web.Request) -> web.StreamResponse:
+    """``/ipfs/…`` and ``/ipns/…``: Kubo's HTTP gateway, read-only."""
+    check_gateway_request(request)
     base = request.app[CONFIG].kubo.gateway_url.rstrip("/")
     return await forward(request, URL(base + request.raw_path, encoded=True))

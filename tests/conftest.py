@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,8 +51,10 @@ def own_kubo(tmp_path: Path):
 
 
 def gateway_config(node: KuboNode, **overrides):
+    """A config for ``node`` with a head store of its own (fresh chains for every app)."""
     return load_config(env={}, overrides={
-        "kubo.api_url": node.api_url, "kubo.gateway_url": node.gateway_url, **overrides,
+        "kubo.api_url": node.api_url, "kubo.gateway_url": node.gateway_url,
+        "records.data_dir": tempfile.mkdtemp(prefix="medicon-test-"), **overrides,
     })
 
 
@@ -89,7 +92,8 @@ class GatewayProcess:
 
 def start_gateway(node: KuboNode, *args: str, env: dict | None = None) -> GatewayProcess:
     full_env = {**os.environ, "MEDICON_KUBO_API_URL": node.api_url,
-                "MEDICON_KUBO_GATEWAY_URL": node.gateway_url, **(env or {})}
+                "MEDICON_KUBO_GATEWAY_URL": node.gateway_url,
+                "MEDICON_RECORDS_DATA_DIR": tempfile.mkdtemp(prefix="medicon-test-"), **(env or {})}
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway", "--log-level", "WARNING", "serve", "--port", "0", *args],
         env=full_env, stdout=subprocess.PIPE, stderr=None, text=True, cwd=ROOT,

@@ -1,0 +1,272 @@
+"""Append-only episodes: validate → chain → store in Kubo and pin → move the head → answer.
+
+Every write of a record, whichever door it came in by (``/api/v0/add``, ``/api/v0/dag/put``,
+the REST API), goes through ``append``. Reads of records go through ``read``; ``verify`` walks
+an episode in Kubo from its head and re-checks every link, schema and sequence number.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from . import plugins
+from .appkeys import CONFIG, KUBO, PLUGINS, SCHEMAS, STORE
+from .errors import GatewayError
+from .store import Episode, IndexedRecord, StoreConflict
+
+log = logging.getLogger(__name__)
+
+EPISODE_OPENED = "https://medicon.example/schemas/episode-opened/v1"
+EPISODE_CLOSED = "https://medicon.example/schemas/episode-closed/v1"
+ENVELOPE_FIELDS = ("schema", "patient", "episode", "prev", "seq", "recorded_at", "author", "body")
+
+
+class RecordInvalid(GatewayError):
+    """The record breaks its schema or a plugin rule: 400, each problem named by JSON pointer."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__(400, "invalid record: " + "; ".join(problems))
+        self.problems = problems
+
+
+class ChainConflict(GatewayError):
+    """The append does not fit the episode as it stands: 409, with the current head."""
+
+    def __init__(self, message: str, episode: Episode | None) -> None:
+        if episode is not None:
+            message += f" (current head {episode.head}, length {episode.length}, {episode.status})"
+        super().__init__(409, message)
+        self.episode = episode
+
+
+@dataclass(frozen=True)
+class Appended:
+    cid: str
+    episode: Episode
+    record: dict[str, Any]
+    created: bool           # False: the exact same record was already appended (idempotent retry)
+
+    @property
+    def seq(self) -> int:
+        return self.record["seq"]
+
+
+def is_record_candidate(doc: Any) -> bool:
+    """A JSON document that claims to be a record: an object naming a schema and an episode or
+    patient. Other JSON is a blob like any file."""
+    return isinstance(doc, dict) and "schema" in doc and ("episode" in doc or "patient" in doc)
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _timestamp(value: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+
+
+def _dag_json_problems(value: Any, pointer: str = "") -> list[str]:
+    """dag-json gives a map with the key "/" a meaning of its own (a link or bytes)."""
+    if isinstance(value, dict):
+        out = [f"{pointer}/~1: the key \"/\" is reserved by IPLD"] if "/" in value else []
+        for key, item in value.items():
+            out += _dag_json_problems(item, f"{pointer}/{str(key).replace('~', '~0').replace('/', '~1')}")
+        return out
+    if isinstance(value, list):
+        return [p for i, item in enumerate(value) for p in _dag_json_problems(item, f"{pointer}/{i}")]
+    return []
+
+
+async def validate(app: web.Application, record: dict[str, Any], episode: Episode | None,
+                   *, with_plugins: bool = True) -> None:
+    """JSON Schema first, then every plugin's rules; all problems reported together."""
+    problems = [str(v) for v in app[SCHEMAS].validate(record)]
+    problems += _dag_json_problems(record.get("body"), "/body")
+    if not problems and with_plugins:
+        for plugin, found in await plugins.call(app[PLUGINS], "medicon_validate_record", record=record,
+                                                schema_id=record["schema"], episode=episode):
+            for item in found:
+                pointer, message = item if isinstance(item, tuple) else ("", item)
+                problems.append(f"{pointer or '/'}: {message} (plugin {plugin})")
+    if problems:
+        raise RecordInvalid(problems)
+
+
+def normalise(doc: dict[str, Any]) -> dict[str, Any]:
+    """A record as written by a client: ``prev`` may arrive as an IPLD link ``{"/": cid}``."""
+    prev = doc.get("prev")
+    if isinstance(prev, dict) and set(prev) == {"/"}:
+        doc = {**doc, "prev": prev["/"]}
+    return doc
+
+
+class EpisodeLocks:
+    """One lock per episode, so appends to the same episode in this process queue instead of
+    colliding; the head store's compare-and-swap still guards against other processes."""
+
+    def __init__(self) -> None:
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+
+    def __call__(self, episode: str) -> asyncio.Lock:
+        lock = self._locks.get(episode)
+        if lock is None:
+            lock = self._locks[episode] = asyncio.Lock()
+        return lock
+
+
+LOCKS = web.AppKey("episode_locks", EpisodeLocks)
+POLICIES = web.AppKey("chain_policies", dict)
+
+
+def policy_for(app: web.Application, schema_id: str):
+    cfg = app[CONFIG].records
+    return app[POLICIES][cfg.chain_policy_by_schema.get(schema_id, cfg.chain_policy)]
+
+
+async def append(app: web.Application, doc: Any) -> Appended:
+    """Append one record to its episode. Raises ``RecordInvalid`` (400) or ``ChainConflict`` (409)."""
+    if not isinstance(doc, dict):
+        raise RecordInvalid(["/: a record is a JSON object"])
+    record = normalise(doc)
+    # Schema checks that do not depend on the episode come first, before any lock is taken.
+    await validate(app, {**record, **_placeholders(record)}, None, with_plugins=False)
+    store = app[STORE]
+    async with app[LOCKS](record["episode"]):
+        episode = await store.get_episode(record["episode"])
+        record = _chain(app, record, episode)
+        await validate(app, record, episode)
+        kubo = app[KUBO]
+        node = {**record, "prev": {"/": record["prev"]} if record["prev"] else None}
+        cid = await kubo.dag_put(node, pin=False)
+        known = await store.record(cid)
+        if known is not None:  # the exact same record, sent again after a lost answer
+            current = await store.get_episode(known.episode)
+            return Appended(cid, current, record, created=False)
+        indexed = IndexedRecord(cid, record["episode"], record["patient"], record["seq"],
+                                record["schema"], record["recorded_at"])
+        # Pin before the head moves: an acknowledged record is never left unpinned.
+        if episode is None:
+            await kubo.pin_add(cid)
+        else:
+            await kubo.pin_update(episode.head, cid, unpin=False)
+        try:
+            if episode is None:
+                moved = await store.create_episode(indexed)
+            else:
+                moved = await store.append(indexed, expected_head=episode.head,
+                                           closes=record["schema"] == EPISODE_CLOSED)
+        except StoreConflict as conflict:
+            await kubo.pin_rm(cid)
+            raise ChainConflict(f"episode {record['episode']!r} changed under this append",
+                                conflict.current) from None
+        if episode is not None:
+            await kubo.pin_rm(episode.head)  # the new head's recursive pin covers it
+    await _committed(app, record, cid, moved)
+    return Appended(cid, moved, record, created=True)
+
+
+def _placeholders(record: dict[str, Any]) -> dict[str, Any]:
+    """Stand-ins for the fields the gateway fills, so the first schema pass can run."""
+    out: dict[str, Any] = {}
+    if record.get("recorded_at") is None:
+        out["recorded_at"] = now()
+    if "seq" not in record:
+        out["seq"] = 0
+    if "prev" not in record:
+        out["prev"] = None
+    return out
+
+
+def _chain(app: web.Application, record: dict[str, Any], episode: Episode | None) -> dict[str, Any]:
+    """Decide ``prev``, ``seq`` and ``recorded_at`` against the episode as it stands."""
+    opening = record["schema"] == EPISODE_OPENED
+    given_prev = record.get("prev")
+    if opening:
+        if episode is not None:
+            raise ChainConflict(f"episode {record['episode']!r} already exists", episode)
+        prev, seq, last = None, 0, None
+    else:
+        if episode is None:
+            raise ChainConflict(f"episode {record['episode']!r} does not exist; open it first", None)
+        if episode.status != "open":
+            raise ChainConflict(f"episode {record['episode']!r} is closed", episode)
+        if record["patient"] != episode.patient:
+            raise ChainConflict(f"episode {record['episode']!r} belongs to another patient", None)
+        prev = policy_for(app, record["schema"])(given_prev, episode.head)
+        seq, last = episode.length, episode.last_recorded_at
+    if "seq" in record and record["seq"] != seq:
+        raise ChainConflict(f"seq {record['seq']} is not the next position {seq}", episode)
+    recorded_at = record.get("recorded_at") or now()
+    if last is not None and _timestamp(recorded_at) < _timestamp(last):
+        raise ChainConflict(f"recorded_at {recorded_at} is before the episode's last record ({last})", episode)
+    return {**record, "prev": prev, "seq": seq, "recorded_at": recorded_at}
+
+
+async def _committed(app: web.Application, record: dict[str, Any], cid: str, episode: Episode) -> None:
+    try:
+        await plugins.call(app[PLUGINS], "medicon_record_committed", record=record, cid=cid, episode=episode)
+    except GatewayError as err:  # never undoes the append
+        log.error("record_committed hook failed for %s: %s", cid, err.message)
+
+
+def from_node(node: dict[str, Any]) -> dict[str, Any]:
+    """The record as clients wrote it, from its stored IPLD form (links back to CID strings)."""
+    prev = node.get("prev")
+    record = {**node, "prev": prev["/"] if isinstance(prev, dict) else prev}
+    return {key: record[key] for key in ENVELOPE_FIELDS if key in record} | {
+        k: v for k, v in record.items() if k not in ENVELOPE_FIELDS}
+
+
+async def read(app: web.Application, cid: str) -> dict[str, Any] | None:
+    """The record stored as ``cid``, or None if the gateway did not write it."""
+    if await app[STORE].record(cid) is None:
+        return None
+    return from_node(await app[KUBO].dag_get(cid))
+
+
+async def verify(app: web.Application, episode_id: str) -> dict[str, Any]:
+    """Walk the episode in Kubo from its head to its first record; report the first break."""
+    store, kubo = app[STORE], app[KUBO]
+    episode = await store.get_episode(episode_id)
+    if episode is None:
+        raise GatewayError(404, f"episode {episode_id!r} is unknown")
+    cid, expected_seq, checked = episode.head, episode.length - 1, 0
+    later_time = None
+
+    def broken(problem: str) -> dict[str, Any]:
+        return {"episode": episode_id, "ok": False, "length": episode.length, "checked": checked,
+                "break": {"cid": cid, "seq": expected_seq, "problem": problem}}
+
+    while cid is not None:
+        indexed = await store.record(cid)
+        if indexed is None or indexed.seq != expected_seq or indexed.episode != episode_id:
+            return broken("the chain reaches a block the index does not hold at this position")
+        try:
+            node = await kubo.dag_get(cid)
+        except GatewayError as err:
+            return broken(f"the block cannot be read from Kubo: {err.message}")
+        record = from_node(node)
+        problems = [str(v) for v in app[SCHEMAS].validate(record)]
+        if problems:
+            return broken("schema: " + "; ".join(problems))
+        if record.get("seq") != expected_seq:
+            return broken(f"seq {record.get('seq')} where {expected_seq} was expected")
+        if record.get("episode") != episode_id or record.get("patient") != episode.patient:
+            return broken("the record names another episode or patient")
+        if later_time is not None and _timestamp(record["recorded_at"]) > later_time:
+            return broken("recorded_at goes backwards")
+        later_time = _timestamp(record["recorded_at"])
+        if (expected_seq == 0) != (record["prev"] is None):
+            return broken("prev must be null exactly at seq 0")
+        if expected_seq == 0 and record["schema"] != EPISODE_OPENED:
+            return broken("the first record of an episode must open it")
+        checked += 1
+        cid, expected_seq = record["prev"], expected_seq - 1
+    return {"episode": episode_id, "ok": True, "length": episode.length, "checked": checked, "break": None}

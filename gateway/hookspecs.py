@@ -1,0 +1,114 @@
+"""Every hook of the Medicon Gateway, in the order a request meets them.
+
+Plugins implement these with ``@hookimpl`` (``from gateway.hookspecs import hookimpl``) and are
+found through the ``medicon_gateway`` entry-point group or by module path in the config
+(``plugins.modules``). The built-in plugins in ``plugins/`` are registered the same way.
+
+Arguments are passed by keyword; an implementation asks only for the ones it needs, and new
+arguments can be added without breaking old plugins. An implementation may be a plain function
+or ``async``: the gateway awaits whatever it gets. A plugin that wants to refuse a request
+raises ``gateway.errors.GatewayError(status, message)``; any other exception becomes a 500
+naming the plugin.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+PROJECT = "medicon_gateway"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+# --- start-up ---------------------------------------------------------------------------
+
+@hookspec
+def medicon_schema_dirs(config):
+    """Return a list of folders of JSON Schema files to load beside the built-in ``schemas/``.
+
+    Called once at start-up. Every plugin's folders are loaded; a ``$id`` defined twice is an
+    error at start-up.
+    """
+
+
+@hookspec
+def medicon_chain_policies():
+    """Return ``{name: policy}``: link-chaining policies this plugin provides.
+
+    A policy is a callable ``policy(given_prev, head) -> prev``: ``given_prev`` is the client's
+    ``prev`` (a CID string, or None when the client left it out), ``head`` the episode's current
+    head. It returns the ``prev`` to store, or raises ``GatewayError(409, …)``. The deployment
+    picks one by name (``records.chain_policy``), optionally per schema
+    (``records.chain_policy_by_schema``). Built in: ``strict`` and ``auto``.
+    """
+
+
+# --- per request: who, and may they --------------------------------------------------------
+
+@hookspec(firstresult=True)
+def medicon_authenticate(request):
+    """Return the principal making ``request`` (a mapping with at least ``id`` and ``role``),
+    or None to let the next plugin try. The first non-None answer wins; no answer at all is
+    401. (Implemented by the security plugins.)"""
+
+
+@hookspec
+def medicon_authorize(principal, action, resource):
+    """Return True to allow, False to deny, None to abstain, for ``action`` (``record:write``,
+    ``record:read``, ``blob:read``, ``chain:read``, ``verify``, ``audit:read``, ``admin``) on
+    ``resource`` (a mapping: ``patient``, ``episode``, ``cid``…). Every plugin is asked; any
+    False denies; without at least one True the answer is no (deny by default)."""
+
+
+# --- per record: check, chain, protect ------------------------------------------------------
+
+@hookspec
+def medicon_validate_record(record, schema_id, episode):
+    """Return a list of problems (strings, or ``(json_pointer, message)`` pairs) with
+    ``record`` beyond its JSON Schema; empty or None when it is fine.
+
+    Called after schema validation and before anything reaches Kubo, with the episode as it
+    stands (None for a new episode). Every plugin's problems are reported together.
+    """
+
+
+@hookspec(firstresult=True)
+def medicon_encrypt_record(record, principal):
+    """Return the node to store in place of ``record`` (for example its body sealed with the
+    patient's data key), or None to store it as is."""
+
+
+@hookspec(firstresult=True)
+def medicon_decrypt_record(node, principal):
+    """Return the plaintext record for a stored ``node``, or None if this plugin did not
+    encrypt it."""
+
+
+@hookspec(firstresult=True)
+def medicon_encrypt_blob(stream, context):
+    """Return an async iterator of sealed bytes for an attachment ``stream``, or None."""
+
+
+@hookspec(firstresult=True)
+def medicon_decrypt_blob(stream, context, byte_range):
+    """Return an async iterator of plaintext bytes (only ``byte_range`` if given), or None."""
+
+
+@hookspec(firstresult=True)
+def medicon_key_provider(config):
+    """Return the key provider (wraps and unwraps data keys with a key-encryption key)."""
+
+
+# --- after the fact -------------------------------------------------------------------------
+
+@hookspec
+def medicon_record_committed(record, cid, episode):
+    """Called after ``record`` was stored in Kubo as ``cid`` and the episode's head moved to it
+    (``episode`` is the episode after the append): webhooks, indexing, pinning elsewhere.
+    Errors are logged, never undo the append."""
+
+
+@hookspec
+def medicon_audit_event(event):
+    """Called for every authorization decision and every record read or write, with a mapping:
+    ``time``, ``principal``, ``action``, ``resource``, ``decision``, ``request_id``."""

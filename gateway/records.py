@@ -1,0 +1,267 @@
+"""Where records enter and leave through Kubo's own API: intercepted ``add``, ``dag/put`` and
+``cat``, and record CIDs on ``/ipfs/<cid>``.
+
+A JSON document that claims to be a record (an object naming a ``schema`` and an episode or
+patient) is appended through ``chain.append`` and never reaches Kubo as a file; anything else
+passes to Kubo as a blob, streamed.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, AsyncIterator
+from urllib.parse import parse_qsl, unquote_plus
+
+import aiohttp
+from aiohttp import web
+from aiohttp.helpers import parse_mimetype
+from multidict import CIMultiDictProxy
+
+from . import chain, proxy
+from .appkeys import CONFIG, STORE
+from .commands import Resolved
+from .errors import GatewayError
+
+PEEK = 64 * 1024
+# Kubo's option aliases for the options the gateway reads; booleans: empty or "true" (any case).
+ALIASES = {"n": "only-hash", "w": "wrap-with-directory", "o": "offset", "l": "length"}
+MIXED = ("records and other files cannot be added together: add attachments in a separate request")
+
+
+def options(request: web.Request, resolved: Resolved) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    if resolved.path_arg is not None:
+        out["arg"] = [resolved.path_arg]
+    for key, value in parse_qsl(request.query_string, keep_blank_values=True):
+        out.setdefault(ALIASES.get(key, key), []).append(value)
+    return out
+
+
+def flag(opts: dict[str, list[str]], name: str) -> bool:
+    values = opts.get(name)
+    return bool(values) and values[0].lower() in ("", "true", "1")
+
+
+def _json_record(data: bytes) -> Any:
+    """The document if ``data`` is JSON claiming to be a record, else None."""
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return doc if chain.is_record_candidate(doc) else None
+
+
+def _part_head(headers: CIMultiDictProxy[str]) -> bytes:
+    return b"".join(f"{k}: {v}\r\n".encode("utf-8", "surrogateescape") for k, v in headers.items()) + b"\r\n"
+
+
+def _is_directory(part: aiohttp.BodyPartReader) -> bool:
+    return part.headers.get("Content-Type", "").startswith("application/x-directory")
+
+
+async def _peek(part: aiohttp.BodyPartReader, limit: int) -> tuple[bytes, bool]:
+    """Read the start of a part: all of it if it may be a record (JSON object, at most
+    ``limit`` bytes), else just enough to know it is not. Returns (bytes, complete)."""
+    buf = bytearray()
+    while True:
+        chunk = await part.read_chunk(PEEK)
+        if not chunk:
+            return bytes(buf), True
+        buf += chunk
+        start = bytes(buf).lstrip()[:1]
+        if (start and start != b"{") or len(buf) > limit:
+            return bytes(buf), False
+
+
+def _boundary(request: web.Request) -> str:
+    return parse_mimetype(request.headers["Content-Type"]).parameters["boundary"]
+
+
+def _filename(part: aiohttp.BodyPartReader) -> str:
+    return unquote_plus(part.filename or part.name or "")
+
+
+# --- add -------------------------------------------------------------------------------------
+
+async def intercept_add(request: web.Request, resolved: Resolved) -> web.StreamResponse:
+    """``add``: records are appended (all validated before any is); other files stream to Kubo."""
+    if not request.content_type.startswith("multipart/"):
+        return await proxy.forward_rpc(request, resolved)
+    limit = request.app[CONFIG].records.max_record_size
+    reader = await request.multipart()
+    boundary = _boundary(request)  # same framing as the client's, so its Content-Type stays valid
+    held: list[aiohttp.BodyPartReader] = []  # directory parts seen before the first file
+    while True:
+        part = await reader.next()
+        if part is None:
+            # only directories (or nothing): Kubo answers that as it would
+            return await _forward_parts(request, resolved, reader, boundary, held, None, b"", True)
+        if _is_directory(part):
+            held.append(part)
+            continue
+        head, complete = await _peek(part, limit)
+        doc = _json_record(head) if complete else None
+        if doc is None:
+            return await _forward_parts(request, resolved, reader, boundary, held, part, head, complete)
+        return await _add_records(request, resolved, reader, [(_filename(part), doc, len(head))])
+
+
+async def _add_records(request: web.Request, resolved: Resolved, reader: aiohttp.MultipartReader,
+                       docs: list[tuple[str, Any, int]]) -> web.StreamResponse:
+    opts = options(request, resolved)
+    if flag(opts, "only-hash"):
+        raise GatewayError(400, "records cannot be hashed without being appended (only-hash)")
+    if flag(opts, "wrap-with-directory"):
+        raise GatewayError(400, "records are not wrapped in a directory (wrap-with-directory)")
+    cfg = request.app[CONFIG].records
+    while (part := await reader.next()) is not None:
+        if _is_directory(part):
+            continue
+        head, complete = await _peek(part, cfg.max_record_size)
+        doc = _json_record(head) if complete else None
+        if doc is None:
+            raise GatewayError(400, MIXED)
+        docs.append((_filename(part), doc, len(head)))
+        if len(docs) > cfg.max_parts:
+            raise GatewayError(400, f"at most {cfg.max_parts} records in one add")
+    # All-or-nothing: every record is checked against its schema before the first is appended.
+    problems = []
+    for name, doc, _ in docs:
+        try:
+            await chain.validate(request.app, {**chain.normalise(doc), **chain._placeholders(doc)}, None,
+                                 with_plugins=False)
+        except chain.RecordInvalid as err:
+            problems.append(f"{name or 'record'}: {err.message}" if len(docs) > 1 else err.message)
+    if problems:
+        raise GatewayError(400, "; ".join(problems), details={"problems": problems})
+    lines, done = [], []
+    for name, doc, size in docs:
+        try:
+            appended = await chain.append(request.app, doc)
+        except GatewayError as err:
+            if done:
+                err = GatewayError(err.status, f"{err.message}; records already appended: {', '.join(done)}",
+                                   details=err.details)
+            raise err from None
+        done.append(appended.cid)
+        lines.append({"Name": name or appended.cid, "Hash": appended.cid, "Size": str(size)})
+    body = "".join(json.dumps(line) + "\n" for line in lines)
+    return web.Response(text=body, content_type="application/json", headers={"X-Chunked-Output": "1"})
+
+
+async def _forward_parts(request: web.Request, resolved: Resolved, reader: aiohttp.MultipartReader,
+                         boundary: str, held: list, first: aiohttp.BodyPartReader | None,
+                         head: bytes, complete: bool) -> web.StreamResponse:
+    """Stream a blob add to Kubo, re-framing the parts as they are read; a record found among
+    the files stops the upload before its bytes are sent."""
+    limit = request.app[CONFIG].records.max_record_size
+    failed: list[GatewayError] = []
+    delimiter = f"--{boundary}\r\n".encode()
+
+    async def body() -> AsyncIterator[bytes]:
+        for part in held:
+            yield delimiter + _part_head(part.headers) + b"\r\n"
+        part, start, whole = first, head, complete
+        while part is not None:
+            yield delimiter + _part_head(part.headers) + start
+            if not whole:
+                while chunk := await part.read_chunk(proxy.CHUNK):
+                    yield chunk
+            yield b"\r\n"
+            while (part := await reader.next()) is not None and _is_directory(part):
+                yield delimiter + _part_head(part.headers) + b"\r\n"
+            if part is not None:
+                start, whole = await _peek(part, limit)
+                if whole and _json_record(start) is not None:
+                    failed.append(GatewayError(400, MIXED))
+                    raise failed[0]
+        yield f"--{boundary}--\r\n".encode()
+
+    return await proxy.forward_rpc(request, resolved, body=body(), failed_body=failed)
+
+
+# --- dag/put ---------------------------------------------------------------------------------
+
+async def intercept_dag_put(request: web.Request, resolved: Resolved) -> web.StreamResponse:
+    """``dag/put``: a record is appended (answer ``{"Cid": {"/": cid}}``); other nodes go to Kubo."""
+    if not request.content_type.startswith("multipart/"):
+        return await proxy.forward_rpc(request, resolved)
+    opts = options(request, resolved)
+    codec = (opts.get("input-codec") or ["dag-json"])[0]
+    limit = request.app[CONFIG].records.max_record_size
+    reader = await request.multipart()
+    boundary = _boundary(request)
+    parts: list[tuple[CIMultiDictProxy[str], bytes]] = []
+    total = 0
+    while (part := await reader.next()) is not None:
+        data = bytearray()
+        while chunk := await part.read_chunk(PEEK):
+            data += chunk
+            total += len(chunk)
+            if total > 4 * limit:
+                raise GatewayError(413, f"dag/put bodies through the gateway are limited to {4 * limit} bytes")
+        parts.append((part.headers, bytes(data)))
+    if len(parts) == 1 and codec in ("dag-json", "json"):
+        doc = _json_record(parts[0][1])
+        if doc is not None:
+            appended = await chain.append(request.app, doc)
+            return web.Response(text=json.dumps({"Cid": {"/": appended.cid}}) + "\n",
+                                content_type="application/json", headers={"X-Chunked-Output": "1"})
+    if any(_json_record(data) is not None for _, data in parts):
+        raise GatewayError(400, "put one record per dag/put, encoded as dag-json")
+    delimiter = f"--{boundary}\r\n".encode()
+    body = b"".join(delimiter + _part_head(h) + data + b"\r\n" for h, data in parts)
+    return await proxy.forward_rpc(request, resolved, body=body + f"--{boundary}--\r\n".encode())
+
+
+# --- reads -----------------------------------------------------------------------------------
+
+def _bare_cid(arg: str) -> str | None:
+    path = arg.removeprefix("/ipfs/").strip("/")
+    return path if path and "/" not in path else None
+
+
+async def _record_bytes(app: web.Application, cid: str | None) -> bytes | None:
+    if cid is None or await app[STORE].record(cid) is None:
+        return None
+    record = await chain.read(app, cid)
+    return json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+async def intercept_cat(request: web.Request, resolved: Resolved) -> web.StreamResponse:
+    """``cat`` of a record CID returns the record as JSON (it is stored as dag-cbor, which
+    Kubo's ``cat`` cannot read); everything else is Kubo's ``cat``."""
+    opts = options(request, resolved)
+    args = opts.get("arg") or []
+    data = await _record_bytes(request.app, _bare_cid(args[0])) if len(args) == 1 else None
+    if data is None:
+        return await proxy.forward_rpc(request, resolved)
+    try:
+        offset = int((opts.get("offset") or ["0"])[0])
+        length = int((opts.get("length") or ["-1"])[0])
+    except ValueError:
+        raise GatewayError(400, "offset and length must be integers") from None
+    if offset < 0:
+        raise GatewayError(400, "offset must be >= 0")
+    data = data[offset:] if length < 0 else data[offset:offset + length]
+    return web.Response(body=data, content_type="text/plain",
+                        headers={"X-Stream-Output": "1", "X-Content-Length": str(len(data))})
+
+
+async def ipfs_path(request: web.Request) -> web.StreamResponse:
+    """``/ipfs/<cid>`` of a record returns it as JSON unless raw blocks or CARs are asked for."""
+    proxy.check_gateway_request(request)
+    wants_ipld = "format" in request.query or "application/vnd.ipld" in request.headers.get("Accept", "")
+    if request.method in ("GET", "HEAD") and not wants_ipld:
+        cid = _bare_cid(request.path)
+        data = await _record_bytes(request.app, cid)
+        if data is not None:
+            etag = f'"{cid}.json"'
+            headers = {"ETag": etag, "X-Ipfs-Path": f"/ipfs/{cid}", "Cache-Control": "private, no-store"}
+            if request.headers.get("If-None-Match") == etag:
+                return web.Response(status=304, headers=headers)
+            return web.Response(body=data, content_type="application/json", headers=headers)
+    return await proxy.http_gateway(request)
+
+
+INTERCEPTED = {"add": intercept_add, "dag/put": intercept_dag_put, "cat": intercept_cat}

@@ -1,0 +1,245 @@
+"""Record schemas: load JSON Schema (2020-12) folders, validate records against their kind.
+
+A record names its kind in ``schema`` (a schema ``$id``); ``SchemaRegistry.validate`` checks it
+against that kind and returns every violation, each with the JSON pointer of the failing field
+and the ``$id`` of the schema whose keyword failed. Schemas marked ``"x-medicon-abstract": true``
+(the envelope, the shared definitions) can be ``$ref``'d but are not record kinds.
+
+``$ref``s resolve only among the loaded files: nothing is ever fetched, and a ``$ref`` to an
+unknown URI fails at load time. Validators are built once per kind, at load time.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+from urllib.parse import urljoin
+
+import referencing.exceptions
+from jsonschema import Draft202012Validator, FormatChecker, ValidationError
+from jsonschema.exceptions import SchemaError as _JsonSchemaError
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
+
+DEFAULT_SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+DRAFT_2020_12 = "https://json-schema.org/draft/2020-12/schema"
+ENVELOPE_ID = "https://medicon.example/schemas/envelope/v1"
+ABSTRACT = "x-medicon-abstract"
+# Folders with this name hold example records, not schemas, and are not loaded.
+EXAMPLES_DIR = "examples"
+_REPR_LIMIT = 200
+
+
+class SchemaError(Exception):
+    """A schema folder cannot be loaded: bad JSON, invalid schema, duplicate $id, bad $ref."""
+
+
+@dataclass(frozen=True)
+class Violation:
+    pointer: str  # JSON pointer into the record, "" for the root, e.g. "/body/class"
+    message: str
+    schema_id: str  # $id of the schema resource whose keyword failed
+    keyword: str  # the failing keyword, e.g. "enum", "required"
+
+    def __str__(self) -> str:
+        return f"{self.pointer or '/'}: {self.message} (schema {self.schema_id})"
+
+
+# --- format checking -----------------------------------------------------------------------
+
+_RFC3339 = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:([0-9]{2})(\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2})"
+)
+
+
+def is_rfc3339_datetime(value: object) -> bool:
+    """RFC 3339 ``date-time`` (offset required), checked for real calendar/clock values."""
+    if not isinstance(value, str):
+        return True  # format only constrains strings
+    match = _RFC3339.fullmatch(value)
+    if match is None:
+        return False
+    text = value.upper().replace("Z", "+00:00")
+    if match.group(1) == "60":  # leap second: datetime has no :60, check the rest
+        text = text[: match.start(1)] + "59" + text[match.end(1) :]
+    try:
+        datetime.fromisoformat(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _format_checker() -> FormatChecker:
+    # Our own date-time check, whether or not rfc3339-validator is installed: jsonschema
+    # silently skips formats it has no checker for, and the behaviour must not depend on it.
+    checker = FormatChecker(formats=())
+    checker.checkers = dict(Draft202012Validator.FORMAT_CHECKER.checkers)
+    checker.checks("date-time")(is_rfc3339_datetime)
+    return checker
+
+
+FORMAT_CHECKER = _format_checker()
+
+
+# --- the registry --------------------------------------------------------------------------
+
+
+def _refuse_retrieval(uri: str) -> Resource:
+    raise referencing.exceptions.NoSuchResource(ref=uri)
+
+
+class SchemaRegistry:
+    def __init__(self, schemas: dict[str, dict], files: dict[str, Path]) -> None:
+        self._schemas = schemas
+        self._files = files
+        self._registry = Registry(retrieve=_refuse_retrieval).with_resources(
+            (sid, DRAFT202012.create_resource(s)) for sid, s in schemas.items()
+        ).crawl()
+        # id(subschema dict) -> $id of its schema resource, to name the schema of a violation.
+        self._owner: dict[int, str] = {}
+        for sid, schema in schemas.items():
+            self._index(DRAFT202012.create_resource(schema), sid, files[sid])
+        self._validators = {
+            sid: Draft202012Validator(schema, registry=self._registry, format_checker=Draft202012Validator.FORMAT_CHECKER)
+            for sid, schema in schemas.items()
+            if not schema.get(ABSTRACT)
+        }
+
+    @classmethod
+    def load(cls, *dirs: Path) -> SchemaRegistry:
+        """Every ``*.json`` under each folder (recursively, except ``examples/`` folders)."""
+        schemas: dict[str, dict] = {}
+        files: dict[str, Path] = {}
+        for directory in dirs:
+            directory = Path(directory)
+            if not directory.is_dir():
+                raise SchemaError(f"{directory}: not a schema folder")
+            for path in sorted(directory.rglob("*.json")):
+                if EXAMPLES_DIR in path.relative_to(directory).parts[:-1]:
+                    continue
+                schema = _read_schema(path)
+                sid = schema["$id"]
+                if sid in files:
+                    raise SchemaError(f"duplicate $id {sid!r} in {files[sid]} and {path}")
+                schemas[sid], files[sid] = schema, path
+        return cls(schemas, files)
+
+    def _index(self, resource: Resource, base: str, path: Path) -> None:
+        """Record which resource owns each subschema; fail on a $ref that does not resolve."""
+        if resource.id() is not None:
+            base = urljoin(base, resource.id())
+        contents = resource.contents
+        if isinstance(contents, dict):
+            self._owner[id(contents)] = base
+            for keyword in ("$ref", "$dynamicRef"):
+                ref = contents.get(keyword)
+                if not isinstance(ref, str):
+                    continue
+                try:
+                    self._registry.resolver(base_uri=base).lookup(ref)
+                except referencing.exceptions.Unresolvable as error:
+                    target = urljoin(base, ref)
+                    raise SchemaError(
+                        f"{path}: {keyword} {ref!r} does not resolve: {target!r} is not among "
+                        f"the loaded schemas (schemas are never fetched) [{type(error).__name__}]"
+                    ) from error
+        for sub in resource.subresources():
+            self._index(sub, base, path)
+
+    def kinds(self) -> list[str]:
+        return sorted(self._validators)
+
+    def __contains__(self, schema_id: object) -> bool:
+        return schema_id in self._schemas
+
+    def is_record_kind(self, schema_id: str) -> bool:
+        return schema_id in self._validators
+
+    def schema(self, schema_id: str) -> dict:
+        """A copy of the schema with this ``$id`` (KeyError if none)."""
+        return copy.deepcopy(self._schemas[schema_id])
+
+    def validate(self, document: Any) -> list[Violation]:
+        """Every violation of ``document`` against the kind it names, sorted by pointer."""
+        if not isinstance(document, dict):
+            return [Violation("", f"{_short_repr(document)} is not of type 'object'", ENVELOPE_ID, "type")]
+        if "schema" not in document:
+            return [Violation("/schema", "'schema' is a required property", ENVELOPE_ID, "required")]
+        kind = document["schema"]
+        validator = self._validators.get(kind) if isinstance(kind, str) else None
+        if validator is None:
+            message = f"{_short_repr(kind)} is not a known record kind; known: {', '.join(self.kinds())}"
+            return [Violation("/schema", message, ENVELOPE_ID, "enum")]
+        found = [v for error in validator.iter_errors(document) for v in self._violations(error, kind)]
+        found.sort(key=lambda item: (_path_key(item[0]), item[1].schema_id, item[1].keyword, item[1].message))
+        return [violation for _, violation in found]
+
+    def _violations(self, error: ValidationError, kind: str) -> Iterator[tuple[tuple, Violation]]:
+        """One violation per error, except that a missing or a forbidden property gets the
+        property's own pointer (``/body/class``), one violation per property."""
+        schema_id = self._owner.get(id(error.schema), kind)
+        keyword = str(error.validator)
+        path = tuple(error.absolute_path)
+        if keyword == "required" and isinstance(error.instance, dict):
+            missing = [n for n in error.validator_value if n not in error.instance]
+            name = next((n for n in missing if error.message == f"{n!r} is a required property"), None)
+            if name is not None:
+                path += (name,)
+        elif keyword == "additionalProperties" and error.validator_value is False:
+            for name in _extra_properties(error.schema, error.instance):
+                message = f"{_short_repr(name)} was unexpected (additional properties are not allowed)"
+                yield path + (name,), Violation(_pointer(path + (name,)), message, schema_id, keyword)
+            return
+        yield path, Violation(_pointer(path), _message(error), schema_id, keyword)
+
+
+def _read_schema(path: Path) -> dict:
+    try:
+        schema = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise SchemaError(f"{path}: not a readable JSON file: {error}") from error
+    if not isinstance(schema, dict):
+        raise SchemaError(f"{path}: a schema must be a JSON object")
+    if schema.get("$schema") != DRAFT_2020_12:
+        raise SchemaError(f"{path}: $schema must be {DRAFT_2020_12!r}")
+    sid = schema.get("$id")
+    if not isinstance(sid, str) or not re.match(r"^[a-z][a-z0-9+.-]*://", sid) or "#" in sid:
+        raise SchemaError(f"{path}: $id must be an absolute URI without fragment, got {sid!r}")
+    try:
+        Draft202012Validator.check_schema(schema)
+    except _JsonSchemaError as error:
+        where = "/".join(str(p) for p in error.absolute_path) or "(root)"
+        raise SchemaError(f"{path}: not a valid 2020-12 schema at {where}: {error.message}") from error
+    return schema
+
+
+def _short_repr(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= _REPR_LIMIT else text[:_REPR_LIMIT] + "...(truncated)"
+
+
+def _message(error: ValidationError) -> str:
+    text = repr(error.instance)
+    if len(text) > _REPR_LIMIT and text in error.message:
+        return error.message.replace(text, _short_repr(error.instance))
+    return error.message
+
+
+def _path_key(path: Iterable[str | int]) -> tuple:
+    # Array indexes sort as numbers: /items/2 before /items/10.
+    return tuple((0, p, "") if isinstance(p, int) else (1, 0, p) for p in path)
+
+
+def _extra_properties(schema: dict, instance: dict) -> list[str]:
+    known = schema.get("properties", {})
+    patterns = schema.get("patternProperties", {})
+    return [n for n in instance if n not in known and not any(re.search(p, n) for p in patterns)]
+
+
+def _pointer(path: Iterable[str | int]) -> str:
+    return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in path)
