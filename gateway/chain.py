@@ -136,7 +136,7 @@ async def append(app: web.Application, doc: Any) -> Appended:
         raise RecordInvalid(["/: a record is a JSON object"])
     record = normalise(doc)
     # Schema checks that do not depend on the episode come first, before any lock is taken.
-    await validate(app, {**record, **_placeholders(record)}, None, with_plugins=False)
+    await validate(app, record, None, with_plugins=False)
     store = app[STORE]
     async with app[LOCKS](record["episode"]):
         episode = await store.get_episode(record["episode"])
@@ -172,18 +172,6 @@ async def append(app: web.Application, doc: Any) -> Appended:
     return Appended(cid, moved, record, created=True)
 
 
-def _placeholders(record: dict[str, Any]) -> dict[str, Any]:
-    """Stand-ins for the fields the gateway fills, so the first schema pass can run."""
-    out: dict[str, Any] = {}
-    if record.get("recorded_at") is None:
-        out["recorded_at"] = now()
-    if "seq" not in record:
-        out["seq"] = 0
-    if "prev" not in record:
-        out["prev"] = None
-    return out
-
-
 def _chain(app: web.Application, record: dict[str, Any], episode: Episode | None) -> dict[str, Any]:
     """Decide ``prev``, ``seq`` and ``recorded_at`` against the episode as it stands."""
     opening = record["schema"] == EPISODE_OPENED
@@ -199,7 +187,17 @@ def _chain(app: web.Application, record: dict[str, Any], episode: Episode | None
             raise ChainConflict(f"episode {record['episode']!r} is closed", episode)
         if record["patient"] != episode.patient:
             raise ChainConflict(f"episode {record['episode']!r} belongs to another patient", None)
-        prev = policy_for(app, record["schema"])(given_prev, episode.head)
+        policy = policy_for(app, record["schema"])
+        try:
+            prev = policy(given_prev, episode.head)
+        except GatewayError as err:
+            if err.status != 409:
+                raise
+            raise ChainConflict(err.message, episode) from None
+        except Exception as exc:
+            log.exception("chain policy %s failed", policy)
+            raise GatewayError(500, f"chain policy {policy.__module__}.{policy.__name__} failed: "
+                               f"{type(exc).__name__}") from None
         seq, last = episode.length, episode.last_recorded_at
     if "seq" in record and record["seq"] != seq:
         raise ChainConflict(f"seq {record['seq']} is not the next position {seq}", episode)

@@ -128,8 +128,7 @@ async def _add_records(request: web.Request, resolved: Resolved, reader: aiohttp
     problems = []
     for name, doc, _ in docs:
         try:
-            await chain.validate(request.app, {**chain.normalise(doc), **chain._placeholders(doc)}, None,
-                                 with_plugins=False)
+            await chain.validate(request.app, chain.normalise(doc), None, with_plugins=False)
         except chain.RecordInvalid as err:
             problems.append(f"{name or 'record'}: {err.message}" if len(docs) > 1 else err.message)
     if problems:

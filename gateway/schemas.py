@@ -53,7 +53,9 @@ class Violation:
 # --- format checking -----------------------------------------------------------------------
 
 _RFC3339 = re.compile(
-    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:([0-9]{2})(\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2})"
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt]"  # full-date "T"
+    r"[0-9]{2}:[0-9]{2}:([0-9]{2})(\.[0-9]+)?"  # partial-time (group 1: seconds)
+    r"([Zz]|[+-][0-9]{2}:[0-9]{2})"  # time-offset
 )
 
 
@@ -94,9 +96,10 @@ def _refuse_retrieval(uri: str) -> Resource:
 
 
 class SchemaRegistry:
+    """The loaded schemas, by ``$id``, and one compiled validator per record kind."""
+
     def __init__(self, schemas: dict[str, dict], files: dict[str, Path]) -> None:
         self._schemas = schemas
-        self._files = files
         self._registry = Registry(retrieve=_refuse_retrieval).with_resources(
             (sid, DRAFT202012.create_resource(s)) for sid, s in schemas.items()
         ).crawl()
@@ -105,14 +108,19 @@ class SchemaRegistry:
         for sid, schema in schemas.items():
             self._index(DRAFT202012.create_resource(schema), sid, files[sid])
         self._validators = {
-            sid: Draft202012Validator(schema, registry=self._registry, format_checker=Draft202012Validator.FORMAT_CHECKER)
+            sid: Draft202012Validator(
+                schema, registry=self._registry, format_checker=FORMAT_CHECKER
+            )
             for sid, schema in schemas.items()
             if not schema.get(ABSTRACT)
         }
 
     @classmethod
     def load(cls, *dirs: Path) -> SchemaRegistry:
-        """Every ``*.json`` under each folder (recursively, except ``examples/`` folders)."""
+        """Every ``*.json`` under each folder (recursively, except in ``examples/`` folders).
+
+        Folders merge: a later folder may ``$ref`` schemas of an earlier one (or vice versa),
+        but an ``$id`` defined twice is an error naming both files."""
         schemas: dict[str, dict] = {}
         files: dict[str, Path] = {}
         for directory in dirs:
@@ -143,10 +151,9 @@ class SchemaRegistry:
                 try:
                     self._registry.resolver(base_uri=base).lookup(ref)
                 except referencing.exceptions.Unresolvable as error:
-                    target = urljoin(base, ref)
                     raise SchemaError(
-                        f"{path}: {keyword} {ref!r} does not resolve: {target!r} is not among "
-                        f"the loaded schemas (schemas are never fetched) [{type(error).__name__}]"
+                        f"{path}: {keyword} {ref!r} does not resolve: {urljoin(base, ref)!r} "
+                        "is not in the loaded schemas (schemas are never fetched)"
                     ) from error
         for sub in resource.subresources():
             self._index(sub, base, path)
@@ -167,17 +174,19 @@ class SchemaRegistry:
     def validate(self, document: Any) -> list[Violation]:
         """Every violation of ``document`` against the kind it names, sorted by pointer."""
         if not isinstance(document, dict):
-            return [Violation("", f"{_short_repr(document)} is not of type 'object'", ENVELOPE_ID, "type")]
+            message = f"{_short_repr(document)} is not of type 'object'"
+            return [Violation("", message, ENVELOPE_ID, "type")]
         if "schema" not in document:
-            return [Violation("/schema", "'schema' is a required property", ENVELOPE_ID, "required")]
+            message = "'schema' is a required property"
+            return [Violation("/schema", message, ENVELOPE_ID, "required")]
         kind = document["schema"]
         validator = self._validators.get(kind) if isinstance(kind, str) else None
         if validator is None:
             message = f"{_short_repr(kind)} is not a known record kind; known: {', '.join(self.kinds())}"
             return [Violation("/schema", message, ENVELOPE_ID, "enum")]
-        found = [v for error in validator.iter_errors(document) for v in self._violations(error, kind)]
-        found.sort(key=lambda item: (_path_key(item[0]), item[1].schema_id, item[1].keyword, item[1].message))
-        return [violation for _, violation in found]
+        pairs = [pair for error in validator.iter_errors(document) for pair in self._violations(error, kind)]
+        pairs.sort(key=lambda p: (_path_key(p[0]), p[1].schema_id, p[1].keyword, p[1].message))
+        return [violation for _, violation in pairs]
 
     def _violations(self, error: ValidationError, kind: str) -> Iterator[tuple[tuple, Violation]]:
         """One violation per error, except that a missing or a forbidden property gets the
@@ -187,13 +196,15 @@ class SchemaRegistry:
         path = tuple(error.absolute_path)
         if keyword == "required" and isinstance(error.instance, dict):
             missing = [n for n in error.validator_value if n not in error.instance]
+            # jsonschema reports one error per missing name, and says which only in the message.
             name = next((n for n in missing if error.message == f"{n!r} is a required property"), None)
             if name is not None:
                 path += (name,)
         elif keyword == "additionalProperties" and error.validator_value is False:
             for name in _extra_properties(error.schema, error.instance):
                 message = f"{_short_repr(name)} was unexpected (additional properties are not allowed)"
-                yield path + (name,), Violation(_pointer(path + (name,)), message, schema_id, keyword)
+                extra = path + (name,)
+                yield extra, Violation(_pointer(extra), message, schema_id, keyword)
             return
         yield path, Violation(_pointer(path), _message(error), schema_id, keyword)
 
@@ -214,7 +225,7 @@ def _read_schema(path: Path) -> dict:
         Draft202012Validator.check_schema(schema)
     except _JsonSchemaError as error:
         where = "/".join(str(p) for p in error.absolute_path) or "(root)"
-        raise SchemaError(f"{path}: not a valid 2020-12 schema at {where}: {error.message}") from error
+        raise SchemaError(f"{path}: not a valid 2020-12 schema at {where}: {error.message}") from None
     return schema
 
 

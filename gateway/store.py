@@ -8,6 +8,7 @@ replace the embedded SQLite one for several gateway replicas.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -79,10 +80,15 @@ _RECORD_COLS = "cid, episode, patient, seq, schema, recorded_at"
 
 
 class SQLiteHeadStore:
-    """Embedded, durable default: WAL, synchronous=FULL, one connection (one writer)."""
+    """Embedded, durable default: WAL, synchronous=FULL, one connection (one writer).
+
+    The one connection is shared by every request, so a lock keeps one transaction (and no
+    reader) on it at a time: a read never sees another request's uncommitted append.
+    """
 
     def __init__(self, db: aiosqlite.Connection) -> None:
         self._db = db
+        self._lock = asyncio.Lock()
 
     @classmethod
     async def open(cls, path: Path) -> "SQLiteHeadStore":
@@ -98,6 +104,10 @@ class SQLiteHeadStore:
         await self._db.close()
 
     async def get_episode(self, episode: str) -> Episode | None:
+        async with self._lock:
+            return await self._get_episode(episode)
+
+    async def _get_episode(self, episode: str) -> Episode | None:
         async with self._db.execute(f"SELECT {_EPISODE_COLS} FROM episodes WHERE id = ?", (episode,)) as cur:
             row = await cur.fetchone()
         return Episode(*row) if row else None
@@ -108,10 +118,14 @@ class SQLiteHeadStore:
         if status is not None:
             sql += " AND status = ?"
             args += (status,)
-        async with self._db.execute(sql + " ORDER BY rowid", args) as cur:
+        async with self._lock, self._db.execute(sql + " ORDER BY rowid", args) as cur:
             return [Episode(*row) for row in await cur.fetchall()]
 
     async def create_episode(self, record: IndexedRecord) -> Episode:
+        async with self._lock:
+            return await self._create_episode(record)
+
+    async def _create_episode(self, record: IndexedRecord) -> Episode:
         await self._db.execute("BEGIN IMMEDIATE")
         try:
             cur = await self._db.execute(
@@ -120,7 +134,7 @@ class SQLiteHeadStore:
             if cur.rowcount != 1:
                 await self._db.execute("ROLLBACK")
                 raise StoreConflict(f"episode {record.episode!r} already exists",
-                                    await self.get_episode(record.episode))
+                                    await self._get_episode(record.episode))
             await self._insert_record(record)
             await self._db.execute("COMMIT")
         except BaseException:
@@ -131,6 +145,10 @@ class SQLiteHeadStore:
 
     async def append(self, record: IndexedRecord, *, expected_head: str, closes: bool) -> Episode:
         """Move the head from ``expected_head`` to ``record.cid`` iff nobody moved it first."""
+        async with self._lock:
+            return await self._append(record, expected_head, closes)
+
+    async def _append(self, record: IndexedRecord, expected_head: str, closes: bool) -> Episode:
         status = "closed" if closes else "open"
         await self._db.execute("BEGIN IMMEDIATE")
         try:
@@ -140,7 +158,7 @@ class SQLiteHeadStore:
                 (record.cid, status, record.recorded_at, record.episode, expected_head, record.seq))
             if cur.rowcount != 1:
                 await self._db.execute("ROLLBACK")
-                current = await self.get_episode(record.episode)
+                current = await self._get_episode(record.episode)
                 raise StoreConflict(f"head of episode {record.episode!r} moved", current)
             await self._insert_record(record)
             await self._db.execute("COMMIT")
@@ -155,13 +173,13 @@ class SQLiteHeadStore:
                                (r.cid, r.episode, r.patient, r.seq, r.schema, r.recorded_at))
 
     async def history(self, episode: str, after_seq: int, limit: int) -> list[IndexedRecord]:
-        async with self._db.execute(
+        async with self._lock, self._db.execute(
             f"SELECT {_RECORD_COLS} FROM records WHERE episode = ? AND seq > ? ORDER BY seq LIMIT ?",
             (episode, after_seq, limit),
         ) as cur:
             return [IndexedRecord(*row) for row in await cur.fetchall()]
 
     async def record(self, cid: str) -> IndexedRecord | None:
-        async with self._db.execute(f"SELECT {_RECORD_COLS} FROM records WHERE cid = ?", (cid,)) as cur:
+        async with self._lock, self._db.execute(f"SELECT {_RECORD_COLS} FROM records WHERE cid = ?", (cid,)) as cur:
             row = await cur.fetchone()
         return IndexedRecord(*row) if row else None
