@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import chain, plugins
+from . import auth, chain, plugins, records
 from .appkeys import PLUGINS, SCHEMAS, STORE
 from .errors import GatewayError
 from .store import Episode
@@ -48,7 +48,7 @@ def _conflict_details(err: GatewayError) -> GatewayError:
 
 async def _append(request: web.Request, doc: dict[str, Any]) -> web.Response:
     try:
-        appended = await chain.append(request.app, doc)
+        appended = await chain.append(request.app, doc, auth.principal(request).id)
     except GatewayError as err:
         raise _conflict_details(err) from None
     body = {"cid": appended.cid, "seq": appended.seq, "episode": _episode(appended.episode),
@@ -64,6 +64,7 @@ async def open_episode(request: web.Request) -> web.Response:
     doc.setdefault("schema", chain.EPISODE_OPENED)
     doc["patient"] = request.match_info["patient"]
     doc.setdefault("episode", f"ep-{uuid.uuid4().hex}")
+    await auth.authorize(request, "record:write", records.record_resource(doc))
     return await _append(request, doc)
 
 
@@ -73,21 +74,24 @@ async def list_episodes(request: web.Request) -> web.Response:
     if status not in (None, "open", "closed"):
         raise GatewayError(400, "status must be 'open' or 'closed'")
     patient = request.match_info["patient"]
+    await auth.authorize(request, "chain:read", {"kind": "patient", "patient": patient})
     episodes = await request.app[STORE].list_episodes(patient, status)
     return web.json_response({"patient": patient, "episodes": [_episode(e) for e in episodes]})
 
 
-async def _known_episode(request: web.Request) -> Episode:
+async def _known_episode(request: web.Request, action: str) -> Episode:
+    """The episode named in the path, once the caller may ``action`` it."""
     episode = await request.app[STORE].get_episode(request.match_info["episode"])
     if episode is None:
         raise GatewayError(404, f"episode {request.match_info['episode']!r} is unknown")
+    await auth.authorize(request, action, {"kind": "episode", "patient": episode.patient, "episode": episode.id})
     return episode
 
 
 @routes.post(PREFIX + "/episodes/{episode}/records")
 async def append_record(request: web.Request) -> web.Response:
     """Append a record (encounter, amendment, episode-closed) to an episode."""
-    episode = await _known_episode(request)
+    episode = await _known_episode(request, "record:write")
     doc = await _json_body(request)
     for key in ("patient", "episode"):
         if key in doc and doc[key] != getattr(episode, "patient" if key == "patient" else "id"):
@@ -98,13 +102,13 @@ async def append_record(request: web.Request) -> web.Response:
 
 @routes.get(PREFIX + "/episodes/{episode}")
 async def get_episode(request: web.Request) -> web.Response:
-    return web.json_response(_episode(await _known_episode(request)))
+    return web.json_response(_episode(await _known_episode(request, "chain:read")))
 
 
 @routes.get(PREFIX + "/episodes/{episode}/history")
 async def history(request: web.Request) -> web.Response:
     """Records in chronological order; ``cursor`` is the ``next`` of the previous page."""
-    episode = await _known_episode(request)
+    episode = await _known_episode(request, "record:read")
     try:
         limit = int(request.query.get("limit", "50"))
         after = int(request.query.get("cursor", "-1"))
@@ -125,28 +129,34 @@ async def get_record(request: web.Request) -> web.Response:
     indexed = await request.app[STORE].record(cid)
     if indexed is None:
         raise GatewayError(404, f"no record {cid!r} was written through this gateway")
+    await auth.authorize(request, "record:read", {"kind": "record", "cid": cid, "patient": indexed.patient,
+                                                  "episode": indexed.episode})
     return web.json_response({"cid": cid, "episode": indexed.episode, "seq": indexed.seq,
                               "record": await chain.read(request.app, cid)})
 
 
 @routes.get(PREFIX + "/episodes/{episode}/verify")
 async def verify(request: web.Request) -> web.Response:
-    await _known_episode(request)
-    return web.json_response(await chain.verify(request.app, request.match_info["episode"]))
+    await _known_episode(request, "verify")
+    head = request.query.get("head")
+    return web.json_response(await chain.verify(request.app, request.match_info["episode"], head))
 
 
 @routes.get(PREFIX + "/schemas")
 async def schemas(request: web.Request) -> web.Response:
+    await auth.authorize(request, "node:info")
     return web.json_response({"kinds": request.app[SCHEMAS].kinds()})
 
 
 @routes.get(PREFIX + "/plugins")
 async def loaded_plugins(request: web.Request) -> web.Response:
+    await auth.authorize(request, "node:info")
     return web.json_response({"plugins": plugins.describe(request.app[PLUGINS])})
 
 
 @routes.get(PREFIX + "/openapi.json")
 async def openapi(request: web.Request) -> web.Response:
+    await auth.authorize(request, "node:info")
     return web.Response(text=OPENAPI.read_text(), content_type="application/json")
 
 

@@ -9,12 +9,13 @@ from typing import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from . import api, chain, plugins, proxy, records
-from .appkeys import CONFIG, INTERCEPTORS, KUBO, KUBO_SESSION, PLUGINS, SCHEMAS, STORE
+from . import api, auth, chain, plugins, proxy, records
+from .appkeys import CONFIG, INTERCEPTORS, KEYRING, KUBO, KUBO_SESSION, PLUGINS, SCHEMAS, STORE
 from .commands import COMMANDS, Action
-from .config import Config, ConfigError
+from .config import Config, ConfigError, keyring_path
 from .errors import error_middleware
 from .ipfs import Kubo
+from .keyring import KeyringError, LocalKeyring
 from .schemas import DEFAULT_SCHEMA_DIR, SchemaError, SchemaRegistry
 from .store import SQLiteHeadStore
 
@@ -43,6 +44,18 @@ async def head_store(app: web.Application) -> AsyncIterator[None]:
     app[STORE] = store
     yield
     await store.close()
+
+
+async def keyring(app: web.Application) -> AsyncIterator[None]:
+    """The keyring: without it nothing can be sealed, signed or pseudonymised, so no start."""
+    path = keyring_path(app[CONFIG])
+    try:
+        app[KEYRING] = LocalKeyring.load(path)
+    except FileNotFoundError:
+        raise ConfigError(f"no keyring at {path}: create one with `medicon-gateway keys init`") from None
+    except KeyringError as exc:
+        raise ConfigError(f"keyring {path}: {exc}") from None
+    yield
 
 
 async def record_kinds(app: web.Application) -> AsyncIterator[None]:
@@ -93,18 +106,21 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 def create_app(config: Config) -> web.Application:
-    app = web.Application(middlewares=[error_middleware])
+    app = web.Application(middlewares=[error_middleware, auth.auth_middleware])
     app[CONFIG] = config
     app[PLUGINS] = plugins.make_manager(config.plugins.modules)
     app[chain.LOCKS] = chain.EpisodeLocks()
     app[INTERCEPTORS] = records.INTERCEPTED
     missing = {c for c, r in COMMANDS.items() if r.action is Action.INTERCEPT} - set(records.INTERCEPTED)
     assert not missing, f"intercepted commands without a handler: {missing}"
-    app.cleanup_ctx.extend([kubo_session, head_store, record_kinds])
+    app.cleanup_ctx.extend([keyring, kubo_session, head_store, record_kinds])
     app.router.add_get("/healthz", healthz, allow_head=True)
     app.router.add_get("/readyz", readyz, allow_head=True)
     app.router.add_route("*", "/api/v0/{command:.*}", proxy.rpc)
     app.router.add_route("*", "/ipfs/{path:.*}", records.ipfs_path)
     app.router.add_route("*", "/ipns/{path:.*}", proxy.http_gateway)
+    for found in app[PLUGINS].hook.medicon_register_routes(config=config):
+        for method, path, handler in found:
+            app.router.add_route(method, path, handler)
     app.router.add_routes(api.routes)
     return app

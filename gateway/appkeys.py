@@ -12,6 +12,7 @@ from .config import Config
 
 if TYPE_CHECKING:
     from .ipfs import Kubo
+    from .keyring import LocalKeyring
     from .schemas import SchemaRegistry
     from .store import HeadStore
 
@@ -21,5 +22,6 @@ KUBO = web.AppKey("kubo", "Kubo")                  # the gateway's own calls to 
 STORE = web.AppKey("store", "HeadStore")           # episode heads and the record index
 SCHEMAS = web.AppKey("schemas", "SchemaRegistry")  # record kinds, loaded once at start
 PLUGINS = web.AppKey("plugins", pluggy.PluginManager)
+KEYRING = web.AppKey("keyring", "LocalKeyring")    # data keys, pseudonym key, signing key
 # Handlers of intercepted RPC commands: {command: handler(request, resolved)}.
 INTERCEPTORS = web.AppKey("interceptors", dict)

@@ -16,7 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import plugins
+from . import plugins, protect
 from .appkeys import CONFIG, KUBO, PLUGINS, SCHEMAS, STORE
 from .errors import GatewayError
 from .store import Episode, IndexedRecord, StoreConflict
@@ -25,7 +25,6 @@ log = logging.getLogger(__name__)
 
 EPISODE_OPENED = "https://medicon.example/schemas/episode-opened/v1"
 EPISODE_CLOSED = "https://medicon.example/schemas/episode-closed/v1"
-ENVELOPE_FIELDS = ("schema", "patient", "episode", "prev", "seq", "recorded_at", "author", "body")
 
 
 class RecordInvalid(GatewayError):
@@ -130,8 +129,9 @@ def policy_for(app: web.Application, schema_id: str):
     return app[POLICIES][cfg.chain_policy_by_schema.get(schema_id, cfg.chain_policy)]
 
 
-async def append(app: web.Application, doc: Any) -> Appended:
-    """Append one record to its episode. Raises ``RecordInvalid`` (400) or ``ChainConflict`` (409)."""
+async def append(app: web.Application, doc: Any, signer: str) -> Appended:
+    """Append one record to its episode, signed as written by ``signer`` (the authenticated
+    principal). Raises ``RecordInvalid`` (400) or ``ChainConflict`` (409)."""
     if not isinstance(doc, dict):
         raise RecordInvalid(["/: a record is a JSON object"])
     record = normalise(doc)
@@ -143,8 +143,7 @@ async def append(app: web.Application, doc: Any) -> Appended:
         record = _chain(app, record, episode)
         await validate(app, record, episode)
         kubo = app[KUBO]
-        node = {**record, "prev": {"/": record["prev"]} if record["prev"] else None}
-        cid = await kubo.dag_put(node, pin=False)
+        cid = await kubo.dag_put(protect.to_node(app, record, signer), pin=False)
         known = await store.record(cid)
         if known is not None:  # the exact same record, sent again after a lost answer
             current = await store.get_episode(known.episode)
@@ -214,57 +213,77 @@ async def _committed(app: web.Application, record: dict[str, Any], cid: str, epi
         log.error("record_committed hook failed for %s: %s", cid, err.message)
 
 
-def from_node(node: dict[str, Any]) -> dict[str, Any]:
-    """The record as clients wrote it, from its stored IPLD form (links back to CID strings)."""
-    prev = node.get("prev")
-    record = {**node, "prev": prev["/"] if isinstance(prev, dict) else prev}
-    return {key: record[key] for key in ENVELOPE_FIELDS if key in record} | {
-        k: v for k, v in record.items() if k not in ENVELOPE_FIELDS}
-
-
 async def read(app: web.Application, cid: str) -> dict[str, Any] | None:
-    """The record stored as ``cid``, or None if the gateway did not write it."""
+    """The record stored as ``cid`` (decrypted, signature checked), or None if the gateway did
+    not write it."""
     if await app[STORE].record(cid) is None:
         return None
-    return from_node(await app[KUBO].dag_get(cid))
+    node = await app[KUBO].dag_get(cid)
+    if not protect.signature_ok(app, node):
+        raise GatewayError(502, f"record {cid} does not carry this gateway's signature")
+    return protect.from_node(app, node)[0]
 
 
-async def verify(app: web.Application, episode_id: str) -> dict[str, Any]:
-    """Walk the episode in Kubo from its head to its first record; report the first break."""
+async def verify(app: web.Application, episode_id: str, head: str | None = None) -> dict[str, Any]:
+    """Walk the episode in Kubo from its head (or from ``head``, a CID claimed to extend it)
+    to its first record and report the first break: a missing block, a bad signature, a record
+    that fails its schema, or links, sequence numbers or times out of order."""
     store, kubo = app[STORE], app[KUBO]
     episode = await store.get_episode(episode_id)
     if episode is None:
         raise GatewayError(404, f"episode {episode_id!r} is unknown")
-    cid, expected_seq, checked = episode.head, episode.length - 1, 0
-    later_time = None
+    cid = head or episode.head
+    checked, erased, expected_seq, later_time = 0, False, None, None
+    pseudonym = protect.keyring(app).pseudonym(protect.PSEUDONYM_EPISODE, episode_id)
 
-    def broken(problem: str) -> dict[str, Any]:
-        return {"episode": episode_id, "ok": False, "length": episode.length, "checked": checked,
-                "break": {"cid": cid, "seq": expected_seq, "problem": problem}}
+    def report(problem: str | None) -> dict[str, Any]:
+        brk = None if problem is None else {"cid": cid, "seq": expected_seq, "problem": problem}
+        return {"episode": episode_id, "ok": problem is None, "length": episode.length,
+                "checked": checked, "erased": erased, "break": brk}
 
     while cid is not None:
-        indexed = await store.record(cid)
-        if indexed is None or indexed.seq != expected_seq or indexed.episode != episode_id:
-            return broken("the chain reaches a block the index does not hold at this position")
         try:
             node = await kubo.dag_get(cid)
         except GatewayError as err:
-            return broken(f"the block cannot be read from Kubo: {err.message}")
-        record = from_node(node)
-        problems = [str(v) for v in app[SCHEMAS].validate(record)]
-        if problems:
-            return broken("schema: " + "; ".join(problems))
-        if record.get("seq") != expected_seq:
-            return broken(f"seq {record.get('seq')} where {expected_seq} was expected")
-        if record.get("episode") != episode_id or record.get("patient") != episode.patient:
-            return broken("the record names another episode or patient")
-        if later_time is not None and _timestamp(record["recorded_at"]) > later_time:
-            return broken("recorded_at goes backwards")
-        later_time = _timestamp(record["recorded_at"])
-        if (expected_seq == 0) != (record["prev"] is None):
-            return broken("prev must be null exactly at seq 0")
-        if expected_seq == 0 and record["schema"] != EPISODE_OPENED:
-            return broken("the first record of an episode must open it")
+            return report(f"the block cannot be read from Kubo: {err.message}")
+        if not protect.signature_ok(app, node):
+            return report("the signature does not verify: the block was not written by this gateway")
+        if expected_seq is None:
+            expected_seq = node.get("seq")
+        if node.get("seq") != expected_seq or not isinstance(expected_seq, int):
+            return report(f"seq {node.get('seq')} where {expected_seq} was expected")
+        if node.get("episode") != pseudonym:
+            return report("the block belongs to another episode")
+        indexed = await store.record(cid)
+        if head is None and (indexed is None or indexed.seq != expected_seq or indexed.episode != episode_id):
+            return report("the chain reaches a block the index does not hold at this position")
+        prev = node.get("prev")
+        prev = prev.get("/") if isinstance(prev, dict) else prev
+        if (expected_seq == 0) != (prev is None):
+            return report("prev must be null exactly at seq 0")
+        if expected_seq == 0 and node.get("schema") != EPISODE_OPENED:
+            return report("the first record of an episode must open it")
+        try:
+            record, _ = protect.from_node(app, node)
+        except protect.RecordErased:
+            erased = True
+        except GatewayError as err:
+            return report(err.message)
+        else:
+            problems = [str(v) for v in app[SCHEMAS].validate(record)]
+            if problems:
+                return report("schema: " + "; ".join(problems))
+            if (record.get("seq"), record.get("prev"), record.get("episode"), record.get("schema")) != (
+                    expected_seq, prev, episode_id, node.get("schema")):
+                return report("the sealed record disagrees with the block's clear metadata")
+            if record.get("patient") != episode.patient:
+                return report("the record names another patient")
+            stamp = _timestamp(record["recorded_at"])
+            if later_time is not None and stamp > later_time:
+                return report("recorded_at goes backwards")
+            later_time = stamp
         checked += 1
-        cid, expected_seq = record["prev"], expected_seq - 1
-    return {"episode": episode_id, "ok": True, "length": episode.length, "checked": checked, "break": None}
+        cid, expected_seq = prev, expected_seq - 1
+    if head is not None and checked and expected_seq != -1:
+        return report("the chain does not reach the episode's first record")
+    return report(None)

@@ -1,13 +1,17 @@
-"""``medicon-gateway``: run the gateway (``serve``) or a complete local setup (``dev``)."""
+"""``medicon-gateway``: run the gateway (``serve``), a complete local setup (``dev``), or
+manage API tokens (``token create|list|revoke``)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import signal
+import sqlite3
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 from aiohttp import web
@@ -15,6 +19,8 @@ from aiohttp import web
 from .app import create_app
 from .config import Config, ConfigError, load_config
 from .kubo import KuboError, KuboNode
+from .principal import ROLES
+from .tokens import TokenError, TokenStore, parse_duration, token_path
 
 log = logging.getLogger("medicon_gateway")
 
@@ -71,11 +77,92 @@ def cmd_dev(args: argparse.Namespace) -> int:
         overrides = {"kubo.api_url": node.api_url, "kubo.gateway_url": node.gateway_url,
                      "records.data_dir": str(data_dir / "records"), **_overrides(args)}
         config = load_config(args.config, overrides=overrides)
-        asyncio.run(run_server(config, announce=_announce))
+        with TokenStore(token_path(config.records.data_dir)) as store:
+            token, info = _create_dev_token(store)
+            print(f"development token {info.name} ({info.id}, role admin) created; "
+                  "revoked when dev stops", file=sys.stderr, flush=True)
+
+            def announce(host: str, port: int) -> None:
+                _announce(host, port)  # first stdout line: the URL
+                print(f"MEDICON_TOKEN={token}", flush=True)
+
+            try:
+                asyncio.run(run_server(config, announce=announce))
+            finally:
+                store.revoke(info.id)
     finally:
         node.stop()
         print("kubo stopped", file=sys.stderr, flush=True)
     return 0
+
+
+def _create_dev_token(store: TokenStore):
+    """A fresh admin token for this dev run, named ``dev-<UTC timestamp>``."""
+    base = datetime.now(timezone.utc).strftime("dev-%Y%m%dT%H%M%SZ")
+    for n in range(1, 100):
+        try:
+            return store.create(base if n == 1 else f"{base}-{n}", "admin")
+        except TokenError:
+            if n == 99:
+                raise
+
+
+# --- token ----------------------------------------------------------------------------------
+
+def _token_store(args: argparse.Namespace) -> TokenStore:
+    data_dir = args.data_dir
+    if data_dir is None:
+        data_dir = load_config(args.config).records.data_dir
+    path = token_path(data_dir)
+    try:
+        return TokenStore(path)
+    except (OSError, sqlite3.Error) as exc:
+        raise TokenError(f"cannot open the token store {path}: {exc}") from None
+
+
+def _when(d: datetime | None) -> str:
+    return "-" if d is None else d.strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def cmd_token_create(args: argparse.Namespace) -> int:
+    expires_in = parse_duration(args.expires_in) if args.expires_in else None
+    with _token_store(args) as store:
+        token, info = store.create(args.name, args.role, patients=args.patient or None,
+                                   episodes=args.episode or None, expires_in=expires_in)
+    print(f"created token {info.name} ({info.id}): role {info.role}, scope {info.scope()}, "
+          f"expires {_when(info.expires_at) if info.expires_at else 'never'}, "
+          f"store {store.path}", file=sys.stderr)
+    print("the token is shown once, on stdout; keep it secret", file=sys.stderr)
+    print(f"MEDICON_TOKEN={token}", flush=True)
+    return 0
+
+
+def cmd_token_list(args: argparse.Namespace) -> int:
+    with _token_store(args) as store:
+        infos = store.list(include_revoked=not args.live)
+    if args.json:
+        print(json.dumps([i.to_dict() for i in infos], indent=2))
+        return 0
+    head = ("NAME", "ID", "ROLE", "SCOPE", "EXPIRES", "REVOKED", "LAST USED")
+    rows = [(i.name, i.id, i.role, i.scope(), _when(i.expires_at) + (" (expired)" if i.status() == "expired" else ""),
+             _when(i.revoked_at), _when(i.last_used_at)) for i in infos]
+    widths = [max(len(r[c]) for r in [head, *rows]) for c in range(len(head))]
+    for row in [head, *rows]:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+    return 0
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> int:
+    with _token_store(args) as store:
+        if store.revoke(args.name_or_id):
+            print(f"revoked {args.name_or_id}", file=sys.stderr)
+            return 0
+        known = store.get(args.name_or_id)
+    if known is not None and known.revoked_at is not None:
+        print(f"{args.name_or_id} was already revoked", file=sys.stderr)
+        return 0
+    print(f"medicon-gateway: error: no live token named or with id {args.name_or_id!r}", file=sys.stderr)
+    return 1
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -106,6 +193,31 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--data-dir", default=".medicon-dev", help="where the dev Kubo repo lives")
     dev.add_argument("--online", action="store_true", help="let the dev Kubo join the IPFS network")
     dev.set_defaults(func=cmd_dev)
+
+    token = sub.add_parser("token", help="create, list or revoke API tokens")
+    store_opts = argparse.ArgumentParser(add_help=False)
+    # Accepted before or after the action (`token --data-dir D list` or `token list --data-dir D`).
+    for p, default in ((token, None), (store_opts, argparse.SUPPRESS)):
+        p.add_argument("--config", default=default, help="TOML config file (default: $MEDICON_CONFIG)")
+        p.add_argument("--data-dir", default=default,
+                       help="the gateway's records.data_dir (default: from the config)")
+    actions = token.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create", parents=[store_opts],
+                                help="create a token; it is printed once, as MEDICON_TOKEN=... on stdout")
+    create.add_argument("name", help="unique name of the token (who or what uses it)")
+    create.add_argument("--role", required=True, choices=ROLES)
+    create.add_argument("--patient", action="append", metavar="P",
+                        help="restrict to this patient (repeatable; a patient token needs exactly one)")
+    create.add_argument("--episode", action="append", metavar="E", help="restrict to this episode (repeatable)")
+    create.add_argument("--expires-in", metavar="DURATION", help="e.g. 30d, 12h, 15m, 3600s (default: never)")
+    create.set_defaults(func=cmd_token_create)
+    lst = actions.add_parser("list", parents=[store_opts], help="list tokens (never their secrets)")
+    lst.add_argument("--live", action="store_true", help="leave revoked tokens out")
+    lst.add_argument("--json", action="store_true", help="JSON instead of a table")
+    lst.set_defaults(func=cmd_token_list)
+    revoke = actions.add_parser("revoke", parents=[store_opts], help="revoke a token at once")
+    revoke.add_argument("name_or_id")
+    revoke.set_defaults(func=cmd_token_revoke)
     return parser
 
 
@@ -117,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         args.config = os.environ.get("MEDICON_CONFIG")
     try:
         return args.func(args)
-    except (ConfigError, KuboError) as exc:
+    except (ConfigError, KuboError, TokenError) as exc:
         print(f"medicon-gateway: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import posixpath
 from dataclasses import dataclass
 from enum import Enum
+from urllib.parse import parse_qsl
 
 
 class Action(Enum):
@@ -151,3 +152,24 @@ def resolve(raw: str) -> Resolved:
         if parent in COMMANDS:
             return Resolved(parent, COMMANDS[parent], parts[-1])
     return Resolved(key, _UNKNOWN, None)
+
+
+# Kubo's option aliases for the options the gateway reads.
+ALIASES = {"n": "only-hash", "w": "wrap-with-directory", "o": "offset", "l": "length",
+           "r": "recursive", "q": "quiet", "Q": "quieter"}
+
+
+def options(query_string: str, path_arg: str | None) -> dict[str, list[str]]:
+    """The request's options as Kubo reads them: aliases folded, the path argument first."""
+    out: dict[str, list[str]] = {}
+    if path_arg is not None:
+        out["arg"] = [path_arg]
+    for key, value in parse_qsl(query_string, keep_blank_values=True):
+        out.setdefault(ALIASES.get(key, key), []).append(value)
+    return out
+
+
+def flag(opts: dict[str, list[str]], name: str) -> bool:
+    """Kubo's booleans: present and empty, or "true" in any case."""
+    values = opts.get(name)
+    return bool(values) and values[0].lower() in ("", "true", "1")

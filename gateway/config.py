@@ -61,6 +61,14 @@ class RecordsConfig:
 
 
 @dataclass(frozen=True)
+class SecurityConfig:
+    # The local keyring (`medicon-gateway keys init`); empty: <records.data_dir>/keyring.json.
+    keyring: str = ""
+    # Seal record bodies and attachments before they reach Kubo.
+    encrypt: bool = True
+
+
+@dataclass(frozen=True)
 class PluginsConfig:
     # Plugin modules to load by import path, beside the entry-point group `medicon_gateway`.
     modules: tuple[str, ...] = ()
@@ -71,11 +79,16 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     kubo: KuboConfig = field(default_factory=KuboConfig)
     records: RecordsConfig = field(default_factory=RecordsConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
 
 
 SECTIONS: dict[str, type] = {"server": ServerConfig, "kubo": KuboConfig, "records": RecordsConfig,
-                             "plugins": PluginsConfig}
+                             "security": SecurityConfig, "plugins": PluginsConfig}
+
+
+def keyring_path(config: Config) -> Path:
+    return Path(config.security.keyring or Path(config.records.data_dir) / "keyring.json")
 
 
 def _coerce(key: str, value: Any, default: Any, from_env: bool) -> Any:

@@ -109,6 +109,13 @@ def medicon_record_committed(record, cid, episode):
 
 
 @hookspec
-def medicon_audit_event(event):
-    """Called for every authorization decision and every record read or write, with a mapping:
-    ``time``, ``principal``, ``action``, ``resource``, ``decision``, ``request_id``."""
+def medicon_audit_event(event, config):
+    """Called for every authorization decision, with a mapping: ``time``, ``principal``,
+    ``role``, ``action``, ``resource`` (pseudonyms only: patient and episode ids never reach an
+    audit plugin), ``decision``, ``request_id``, ``path``."""
+
+
+@hookspec
+def medicon_register_routes(config):
+    """Return ``[(method, path, handler), ...]`` to add to the gateway (e.g. the audit log's
+    ``/medicon/v1/audit``). Handlers authorize with ``gateway.auth.authorize`` themselves."""

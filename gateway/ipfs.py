@@ -52,6 +52,14 @@ class Kubo:
         body = await self._call("dag/get", [("arg", cid), ("output-codec", "dag-json")])
         return json.loads(body)
 
+    async def resolve_path(self, path: str) -> str | None:
+        """The CID an ``/ipfs/<cid>/a/b`` path ends at (None if it does not resolve)."""
+        try:
+            body = await self._call("dag/resolve", [("arg", path)])
+        except KuboAnswer:
+            return None
+        return json.loads(body)["Cid"]["/"]
+
     async def has_block(self, cid: str) -> bool:
         try:
             await self._call("block/stat", [("arg", cid), ("offline", "true")])

@@ -17,7 +17,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from . import commands
+from . import auth, commands
 from .appkeys import CONFIG, INTERCEPTORS, KUBO_SESSION
 from .commands import Action
 from .errors import GatewayError
@@ -115,12 +115,14 @@ def _abort(request: web.Request, why: str) -> None:
 
 
 async def forward(request: web.Request, url: URL, *, body=None,
-                  failed_body: list | None = None) -> web.StreamResponse:
+                  failed_body: list | None = None, tap=None, finish=None) -> web.StreamResponse:
     """Send the request to Kubo at ``url`` and stream Kubo's answer back.
 
     ``body`` replaces the client's body (bytes or an async iterator, e.g. a re-encoded
     multipart); a ``GatewayError`` put in ``failed_body`` by that iterator before Kubo answered
-    is the answer instead.
+    is the answer instead. ``tap(chunk)`` sees every chunk of Kubo's answer; ``await finish()``
+    runs after Kubo's last byte and before the client's, so what it records (the attachment
+    index) is in place when the client sees the answer complete.
     """
     session = request.app[KUBO_SESSION]
     headers = upstream_headers(request)
@@ -137,10 +139,11 @@ async def forward(request: web.Request, url: URL, *, body=None,
             raise failed_body[0] from None
         raise upstream_error(request, exc) from None
     async with upstream:
-        return await _relay(request, upstream)
+        return await _relay(request, upstream, tap, finish)
 
 
-async def _relay(request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+async def _relay(request: web.Request, upstream: aiohttp.ClientResponse, tap=None,
+                 finish=None) -> web.StreamResponse:
     resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
     for key, value in upstream.headers.items():
         if key.lower() not in DROP_RESPONSE:
@@ -161,6 +164,8 @@ async def _relay(request: web.Request, upstream: aiohttp.ClientResponse) -> web.
     sent = 0
     try:
         async for chunk in upstream.content.iter_chunked(CHUNK):
+            if tap is not None:
+                tap(chunk)
             await resp.write(chunk)
             sent += len(chunk)
     except (aiohttp.ClientError, asyncio.TimeoutError, GatewayError) as exc:
@@ -169,6 +174,12 @@ async def _relay(request: web.Request, upstream: aiohttp.ClientResponse) -> web.
     if expected is not None and sent != expected:
         _abort(request, f"Kubo stream ended after {sent} of {expected} bytes")
         return resp
+    if finish is not None:
+        try:
+            await finish()
+        except Exception as exc:  # the client must not take an unrecorded write as done
+            _abort(request, f"could not record the result: {type(exc).__name__}")
+            return resp
     await resp.write_eof()
     return resp
 
@@ -183,6 +194,11 @@ async def rpc(request: web.Request) -> web.StreamResponse:
     rule = resolved.rule
     if rule.action is Action.REFUSE:
         raise GatewayError(403, f"command {resolved.command!r} is refused by the gateway: {rule.why}")
+    access = auth.ACCESS.get(resolved.command)
+    if access is None:  # the test suite keeps this from happening; fail closed if it does
+        raise GatewayError(403, f"command {resolved.command!r} has no authorization mapping")
+    await auth.authorize_command(request, resolved.command, access,
+                                 commands.options(request.query_string, resolved.path_arg))
     if rule.action is Action.INTERCEPT:
         return await request.app[INTERCEPTORS][resolved.command](request, resolved)
     return await forward_rpc(request, resolved)
@@ -209,8 +225,28 @@ def check_gateway_request(request: web.Request) -> None:
         raise GatewayError(400, "dot segments are not allowed in gateway paths")
 
 
+def wants_ipld(request: web.Request) -> bool:
+    """Raw blocks, CARs or IPLD codecs instead of deserialized content."""
+    return "format" in request.query or "application/vnd.ipld" in request.headers.get("Accept", "")
+
+
 async def http_gateway(request: web.Request) -> web.StreamResponse:
-    """``/ipfs/…`` and ``/ipns/…``: Kubo's HTTP gateway, read-only."""
+    """``/ipfs/…`` and ``/ipns/…``: Kubo's HTTP gateway, read-only, authorized like ``cat``
+    (or like ``dag/get`` for raw blocks and CARs)."""
     check_gateway_request(request)
+    await authorize_gateway(request)
+    return await to_http_gateway(request)
+
+
+async def authorize_gateway(request: web.Request) -> dict:
+    """What an ``/ipfs`` or ``/ipns`` path names, once the caller may read it."""
+    if request.path.startswith("/ipns/"):
+        await auth.authorize(request, "raw:read", {"kind": "raw"})
+        return {"kind": "raw"}
+    access = auth.Access.STRUCTURE if wants_ipld(request) else auth.Access.CONTENT
+    return (await auth.authorize_read(request, access, [request.path]))[0]
+
+
+async def to_http_gateway(request: web.Request) -> web.StreamResponse:
     base = request.app[CONFIG].kubo.gateway_url.rstrip("/")
     return await forward(request, URL(base + request.raw_path, encoded=True))

@@ -10,36 +10,25 @@ from __future__ import annotations
 
 import json
 from typing import Any, AsyncIterator
-from urllib.parse import parse_qsl, unquote_plus
+from urllib.parse import unquote_plus
 
 import aiohttp
 from aiohttp import web
 from aiohttp.helpers import parse_mimetype
 from multidict import CIMultiDictProxy
 
-from . import chain, proxy
+from . import auth, chain, commands, proxy
+from .commands import flag
 from .appkeys import CONFIG, STORE
 from .commands import Resolved
 from .errors import GatewayError
 
 PEEK = 64 * 1024
-# Kubo's option aliases for the options the gateway reads; booleans: empty or "true" (any case).
-ALIASES = {"n": "only-hash", "w": "wrap-with-directory", "o": "offset", "l": "length"}
 MIXED = ("records and other files cannot be added together: add attachments in a separate request")
 
 
 def options(request: web.Request, resolved: Resolved) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    if resolved.path_arg is not None:
-        out["arg"] = [resolved.path_arg]
-    for key, value in parse_qsl(request.query_string, keep_blank_values=True):
-        out.setdefault(ALIASES.get(key, key), []).append(value)
-    return out
-
-
-def flag(opts: dict[str, list[str]], name: str) -> bool:
-    values = opts.get(name)
-    return bool(values) and values[0].lower() in ("", "true", "1")
+    return commands.options(request.query_string, resolved.path_arg)
 
 
 def _json_record(data: bytes) -> Any:
@@ -73,6 +62,22 @@ async def _peek(part: aiohttp.BodyPartReader, limit: int) -> tuple[bytes, bool]:
             return bytes(buf), False
 
 
+def record_resource(doc: dict[str, Any]) -> dict[str, Any]:
+    return {"kind": "record", "patient": doc.get("patient"), "episode": doc.get("episode")}
+
+
+def attachment_patient(request: web.Request) -> str | None:
+    """The patient an attachment belongs to: the ``X-Medicon-Patient`` header, or the one
+    patient the caller's credentials are scoped to (so the Kubo CLI needs no extra header)."""
+    named = request.headers.get("X-Medicon-Patient")
+    if named:
+        return named
+    scope = auth.principal(request).patients
+    if scope is not None and len(scope) == 1:
+        return next(iter(scope))
+    return None
+
+
 def _boundary(request: web.Request) -> str:
     return parse_mimetype(request.headers["Content-Type"]).parameters["boundary"]
 
@@ -86,6 +91,7 @@ def _filename(part: aiohttp.BodyPartReader) -> str:
 async def intercept_add(request: web.Request, resolved: Resolved) -> web.StreamResponse:
     """``add``: records are appended (all validated before any is); other files stream to Kubo."""
     if not request.content_type.startswith("multipart/"):
+        await auth.authorize(request, "raw:write", {"kind": "raw"})
         return await proxy.forward_rpc(request, resolved)
     limit = request.app[CONFIG].records.max_record_size
     reader = await request.multipart()
@@ -124,6 +130,8 @@ async def _add_records(request: web.Request, resolved: Resolved, reader: aiohttp
         docs.append((_filename(part), doc, len(head)))
         if len(docs) > cfg.max_parts:
             raise GatewayError(400, f"at most {cfg.max_parts} records in one add")
+    for _, doc, _ in docs:
+        await auth.authorize(request, "record:write", record_resource(doc))
     # All-or-nothing: every record is checked against its schema before the first is appended.
     problems = []
     for name, doc, _ in docs:
@@ -136,7 +144,7 @@ async def _add_records(request: web.Request, resolved: Resolved, reader: aiohttp
     lines, done = [], []
     for name, doc, size in docs:
         try:
-            appended = await chain.append(request.app, doc)
+            appended = await chain.append(request.app, doc, auth.principal(request).id)
         except GatewayError as err:
             if done:
                 err = GatewayError(err.status, f"{err.message}; records already appended: {', '.join(done)}",
@@ -156,6 +164,29 @@ async def _forward_parts(request: web.Request, resolved: Resolved, reader: aioht
     limit = request.app[CONFIG].records.max_record_size
     failed: list[GatewayError] = []
     delimiter = f"--{boundary}\r\n".encode()
+    patient = attachment_patient(request)
+    if patient is None:
+        await auth.authorize(request, "raw:write", {"kind": "raw"})
+    else:
+        await auth.authorize(request, "blob:write", {"kind": "blob", "patient": patient})
+    added: list[str] = []
+    pending = bytearray()
+
+    def tap(chunk: bytes) -> None:  # Kubo's NDJSON answer: collect every CID it added
+        pending.extend(chunk)
+        *lines, rest = bytes(pending).split(b"\n")
+        pending[:] = rest
+        for line in lines:
+            try:
+                item = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(item, dict) and isinstance(item.get("Hash"), str):
+                added.append(item["Hash"])
+
+    async def finish() -> None:
+        if patient is not None and added and not flag(options(request, resolved), "only-hash"):
+            await request.app[STORE].add_blobs(added, patient)
 
     async def body() -> AsyncIterator[bytes]:
         for part in held:
@@ -176,7 +207,7 @@ async def _forward_parts(request: web.Request, resolved: Resolved, reader: aioht
                     raise failed[0]
         yield f"--{boundary}--\r\n".encode()
 
-    return await proxy.forward_rpc(request, resolved, body=body(), failed_body=failed)
+    return await proxy.forward_rpc(request, resolved, body=body(), failed_body=failed, tap=tap, finish=finish)
 
 
 # --- dag/put ---------------------------------------------------------------------------------
@@ -184,6 +215,7 @@ async def _forward_parts(request: web.Request, resolved: Resolved, reader: aioht
 async def intercept_dag_put(request: web.Request, resolved: Resolved) -> web.StreamResponse:
     """``dag/put``: a record is appended (answer ``{"Cid": {"/": cid}}``); other nodes go to Kubo."""
     if not request.content_type.startswith("multipart/"):
+        await auth.authorize(request, "raw:write", {"kind": "raw"})
         return await proxy.forward_rpc(request, resolved)
     opts = options(request, resolved)
     codec = (opts.get("input-codec") or ["dag-json"])[0]
@@ -203,11 +235,13 @@ async def intercept_dag_put(request: web.Request, resolved: Resolved) -> web.Str
     if len(parts) == 1 and codec in ("dag-json", "json"):
         doc = _json_record(parts[0][1])
         if doc is not None:
-            appended = await chain.append(request.app, doc)
+            await auth.authorize(request, "record:write", record_resource(doc))
+            appended = await chain.append(request.app, doc, auth.principal(request).id)
             return web.Response(text=json.dumps({"Cid": {"/": appended.cid}}) + "\n",
                                 content_type="application/json", headers={"X-Chunked-Output": "1"})
     if any(_json_record(data) is not None for _, data in parts):
         raise GatewayError(400, "put one record per dag/put, encoded as dag-json")
+    await auth.authorize(request, "raw:write", {"kind": "raw"})
     delimiter = f"--{boundary}\r\n".encode()
     body = b"".join(delimiter + _part_head(h) + data + b"\r\n" for h, data in parts)
     return await proxy.forward_rpc(request, resolved, body=body + f"--{boundary}--\r\n".encode())
@@ -250,9 +284,9 @@ async def intercept_cat(request: web.Request, resolved: Resolved) -> web.StreamR
 async def ipfs_path(request: web.Request) -> web.StreamResponse:
     """``/ipfs/<cid>`` of a record returns it as JSON unless raw blocks or CARs are asked for."""
     proxy.check_gateway_request(request)
-    wants_ipld = "format" in request.query or "application/vnd.ipld" in request.headers.get("Accept", "")
-    if request.method in ("GET", "HEAD") and not wants_ipld:
-        cid = _bare_cid(request.path)
+    resource = await proxy.authorize_gateway(request)
+    cid = _bare_cid(request.path)
+    if request.method in ("GET", "HEAD") and not proxy.wants_ipld(request) and resource["kind"] == "record":
         data = await _record_bytes(request.app, cid)
         if data is not None:
             etag = f'"{cid}.json"'
@@ -260,7 +294,7 @@ async def ipfs_path(request: web.Request) -> web.StreamResponse:
             if request.headers.get("If-None-Match") == etag:
                 return web.Response(status=304, headers=headers)
             return web.Response(body=data, content_type="application/json", headers=headers)
-    return await proxy.http_gateway(request)
+    return await proxy.to_http_gateway(request)
 
 
 INTERCEPTED = {"add": intercept_add, "dag/put": intercept_dag_put, "cat": intercept_cat}

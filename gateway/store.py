@@ -51,6 +51,8 @@ class HeadStore(Protocol):
     async def append(self, record: IndexedRecord, *, expected_head: str, closes: bool) -> Episode: ...
     async def history(self, episode: str, after_seq: int, limit: int) -> list[IndexedRecord]: ...
     async def record(self, cid: str) -> IndexedRecord | None: ...
+    async def add_blobs(self, cids: list[str], patient: str) -> None: ...
+    async def blob(self, cid: str) -> str | None: ...
     async def close(self) -> None: ...
 
 
@@ -72,6 +74,10 @@ CREATE TABLE IF NOT EXISTS records (
     schema TEXT NOT NULL,
     recorded_at TEXT NOT NULL,
     UNIQUE (episode, seq)
+);
+CREATE TABLE IF NOT EXISTS blobs (
+    cid TEXT PRIMARY KEY,
+    patient TEXT NOT NULL
 );
 """
 
@@ -183,3 +189,16 @@ class SQLiteHeadStore:
         async with self._lock, self._db.execute(f"SELECT {_RECORD_COLS} FROM records WHERE cid = ?", (cid,)) as cur:
             row = await cur.fetchone()
         return IndexedRecord(*row) if row else None
+
+    async def add_blobs(self, cids: list[str], patient: str) -> None:
+        """Index attachments (files and the directories around them) under their patient. A CID
+        already indexed keeps its first patient: identical bytes are not re-assigned."""
+        async with self._lock:
+            await self._db.executemany("INSERT INTO blobs VALUES (?, ?) ON CONFLICT (cid) DO NOTHING",
+                                       [(cid, patient) for cid in cids])
+
+    async def blob(self, cid: str) -> str | None:
+        """The patient an attachment belongs to."""
+        async with self._lock, self._db.execute("SELECT patient FROM blobs WHERE cid = ?", (cid,)) as cur:
+            row = await cur.fetchone()
+        return row[0] if row else None

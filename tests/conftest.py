@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,11 +51,43 @@ def own_kubo(tmp_path: Path):
     node.stop()
 
 
+def make_token(config_or_dir, name: str | None = None, role: str = "admin", patients=None,
+               episodes=None) -> str:
+    """A real API token in the gateway's token store (what `medicon-gateway token create` does)."""
+    from gateway.tokens import TokenStore, token_path
+    data_dir = getattr(getattr(config_or_dir, "records", None), "data_dir", config_or_dir)
+    with TokenStore(token_path(data_dir)) as store:
+        token, _ = store.create(name or f"{role}-{uuid.uuid4().hex[:8]}", role, patients=patients,
+                                episodes=episodes)
+    return token
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def app_client(aiohttp_client, config, role: str = "admin", **scope):
+    """The app in-process, with a client holding a token of ``role`` (and scope)."""
+    from gateway.app import create_app
+    token = make_token(config, role=role, **scope)
+    client = await aiohttp_client(create_app(config), headers=bearer(token))
+    client.token = token
+    return client
+
+
+def new_data_dir() -> str:
+    """A fresh gateway data dir with its keyring (what `medicon-gateway keys init` makes)."""
+    from gateway.keyring import LocalKeyring
+    data_dir = tempfile.mkdtemp(prefix="medicon-test-")
+    LocalKeyring.init(Path(data_dir) / "keyring.json")
+    return data_dir
+
+
 def gateway_config(node: KuboNode, **overrides):
-    """A config for ``node`` with a head store of its own (fresh chains for every app)."""
+    """A config for ``node`` with a data dir of its own (fresh chains, tokens and keys)."""
     return load_config(env={}, overrides={
         "kubo.api_url": node.api_url, "kubo.gateway_url": node.gateway_url,
-        "records.data_dir": tempfile.mkdtemp(prefix="medicon-test-"), **overrides,
+        "records.data_dir": new_data_dir(), **overrides,
     })
 
 
@@ -64,6 +97,12 @@ class GatewayProcess:
 
     process: subprocess.Popen
     url: str
+    data_dir: str
+    token: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return bearer(self.token)
 
     @property
     def port(self) -> int:
@@ -91,9 +130,11 @@ class GatewayProcess:
 
 
 def start_gateway(node: KuboNode, *args: str, env: dict | None = None) -> GatewayProcess:
+    data_dir = new_data_dir()
+    token = make_token(data_dir, name="test-admin")
     full_env = {**os.environ, "MEDICON_KUBO_API_URL": node.api_url,
                 "MEDICON_KUBO_GATEWAY_URL": node.gateway_url,
-                "MEDICON_RECORDS_DATA_DIR": tempfile.mkdtemp(prefix="medicon-test-"), **(env or {})}
+                "MEDICON_RECORDS_DATA_DIR": data_dir, **(env or {})}
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway", "--log-level", "WARNING", "serve", "--port", "0", *args],
         env=full_env, stdout=subprocess.PIPE, stderr=None, text=True, cwd=ROOT,
@@ -102,7 +143,7 @@ def start_gateway(node: KuboNode, *args: str, env: dict | None = None) -> Gatewa
     if not line.startswith("MEDICON_GATEWAY_URL="):
         proc.kill()
         raise AssertionError(f"gateway did not announce its URL, printed {line!r}")
-    return GatewayProcess(proc, line.strip().split("=", 1)[1])
+    return GatewayProcess(proc, line.strip().split("=", 1)[1], data_dir, token)
 
 
 @pytest.fixture(scope="session")
@@ -115,14 +156,22 @@ def gateway(kubo: KuboNode):
 
 @pytest.fixture
 async def client(aiohttp_client, kubo):
-    """The gateway app in-process (pytest-aiohttp), in front of the session's real Kubo."""
-    from gateway.app import create_app
-    return await aiohttp_client(create_app(gateway_config(kubo)))
+    """The gateway app in-process (pytest-aiohttp), in front of the session's real Kubo, with an
+    admin token."""
+    return await app_client(aiohttp_client, gateway_config(kubo))
 
 
-def ipfs_cli(api: str, *args: str, input: bytes | None = None, cwd: Path | None = None,
-             extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    """The Kubo CLI as a user runs it, pointed at ``api`` (a multiaddr), with no local repo."""
+def ipfs_cli(target, *args: str, input: bytes | None = None, cwd: Path | None = None,
+             extra: tuple[str, ...] = (), token: str | None = None) -> subprocess.CompletedProcess:
+    """The Kubo CLI as a user runs it, with no local repo, pointed at ``target``: the gateway
+    (with its admin token unless another is given), a Kubo node, or a multiaddr."""
+    if isinstance(target, GatewayProcess):
+        api, token = target.multiaddr, token or target.token
+    elif isinstance(target, KuboNode):
+        api = target.api_multiaddr
+    else:
+        api = target
+    auth = ("--api-auth", f"bearer:{token}") if token else ()
     env = {**os.environ, "IPFS_PATH": "/nonexistent-medicon-test-repo"}
-    return subprocess.run([str(find_binary()), "--api", api, *extra, *args], input=input,
+    return subprocess.run([str(find_binary()), "--api", api, *auth, *extra, *args], input=input,
                           capture_output=True, env=env, cwd=cwd, timeout=120)

@@ -20,7 +20,7 @@ MiB = 1024 * 1024
 @pytest.fixture
 def ipfs(gateway):
     # ipfshttpclient.connect() refuses Kubo >= 0.8 by its version check; the Client itself works.
-    with ipfshttpclient.Client(f"{gateway.multiaddr}/http") as c:
+    with ipfshttpclient.Client(f"{gateway.multiaddr}/http", headers=gateway.headers) as c:
         yield c
 
 
@@ -52,13 +52,14 @@ def test_curl_add_and_cat(gateway, tmp_path):
     assert curl, "curl is needed for this test"
     f = tmp_path / "c.txt"
     f.write_text("curl says hi\n")
-    out = subprocess.run([curl, "-sf", "-X", "POST", "-F", f"file=@{f}", f"{gateway.url}/api/v0/add"],
+    auth = ["-H", f"Authorization: Bearer {gateway.token}"]
+    out = subprocess.run([curl, "-sf", *auth, "-X", "POST", "-F", f"file=@{f}", f"{gateway.url}/api/v0/add"],
                          capture_output=True, check=True).stdout
     cid = json.loads(out)["Hash"]
-    body = subprocess.run([curl, "-sf", "-X", "POST", f"{gateway.url}/api/v0/cat?arg={cid}"],
+    body = subprocess.run([curl, "-sf", *auth, "-X", "POST", f"{gateway.url}/api/v0/cat?arg={cid}"],
                           capture_output=True, check=True).stdout
     assert body == b"curl says hi\n"
-    body = subprocess.run([curl, "-sf", f"{gateway.url}/ipfs/{cid}"], capture_output=True, check=True).stdout
+    body = subprocess.run([curl, "-sf", *auth, f"{gateway.url}/ipfs/{cid}"], capture_output=True, check=True).stdout
     assert body == b"curl says hi\n"
 
 
@@ -73,13 +74,13 @@ def _pattern(size: int, seed: bytes = b"medicon"):
         yield chunk
 
 
-async def _add_streamed(url: str, size: int) -> str:
+async def _add_streamed(url: str, size: int, headers: dict) -> str:
     async def gen():
         for chunk in _pattern(size):
             yield chunk
     form = aiohttp.FormData()
     form.add_field("file", gen(), filename="big.bin", content_type="application/octet-stream")
-    async with aiohttp.ClientSession() as s:
+    async with aiohttp.ClientSession(headers=headers) as s:
         async with s.post(f"{url}/api/v0/add?pin=true&quieter=true", data=form) as r:
             assert r.status == 200, await r.text()
             lines = [json.loads(line) for line in (await r.text()).splitlines()]
@@ -103,12 +104,12 @@ async def test_64mib_add_and_read_back_byte_identical_with_flat_memory(kubo):
     expected = hashlib.sha256(b"".join(_pattern(size))).hexdigest()
     gw = start_gateway(kubo)
     try:
-        await _sha_of(gw.url, "POST", "/api/v0/version")
+        await _sha_of(gw.url, "POST", "/api/v0/version", gw.headers)
         baseline = gw.rss_peak_kib()
-        cid = await _add_streamed(gw.url, size)
-        digest, n, status = await _sha_of(gw.url, "POST", f"/api/v0/cat?arg={cid}")
+        cid = await _add_streamed(gw.url, size, gw.headers)
+        digest, n, status = await _sha_of(gw.url, "POST", f"/api/v0/cat?arg={cid}", gw.headers)
         assert (status, n, digest) == (200, size, expected)
-        digest, n, status = await _sha_of(gw.url, "GET", f"/ipfs/{cid}")
+        digest, n, status = await _sha_of(gw.url, "GET", f"/ipfs/{cid}", gw.headers)
         assert (status, n, digest) == (200, size, expected)
         growth_mib = (gw.rss_peak_kib() - baseline) / 1024
         assert growth_mib < 24, f"gateway peak RSS grew {growth_mib:.1f} MiB for a 64 MiB body"
@@ -123,7 +124,7 @@ async def test_range_on_large_file(kubo, gateway):
     size = 8 * MiB
     data = b"".join(_pattern(size, b"range"))
     cid = kubo.ipfs("add", "-Q", input=data).stdout.decode().strip()
-    async with aiohttp.ClientSession() as s:
+    async with aiohttp.ClientSession(headers=gateway.headers) as s:
         for rng, want in [("bytes=0-99", data[:100]), ("bytes=5000000-5000999", data[5000000:5001000]),
                           (f"bytes={size - 10}-", data[-10:]), ("bytes=-300", data[-300:])]:
             async with s.get(f"{gateway.url}/ipfs/{cid}", headers={"Range": rng}) as r:
@@ -135,7 +136,7 @@ async def test_range_on_large_file(kubo, gateway):
 def test_path_argument_form(gateway, kubo):
     cid = kubo.ipfs("add", "-Q", input=b"path arg\n").stdout.decode().strip()
     import requests
-    r = requests.post(f"{gateway.url}/api/v0/cat/{cid}")
+    r = requests.post(f"{gateway.url}/api/v0/cat/{cid}", headers=gateway.headers)
     assert r.status_code == 200 and r.content == b"path arg\n"
-    r = requests.post(f"{gateway.url}/api/v0/dag/get/{urllib.parse.quote(cid)}")
+    r = requests.post(f"{gateway.url}/api/v0/dag/get/{urllib.parse.quote(cid)}", headers=gateway.headers)
     assert r.status_code == 200

@@ -9,7 +9,7 @@ import pytest
 from gateway.commands import COMMANDS, Action, resolve
 from gateway.kubo import find_binary
 from gateway.proxy import upstream_query
-from conftest import gateway_config
+from conftest import app_client, gateway_config
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,7 @@ async def test_csrf_allowed_origin_reaches_kubo(aiohttp_client, kubo):
     """Kubo would refuse this Origin (not its own port); the gateway checks it and strips it."""
     from gateway.app import create_app
     cfg = gateway_config(kubo, **{"server.allowed_origins": ["https://ehr.example"]})
-    c = await aiohttp_client(create_app(cfg))
+    c = await app_client(aiohttp_client, cfg)
     r = await c.post("/api/v0/version", headers={"Origin": "https://ehr.example",
                                                  "User-Agent": "Mozilla/5.0"})
     assert r.status == 200 and "Version" in await r.json()

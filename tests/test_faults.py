@@ -11,13 +11,13 @@ import aiohttp
 import pytest
 
 from gateway.app import create_app
-from conftest import gateway_config
+from conftest import app_client, gateway_config
 
 
 @pytest.fixture
 async def fault_client(aiohttp_client, own_kubo):
     cfg = gateway_config(own_kubo, **{"kubo.connect_timeout": 1.0, "kubo.read_timeout": 1.5})
-    return await aiohttp_client(create_app(cfg))
+    return await app_client(aiohttp_client, cfg)
 
 
 async def test_kubo_stopped_gives_502_then_recovers(fault_client, own_kubo):

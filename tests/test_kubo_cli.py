@@ -13,8 +13,8 @@ from conftest import ipfs_cli
 
 def both(kubo, gateway, *args, **kw):
     """Run the same CLI command through the gateway and directly against Kubo."""
-    via_gw = ipfs_cli(gateway.multiaddr, *args, **kw)
-    direct = ipfs_cli(kubo.api_multiaddr, *args, **kw)
+    via_gw = ipfs_cli(gateway, *args, **kw)
+    direct = ipfs_cli(kubo, *args, **kw)
     assert via_gw.returncode == 0, via_gw.stderr.decode()
     assert direct.returncode == 0, direct.stderr.decode()
     return via_gw, direct
@@ -47,7 +47,7 @@ def test_add_directory_and_get(kubo, gateway, tree, tmp_path):
     assert gw.stdout == direct.stdout
     root = gw.stdout.decode().strip()
     out = tmp_path / "out"
-    got = ipfs_cli(gateway.multiaddr, "get", "-o", str(out), root)
+    got = ipfs_cli(gateway, "get", "-o", str(out), root)
     assert got.returncode == 0, got.stderr
     assert (out / "a.bin").read_bytes() == (tree / "a.bin").read_bytes()
     assert (out / "sub dir" / "b.txt").read_text() == "patient-free test content\n"
@@ -55,7 +55,7 @@ def test_add_directory_and_get(kubo, gateway, tree, tmp_path):
 
 
 def test_cat_same_bytes(kubo, gateway, tree):
-    cid = ipfs_cli(gateway.multiaddr, "add", "-Q", str(tree / "a.bin")).stdout.decode().strip()
+    cid = ipfs_cli(gateway, "add", "-Q", str(tree / "a.bin")).stdout.decode().strip()
     gw, direct = both(kubo, gateway, "cat", cid)
     assert gw.stdout == (tree / "a.bin").read_bytes() == direct.stdout
     part, _ = both(kubo, gateway, "cat", "--offset=100", "--length=50", cid)
@@ -79,7 +79,7 @@ def test_dag_put_get(kubo, gateway):
 
 
 def test_pin_ls_and_block_stat(kubo, gateway, tree):
-    cid = ipfs_cli(gateway.multiaddr, "add", "-Q", str(tree / "sub dir" / "b.txt")).stdout.decode().strip()
+    cid = ipfs_cli(gateway, "add", "-Q", str(tree / "sub dir" / "b.txt")).stdout.decode().strip()
     gw, direct = both(kubo, gateway, "pin", "ls", "--type=recursive", cid)
     assert cid in gw.stdout.decode() and gw.stdout == direct.stdout
     gw, direct = both(kubo, gateway, "block", "stat", cid)
@@ -87,11 +87,11 @@ def test_pin_ls_and_block_stat(kubo, gateway, tree):
 
 
 def test_pin_add_rm(kubo, gateway):
-    cid = ipfs_cli(gateway.multiaddr, "add", "-Q", "--pin=false", input=b"pin me\n").stdout.decode().strip()
-    assert ipfs_cli(gateway.multiaddr, "pin", "add", cid).returncode == 0
-    assert cid in ipfs_cli(kubo.api_multiaddr, "pin", "ls", "--type=recursive").stdout.decode()
-    assert ipfs_cli(gateway.multiaddr, "pin", "rm", cid).returncode == 0
-    assert cid not in ipfs_cli(kubo.api_multiaddr, "pin", "ls", "--type=recursive").stdout.decode()
+    cid = ipfs_cli(gateway, "add", "-Q", "--pin=false", input=b"pin me\n").stdout.decode().strip()
+    assert ipfs_cli(gateway, "pin", "add", cid).returncode == 0
+    assert cid in ipfs_cli(kubo, "pin", "ls", "--type=recursive").stdout.decode()
+    assert ipfs_cli(gateway, "pin", "rm", cid).returncode == 0
+    assert cid not in ipfs_cli(kubo, "pin", "ls", "--type=recursive").stdout.decode()
 
 
 def test_version_and_id(kubo, gateway):
@@ -111,6 +111,6 @@ def test_version_and_id(kubo, gateway):
     ("files", "ls", "/"),
 ])
 def test_refused_commands_fail_with_a_clear_message(gateway, args):
-    result = ipfs_cli(gateway.multiaddr, *args)
+    result = ipfs_cli(gateway, *args)
     assert result.returncode != 0
     assert b"refused by the gateway" in result.stderr, result.stderr

@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from conftest import gateway_config
+from conftest import app_client, gateway_config
 from gateway.app import create_app
 from records_helpers import encounter, opened, uid
 
@@ -62,7 +62,7 @@ def installed_plugin(tmp_path, monkeypatch):
 
 
 async def test_installed_plugin_adds_schemas_and_rules(installed_plugin, aiohttp_client, kubo):
-    c = await aiohttp_client(create_app(gateway_config(kubo)))
+    c = await app_client(aiohttp_client, gateway_config(kubo))
     listed = {p["name"]: p for p in (await (await c.get("/medicon/v1/plugins")).json())["plugins"]}
     assert listed["hospital_rules"]["version"] == "1.2.3"
     assert set(listed["hospital_rules"]["hooks"]) == {"medicon_schema_dirs", "medicon_validate_record"}
@@ -90,7 +90,7 @@ async def test_installed_plugin_adds_schemas_and_rules(installed_plugin, aiohttp
 
 
 async def test_without_the_plugin_its_kind_is_unknown(aiohttp_client, kubo):
-    c = await aiohttp_client(create_app(gateway_config(kubo)))
+    c = await app_client(aiohttp_client, gateway_config(kubo))
     assert VACCINATION not in (await (await c.get("/medicon/v1/schemas")).json())["kinds"]
 
 
@@ -110,7 +110,7 @@ def broken_plugin(tmp_path, monkeypatch):
 
 async def test_plugin_from_config_and_its_failure_is_a_clean_error(broken_plugin, aiohttp_client, kubo):
     cfg = gateway_config(kubo, **{"plugins.modules": [broken_plugin]})
-    c = await aiohttp_client(create_app(cfg))
+    c = await app_client(aiohttp_client, cfg)
     patient, episode = uid("p"), uid("e")
     r = await c.post(f"/medicon/v1/patients/{patient}/episodes", json=opened(patient, episode))
     assert r.status == 500
@@ -122,4 +122,4 @@ async def test_plugin_from_config_and_its_failure_is_a_clean_error(broken_plugin
 async def test_unknown_chain_policy_fails_at_start(aiohttp_client, kubo):
     from gateway.config import ConfigError
     with pytest.raises(ConfigError, match="records.chain_policy.*'sloppy'"):
-        await aiohttp_client(create_app(gateway_config(kubo, **{"records.chain_policy": "sloppy"})))
+        await app_client(aiohttp_client, gateway_config(kubo, **{"records.chain_policy": "sloppy"}))

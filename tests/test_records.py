@@ -8,14 +8,14 @@ import json
 import ipfshttpclient
 import pytest
 
-from conftest import gateway_config, ipfs_cli
+from conftest import app_client, gateway_config, ipfs_cli
 from gateway.app import create_app
 from records_helpers import closed, encounter, opened, stamp, uid
 
 
 @pytest.fixture
 def ipfs(gateway):
-    with ipfshttpclient.Client(f"{gateway.multiaddr}/http") as c:
+    with ipfshttpclient.Client(f"{gateway.multiaddr}/http", headers=gateway.headers) as c:
         yield c
 
 
@@ -29,7 +29,10 @@ def test_add_json_and_get_json(ipfs, kubo):
     assert ipfs.get_json(first)["prev"] is None
     # stored as dag-cbor with prev a real IPLD link: standard tools walk the chain on Kubo itself
     walked = json.loads(kubo.ipfs("dag", "get", f"{second}/prev").stdout)
-    assert walked["episode"] == episode and walked["seq"] == 0
+    assert walked["seq"] == 0 and walked["prev"] is None and walked["schema"].endswith("episode-opened/v1")
+    # ...but sees neither the patient nor the episode id: the body is sealed, the episode a pseudonym
+    raw = kubo.ipfs("dag", "get", second).stdout.decode()
+    assert patient not in raw and episode not in raw and "HbA1c" not in raw
 
 
 def test_plain_json_is_a_blob(ipfs, kubo):
@@ -40,46 +43,46 @@ def test_plain_json_is_a_blob(ipfs, kubo):
 
 def test_cli_add_bad_record_names_the_field_and_stores_nothing(gateway, kubo, tmp_path):
     patient, episode = uid("p"), uid("e")
-    assert ipfs_cli(gateway.multiaddr, "add", "-Q", input=json.dumps(opened(patient, episode)).encode()).returncode == 0
+    assert ipfs_cli(gateway, "add", "-Q", input=json.dumps(opened(patient, episode)).encode()).returncode == 0
     bad = encounter(patient, episode, cls="astrology")
     bad["body"]["status"] = 42
     f = tmp_path / "bad.json"
     f.write_text(json.dumps(bad))
-    result = ipfs_cli(gateway.multiaddr, "add", str(f))
+    result = ipfs_cli(gateway, "add", str(f))
     assert result.returncode != 0
     err = result.stderr.decode()
     assert "/body/class" in err and "/body/status" in err and "encounter/v1" in err, err
     # the bytes are not in Kubo (hash computed directly on Kubo without storing)
-    file_cid = ipfs_cli(kubo.api_multiaddr, "add", "-Q", "--only-hash", str(f)).stdout.decode().strip()
+    file_cid = ipfs_cli(kubo, "add", "-Q", "--only-hash", str(f)).stdout.decode().strip()
     assert file_cid
-    assert ipfs_cli(kubo.api_multiaddr, "block", "stat", "--offline", file_cid).returncode != 0
+    assert ipfs_cli(kubo, "block", "stat", "--offline", file_cid).returncode != 0
 
 
 def test_cli_add_record_file_and_cat_it_back(gateway, kubo, tmp_path):
     patient, episode = uid("p"), uid("e")
     f = tmp_path / "open.json"
     f.write_text(json.dumps(opened(patient, episode)))
-    out = ipfs_cli(gateway.multiaddr, "add", str(f))
+    out = ipfs_cli(gateway, "add", str(f))
     assert out.returncode == 0, out.stderr
     words = out.stdout.decode().split()
     assert words[0] == "added" and words[2] == "open.json"
     cid = words[1]
-    cat = ipfs_cli(gateway.multiaddr, "cat", cid)
+    cat = ipfs_cli(gateway, "cat", cid)
     assert json.loads(cat.stdout)["episode"] == episode
     # dag put through the gateway is a door too
-    enc = ipfs_cli(gateway.multiaddr, "dag", "put", input=json.dumps(encounter(patient, episode)).encode())
+    enc = ipfs_cli(gateway, "dag", "put", input=json.dumps(encounter(patient, episode)).encode())
     assert enc.returncode == 0, enc.stderr
-    assert json.loads(ipfs_cli(gateway.multiaddr, "cat", enc.stdout.decode().strip()).stdout)["prev"] == cid
+    assert json.loads(ipfs_cli(gateway, "cat", enc.stdout.decode().strip()).stdout)["prev"] == cid
 
 
 def test_ipfs_path_reads_a_record_as_json(gateway, ipfs):
     import requests
     patient, episode = uid("p"), uid("e")
     cid = ipfs.add_json(opened(patient, episode))
-    r = requests.get(f"{gateway.url}/ipfs/{cid}")
+    r = requests.get(f"{gateway.url}/ipfs/{cid}", headers=gateway.headers)
     assert r.status_code == 200 and r.headers["Content-Type"].startswith("application/json")
     assert r.json()["episode"] == episode
-    r = requests.get(f"{gateway.url}/ipfs/{cid}", headers={"If-None-Match": r.headers["ETag"]})
+    r = requests.get(f"{gateway.url}/ipfs/{cid}", headers={**gateway.headers, "If-None-Match": r.headers["ETag"]})
     assert r.status_code == 304
 
 
@@ -88,9 +91,9 @@ def test_mixed_add_is_refused_and_nothing_is_appended(ipfs, gateway, tmp_path):
     patient, episode = uid("p"), uid("e")
     files = [("file", ("a.json", json.dumps(opened(patient, episode)), "application/json")),
              ("file", ("scan.pdf", b"%PDF-1.7 not json", "application/pdf"))]
-    r = requests.post(f"{gateway.url}/api/v0/add", files=files)
+    r = requests.post(f"{gateway.url}/api/v0/add", files=files, headers=gateway.headers)
     assert r.status_code == 400 and "separate request" in r.json()["Message"]
-    r = requests.get(f"{gateway.url}/medicon/v1/patients/{patient}/episodes")
+    r = requests.get(f"{gateway.url}/medicon/v1/patients/{patient}/episodes", headers=gateway.headers)
     assert r.json()["episodes"] == []
 
 
@@ -101,12 +104,12 @@ def test_multi_record_add_is_all_or_nothing(gateway):
     bad = encounter(patient, episode)
     del bad["author"]
     files = [("file", ("1.json", json.dumps(good))), ("file", ("2.json", json.dumps(bad)))]
-    r = requests.post(f"{gateway.url}/api/v0/add", files=files)
+    r = requests.post(f"{gateway.url}/api/v0/add", files=files, headers=gateway.headers)
     assert r.status_code == 400
     assert "2.json" in r.json()["Message"] and "/author" in r.json()["Message"]
-    assert requests.get(f"{gateway.url}/medicon/v1/patients/{patient}/episodes").json()["episodes"] == []
+    assert requests.get(f"{gateway.url}/medicon/v1/patients/{patient}/episodes", headers=gateway.headers).json()["episodes"] == []
     files[1] = ("file", ("2.json", json.dumps(encounter(patient, episode))))
-    r = requests.post(f"{gateway.url}/api/v0/add", files=files)
+    r = requests.post(f"{gateway.url}/api/v0/add", files=files, headers=gateway.headers)
     assert r.status_code == 200
     lines = [json.loads(line) for line in r.text.splitlines()]
     assert [line["Name"] for line in lines] == ["1.json", "2.json"]
@@ -159,7 +162,8 @@ async def test_rest_flow_patient_episodes_encounters_history(client, kubo):
         for rec in seen:
             assert kubo.ipfs("pin", "ls", rec["cid"], check=False).returncode == 0
         verdict = await (await client.get(f"/medicon/v1/episodes/{ep}/verify")).json()
-        assert verdict == {"episode": ep, "ok": True, "length": 21, "checked": 21, "break": None}
+        assert verdict == {"episode": ep, "ok": True, "length": 21, "checked": 21, "erased": False,
+                           "break": None}
 
     listing = await (await client.get(f"/medicon/v1/patients/{patient}/episodes?status=open")).json()
     assert sorted(e["id"] for e in listing["episodes"]) == sorted(episodes)
@@ -188,7 +192,7 @@ def _form(doc):
 
 
 async def test_strict_policy_stale_prev_gets_409_with_current_head(aiohttp_client, kubo):
-    c = await aiohttp_client(create_app(gateway_config(kubo, **{"records.chain_policy": "strict"})))
+    c = await app_client(aiohttp_client, gateway_config(kubo, **{"records.chain_policy": "strict"}))
     patient, episode = uid("p"), uid("e")
     r = await c.post(f"/medicon/v1/patients/{patient}/episodes", json={**opened(patient, episode)})
     head = (await r.json())["cid"]

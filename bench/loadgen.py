@@ -1,0 +1,426 @@
+"""The benchmark's load generator: a process of its own, so the client's CPU is not the
+gateway's (and never shares its event loop).
+
+It runs one scenario, read as JSON from stdin, and writes its result as JSON to stdout;
+progress and errors go to stderr. It only talks to the URLs it is given (loopback, set by
+``bench/run.py``) and every loop in it is bounded by a count and by a time budget.
+
+Scenarios (``kind``):
+
+- ``prepare``: add blobs of the given sizes directly on Kubo, return their CIDs.
+- ``stream``: ``cat`` / ``ipfs`` (GET /ipfs/<cid>) / ``add`` of one size, interleaved over the
+  targets round after round; returns MB/s per target per round.
+- ``append``: record appends through the gateway's REST API, and a raw ``add`` of the same
+  JSON bytes on Kubo (directly and through nginx), with ``concurrency`` clients.
+- ``history_build``: one long episode, appended by ``parallel`` writers.
+- ``history_page``: a page of an episode's history through the gateway, against fetching the
+  same records one ``dag/get`` after another from Kubo.
+
+Only the standard library and aiohttp: this file does not import the gateway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import statistics
+import sys
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+import aiohttp
+
+CHUNK = 1 << 18          # Kubo's default chunker (size-262144): one nonce per leaf block
+NONCE = 32
+BASE_LEN = 16 << 20      # random bytes the blobs are cut from
+MB = 1e6
+
+ENCOUNTER = "https://medicon.example/schemas/encounter/v1"
+CLASSES = ("lab", "pharmacy", "doctor", "imaging")
+
+
+class LoadError(RuntimeError):
+    """A request failed: the numbers of this scenario would be meaningless."""
+
+
+def log(msg: str) -> None:
+    print(f"  loadgen: {msg}", file=sys.stderr, flush=True)
+
+
+def make_session(limit: int) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=limit, limit_per_host=limit, keepalive_timeout=60),
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=300),
+        auto_decompress=False,
+        read_bufsize=1 << 20,
+        cookie_jar=aiohttp.DummyCookieJar(),
+    )
+
+
+async def _fail(resp: aiohttp.ClientResponse, what: str) -> LoadError:
+    body = (await resp.read())[:400].decode(errors="replace")
+    return LoadError(f"{what}: HTTP {resp.status}: {body}")
+
+
+# --- blobs -----------------------------------------------------------------------------------
+
+class Blobs:
+    """Unique content for every add, made cheaply: every 256 KiB block starts with a nonce
+    (this process, this add, this block), so Kubo never finds a block it already stores and
+    every target pays for the same work. The first byte is never ``{`` (nor whitespace), so
+    the gateway sees a blob at once, as it would for a scan or a PDF."""
+
+    def __init__(self) -> None:
+        self.base = os.urandom(BASE_LEN)
+        self.run = os.urandom(8)
+        self.counter = 0
+        self.boundary = "benchboundary" + uuid.uuid4().hex
+
+    @property
+    def content_type(self) -> str:
+        return f"multipart/form-data; boundary={self.boundary}"
+
+    def _nonce(self, add: int, block: int) -> bytes:
+        return (b"\xff" + self.run + add.to_bytes(8, "big") + block.to_bytes(8, "big")).ljust(NONCE, b"\xfe")
+
+    async def multipart(self, size: int, name: str = "blob") -> AsyncIterator[bytes]:
+        self.counter += 1
+        add = self.counter
+        yield (f"--{self.boundary}\r\n"
+               f'Content-Disposition: form-data; name="file"; filename="{name}"\r\n'
+               "Content-Type: application/octet-stream\r\n\r\n").encode()
+        offset = block = 0
+        span = BASE_LEN - CHUNK
+        while offset < size:
+            n = min(CHUNK, size - offset)
+            nonce = self._nonce(add, block)
+            if n <= NONCE:
+                yield nonce[:n]
+            else:
+                start = (block * 7919 * 4096) % span
+                yield nonce + self.base[start + NONCE:start + n]
+            offset += n
+            block += 1
+        yield f"\r\n--{self.boundary}--\r\n".encode()
+
+
+def single_part(boundary: str, data: bytes, name: str) -> bytes:
+    return (f"--{boundary}\r\n"
+            f'Content-Disposition: form-data; name="file"; filename="{name}"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+
+
+# --- single requests -------------------------------------------------------------------------
+
+async def drain(resp: aiohttp.ClientResponse) -> int:
+    n = 0
+    async for chunk in resp.content.iter_any():
+        n += len(chunk)
+    return n
+
+
+async def cat(sess: aiohttp.ClientSession, target: dict, cid: str, size: int) -> None:
+    async with sess.post(target["api"] + "/api/v0/cat", params={"arg": cid},
+                         headers=target.get("headers")) as resp:
+        if resp.status != 200:
+            raise await _fail(resp, f"cat via {target['name']}")
+        got = await drain(resp)
+    if got != size:
+        raise LoadError(f"cat via {target['name']}: {got} bytes of {size}")
+
+
+async def ipfs_get(sess: aiohttp.ClientSession, target: dict, cid: str, size: int) -> None:
+    async with sess.get(target["gw"] + "/ipfs/" + cid, headers=target.get("headers")) as resp:
+        if resp.status != 200:
+            raise await _fail(resp, f"GET /ipfs via {target['name']}")
+        got = await drain(resp)
+    if got != size:
+        raise LoadError(f"GET /ipfs via {target['name']}: {got} bytes of {size}")
+
+
+async def add(sess: aiohttp.ClientSession, target: dict, blobs: Blobs, size: int) -> str:
+    headers = {**target.get("headers", {}), "Content-Type": blobs.content_type}
+    async with sess.post(target["api"] + "/api/v0/add", data=blobs.multipart(size),
+                         headers=headers) as resp:
+        if resp.status != 200:
+            raise await _fail(resp, f"add via {target['name']}")
+        lines = [line for line in (await resp.text()).splitlines() if line.strip()]
+    try:
+        return json.loads(lines[-1])["Hash"]
+    except (IndexError, ValueError, KeyError):
+        raise LoadError(f"add via {target['name']}: unexpected answer {lines[-3:]!r}") from None
+
+
+# --- scenarios -------------------------------------------------------------------------------
+
+async def prepare(spec: dict) -> dict:
+    blobs = Blobs()
+    out = {}
+    async with make_session(4) as sess:
+        for size in spec["sizes"]:
+            out[str(size)] = await add(sess, spec["target"], blobs, size)
+    return {"cids": out}
+
+
+def rotated(items: list, r: int) -> list:
+    k = r % len(items)
+    return items[k:] + items[:k]
+
+
+async def stream(spec: dict) -> dict:
+    """Throughput of one op at one size, interleaved over the targets round after round."""
+    op, size, targets = spec["op"], spec["size"], spec["targets"]
+    iterations = spec.get("iterations", 1)
+    blobs = Blobs() if op == "add" else None
+
+    async def once(sess: aiohttp.ClientSession, target: dict) -> None:
+        if op == "cat":
+            await cat(sess, target, spec["cid"], size)
+        elif op == "ipfs":
+            await ipfs_get(sess, target, spec["cid"], size)
+        elif op == "add":
+            await add(sess, target, blobs, size)
+        else:
+            raise LoadError(f"unknown op {op!r}")
+
+    samples: dict[str, list[float]] = {t["name"]: [] for t in targets}
+    rounds: list[dict[str, float]] = []
+    started = time.monotonic()
+    async with make_session(8) as sess:
+        for target in targets:  # warm-up: connections, page cache, code paths
+            await once(sess, target)
+        for r in range(spec["repeats"]):
+            if r >= spec.get("min_repeats", 1) and time.monotonic() - started > spec["budget_s"]:
+                log(f"{op} {size}: time budget reached after {r} rounds")
+                break
+            row = {}
+            for target in rotated(targets, r):
+                t0 = time.perf_counter()
+                for _ in range(iterations):
+                    await once(sess, target)
+                elapsed = time.perf_counter() - t0
+                row[target["name"]] = size * iterations / elapsed / MB
+                samples[target["name"]].append(row[target["name"]])
+            rounds.append(row)
+    return {"samples": samples, "rounds": rounds, "iterations": iterations,
+            "seconds": time.monotonic() - started}
+
+
+def record_doc(patient: str, episode: str, client: int, k: int, tag: str) -> dict:
+    return {"schema": ENCOUNTER, "patient": patient, "episode": episode, "author": "lab.central",
+            "body": {"class": CLASSES[k % len(CLASSES)], "status": "finished",
+                     "period": {"start": "2026-01-02T08:00:00Z"},
+                     "notes": f"bench {tag} client {client} record {k}: fasting sample, HbA1c "
+                              f"{6 + (k % 30) / 10:.1f}%, no complications reported."}}
+
+
+def opened_doc() -> dict:
+    return {"author": "dr.house",
+            "body": {"type": "diabetes-care", "managingOrganization": "clinic-a",
+                     "period": {"start": "2026-01-01T08:00:00Z"}}}
+
+
+async def open_episode(sess: aiohttp.ClientSession, target: dict, patient: str) -> str:
+    async with sess.post(f"{target['url']}/medicon/v1/patients/{patient}/episodes", json=opened_doc(),
+                         headers=target.get("headers")) as resp:
+        if resp.status != 201:
+            raise await _fail(resp, "open episode")
+        return (await resp.json())["episode"]["id"]
+
+
+async def append_record(sess: aiohttp.ClientSession, target: dict, episode: str, body: bytes) -> dict:
+    headers = {**target.get("headers", {}), "Content-Type": "application/json"}
+    async with sess.post(f"{target['url']}/medicon/v1/episodes/{episode}/records", data=body,
+                         headers=headers) as resp:
+        if resp.status != 201:
+            raise await _fail(resp, "append")
+        return await resp.json()
+
+
+async def raw_add(sess: aiohttp.ClientSession, target: dict, body: bytes, boundary: str) -> None:
+    headers = {**target.get("headers", {}), "Content-Type": f"multipart/form-data; boundary={boundary}"}
+    async with sess.post(target["url"] + "/api/v0/add", data=single_part(boundary, body, "record.json"),
+                         headers=headers) as resp:
+        if resp.status != 200:
+            raise await _fail(resp, f"raw add via {target['name']}")
+        await resp.read()
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100)."""
+    ordered = sorted(values)
+    rank = max(1, -(-len(ordered) * q // 100))
+    return ordered[int(rank) - 1]
+
+
+async def appends(spec: dict) -> dict:
+    """``concurrency`` clients, each owning ``episodes_per_client`` episodes and appending to
+    them in turn; a raw ``add`` of the same JSON bytes on the other targets."""
+    c, per_client = spec["concurrency"], spec["records_per_client"]
+    n_episodes = c * spec.get("episodes_per_client", 4)
+    targets = spec["targets"]
+    boundary = "benchrec" + uuid.uuid4().hex
+    tag = uuid.uuid4().hex[:8]
+    runs: dict[str, list[dict]] = {t["name"]: [] for t in targets}
+    started = time.monotonic()
+    async with make_session(c + 4) as sess:
+        episodes: dict[str, list[tuple[str, str]]] = {}
+        for target in targets:
+            if target["kind"] == "append":
+                patients = [f"bench-{tag}-p{i}" for i in range(n_episodes)]
+                sem = asyncio.Semaphore(max(c, 4))
+
+                async def open_one(p: str, target=target) -> tuple[str, str]:
+                    async with sem:
+                        return p, await open_episode(sess, target, p)
+                episodes[target["name"]] = list(await asyncio.gather(*(open_one(p) for p in patients)))
+            else:
+                episodes[target["name"]] = [(f"bench-{tag}-p{i}", f"ep-raw-{tag}-{i}") for i in range(n_episodes)]
+            # warm-up: a few requests per target (connections, caches)
+            ep = episodes[target["name"]][0]
+            for k in range(3):
+                body = json.dumps(record_doc(ep[0], ep[1], -1, k, f"{tag}-warm")).encode()
+                if target["kind"] == "append":
+                    await append_record(sess, target, ep[1], body)
+                else:
+                    await raw_add(sess, target, body, boundary)
+
+        for r in range(spec["repeats"]):
+            if r >= 1 and time.monotonic() - started > spec["budget_s"]:
+                log(f"appends c={c}: time budget reached after {r} rounds")
+                break
+            for target in rotated(targets, r):
+                eps = episodes[target["name"]]
+                latencies: list[float] = []
+                deadline = time.monotonic() + spec["run_timeout_s"]
+
+                async def client(i: int, target=target, eps=eps, latencies=latencies, deadline=deadline) -> None:
+                    for k in range(per_client):
+                        if time.monotonic() > deadline:
+                            return
+                        patient, episode = eps[(i + k * c) % len(eps)]  # client i owns i, i+c, i+2c, ...
+                        body = json.dumps(record_doc(patient, episode, i, k, f"{tag}-{r}"),
+                                          separators=(",", ":")).encode()
+                        t0 = time.perf_counter()
+                        if target["kind"] == "append":
+                            await append_record(sess, target, episode, body)
+                        else:
+                            await raw_add(sess, target, body, boundary)
+                        latencies.append(time.perf_counter() - t0)
+
+                t0 = time.perf_counter()
+                await asyncio.gather(*(client(i) for i in range(c)))
+                wall = time.perf_counter() - t0
+                if not latencies:
+                    raise LoadError(f"appends c={c} via {target['name']}: no request completed")
+                runs[target["name"]].append({
+                    "records": len(latencies), "seconds": wall, "records_per_s": len(latencies) / wall,
+                    "p50_ms": percentile(latencies, 50) * 1e3, "p99_ms": percentile(latencies, 99) * 1e3,
+                    "mean_ms": statistics.fmean(latencies) * 1e3, "max_ms": max(latencies) * 1e3,
+                    "truncated_by_time": len(latencies) < c * per_client,
+                })
+    return {"runs": runs, "episodes": n_episodes, "seconds": time.monotonic() - started}
+
+
+async def history_build(spec: dict) -> dict:
+    """One episode of ``length`` records, appended by ``parallel`` concurrent writers (the
+    gateway queues appends to one episode, so this measures its sustained append rate)."""
+    target, length = spec["target"], spec["length"]
+    tag = uuid.uuid4().hex[:8]
+    patient = f"bench-{tag}-history"
+    started = time.monotonic()
+    deadline = started + spec["budget_s"]
+    async with make_session(spec["parallel"] + 2) as sess:
+        episode = await open_episode(sess, target, patient)
+        next_k = 1
+        done = 1
+        last_report = started
+
+        async def writer(i: int) -> None:
+            nonlocal next_k, done, last_report
+            while next_k < length and time.monotonic() < deadline:
+                k = next_k
+                next_k += 1
+                body = json.dumps(record_doc(patient, episode, i, k, tag), separators=(",", ":")).encode()
+                await append_record(sess, target, episode, body)
+                done += 1
+                if time.monotonic() - last_report > 15:
+                    last_report = time.monotonic()
+                    log(f"history: {done}/{length} records, {done / (last_report - started):.0f}/s")
+
+        await asyncio.gather(*(writer(i) for i in range(spec["parallel"])))
+    seconds = time.monotonic() - started
+    return {"episode": episode, "length": done, "wanted": length, "seconds": seconds,
+            "records_per_s": done / seconds}
+
+
+async def history_page(spec: dict) -> dict:
+    gateway, direct = spec["gateway"], spec.get("direct", [])
+    episode, cursor, limit = spec["episode"], spec["cursor"], spec["limit"]
+    url = f"{gateway['url']}/medicon/v1/episodes/{episode}/history"
+    params = {"limit": str(limit), "cursor": str(cursor)}
+    timings: dict[str, list[float]] = {gateway["name"]: [], **{t["name"]: [] for t in direct}}
+    started = time.monotonic()
+    async with make_session(4) as sess:
+        async def page() -> dict:
+            async with sess.get(url, params=params, headers=gateway.get("headers")) as resp:
+                if resp.status != 200:
+                    raise await _fail(resp, "history page")
+                return await resp.json()
+
+        first = await page()
+        records = first["records"]
+        seqs = [r["seq"] for r in records]
+        if len(records) != limit or seqs != list(range(cursor + 1, cursor + 1 + limit)):
+            raise LoadError(f"history page: got {len(records)} records, seqs {seqs[:3]}..{seqs[-3:]}")
+        cids = [r["cid"] for r in records]
+
+        async def dag_gets(target: dict) -> None:
+            for cid in cids:
+                async with sess.post(target["url"] + "/api/v0/dag/get",
+                                     params={"arg": cid, "output-codec": "dag-json"},
+                                     headers=target.get("headers")) as resp:
+                    if resp.status != 200:
+                        raise await _fail(resp, f"dag/get via {target['name']}")
+                    await resp.read()
+
+        everyone = [gateway, *direct]
+        for target in direct:
+            await dag_gets(target)  # warm-up
+        for r in range(spec["samples"]):
+            if r >= 3 and time.monotonic() - started > spec["budget_s"]:
+                log(f"history page: time budget reached after {r} samples")
+                break
+            for target in rotated(everyone, r):
+                t0 = time.perf_counter()
+                if target is gateway:
+                    await page()
+                else:
+                    await dag_gets(target)
+                timings[target["name"]].append((time.perf_counter() - t0) * 1e3)
+    return {"timings_ms": timings, "records": len(cids), "first_seq": seqs[0]}
+
+
+SCENARIOS = {"prepare": prepare, "stream": stream, "append": appends,
+             "history_build": history_build, "history_page": history_page}
+
+
+def main() -> int:
+    spec = json.load(sys.stdin)
+    try:
+        result = asyncio.run(SCENARIOS[spec["kind"]](spec))
+    except LoadError as exc:
+        print(f"loadgen: error: {exc}", file=sys.stderr, flush=True)
+        return 3
+    except aiohttp.ClientError as exc:
+        print(f"loadgen: error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        return 3
+    json.dump(result, sys.stdout)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
