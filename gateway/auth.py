@@ -139,7 +139,7 @@ async def resource_of(app: web.Application, cid: str | None) -> dict[str, Any]:
         return {"kind": "record", "cid": cid, "patient": record.patient, "episode": record.episode}
     blob = await store.blob(cid)
     if blob is not None:
-        return {"kind": "blob", "cid": cid, "patient": blob}
+        return {"kind": "blob", "cid": cid, "patient": blob.patient}
     return {"kind": "raw", "cid": cid}
 
 

@@ -17,7 +17,8 @@ from pathlib import Path
 from aiohttp import web
 
 from .app import create_app
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, keyring_path, load_config
+from .keyring import KeyringError, LocalKeyring
 from .kubo import KuboError, KuboNode
 from .principal import ROLES
 from .tokens import TokenError, TokenStore, parse_duration, token_path
@@ -77,6 +78,11 @@ def cmd_dev(args: argparse.Namespace) -> int:
         overrides = {"kubo.api_url": node.api_url, "kubo.gateway_url": node.gateway_url,
                      "records.data_dir": str(data_dir / "records"), **_overrides(args)}
         config = load_config(args.config, overrides=overrides)
+        ring = keyring_path(config)
+        if not ring.exists():
+            ring.parent.mkdir(parents=True, exist_ok=True)
+            LocalKeyring.init(ring)
+            print(f"development keyring created: {ring}", file=sys.stderr, flush=True)
         with TokenStore(token_path(config.records.data_dir)) as store:
             token, info = _create_dev_token(store)
             print(f"development token {info.name} ({info.id}, role admin) created; "
@@ -165,6 +171,38 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
     return 1
 
 
+# --- keys -----------------------------------------------------------------------------------
+
+def _keyring_file(args: argparse.Namespace) -> Path:
+    overrides = {"records.data_dir": args.data_dir} if args.data_dir else {}
+    return keyring_path(load_config(args.config, overrides=overrides))
+
+
+def cmd_keys_init(args: argparse.Namespace) -> int:
+    path = _keyring_file(args)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    LocalKeyring.init(path)
+    print(f"keyring created: {path} (mode 0600). Back it up: without it nothing sealed can be read.",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    ring = LocalKeyring.load(_keyring_file(args))
+    kek = ring.rotate()
+    print(f"new key-encryption key {kek}: every data key re-wrapped; stored data unchanged and readable",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_keys_shred(args: argparse.Namespace) -> int:
+    ring = LocalKeyring.load(_keyring_file(args))
+    destroyed = ring.shred_patient(args.patient)
+    print(f"destroyed {destroyed} data key(s): that patient's records and attachments are now "
+          "permanently unreadable (410)", file=sys.stderr)
+    return 0
+
+
 def _overrides(args: argparse.Namespace) -> dict:
     out = {}
     if args.host is not None:
@@ -218,6 +256,20 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = actions.add_parser("revoke", parents=[store_opts], help="revoke a token at once")
     revoke.add_argument("name_or_id")
     revoke.set_defaults(func=cmd_token_revoke)
+
+    keys = sub.add_parser("keys", help="the local keyring: init, rotate, shred")
+    key_opts = argparse.ArgumentParser(add_help=False)
+    key_opts.add_argument("--config", default=argparse.SUPPRESS, help="TOML config file")
+    key_opts.add_argument("--data-dir", default=None, help="the gateway's records.data_dir")
+    key_actions = keys.add_subparsers(dest="action", required=True)
+    key_actions.add_parser("init", parents=[key_opts], help="create the keyring (0600)").set_defaults(
+        func=cmd_keys_init)
+    key_actions.add_parser("rotate", parents=[key_opts],
+                           help="new key-encryption key; data keys re-wrapped").set_defaults(func=cmd_keys_rotate)
+    shred = key_actions.add_parser("shred", parents=[key_opts],
+                                   help="destroy a patient's data key: crypto-shredding, for erasure")
+    shred.add_argument("--patient", required=True)
+    shred.set_defaults(func=cmd_keys_shred)
     return parser
 
 
@@ -229,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         args.config = os.environ.get("MEDICON_CONFIG")
     try:
         return args.func(args)
-    except (ConfigError, KuboError, TokenError) as exc:
+    except (ConfigError, KuboError, TokenError, KeyringError) as exc:
         print(f"medicon-gateway: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

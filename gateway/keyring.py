@@ -246,9 +246,8 @@ def _copy(doc: dict[str, Any]) -> dict[str, Any]:
 def _write_temp(path: Path, doc: dict[str, Any]) -> Path:
     """Write ``doc`` to a fresh 0600 file next to ``path`` and fsync it; returns its path."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # born private: no chmod race
     try:
-        os.fchmod(fd, 0o600)  # whatever the umask
         with os.fdopen(fd, "wb") as f:
             f.write(json.dumps(doc, indent=2, sort_keys=True).encode("utf-8") + b"\n")
             f.flush()

@@ -199,6 +199,9 @@ async def rpc(request: web.Request) -> web.StreamResponse:
         raise GatewayError(403, f"command {resolved.command!r} has no authorization mapping")
     await auth.authorize_command(request, resolved.command, access,
                                  commands.options(request.query_string, resolved.path_arg))
+    if resolved.command == "get":  # a tar of ciphertext would be useless; say what works
+        from .records import refuse_get_of_sealed
+        await refuse_get_of_sealed(request.app, commands.options(request.query_string, resolved.path_arg).get("arg", []))
     if rule.action is Action.INTERCEPT:
         return await request.app[INTERCEPTORS][resolved.command](request, resolved)
     return await forward_rpc(request, resolved)

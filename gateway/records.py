@@ -17,11 +17,13 @@ from aiohttp import web
 from aiohttp.helpers import parse_mimetype
 from multidict import CIMultiDictProxy
 
-from . import auth, chain, commands, proxy
+from . import attachments, auth, chain, commands, crypto, protect, proxy
 from .commands import flag
-from .appkeys import CONFIG, STORE
+from .appkeys import CONFIG, KUBO, STORE
 from .commands import Resolved
 from .errors import GatewayError
+from .keyring import KeyShredded
+from .store import Blob
 
 PEEK = 64 * 1024
 MIXED = ("records and other files cannot be added together: add attachments in a separate request")
@@ -46,6 +48,11 @@ def _part_head(headers: CIMultiDictProxy[str]) -> bytes:
 
 def _is_directory(part: aiohttp.BodyPartReader) -> bool:
     return part.headers.get("Content-Type", "").startswith("application/x-directory")
+
+
+def _is_structural(part: aiohttp.BodyPartReader) -> bool:
+    """Directories and symlinks: their bodies are structure, not content to seal."""
+    return _is_directory(part) or part.headers.get("Content-Type", "").startswith("application/symlink")
 
 
 async def _peek(part: aiohttp.BodyPartReader, limit: int) -> tuple[bytes, bool]:
@@ -169,7 +176,14 @@ async def _forward_parts(request: web.Request, resolved: Resolved, reader: aioht
         await auth.authorize(request, "raw:write", {"kind": "raw"})
     else:
         await auth.authorize(request, "blob:write", {"kind": "blob", "patient": patient})
-    added: list[str] = []
+    sealing = patient is not None and request.app[CONFIG].security.encrypt
+    if sealing:
+        try:
+            dek_id, dek = protect.keyring(request.app).data_key_for_patient(patient)
+        except KeyShredded:
+            raise protect.RecordErased() from None
+    added: list[tuple[str, str]] = []  # (Name, Hash) of every file and directory Kubo added
+    types: dict[str, str] = {}         # Name -> the client's Content-Type of that file
     pending = bytearray()
 
     def tap(chunk: bytes) -> None:  # Kubo's NDJSON answer: collect every CID it added
@@ -182,23 +196,34 @@ async def _forward_parts(request: web.Request, resolved: Resolved, reader: aioht
             except ValueError:
                 continue
             if isinstance(item, dict) and isinstance(item.get("Hash"), str):
-                added.append(item["Hash"])
+                added.append((str(item.get("Name", "")), item["Hash"]))
 
     async def finish() -> None:
         if patient is not None and added and not flag(options(request, resolved), "only-hash"):
-            await request.app[STORE].add_blobs(added, patient)
+            await request.app[STORE].add_blobs([Blob(cid, patient, sealing, types.get(name))
+                                                for name, cid in added])
+
+    async def content(part: aiohttp.BodyPartReader, start: bytes, whole: bool) -> AsyncIterator[bytes]:
+        if start:
+            yield start
+        if not whole:
+            while chunk := await part.read_chunk(proxy.CHUNK):
+                yield chunk
 
     async def body() -> AsyncIterator[bytes]:
         for part in held:
             yield delimiter + _part_head(part.headers) + b"\r\n"
         part, start, whole = first, head, complete
         while part is not None:
-            yield delimiter + _part_head(part.headers) + start
-            if not whole:
-                while chunk := await part.read_chunk(proxy.CHUNK):
-                    yield chunk
+            yield delimiter + _part_head(part.headers)
+            stream = content(part, start, whole)
+            if sealing and not _is_structural(part):
+                types[_filename(part)] = part.headers.get("Content-Type", "application/octet-stream")
+                stream = crypto.encrypt_stream(stream, dek, dek_id)
+            async for chunk in stream:
+                yield chunk
             yield b"\r\n"
-            while (part := await reader.next()) is not None and _is_directory(part):
+            while (part := await reader.next()) is not None and _is_structural(part):
                 yield delimiter + _part_head(part.headers) + b"\r\n"
             if part is not None:
                 start, whole = await _peek(part, limit)
@@ -249,6 +274,26 @@ async def intercept_dag_put(request: web.Request, resolved: Resolved) -> web.Str
 
 # --- reads -----------------------------------------------------------------------------------
 
+async def sealed_blob(app: web.Application, arg: str) -> Blob | None:
+    """The sealed attachment an argument (``<cid>``, ``/ipfs/<cid>/path``) ends at, if any."""
+    root, has_path = auth.root_of(arg)
+    if root is None:
+        return None
+    cid = root
+    if has_path:
+        cid = await app[KUBO].resolve_path(arg if arg.startswith("/") else "/ipfs/" + arg)
+        if cid is None:
+            return None
+    blob = await app[STORE].blob(cid)
+    return blob if blob is not None and blob.encrypted else None
+
+
+async def refuse_get_of_sealed(app: web.Application, args: list[str]) -> None:
+    for arg in args:
+        if await sealed_blob(app, arg) is not None:
+            raise GatewayError(400, "a sealed attachment is read with `cat` or /ipfs/<cid>, not `get`")
+
+
 def _bare_cid(arg: str) -> str | None:
     path = arg.removeprefix("/ipfs/").strip("/")
     return path if path and "/" not in path else None
@@ -266,9 +311,6 @@ async def intercept_cat(request: web.Request, resolved: Resolved) -> web.StreamR
     Kubo's ``cat`` cannot read); everything else is Kubo's ``cat``."""
     opts = options(request, resolved)
     args = opts.get("arg") or []
-    data = await _record_bytes(request.app, _bare_cid(args[0])) if len(args) == 1 else None
-    if data is None:
-        return await proxy.forward_rpc(request, resolved)
     try:
         offset = int((opts.get("offset") or ["0"])[0])
         length = int((opts.get("length") or ["-1"])[0])
@@ -276,6 +318,13 @@ async def intercept_cat(request: web.Request, resolved: Resolved) -> web.StreamR
         raise GatewayError(400, "offset and length must be integers") from None
     if offset < 0:
         raise GatewayError(400, "offset must be >= 0")
+    if len(args) == 1:
+        blob = await sealed_blob(request.app, args[0])
+        if blob is not None:
+            return await attachments.serve(request, blob, rpc_cat=True, offset=offset, length=length)
+    data = await _record_bytes(request.app, _bare_cid(args[0])) if len(args) == 1 else None
+    if data is None:
+        return await proxy.forward_rpc(request, resolved)
     data = data[offset:] if length < 0 else data[offset:offset + length]
     return web.Response(body=data, content_type="text/plain",
                         headers={"X-Stream-Output": "1", "X-Content-Length": str(len(data))})
@@ -285,6 +334,10 @@ async def ipfs_path(request: web.Request) -> web.StreamResponse:
     """``/ipfs/<cid>`` of a record returns it as JSON unless raw blocks or CARs are asked for."""
     proxy.check_gateway_request(request)
     resource = await proxy.authorize_gateway(request)
+    if request.method in ("GET", "HEAD") and not proxy.wants_ipld(request) and resource["kind"] == "blob":
+        blob = await sealed_blob(request.app, request.path)
+        if blob is not None:
+            return await attachments.serve(request, blob, rpc_cat=False)
     cid = _bare_cid(request.path)
     if request.method in ("GET", "HEAD") and not proxy.wants_ipld(request) and resource["kind"] == "record":
         data = await _record_bytes(request.app, cid)

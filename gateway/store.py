@@ -36,6 +36,16 @@ class IndexedRecord:
     recorded_at: str
 
 
+@dataclass(frozen=True)
+class Blob:
+    """An attachment (or a directory of them) and the patient it belongs to."""
+
+    cid: str
+    patient: str
+    encrypted: bool
+    content_type: str | None = None
+
+
 class StoreConflict(Exception):
     """The compare-and-swap lost: ``current`` is the episode as it is now (None if absent)."""
 
@@ -51,8 +61,8 @@ class HeadStore(Protocol):
     async def append(self, record: IndexedRecord, *, expected_head: str, closes: bool) -> Episode: ...
     async def history(self, episode: str, after_seq: int, limit: int) -> list[IndexedRecord]: ...
     async def record(self, cid: str) -> IndexedRecord | None: ...
-    async def add_blobs(self, cids: list[str], patient: str) -> None: ...
-    async def blob(self, cid: str) -> str | None: ...
+    async def add_blobs(self, blobs: list[Blob]) -> None: ...
+    async def blob(self, cid: str) -> Blob | None: ...
     async def close(self) -> None: ...
 
 
@@ -77,7 +87,9 @@ CREATE TABLE IF NOT EXISTS records (
 );
 CREATE TABLE IF NOT EXISTS blobs (
     cid TEXT PRIMARY KEY,
-    patient TEXT NOT NULL
+    patient TEXT NOT NULL,
+    encrypted INTEGER NOT NULL,
+    content_type TEXT
 );
 """
 
@@ -190,15 +202,16 @@ class SQLiteHeadStore:
             row = await cur.fetchone()
         return IndexedRecord(*row) if row else None
 
-    async def add_blobs(self, cids: list[str], patient: str) -> None:
+    async def add_blobs(self, blobs: list[Blob]) -> None:
         """Index attachments (files and the directories around them) under their patient. A CID
         already indexed keeps its first patient: identical bytes are not re-assigned."""
         async with self._lock:
-            await self._db.executemany("INSERT INTO blobs VALUES (?, ?) ON CONFLICT (cid) DO NOTHING",
-                                       [(cid, patient) for cid in cids])
+            await self._db.executemany(
+                "INSERT INTO blobs VALUES (?, ?, ?, ?) ON CONFLICT (cid) DO NOTHING",
+                [(b.cid, b.patient, int(b.encrypted), b.content_type) for b in blobs])
 
-    async def blob(self, cid: str) -> str | None:
-        """The patient an attachment belongs to."""
-        async with self._lock, self._db.execute("SELECT patient FROM blobs WHERE cid = ?", (cid,)) as cur:
+    async def blob(self, cid: str) -> Blob | None:
+        async with self._lock, self._db.execute(
+                "SELECT cid, patient, encrypted, content_type FROM blobs WHERE cid = ?", (cid,)) as cur:
             row = await cur.fetchone()
-        return row[0] if row else None
+        return Blob(row[0], row[1], bool(row[2]), row[3]) if row else None

@@ -91,6 +91,12 @@ def test_open_sealed_rejects_wrong_key_and_aad() -> None:
             crypto.open_sealed(sealed, KEY, aad)
 
 
+def test_open_sealed_names_an_unknown_version() -> None:
+    sealed = crypto.seal(b"x", KEY, b"")
+    with pytest.raises(DecryptError, match="version 2"):
+        crypto.open_sealed(b"\x02" + sealed[1:], KEY, b"")
+
+
 def test_open_sealed_rejects_every_flipped_byte_and_truncation() -> None:
     sealed = crypto.seal(b"some record", KEY, b"ctx")
     for i in range(len(sealed)):  # version, nonce, ciphertext, tag
@@ -376,6 +382,18 @@ async def test_appended_data_is_detected(size: int) -> None:
             await decrypt(blob + extra)
 
 
+async def test_non_canonical_empty_final_segment_is_rejected() -> None:
+    """Even the key holder cannot end a non-empty blob with an empty segment: sizes must stay
+    computable from the ciphertext length alone (plaintext_size, ranges)."""
+    header = crypto.BlobHeader.create("k", 64)
+    aead = crypto._aead(KEY)
+    odd = header.raw + crypto._seal_segment(aead, header, 0, False, bytes(64)) + crypto._seal_segment(aead, header, 1, True, b"")
+    with pytest.raises(DecryptError):
+        await decrypt(odd)
+    with pytest.raises(DecryptError):
+        crypto.plaintext_size(len(odd), header)
+
+
 async def test_consumer_sees_error_at_the_end(multi) -> None:
     """Plaintext of early segments may arrive before a later failure: the stream still raises."""
     _, blob = multi
@@ -491,8 +509,9 @@ async def test_range_failures() -> None:
         await collect(crypto.decrypt_range(agen(blob[offset:offset + length - 1]), header, KEY, 0, 4, skip, 141))
     # Data after the final segment.
     offset, length, skip = crypto.ciphertext_range(header, 4 * seg - 1, 4 * seg - 1, len(blob))
-    with pytest.raises(DecryptError):
-        await collect(crypto.decrypt_range(agen(blob[offset:] + b"x"), header, KEY, 3, 4, skip, 1))
+    for chunk in (1, 7, 1000):
+        with pytest.raises(DecryptError, match="after the final"):
+            await collect(crypto.decrypt_range(Counting(blob[offset:] + b"x", chunk), header, KEY, 3, 4, skip, 1))
     # Ranges outside the plaintext are the caller's error.
     for start, end in [(-1, 3), (5, 4), (0, 4 * seg), (4 * seg, 4 * seg)]:
         with pytest.raises(ValueError):

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 
 from gateway.kubo import KuboNode
@@ -20,7 +21,17 @@ def test_dev_starts_kubo_and_gateway_and_stops_both(tmp_path):
         line = proc.stdout.readline().strip()
         assert line.startswith("MEDICON_GATEWAY_URL=http://127.0.0.1:"), line
         url = line.split("=", 1)[1]
+        token_line = proc.stdout.readline().strip()
+        assert token_line.startswith("MEDICON_TOKEN=mdc_"), token_line
+        token = token_line.split("=", 1)[1]
         req = urllib.request.Request(url + "/api/v0/version", method="POST")
+        try:  # no token, no service
+            urllib.request.urlopen(req, timeout=10)
+            raise AssertionError("answered without credentials")
+        except urllib.error.HTTPError as err:
+            assert err.code == 401
+        req = urllib.request.Request(url + "/api/v0/version", method="POST",
+                                     headers={"Authorization": f"Bearer {token}"})
         with urllib.request.urlopen(req, timeout=10) as r:
             assert json.load(r)["Version"]
         with urllib.request.urlopen(url + "/readyz", timeout=10) as r:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
+from multidict import CIMultiDict
 
 from gateway.appkeys import CONFIG
 from gateway.config import load_config
@@ -127,7 +128,6 @@ def test_expiry_is_honoured(tmp_path):
         clock.now += 1
         assert s.authenticate(token) is None
         assert s.check(token).reason == "expired"
-        assert s.list()[0].status() in ("active", "expired")  # status() uses the real clock
 
 
 def test_unknown_and_malformed_tokens(store):
@@ -181,7 +181,6 @@ def app(tmp_path):
 def request(app, authorization=None, *more):
     headers = [] if authorization is None else [("Authorization", authorization)]
     headers += [("Authorization", h) for h in more]
-    from multidict import CIMultiDict
     return make_mocked_request("POST", "/api/v0/version", headers=CIMultiDict(headers), app=app)
 
 
