@@ -287,6 +287,15 @@ http {{
         proxy_request_buffering off;
         proxy_http_version 1.1;
         proxy_set_header Connection "";
+        # The upstream's name ("kubo_gateway") as Host would make Kubo's gateway look it up as
+        # a DNSLink name (a DNS query per request): send the loopback address, as clients do.
+        proxy_set_header Host $host;
+        # With buffering off, nginx moves a body through one buffer of this size each way:
+        # the gateway's chunk size (256 KiB), not the 4-8 KiB default.
+        proxy_buffer_size 256k;
+        proxy_buffers 4 256k;
+        proxy_busy_buffers_size 256k;
+        client_body_buffer_size 256k;
         proxy_read_timeout 300s;
         proxy_send_timeout 300s;
         location /api/v0/ {{ proxy_pass http://kubo_api; }}

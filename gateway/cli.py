@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.config is None:
+    if getattr(args, "config", None) is None:
         args.config = os.environ.get("MEDICON_CONFIG")
     try:
         return args.func(args)

@@ -1,0 +1,334 @@
+"""Security acceptance: authentication, per-patient authorization on every path that reaches
+bytes, encryption before Kubo, key rotation and crypto-shredding, signatures and the audit chain."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+
+import aiohttp
+import pytest
+
+from conftest import app_client, bearer, gateway_config, ipfs_cli, make_token
+from gateway.auth import ACCESS
+from gateway.commands import COMMANDS, Action
+from records_helpers import encounter, opened, uid
+
+MiB = 1024 * 1024
+
+
+def test_every_served_command_has_an_authorization_mapping():
+    served = {name for name, rule in COMMANDS.items() if rule.action is not Action.REFUSE}
+    assert served - set(ACCESS) == set(), "forwarded commands without authorization mapping"
+    assert set(ACCESS) - served == set(), "mappings for commands the gateway does not serve"
+
+
+async def test_no_credentials_401_everywhere_but_health(client, kubo):
+    async with aiohttp.ClientSession() as anon:
+        base = str(client.make_url(""))
+        for method, path in [("POST", "/api/v0/version"), ("POST", "/api/v0/cat?arg=bafkqaaa"),
+                             ("GET", "/ipfs/bafkqaaa"), ("GET", "/medicon/v1/openapi.json"),
+                             ("GET", "/medicon/v1/audit"), ("POST", "/api/v0/config/show")]:
+            async with anon.request(method, base + path) as r:
+                assert r.status == 401, path
+                assert "Bearer" in r.headers["WWW-Authenticate"]
+        for path in ("/healthz", "/readyz"):
+            async with anon.get(base + path) as r:
+                assert r.status == 200, path
+        async with anon.post(base + "/api/v0/version", headers=bearer("mdc_" + "A" * 43)) as r:
+            assert r.status == 401
+
+
+async def test_revoked_token_is_refused_at_once(aiohttp_client, kubo):
+    from gateway.tokens import TokenStore, token_path
+    cfg = gateway_config(kubo)
+    c = await app_client(aiohttp_client, cfg)
+    assert (await c.post("/api/v0/version")).status == 200
+    with TokenStore(token_path(cfg.records.data_dir)) as store:
+        name = [t.name for t in store.list()][0]
+        store.revoke(name)
+    assert (await c.post("/api/v0/version")).status == 401
+
+
+def test_kubo_cli_with_api_auth_bearer_and_basic(gateway):
+    ok = ipfs_cli(gateway, "id", "-f", "<id>")
+    assert ok.returncode == 0, ok.stderr
+    basic = ipfs_cli(gateway.multiaddr, "id", "-f", "<id>", extra=("--api-auth", f"basic:me:{gateway.token}"))
+    assert basic.returncode == 0 and basic.stdout == ok.stdout, basic.stderr
+    none = ipfs_cli(gateway.multiaddr, "id")
+    assert none.returncode != 0 and b"authentication required" in none.stderr
+
+
+def test_token_never_in_logs(kubo, tmp_path):
+    from conftest import start_gateway
+    gw = start_gateway(kubo, env={"PYTHONUNBUFFERED": "1"})
+    try:
+        ipfs_cli(gw, "add", "-Q", input=b"log test")
+        import requests
+        requests.post(f"{gw.url}/api/v0/version?api-auth=bearer:{gw.token}")
+        requests.post(f"{gw.url}/api/v0/version", headers=bearer(gw.token + "x"))
+    finally:
+        gw.stop()
+    # the gateway ran with its stderr to ours; the audit log is its durable record
+    db = sqlite3.connect(os.path.join(gw.data_dir, "audit.sqlite3"))
+    dump = "\n".join(row[0] for row in db.execute("SELECT event FROM audit"))
+    assert gw.token not in dump and gw.token[4:20] not in dump
+
+
+# --- per-patient access on every read path ------------------------------------------------------
+
+@pytest.fixture
+async def two_patients(aiohttp_client, kubo, tmp_path):
+    """Patients A and B, each with an episode, a record and a sealed attachment (also in a
+    directory); an admin client and a clinician scoped to A."""
+    cfg = gateway_config(kubo)
+    admin = await app_client(aiohttp_client, cfg)
+    out = {"admin": admin, "cfg": cfg}
+    for name in ("A", "B"):
+        patient, episode = uid(f"p{name}"), uid(f"e{name}")
+        await admin.post(f"/medicon/v1/patients/{patient}/episodes", json=opened(patient, episode))
+        r = await admin.post(f"/medicon/v1/episodes/{episode}/records", json=encounter(patient, episode))
+        record = (await r.json())["cid"]
+        form = aiohttp.FormData()
+        form.add_field("file", b"", filename="dir", content_type="application/x-directory")
+        form.add_field("file", f"scan of {name}".encode(), filename="dir/scan.txt", content_type="text/plain")
+        r = await admin.post("/api/v0/add", data=form, headers={"X-Medicon-Patient": patient})
+        text = await r.text()
+        lines = {item["Name"]: item["Hash"] for item in map(json.loads, text.splitlines())}
+        assert "dir/scan.txt" in lines, text
+        out[name] = {"patient": patient, "episode": episode, "record": record,
+                     "blob": lines["dir/scan.txt"], "dir": lines["dir"]}
+    out["token"] = make_token(cfg, role="clinician", patients=[out["A"]["patient"]])
+    return out
+
+
+def _read_paths(x):
+    rec, blob, d = x["record"], x["blob"], x["dir"]
+    return [
+        ("POST", f"/api/v0/cat?arg={rec}"), ("POST", f"/api/v0/cat?arg={blob}"),
+        ("POST", f"/api/v0/cat?arg=/ipfs/{d}/scan.txt"), ("POST", f"/api/v0/cat/{blob}"),
+        ("POST", f"/api/v0/ls?arg={d}"), ("POST", f"/api/v0/refs?arg={rec}&recursive=true"),
+        ("POST", f"/api/v0/block/get?arg={rec}"), ("POST", f"/api/v0/block/stat?arg={blob}"),
+        ("POST", f"/api/v0/dag/get?arg={rec}"), ("POST", f"/api/v0/dag/get?arg={rec}/prev"),
+        ("POST", f"/api/v0/dag/export?arg={rec}"), ("POST", f"/api/v0/dag/resolve?arg={rec}/prev"),
+        ("POST", f"/api/v0/dag/stat?arg={rec}"), ("POST", f"/api/v0/resolve?arg=/ipfs/{d}/scan.txt"),
+        ("POST", f"/api/v0/pin/ls?arg={rec}"),
+        ("GET", f"/ipfs/{rec}"), ("GET", f"/ipfs/{blob}"), ("GET", f"/ipfs/{d}/scan.txt"),
+        ("GET", f"/ipfs/{rec}?format=raw"), ("GET", f"/ipfs/{rec}?format=car"),
+        ("GET", f"/ipfs/{blob}?format=raw"),
+        ("GET", f"/medicon/v1/records/{rec}"), ("GET", f"/medicon/v1/episodes/{x['episode']}"),
+        ("GET", f"/medicon/v1/episodes/{x['episode']}/history"),
+        ("GET", f"/medicon/v1/patients/{x['patient']}/episodes"),
+    ]
+
+
+async def test_clinician_of_a_is_refused_b_on_every_read_path(two_patients):
+    admin, a, b = two_patients["admin"], two_patients["A"], two_patients["B"]
+    base = str(admin.make_url(""))
+    async with aiohttp.ClientSession(headers=bearer(two_patients["token"])) as clinician:
+        for method, path in _read_paths(b):
+            async with clinician.request(method, base + path) as r:
+                assert r.status == 403, (path, r.status, await r.text())
+        for accept in ("application/vnd.ipld.raw", "application/vnd.ipld.car", "application/vnd.ipld.dag-json"):
+            async with clinician.get(base + f"/ipfs/{b['record']}", headers={"Accept": accept}) as r:
+                assert r.status == 403, accept
+        for method, path in _read_paths(a):
+            async with clinician.request(method, base + path) as r:
+                assert r.status in (200, 206), (path, r.status, await r.text())
+        # a CID the gateway did not write: raw access only
+        async with clinician.post(base + "/api/v0/cat?arg=bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy") as r:
+            assert r.status == 403
+
+
+async def test_clinician_of_a_cannot_write_b(two_patients):
+    admin, b = two_patients["admin"], two_patients["B"]
+    base = str(admin.make_url(""))
+    async with aiohttp.ClientSession(headers=bearer(two_patients["token"])) as clinician:
+        async with clinician.post(base + f"/medicon/v1/episodes/{b['episode']}/records",
+                                  json=encounter(b["patient"], b["episode"])) as r:
+            assert r.status == 403
+        form = aiohttp.FormData()
+        form.add_field("file", json.dumps(encounter(b["patient"], b["episode"])).encode(), filename="r.json")
+        async with clinician.post(base + "/api/v0/dag/put", data=form) as r:
+            assert r.status == 403
+        form = aiohttp.FormData()
+        form.add_field("file", b"attachment for B", filename="x.txt")
+        async with clinician.post(base + "/api/v0/add", data=form, headers={"X-Medicon-Patient": b["patient"]}) as r:
+            assert r.status == 403
+        async with clinician.post(base + f"/medicon/v1/patients/{b['patient']}/episodes",
+                                  json=opened(b["patient"], uid("e"))) as r:
+            assert r.status == 403
+        form = aiohttp.FormData()
+        form.add_field("file", b"raw block", filename="x")
+        async with clinician.post(base + "/api/v0/block/put", data=form) as r:
+            assert r.status == 403
+    length = (await (await admin.get(f"/medicon/v1/episodes/{b['episode']}")).json())["length"]
+    assert length == 2
+
+
+async def test_roles(two_patients, aiohttp_client):
+    admin, a = two_patients["admin"], two_patients["A"]
+    base = str(admin.make_url(""))
+    cfg = two_patients["cfg"]
+    checks = {
+        "auditor": [("GET", f"/medicon/v1/episodes/{a['episode']}", 200), ("GET", f"/medicon/v1/records/{a['record']}", 403),
+                    ("POST", f"/api/v0/cat?arg={a['blob']}", 403), ("GET", "/medicon/v1/audit", 200),
+                    ("GET", f"/medicon/v1/episodes/{a['episode']}/verify", 200)],
+        "replicator": [("POST", f"/api/v0/dag/export?arg={a['record']}", 200), ("POST", f"/api/v0/cat?arg={a['blob']}", 403),
+                       ("GET", f"/ipfs/{a['record']}", 403), ("POST", f"/api/v0/block/get?arg={a['blob']}", 200),
+                       ("GET", "/medicon/v1/audit", 403)],
+        "patient": [("GET", f"/medicon/v1/records/{a['record']}", 200), ("POST", f"/api/v0/cat?arg={a['blob']}", 200),
+                    ("POST", f"/medicon/v1/episodes/{a['episode']}/records", 403),
+                    ("GET", f"/medicon/v1/records/{two_patients['B']['record']}", 403)],
+    }
+    for role, expectations in checks.items():
+        token = make_token(cfg, role=role, patients=[a["patient"]] if role == "patient" else None)
+        async with aiohttp.ClientSession(headers=bearer(token)) as s:
+            for method, path, status in expectations:
+                kw = {"json": encounter(a["patient"], a["episode"])} if method == "POST" and "medicon" in path else {}
+                async with s.request(method, base + path, **kw) as r:
+                    assert r.status == status, (role, path, r.status, await r.text())
+
+
+# --- encryption -------------------------------------------------------------------------------
+
+async def test_marker_never_reaches_kubo_in_clear(aiohttp_client, own_kubo):
+    marker = "MARKER-" + os.urandom(6).hex()
+    c = await app_client(aiohttp_client, gateway_config(own_kubo))
+    patient, episode = uid("p"), uid("e")
+    await c.post(f"/medicon/v1/patients/{patient}/episodes", json=opened(patient, episode))
+    cids = []
+    for i in range(100):
+        r = await c.post(f"/medicon/v1/episodes/{episode}/records",
+                         json=encounter(patient, episode, note=f"{marker} #{i}"))
+        assert r.status == 201
+        cids.append((await r.json())["cid"])
+    attachment = (marker.encode() + os.urandom(1000)) * (10 * MiB // 1013)
+    form = aiohttp.FormData()
+    form.add_field("file", attachment, filename="big.bin")
+    r = await c.post("/api/v0/add", data=form, headers={"X-Medicon-Patient": patient})
+    blob = json.loads((await r.text()).splitlines()[-1])["Hash"]
+
+    blocks = own_kubo.ipfs("refs", "local").stdout.decode().split()
+    assert len(blocks) > 140
+    for block in blocks:
+        data = own_kubo.ipfs("block", "get", block).stdout
+        assert marker.encode() not in data and patient.encode() not in data, block
+    # authorized reads give the plaintext back
+    got = await (await c.get(f"/medicon/v1/records/{cids[42]}")).json()
+    assert got["record"]["body"]["notes"] == f"{marker} #42"
+    r = await c.post(f"/api/v0/cat?arg={blob}")
+    assert r.status == 200 and await r.read() == attachment
+
+
+async def test_range_read_of_a_100mib_sealed_attachment(aiohttp_client, own_kubo):
+    c = await app_client(aiohttp_client, gateway_config(own_kubo))
+    size = 100 * MiB
+    seed = os.urandom(1 << 20)
+
+    def byte_at(lo: int, hi: int) -> bytes:  # the content is seed repeated
+        out = bytearray()
+        pos = lo
+        while pos < hi:
+            off = pos % len(seed)
+            take = min(len(seed) - off, hi - pos)
+            out += seed[off:off + take]
+            pos += take
+        return bytes(out)
+
+    async def gen():
+        for i in range(size // len(seed)):
+            yield seed
+    form = aiohttp.FormData()
+    form.add_field("file", gen(), filename="scan.dcm", content_type="application/dicom")
+    patient = uid("p")
+    r = await c.post("/api/v0/add", data=form, headers={"X-Medicon-Patient": patient})
+    assert r.status == 200
+    blob = json.loads((await r.text()).splitlines()[-1])["Hash"]
+    for rng, lo, hi in [("bytes=0-99", 0, 100), ("bytes=52428700-52429799", 52428700, 52429800),
+                        (f"bytes={size - 5000}-", size - 5000, size), ("bytes=-17", size - 17, size),
+                        ("bytes=65530-65545", 65530, 65546)]:
+        r = await c.get(f"/ipfs/{blob}", headers={"Range": rng})
+        assert r.status == 206, (rng, await r.text())
+        assert r.headers["Content-Range"] == f"bytes {lo}-{hi - 1}/{size}"
+        assert r.headers["Content-Type"] == "application/dicom"
+        assert await r.read() == byte_at(lo, hi), rng
+    r = await c.head(f"/ipfs/{blob}")
+    assert int(r.headers["Content-Length"]) == size
+    r = await c.get(f"/ipfs/{blob}", headers={"Range": f"bytes={size}-"})
+    assert r.status == 416
+
+
+async def test_rotation_then_shredding(aiohttp_client, kubo):
+    cfg = gateway_config(kubo)
+    c = await app_client(aiohttp_client, cfg)
+    made = {}
+    for name in ("A", "B"):
+        patient, episode = uid("p"), uid("e")
+        r = await c.post(f"/medicon/v1/patients/{patient}/episodes", json=opened(patient, episode))
+        form = aiohttp.FormData()
+        form.add_field("file", f"attachment {name}".encode(), filename="a.txt")
+        r2 = await c.post("/api/v0/add", data=form, headers={"X-Medicon-Patient": patient})
+        made[name] = (patient, (await r.json())["cid"], json.loads(await r2.text())["Hash"])
+    cli = [sys.executable, "-m", "gateway", "keys"]
+    rotated = subprocess.run([*cli, "rotate", "--data-dir", cfg.records.data_dir], capture_output=True, text=True)
+    assert rotated.returncode == 0, rotated.stderr
+    for name, (_, rec, blob) in made.items():
+        assert (await c.get(f"/medicon/v1/records/{rec}")).status == 200
+        assert await (await c.post(f"/api/v0/cat?arg={blob}")).read() == f"attachment {name}".encode()
+    shred = subprocess.run([*cli, "shred", "--patient", made["A"][0], "--data-dir", cfg.records.data_dir],
+                           capture_output=True, text=True)
+    assert shred.returncode == 0, shred.stderr
+    _, rec_a, blob_a = made["A"]
+    r = await c.get(f"/medicon/v1/records/{rec_a}")
+    assert r.status == 410 and "erased" in (await r.json())["error"]["message"]
+    r = await c.post(f"/api/v0/cat?arg={rec_a}")
+    assert r.status == 410 and (await r.json())["Type"] == "error"
+    assert (await c.get(f"/ipfs/{blob_a}")).status == 410
+    assert (await c.get(f"/medicon/v1/records/{made['B'][1]}")).status == 200
+    assert await (await c.post(f"/api/v0/cat?arg={made['B'][2]}")).read() == b"attachment B"
+
+
+# --- signatures and audit -----------------------------------------------------------------------
+
+async def test_forged_block_fails_verify(client, kubo):
+    patient, episode = uid("p"), uid("e")
+    r = await client.post(f"/medicon/v1/patients/{patient}/episodes", json=opened(patient, episode))
+    head = (await r.json())["cid"]
+    real = json.loads(kubo.ipfs("dag", "get", head).stdout)
+    forged = {**real, "seq": 1, "prev": {"/": head}, "schema": encounter("x", "y")["schema"]}
+    forged_cid = kubo.ipfs("dag", "put", input=json.dumps(forged).encode()).stdout.decode().strip()
+    verdict = await (await client.get(f"/medicon/v1/episodes/{episode}/verify?head={forged_cid}")).json()
+    assert verdict["ok"] is False and verdict["break"]["cid"] == forged_cid
+    assert "signature" in verdict["break"]["problem"]
+    assert (await (await client.get(f"/medicon/v1/episodes/{episode}/verify")).json())["ok"] is True
+
+
+async def test_audit_chain_one_event_per_decision_and_verifies(aiohttp_client, kubo):
+    cfg = gateway_config(kubo)
+    c = await app_client(aiohttp_client, cfg)
+    auditor = make_token(cfg, role="auditor")
+    patient, episode = uid("p"), uid("e")
+    await c.post(f"/medicon/v1/patients/{patient}/episodes", json=opened(patient, episode))
+    before = (await (await c.get("/medicon/v1/audit?limit=1000")).json())["entries"]
+    await c.post("/api/v0/version")
+    await c.get(f"/medicon/v1/episodes/{episode}")
+    r = await c.get("/medicon/v1/audit?limit=1000", headers=bearer(auditor))
+    entries = r.status == 200 and (await r.json())["entries"]
+    new = entries[len(before):]
+    # (the admin's audit read is in `before`: decided before the page was read) version,
+    # the episode read, then the auditor's own audit read
+    assert [e["action"] for e in new] == ["node:info", "chain:read", "audit:read"]
+    assert all(e["decision"] == "allow" for e in new)
+    dump = json.dumps(entries)
+    assert patient not in dump and episode not in dump
+    verdict = await (await c.get("/medicon/v1/audit/verify", headers=bearer(auditor))).json()
+    assert verdict["ok"] is True and verdict["entries"] == len(entries) + 1
+    db = sqlite3.connect(os.path.join(cfg.records.data_dir, "audit.sqlite3"))
+    db.execute("UPDATE audit SET event = replace(event, 'allow', 'deny') WHERE seq = 2")
+    db.commit()
+    verdict = await (await c.get("/medicon/v1/audit/verify", headers=bearer(auditor))).json()
+    assert verdict["ok"] is False and verdict["break"]["seq"] == 2
