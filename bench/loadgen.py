@@ -59,6 +59,23 @@ def make_session(limit: int) -> aiohttp.ClientSession:
     )
 
 
+# A keep-alive connection the server closed just as it was taken from the pool fails on the
+# first write; every HTTP client retries that once. Counted per target and reported.
+RETRIES: dict[str, int] = {}
+
+
+async def retrying(name: str, call):
+    for attempt in (1, 2):
+        try:
+            return await call()
+        except aiohttp.ClientConnectorError:
+            raise  # nothing listens: a real failure
+        except aiohttp.ClientConnectionError:
+            if attempt == 2:
+                raise
+            RETRIES[name] = RETRIES.get(name, 0) + 1
+
+
 async def _fail(resp: aiohttp.ClientResponse, what: str) -> LoadError:
     body = (await resp.read())[:400].decode(errors="replace")
     return LoadError(f"{what}: HTTP {resp.status}: {body}")
@@ -122,6 +139,10 @@ async def drain(resp: aiohttp.ClientResponse) -> int:
 
 
 async def cat(sess: aiohttp.ClientSession, target: dict, cid: str, size: int) -> None:
+    await retrying(target["name"], lambda: _cat(sess, target, cid, size))
+
+
+async def _cat(sess: aiohttp.ClientSession, target: dict, cid: str, size: int) -> None:
     async with sess.post(target["api"] + "/api/v0/cat", params={"arg": cid},
                          headers=target.get("headers")) as resp:
         if resp.status != 200:
@@ -132,6 +153,10 @@ async def cat(sess: aiohttp.ClientSession, target: dict, cid: str, size: int) ->
 
 
 async def ipfs_get(sess: aiohttp.ClientSession, target: dict, cid: str, size: int) -> None:
+    await retrying(target["name"], lambda: _ipfs_get(sess, target, cid, size))
+
+
+async def _ipfs_get(sess: aiohttp.ClientSession, target: dict, cid: str, size: int) -> None:
     async with sess.get(target["gw"] + "/ipfs/" + cid, headers=target.get("headers")) as resp:
         if resp.status != 200:
             raise await _fail(resp, f"GET /ipfs via {target['name']}")
@@ -141,6 +166,10 @@ async def ipfs_get(sess: aiohttp.ClientSession, target: dict, cid: str, size: in
 
 
 async def add(sess: aiohttp.ClientSession, target: dict, blobs: Blobs, size: int) -> str:
+    return await retrying(target["name"], lambda: _add(sess, target, blobs, size))
+
+
+async def _add(sess: aiohttp.ClientSession, target: dict, blobs: Blobs, size: int) -> str:
     headers = {**target.get("headers", {}), "Content-Type": blobs.content_type}
     async with sess.post(target["api"] + "/api/v0/add", data=blobs.multipart(size),
                          headers=headers) as resp:
@@ -223,29 +252,41 @@ def opened_doc() -> dict:
 
 
 async def open_episode(sess: aiohttp.ClientSession, target: dict, patient: str) -> str:
-    async with sess.post(f"{target['url']}/medicon/v1/patients/{patient}/episodes", json=opened_doc(),
-                         headers=target.get("headers")) as resp:
-        if resp.status != 201:
-            raise await _fail(resp, "open episode")
-        return (await resp.json())["episode"]["id"]
+    async def call() -> str:
+        async with sess.post(f"{target['url']}/medicon/v1/patients/{patient}/episodes", json=opened_doc(),
+                             headers=target.get("headers")) as resp:
+            if resp.status != 201:
+                raise await _fail(resp, "open episode")
+            return (await resp.json())["episode"]["id"]
+    return await retrying(target["name"], call)
 
 
 async def append_record(sess: aiohttp.ClientSession, target: dict, episode: str, body: bytes) -> dict:
     headers = {**target.get("headers", {}), "Content-Type": "application/json"}
-    async with sess.post(f"{target['url']}/medicon/v1/episodes/{episode}/records", data=body,
-                         headers=headers) as resp:
-        if resp.status != 201:
-            raise await _fail(resp, "append")
-        return await resp.json()
+    tries = 0
+
+    async def call() -> dict:
+        nonlocal tries
+        tries += 1
+        async with sess.post(f"{target['url']}/medicon/v1/episodes/{episode}/records", data=body,
+                             headers=headers) as resp:
+            # 200: the same record again, after a retry whose first answer was lost
+            if resp.status != 201 and not (tries > 1 and resp.status == 200):
+                raise await _fail(resp, "append")
+            return await resp.json()
+    return await retrying(target["name"], call)
 
 
 async def raw_add(sess: aiohttp.ClientSession, target: dict, body: bytes, boundary: str) -> None:
     headers = {**target.get("headers", {}), "Content-Type": f"multipart/form-data; boundary={boundary}"}
-    async with sess.post(target["url"] + "/api/v0/add", data=single_part(boundary, body, "record.json"),
-                         headers=headers) as resp:
-        if resp.status != 200:
-            raise await _fail(resp, f"raw add via {target['name']}")
-        await resp.read()
+
+    async def call() -> None:
+        async with sess.post(target["url"] + "/api/v0/add", data=single_part(boundary, body, "record.json"),
+                             headers=headers) as resp:
+            if resp.status != 200:
+                raise await _fail(resp, f"raw add via {target['name']}")
+            await resp.read()
+    await retrying(target["name"], call)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -364,11 +405,14 @@ async def history_page(spec: dict) -> dict:
     timings: dict[str, list[float]] = {gateway["name"]: [], **{t["name"]: [] for t in direct}}
     started = time.monotonic()
     async with make_session(4) as sess:
-        async def page() -> dict:
+        async def page_once() -> dict:
             async with sess.get(url, params=params, headers=gateway.get("headers")) as resp:
                 if resp.status != 200:
                     raise await _fail(resp, "history page")
                 return await resp.json()
+
+        async def page() -> dict:
+            return await retrying(gateway["name"], page_once)
 
         first = await page()
         records = first["records"]
@@ -377,14 +421,17 @@ async def history_page(spec: dict) -> dict:
             raise LoadError(f"history page: got {len(records)} records, seqs {seqs[:3]}..{seqs[-3:]}")
         cids = [r["cid"] for r in records]
 
+        async def dag_get(target: dict, cid: str) -> None:
+            async with sess.post(target["url"] + "/api/v0/dag/get",
+                                 params={"arg": cid, "output-codec": "dag-json"},
+                                 headers=target.get("headers")) as resp:
+                if resp.status != 200:
+                    raise await _fail(resp, f"dag/get via {target['name']}")
+                await resp.read()
+
         async def dag_gets(target: dict) -> None:
             for cid in cids:
-                async with sess.post(target["url"] + "/api/v0/dag/get",
-                                     params={"arg": cid, "output-codec": "dag-json"},
-                                     headers=target.get("headers")) as resp:
-                    if resp.status != 200:
-                        raise await _fail(resp, f"dag/get via {target['name']}")
-                    await resp.read()
+                await retrying(target["name"], lambda: dag_get(target, cid))
 
         everyone = [gateway, *direct]
         for target in direct:
@@ -417,6 +464,7 @@ def main() -> int:
     except aiohttp.ClientError as exc:
         print(f"loadgen: error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         return 3
+    result["retries"] = RETRIES
     json.dump(result, sys.stdout)
     sys.stdout.write("\n")
     return 0

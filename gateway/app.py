@@ -12,10 +12,9 @@ from aiohttp import web
 from . import api, auth, chain, plugins, proxy, records
 from .appkeys import CONFIG, INTERCEPTORS, KEYRING, KUBO, KUBO_SESSION, PLUGINS, SCHEMAS, STORE
 from .commands import COMMANDS, Action
-from .config import Config, ConfigError, keyring_path
-from .errors import error_middleware
+from .config import Config, ConfigError
+from .errors import GatewayError, error_middleware
 from .ipfs import Kubo
-from .keyring import KeyringError, LocalKeyring
 from .schemas import DEFAULT_SCHEMA_DIR, SchemaError, SchemaRegistry
 from .store import SQLiteHeadStore
 
@@ -47,14 +46,14 @@ async def head_store(app: web.Application) -> AsyncIterator[None]:
 
 
 async def keyring(app: web.Application) -> AsyncIterator[None]:
-    """The keyring: without it nothing can be sealed, signed or pseudonymised, so no start."""
-    path = keyring_path(app[CONFIG])
+    """The key provider: without it nothing can be sealed, signed or pseudonymised, so no start."""
     try:
-        app[KEYRING] = LocalKeyring.load(path)
-    except FileNotFoundError:
-        raise ConfigError(f"no keyring at {path}: create one with `medicon-gateway keys init`") from None
-    except KeyringError as exc:
-        raise ConfigError(f"keyring {path}: {exc}") from None
+        found = await plugins.call(app[PLUGINS], "medicon_key_provider", config=app[CONFIG])
+    except GatewayError as err:
+        raise ConfigError(f"key provider: {err.message}") from None
+    if not found:
+        raise ConfigError("no key provider plugin is loaded")
+    app[KEYRING] = found[0][1]
     yield
 
 

@@ -143,7 +143,7 @@ async def append(app: web.Application, doc: Any, signer: str) -> Appended:
         record = _chain(app, record, episode)
         await validate(app, record, episode)
         kubo = app[KUBO]
-        cid = await kubo.dag_put(protect.to_node(app, record, signer), pin=False)
+        cid = await kubo.dag_put(await protect.to_node(app, record, signer), pin=False)
         known = await store.record(cid)
         if known is not None:  # the exact same record, sent again after a lost answer
             current = await store.get_episode(known.episode)
@@ -221,7 +221,7 @@ async def read(app: web.Application, cid: str) -> dict[str, Any] | None:
     node = await app[KUBO].dag_get(cid)
     if not protect.signature_ok(app, node):
         raise GatewayError(502, f"record {cid} does not carry this gateway's signature")
-    return protect.from_node(app, node)[0]
+    return (await protect.from_node(app, node))[0]
 
 
 async def verify(app: web.Application, episode_id: str, head: str | None = None) -> dict[str, Any]:
@@ -264,7 +264,7 @@ async def verify(app: web.Application, episode_id: str, head: str | None = None)
         if expected_seq == 0 and node.get("schema") != EPISODE_OPENED:
             return report("the first record of an episode must open it")
         try:
-            record, _ = protect.from_node(app, node)
+            record, _ = await protect.from_node(app, node)
         except protect.RecordErased:
             erased = True
         except GatewayError as err:

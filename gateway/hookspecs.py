@@ -73,30 +73,27 @@ def medicon_validate_record(record, schema_id, episode):
 
 
 @hookspec(firstresult=True)
-def medicon_encrypt_record(record, principal):
-    """Return the node to store in place of ``record`` (for example its body sealed with the
-    patient's data key), or None to store it as is."""
+def medicon_encrypt_record(payload, aad, patient, keys):
+    """Seal a record's ``payload`` (bytes: the record and its signer, canonical JSON) for
+    ``patient``, binding ``aad`` (the node's clear part). Return ``{"dek": key id, "sealed":
+    str}`` to store in the node, or None to leave encryption to the next plugin. ``keys`` is
+    the key provider. Built in: ``plugins.encryption`` (AES-256-GCM, per-patient data keys)."""
 
 
 @hookspec(firstresult=True)
-def medicon_decrypt_record(node, principal):
-    """Return the plaintext record for a stored ``node``, or None if this plugin did not
-    encrypt it."""
-
-
-@hookspec(firstresult=True)
-def medicon_encrypt_blob(stream, context):
-    """Return an async iterator of sealed bytes for an attachment ``stream``, or None."""
-
-
-@hookspec(firstresult=True)
-def medicon_decrypt_blob(stream, context, byte_range):
-    """Return an async iterator of plaintext bytes (only ``byte_range`` if given), or None."""
+def medicon_decrypt_record(node, aad, keys):
+    """Return the payload bytes of a sealed record ``node`` (the inverse of
+    ``medicon_encrypt_record``), or None if this plugin did not seal it. Raise
+    ``gateway.keyring.KeyShredded`` when the patient's key was destroyed (the gateway answers 410)."""
 
 
 @hookspec(firstresult=True)
 def medicon_key_provider(config):
-    """Return the key provider (wraps and unwraps data keys with a key-encryption key)."""
+    """Return the key provider: data keys per patient (wrapped by a key-encryption key),
+    pseudonyms, the signing key. It must offer ``LocalKeyring``'s methods (``pseudonym``,
+    ``data_key_for_patient``, ``data_key``, ``signing_key``, ``verify_key``). Built in:
+    ``plugins.local_keyring`` (a 0600 file made by ``medicon-gateway keys init``); Vault or a
+    KMS fit here as plugins."""
 
 
 # --- after the fact -------------------------------------------------------------------------

@@ -17,8 +17,11 @@ import pluggy
 
 from . import hookspecs
 from .errors import GatewayError
+from .keyring import KeyShredded
 
 log = logging.getLogger(__name__)
+# Exceptions with a meaning of their own, answered by the caller (crypto-shredded data is 410).
+PASS_THROUGH = (KeyShredded,)
 
 
 def make_manager(module_paths: tuple[str, ...] = ()) -> pluggy.PluginManager:
@@ -50,7 +53,9 @@ async def call(pm: pluggy.PluginManager, hook: str, **kwargs: Any) -> list[tuple
                 result = await result
         except GatewayError as err:
             raise GatewayError(err.status, f"{err.message} (plugin {impl.plugin_name})",
-                               code=err.code, headers=err.headers) from None
+                               code=err.code, headers=err.headers, details=err.details) from None
+        except PASS_THROUGH:
+            raise
         except Exception as exc:
             log.exception("plugin %s failed in %s", impl.plugin_name, hook)
             raise GatewayError(500, f"plugin {impl.plugin_name!r} failed in {hook}: {type(exc).__name__}") from None

@@ -10,18 +10,16 @@ encryption off, the payload is the record's canonical JSON in clear (still signe
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
-import os
 from typing import Any
 
 from aiohttp import web
 
-from . import crypto
-from .appkeys import CONFIG, KEYRING
+from . import crypto, plugins
+from .appkeys import CONFIG, KEYRING, PLUGINS
 from .errors import GatewayError
-from .keyring import KeyShredded, LocalKeyring
+from .keyring import KeyShredded
 
 NODE_VERSION = 1
 PSEUDONYM_EPISODE = "episode"
@@ -32,30 +30,13 @@ class RecordErased(GatewayError):
         super().__init__(410, "this patient's data was erased (crypto-shredded): it can never be read again")
 
 
-def keyring(app: web.Application) -> LocalKeyring:
-    """The keyring, reloaded when its file changed (``keys rotate`` / ``keys shred`` run by an
-    operator take effect in the running gateway at once)."""
-    ring = app[KEYRING]
-    try:
-        stamp = os.stat(ring.path).st_mtime_ns
-    except OSError:
-        return ring
-    if stamp != getattr(ring, "_medicon_stamp", stamp):
-        ring = app[KEYRING] = LocalKeyring.load(ring.path)
-    ring._medicon_stamp = stamp
-    return ring
+def keyring(app: web.Application):
+    """The key provider (``medicon_key_provider``; built in: the local keyring file)."""
+    return app[KEYRING]
 
 
 def key_id(ring: LocalKeyring) -> str:
     return hashlib.sha256(crypto.public_key_to_bytes(ring.verify_key)).hexdigest()[:16]
-
-
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).decode("ascii").rstrip("=")
-
-
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 def clear_part(node: dict[str, Any]) -> dict[str, Any]:
@@ -68,7 +49,7 @@ def clear_part(node: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def to_node(app: web.Application, record: dict[str, Any], signer: str) -> dict[str, Any]:
+async def to_node(app: web.Application, record: dict[str, Any], signer: str) -> dict[str, Any]:
     """The node to store for ``record`` (dag-json form: ``prev`` as a link)."""
     ring = keyring(app)
     node: dict[str, Any] = {
@@ -82,11 +63,14 @@ def to_node(app: web.Application, record: dict[str, Any], signer: str) -> dict[s
     payload = crypto.canonical_json({"record": record, "signer": signer})
     if app[CONFIG].security.encrypt:
         try:
-            dek_id, dek = ring.data_key_for_patient(record["patient"])
+            sealed = await plugins.call(app[PLUGINS], "medicon_encrypt_record", payload=payload,
+                                        aad=crypto.canonical_json(clear_part(node)),
+                                        patient=record["patient"], keys=ring)
         except KeyShredded:
             raise RecordErased() from None
-        node["dek"] = dek_id
-        node["sealed"] = _b64(crypto.seal(payload, dek, crypto.canonical_json(clear_part(node))))
+        if not sealed:
+            raise GatewayError(500, "encryption is on but no plugin sealed the record")
+        node.update(sealed[0][1])
     else:
         node["plain"] = payload.decode("utf-8")
     node["sig"] = crypto.sign(ring.signing_key, clear_part(node))
@@ -100,24 +84,21 @@ def signature_ok(app: web.Application, node: dict[str, Any]) -> bool:
     return isinstance(sig, str) and crypto.verify_signature(ring.verify_key, clear_part(node), sig)
 
 
-def from_node(app: web.Application, node: dict[str, Any]) -> tuple[dict[str, Any], str]:
+async def from_node(app: web.Application, node: dict[str, Any]) -> tuple[dict[str, Any], str]:
     """(record, signer) from a stored node. ``RecordErased`` (410) after crypto-shredding;
     a node that does not open is a 502: the gateway wrote it, so Kubo returned something else."""
     if not isinstance(node, dict) or node.get("v") != NODE_VERSION:
         raise GatewayError(502, "the stored block is not a record node of this gateway")
-    if "sealed" in node:
+    if "plain" not in node:
+        clear = {k: v for k, v in node.items() if k not in ("sealed", "dek")}
         try:
-            dek = keyring(app).data_key(node["dek"])
+            opened = await plugins.call(app[PLUGINS], "medicon_decrypt_record", node=node,
+                                        aad=crypto.canonical_json(clear_part(clear)), keys=keyring(app))
         except KeyShredded:
             raise RecordErased() from None
-        except KeyError:
-            raise GatewayError(502, "the record's data key is unknown to this gateway") from None
-        try:
-            payload = crypto.open_sealed(_unb64(node["sealed"]), dek,
-                                         crypto.canonical_json(clear_part({k: v for k, v in node.items()
-                                                                           if k != "sealed"})))
-        except (crypto.DecryptError, ValueError):
-            raise GatewayError(502, "the record does not decrypt: the block was altered") from None
+        if not opened:
+            raise GatewayError(502, "no plugin can open this sealed record")
+        payload = opened[0][1]
     else:
         payload = str(node.get("plain", "")).encode("utf-8")
     try:
