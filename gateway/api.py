@@ -13,8 +13,8 @@ from typing import Any
 
 from aiohttp import web
 
-from . import auth, chain, plugins, records
-from .appkeys import PLUGINS, SCHEMAS, STORE
+from . import auth, chain, plugins, records, strictjson
+from .appkeys import CONFIG, PLUGINS, SCHEMAS, STORE
 from .errors import GatewayError
 from .store import Episode
 
@@ -25,10 +25,18 @@ MAX_PAGE = 500
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
+    limit = request.app[CONFIG].records.max_record_size
+    if request.content_length is not None and request.content_length > limit:
+        raise GatewayError(413, f"a record is at most {limit} bytes of JSON")
+    data = bytearray()
+    while len(data) <= limit and (chunk := await request.content.read(limit + 1 - len(data))):
+        data += chunk
+    if len(data) > limit:
+        raise GatewayError(413, f"a record is at most {limit} bytes of JSON")
     try:
-        doc = await request.json()
-    except (ValueError, UnicodeDecodeError):
-        raise GatewayError(400, "the request body must be a JSON object") from None
+        doc = strictjson.loads(bytes(data))
+    except strictjson.BadJSON as bad:
+        raise GatewayError(400, f"the request body must be a JSON object: {bad}") from None
     if not isinstance(doc, dict):
         raise GatewayError(400, "the request body must be a JSON object")
     return doc

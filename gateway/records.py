@@ -17,7 +17,7 @@ from aiohttp import web
 from aiohttp.helpers import parse_mimetype
 from multidict import CIMultiDictProxy
 
-from . import attachments, auth, chain, commands, crypto, protect, proxy
+from . import attachments, auth, chain, commands, crypto, protect, proxy, strictjson
 from .commands import flag
 from .appkeys import CONFIG, KUBO, STORE
 from .commands import Resolved
@@ -34,10 +34,21 @@ def options(request: web.Request, resolved: Resolved) -> dict[str, list[str]]:
 
 
 def _json_record(data: bytes) -> Any:
-    """The document if ``data`` is JSON claiming to be a record, else None."""
+    """The document if ``data`` is JSON claiming to be a record, else None (a blob).
+
+    JSON that claims to be a record but is ambiguous (duplicate keys, NaN, overflowing numbers,
+    deep nesting) is refused with 400, never stored as a blob instead."""
+    if not strictjson.looks_like_json_object(data):
+        return None
     try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+        doc = strictjson.loads(data)
+    except strictjson.BadJSON as bad:
+        try:
+            lenient = json.loads(data)
+        except (ValueError, RecursionError):
+            return None
+        if chain.is_record_candidate(lenient):
+            raise GatewayError(400, f"invalid record: {bad}") from None
         return None
     return doc if chain.is_record_candidate(doc) else None
 
