@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup test dev kubo clean
+.PHONY: setup test dev kubo clean bench
 
 setup: $(BIN)/medicon-gateway kubo
 
@@ -22,6 +22,11 @@ test:
 
 dev:
 	$(BIN)/medicon-gateway dev
+
+# Benchmarks against direct Kubo and nginx (not part of `test`); BENCH_ARGS="--big" for 1 GiB.
+bench: $(BIN)/medicon-gateway kubo
+	bench/setup.sh
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .tools .medicon-dev

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hashlib
 import logging
 import weakref
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import plugins, protect
+from . import crypto, plugins, protect
 from .appkeys import CONFIG, KUBO, PLUGINS, SCHEMAS, STORE
 from .errors import GatewayError
 from .store import Episode, IndexedRecord, StoreConflict
@@ -129,27 +130,52 @@ def policy_for(app: web.Application, schema_id: str):
     return app[POLICIES][cfg.chain_policy_by_schema.get(schema_id, cfg.chain_policy)]
 
 
-async def append(app: web.Application, doc: Any, signer: str) -> Appended:
+def request_digest(record: dict[str, Any], signer: str) -> str:
+    """What identifies one append: the record as the client sent it, and who sent it."""
+    return hashlib.sha256(crypto.canonical_json({"record": record, "signer": signer})).hexdigest()
+
+
+async def _retried(app: web.Application, record: dict[str, Any], digest: str,
+                   key: str | None) -> IndexedRecord | None:
+    """The earlier append this request repeats, if it is a retry after a lost answer: the same
+    Idempotency-Key (with the same request), or the same record naming its ``prev``/``seq``
+    (which a client only sends again when it did not hear back)."""
+    store = app[STORE]
+    if key is not None:
+        earlier = await store.record_by_key(key)
+        if earlier is not None and earlier.digest != digest:
+            raise GatewayError(422, "this Idempotency-Key was used for a different request")
+        return earlier
+    if "prev" in record or "seq" in record:
+        return await store.record_by_digest(record["episode"], digest)
+    return None
+
+
+async def append(app: web.Application, doc: Any, signer: str,
+                 idempotency_key: str | None = None) -> Appended:
     """Append one record to its episode, signed as written by ``signer`` (the authenticated
-    principal). Raises ``RecordInvalid`` (400) or ``ChainConflict`` (409)."""
+    principal). Raises ``RecordInvalid`` (400) or ``ChainConflict`` (409). A retry of an append
+    that succeeded returns the original (``created`` False) instead of a duplicate or a 409."""
     if not isinstance(doc, dict):
         raise RecordInvalid(["/: a record is a JSON object"])
     record = normalise(doc)
     # Schema checks that do not depend on the episode come first, before any lock is taken.
     await validate(app, record, None, with_plugins=False)
     store = app[STORE]
+    digest = request_digest(record, signer)
+    key = f"{signer}\n{idempotency_key}" if idempotency_key else None
     async with app[LOCKS](record["episode"]):
+        earlier = await _retried(app, record, digest, key)
+        if earlier is not None:
+            current = await store.get_episode(earlier.episode)
+            return Appended(earlier.cid, current, await read(app, earlier.cid), created=False)
         episode = await store.get_episode(record["episode"])
         record = _chain(app, record, episode)
         await validate(app, record, episode)
         kubo = app[KUBO]
         cid = await kubo.dag_put(await protect.to_node(app, record, signer), pin=False)
-        known = await store.record(cid)
-        if known is not None:  # the exact same record, sent again after a lost answer
-            current = await store.get_episode(known.episode)
-            return Appended(cid, current, record, created=False)
         indexed = IndexedRecord(cid, record["episode"], record["patient"], record["seq"],
-                                record["schema"], record["recorded_at"])
+                                record["schema"], record["recorded_at"], digest, key)
         # Pin before the head moves: an acknowledged record is never left unpinned.
         if episode is None:
             await kubo.pin_add(cid)

@@ -160,9 +160,11 @@ async def _add_records(request: web.Request, resolved: Resolved, reader: aiohttp
     if problems:
         raise GatewayError(400, "; ".join(problems), details={"problems": problems})
     lines, done = [], []
-    for name, doc, size in docs:
+    key = request.headers.get("Idempotency-Key")
+    for index, (name, doc, size) in enumerate(docs):
         try:
-            appended = await chain.append(request.app, doc, auth.principal(request).id)
+            appended = await chain.append(request.app, doc, auth.principal(request).id,
+                                          f"{key}#{index}" if key else None)
         except GatewayError as err:
             if done:
                 err = GatewayError(err.status, f"{err.message}; records already appended: {', '.join(done)}",
@@ -272,7 +274,8 @@ async def intercept_dag_put(request: web.Request, resolved: Resolved) -> web.Str
         doc = _json_record(parts[0][1])
         if doc is not None:
             await auth.authorize(request, "record:write", record_resource(doc))
-            appended = await chain.append(request.app, doc, auth.principal(request).id)
+            appended = await chain.append(request.app, doc, auth.principal(request).id,
+                                          request.headers.get("Idempotency-Key"))
             return web.Response(text=json.dumps({"Cid": {"/": appended.cid}}) + "\n",
                                 content_type="application/json", headers={"X-Chunked-Output": "1"})
     if any(_json_record(data) is not None for _, data in parts):

@@ -34,6 +34,10 @@ class IndexedRecord:
     seq: int
     schema: str
     recorded_at: str
+    # What the client sent (and who), hashed: a retry of the same append is recognised by it.
+    digest: str | None = None
+    # The client's Idempotency-Key, scoped to the principal that sent it.
+    idempotency_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,8 @@ class HeadStore(Protocol):
     async def append(self, record: IndexedRecord, *, expected_head: str, closes: bool) -> Episode: ...
     async def history(self, episode: str, after_seq: int, limit: int) -> list[IndexedRecord]: ...
     async def record(self, cid: str) -> IndexedRecord | None: ...
+    async def record_by_digest(self, episode: str, digest: str) -> IndexedRecord | None: ...
+    async def record_by_key(self, key: str) -> IndexedRecord | None: ...
     async def add_blobs(self, blobs: list[Blob]) -> None: ...
     async def blob(self, cid: str) -> Blob | None: ...
     async def close(self) -> None: ...
@@ -83,8 +89,11 @@ CREATE TABLE IF NOT EXISTS records (
     seq INTEGER NOT NULL,
     schema TEXT NOT NULL,
     recorded_at TEXT NOT NULL,
+    digest TEXT,
+    idempotency_key TEXT UNIQUE,
     UNIQUE (episode, seq)
 );
+CREATE INDEX IF NOT EXISTS records_by_digest ON records (episode, digest);
 CREATE TABLE IF NOT EXISTS blobs (
     cid TEXT PRIMARY KEY,
     patient TEXT NOT NULL,
@@ -94,7 +103,7 @@ CREATE TABLE IF NOT EXISTS blobs (
 """
 
 _EPISODE_COLS = "id, patient, head, length, status, last_recorded_at"
-_RECORD_COLS = "cid, episode, patient, seq, schema, recorded_at"
+_RECORD_COLS = "cid, episode, patient, seq, schema, recorded_at, digest, idempotency_key"
 
 
 class SQLiteHeadStore:
@@ -187,8 +196,9 @@ class SQLiteHeadStore:
         return Episode(record.episode, record.patient, record.cid, record.seq + 1, status, record.recorded_at)
 
     async def _insert_record(self, r: IndexedRecord) -> None:
-        await self._db.execute(f"INSERT INTO records ({_RECORD_COLS}) VALUES (?, ?, ?, ?, ?, ?)",
-                               (r.cid, r.episode, r.patient, r.seq, r.schema, r.recorded_at))
+        await self._db.execute(f"INSERT INTO records ({_RECORD_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                               (r.cid, r.episode, r.patient, r.seq, r.schema, r.recorded_at, r.digest,
+                                r.idempotency_key))
 
     async def history(self, episode: str, after_seq: int, limit: int) -> list[IndexedRecord]:
         async with self._lock, self._db.execute(
@@ -201,6 +211,26 @@ class SQLiteHeadStore:
         async with self._lock, self._db.execute(f"SELECT {_RECORD_COLS} FROM records WHERE cid = ?", (cid,)) as cur:
             row = await cur.fetchone()
         return IndexedRecord(*row) if row else None
+
+    async def record_by_digest(self, episode: str, digest: str) -> IndexedRecord | None:
+        async with self._lock, self._db.execute(
+                f"SELECT {_RECORD_COLS} FROM records WHERE episode = ? AND digest = ?", (episode, digest)) as cur:
+            row = await cur.fetchone()
+        return IndexedRecord(*row) if row else None
+
+    async def record_by_key(self, key: str) -> IndexedRecord | None:
+        async with self._lock, self._db.execute(
+                f"SELECT {_RECORD_COLS} FROM records WHERE idempotency_key = ?", (key,)) as cur:
+            row = await cur.fetchone()
+        return IndexedRecord(*row) if row else None
+
+    async def episodes(self) -> list[Episode]:
+        async with self._lock, self._db.execute(f"SELECT {_EPISODE_COLS} FROM episodes ORDER BY rowid") as cur:
+            return [Episode(*row) for row in await cur.fetchall()]
+
+    async def all_records(self) -> list[IndexedRecord]:
+        async with self._lock, self._db.execute(f"SELECT {_RECORD_COLS} FROM records ORDER BY episode, seq") as cur:
+            return [IndexedRecord(*row) for row in await cur.fetchall()]
 
     async def add_blobs(self, blobs: list[Blob]) -> None:
         """Index attachments (files and the directories around them) under their patient. A CID

@@ -201,12 +201,17 @@ async def test_strict_policy_stale_prev_gets_409_with_current_head(aiohttp_clien
     r = await c.post(f"/medicon/v1/episodes/{episode}/records", json=encounter(patient, episode, prev=head))
     assert r.status == 201
     new_head = (await r.json())["cid"]
+    # the exact same append again is a retry after a lost answer: the original, not a 409
     r = await c.post(f"/medicon/v1/episodes/{episode}/records", json=encounter(patient, episode, prev=head))
+    assert r.status == 200 and (await r.json())["cid"] == new_head
+    # another writer with the same stale prev loses
+    r = await c.post(f"/medicon/v1/episodes/{episode}/records",
+                     json=encounter(patient, episode, prev=head, note="other writer"))
     assert r.status == 409
     err = (await r.json())["error"]
     assert err["current"]["head"] == new_head and new_head in err["message"]
     # the same over the RPC API, in Kubo's error shape
-    r = await c.post("/api/v0/dag/put", data=_form(encounter(patient, episode, prev=head)))
+    r = await c.post("/api/v0/dag/put", data=_form(encounter(patient, episode, prev=head, note="third")))
     assert r.status == 409
     body = await r.json()
     assert body["Type"] == "error" and new_head in body["Message"]

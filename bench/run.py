@@ -1,0 +1,396 @@
+"""``make bench``: the gateway against direct Kubo and against nginx, in one run.
+
+Starts one Kubo (offline, temporary repo), the gateway and nginx in front of it, and drives
+them from a separate load-generator process (``bench/loadgen.py``), interleaving the targets
+round after round so every ratio compares numbers taken under the same conditions. Writes
+``bench/results/latest.{json,md,png}`` and prints the table. See ``bench/README.md``.
+
+    .venv/bin/python -m bench [--big] [--repeats N] [--quick] [--only cat,add,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable
+
+if __package__ in (None, ""):  # `python bench/run.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import report  # noqa: E402
+from bench.procs import ROOT, BenchError, Procs  # noqa: E402
+
+MiB = 1 << 20
+GiB = 1 << 30
+RESULTS = Path(__file__).resolve().with_name("results")
+SCENARIOS = ("cat", "ipfs", "add", "appends", "history", "rss", "encrypted")
+
+
+@dataclass
+class Plan:
+    sizes: list[int]
+    repeats: int
+    append_repeats: int
+    concurrency: list[int]
+    records_per_client: dict[int, int]
+    history_length: int
+    history_budget_s: float
+    history_samples: int
+    rss_sizes: list[int]
+    bytes_per_sample: int
+    big: bool
+    quick: bool
+    only: set[str]
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "Plan":
+        only = set(args.only.split(",")) if args.only else set(SCENARIOS)
+        unknown = only - set(SCENARIOS)
+        if unknown:
+            raise SystemExit(f"bench: unknown scenario(s) {', '.join(sorted(unknown))}; known: {', '.join(SCENARIOS)}")
+        if args.quick:  # a smoke test of the whole pipeline, not numbers to keep
+            return cls(sizes=[MiB, 8 * MiB], repeats=args.repeats or 2, append_repeats=2,
+                       concurrency=[1, 8, 32], records_per_client={1: 40, 8: 10, 32: 4},
+                       history_length=args.history_length or 300, history_budget_s=120, history_samples=8,
+                       rss_sizes=[MiB, 8 * MiB], bytes_per_sample=8 * MiB, big=False, quick=True, only=only)
+        sizes = [MiB, 64 * MiB, 256 * MiB] + ([GiB] if args.big else [])
+        return cls(sizes=sizes, repeats=args.repeats or 5, append_repeats=min(args.repeats or 3, 5),
+                   concurrency=[1, 8, 32], records_per_client={1: 300, 8: 60, 32: 25},
+                   history_length=args.history_length or (100_000 if args.big else 2_000),
+                   history_budget_s=4 * 3600 if args.big else 420, history_samples=30,
+                   rss_sizes=[MiB, 256 * MiB] + ([GiB] if args.big else []),
+                   bytes_per_sample=64 * MiB, big=args.big, quick=False, only=only)
+
+    def iterations(self, size: int) -> int:
+        """Small sizes repeat within a sample, so a sample moves enough bytes to be timed."""
+        return max(1, self.bytes_per_sample // size)
+
+
+@dataclass
+class Ctx:
+    procs: Procs
+    plan: Plan
+    started: float = field(default_factory=time.monotonic)
+    results: dict[str, Any] = field(default_factory=dict)
+    cids: dict[int, str] = field(default_factory=dict)
+    errors: list[dict[str, str]] = field(default_factory=list)
+
+    def say(self, msg: str) -> None:
+        print(f"[{time.monotonic() - self.started:6.0f}s] {msg}", file=sys.stderr, flush=True)
+
+    # --- targets ---------------------------------------------------------------------------
+
+    def stream_targets(self) -> list[dict]:
+        kubo, gw = self.procs.kubo, self.procs.ensure_gateway()
+        return [{"name": "direct", "api": kubo.api_url, "gw": kubo.gateway_url},
+                {"name": "nginx", "api": self.procs.nginx_url, "gw": self.procs.nginx_url},
+                {"name": "gateway", "api": gw.url, "gw": gw.url, "headers": self.procs.auth.headers}]
+
+    def raw_targets(self) -> list[dict]:
+        return [{"name": "direct", "kind": "raw_add", "url": self.procs.kubo.api_url},
+                {"name": "nginx", "kind": "raw_add", "url": self.procs.nginx_url}]
+
+    def gateway_target(self) -> dict:
+        gw = self.procs.ensure_gateway()
+        return {"name": "gateway", "kind": "append", "url": gw.url, "headers": self.procs.auth.headers}
+
+    def loadgen(self, spec: dict, budget_s: float) -> dict:
+        # the time budget is checked between rounds: leave room for the last round and warm-up
+        return self.procs.run_loadgen(spec, timeout=2 * budget_s + 300)
+
+
+def size_label(size: int) -> str:
+    return f"{size // GiB} GiB" if size >= GiB and size % GiB == 0 else f"{size // MiB} MiB"
+
+
+def median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+# --- scenarios -------------------------------------------------------------------------------
+
+def prepare(ctx: Ctx) -> None:
+    sizes = sorted(set(ctx.plan.sizes) | set(ctx.plan.rss_sizes))
+    ctx.say(f"adding the blobs to read ({', '.join(size_label(s) for s in sizes)}) directly on Kubo")
+    target = ctx.stream_targets()[0]
+    res = ctx.loadgen({"kind": "prepare", "target": target, "sizes": sizes}, budget_s=600)
+    ctx.cids = {int(k): v for k, v in res["cids"].items()}
+    ctx.results["blobs"] = {str(k): v for k, v in ctx.cids.items()}
+
+
+def summarize_stream(res: dict) -> dict:
+    samples, rounds = res["samples"], res["rounds"]
+    out: dict[str, Any] = {"mbps": {t: median(v) for t, v in samples.items()}, "samples_mbps": samples,
+                           "rounds": len(rounds), "iterations_per_sample": res["iterations"],
+                           "retries": res.get("retries", {}), "seconds": res["seconds"]}
+    if "direct" in samples:
+        out["ratio_to_direct"] = {t: median([r[t] / r["direct"] for r in rounds])
+                                  for t in samples if t != "direct"}
+    if "nginx" in samples and "gateway" in samples:
+        out["gateway_to_nginx"] = median([r["gateway"] / r["nginx"] for r in rounds])
+    return out
+
+
+def stream(ctx: Ctx, op: str) -> None:
+    """``cat`` / ``ipfs`` / ``add`` at every size: MB/s per target, ratios to direct."""
+    block = ctx.results.setdefault("stream", {}).setdefault(op, {})
+    for size in ctx.plan.sizes:
+        budget = (150 if op == "add" else 90) * max(1, size // (256 * MiB))
+        spec = {"kind": "stream", "op": op, "size": size, "cid": ctx.cids.get(size),
+                "targets": ctx.stream_targets(), "repeats": ctx.plan.repeats,
+                "iterations": ctx.plan.iterations(size), "budget_s": budget}
+        res = summarize_stream(ctx.loadgen(spec, budget))
+        block[str(size)] = res
+        m, r = res["mbps"], res["ratio_to_direct"]
+        ctx.say(f"{op:4} {size_label(size):>8}: direct {m['direct']:7.0f} MB/s, nginx {m['nginx']:7.0f} "
+                f"({r['nginx']:.2f}x), gateway {m['gateway']:7.0f} ({r['gateway']:.2f}x)  [{res['rounds']} rounds]")
+
+
+def appends(ctx: Ctx) -> None:
+    """Record appends through the REST API vs a raw ``add`` of the same JSON bytes on Kubo."""
+    block = ctx.results.setdefault("appends", {})
+    for c in ctx.plan.concurrency:
+        budget = 150
+        spec = {"kind": "append", "concurrency": c, "records_per_client": ctx.plan.records_per_client[c],
+                "episodes_per_client": 4, "targets": [*ctx.raw_targets(), ctx.gateway_target()],
+                "repeats": ctx.plan.append_repeats, "budget_s": budget, "run_timeout_s": 60}
+        res = ctx.loadgen(spec, budget)
+        runs = res["runs"]
+        n = min(len(v) for v in runs.values())
+        summary = {
+            "concurrency": c, "episodes": res["episodes"], "rounds": n, "runs": runs,
+            "retries": res.get("retries", {}),
+            "records_per_s": {t: median([x["records_per_s"] for x in v]) for t, v in runs.items()},
+            "p50_ms": {t: median([x["p50_ms"] for x in v]) for t, v in runs.items()},
+            "p99_ms": {t: median([x["p99_ms"] for x in v]) for t, v in runs.items()},
+            "ratio_to_direct": {t: median([runs[t][i]["records_per_s"] / runs["direct"][i]["records_per_s"]
+                                           for i in range(n)]) for t in runs if t != "direct"},
+        }
+        block[str(c)] = summary
+        rps, p50, p99 = summary["records_per_s"], summary["p50_ms"], summary["p99_ms"]
+        ctx.say(f"appends c={c:>2}: raw add {rps['direct']:6.0f}/s p99 {p99['direct']:6.1f} ms | gateway "
+                f"{rps['gateway']:6.0f}/s p50 {p50['gateway']:6.1f} ms p99 {p99['gateway']:6.1f} ms "
+                f"({summary['ratio_to_direct']['gateway']:.2f}x)")
+
+
+def history(ctx: Ctx) -> None:
+    """A page of 100 records from the middle of a long episode."""
+    plan = ctx.plan
+    ctx.say(f"history: building one episode of {plan.history_length} records (16 parallel writers)")
+    build = ctx.loadgen({"kind": "history_build", "target": ctx.gateway_target(), "length": plan.history_length,
+                         "parallel": 16, "budget_s": plan.history_budget_s}, plan.history_budget_s)
+    length = build["length"]
+    out: dict[str, Any] = {"wanted_length": plan.history_length, "length": length, "build": build,
+                           "default_length": 2_000, "big_length": 100_000}
+    ctx.results["history"] = out
+    if length < plan.history_length:
+        ctx.say(f"history: time budget reached at {length} records")
+    if length < 101:
+        raise BenchError(f"history: only {length} records appended, too few for a page of 100")
+    cursor = length // 2 - 51  # records seq length/2-50 .. length/2+49
+    page = ctx.loadgen({"kind": "history_page", "gateway": ctx.gateway_target(), "direct": ctx.raw_targets(),
+                        "episode": build["episode"], "cursor": cursor, "limit": 100,
+                        "samples": plan.history_samples, "budget_s": 90}, 90)
+    out.update({"cursor": cursor, "limit": 100, "timings_ms": page["timings_ms"],
+                "p50_ms": {t: median(v) for t, v in page["timings_ms"].items()},
+                "retries": page.get("retries", {})})
+    p50 = out["p50_ms"]
+    ctx.say(f"history: page of 100 at seq {cursor + 1} of {length}: gateway p50 {p50['gateway']:.1f} ms "
+            f"(100 sequential dag/get: direct {p50['direct']:.1f} ms, via nginx {p50['nginx']:.1f} ms); "
+            f"built at {build['records_per_s']:.0f} records/s")
+
+
+def rss(ctx: Ctx) -> None:
+    """The gateway's peak RSS (VmHWM) while streaming cats, a fresh gateway for each size."""
+    block = ctx.results.setdefault("rss", {})
+    for size in ctx.plan.rss_sizes:
+        gw = ctx.procs.restart_gateway()
+        idle = gw.memory_kib()
+        target = {"name": "gateway", "api": gw.url, "gw": gw.url, "headers": ctx.procs.auth.headers}
+        spec = {"kind": "stream", "op": "cat", "size": size, "cid": ctx.cids[size], "targets": [target],
+                "repeats": ctx.plan.repeats, "iterations": ctx.plan.iterations(size), "budget_s": 90}
+        res = ctx.loadgen(spec, 90)
+        after = gw.memory_kib()
+        block[str(size)] = {"idle_rss_kib": idle["VmRSS"], "peak_rss_kib": after["VmHWM"],
+                            "rss_after_kib": after["VmRSS"], "pid": gw.pid,
+                            "bytes_streamed": size * (1 + ctx.plan.iterations(size) * len(res["rounds"])),
+                            "mbps": median(res["samples"]["gateway"])}
+        ctx.say(f"rss  {size_label(size):>8}: idle {idle['VmRSS'] / 1e3:.1f} MB, peak {after['VmHWM'] * 1024 / 1e6:.1f} MB "
+                f"(VmHWM), cat through a fresh gateway")
+    ctx.procs.restart_gateway()  # leave a gateway whose peak is not these
+
+
+def encrypted_read(ctx: Ctx) -> dict:
+    """Encrypted attachment read vs plaintext — the slot for it.
+
+    Encryption of attachments is not wired into an endpoint yet, so this reports "not
+    available" (naming any attachment endpoint the gateway's OpenAPI document already lists).
+    To measure it: write the upload of the same blob sealed and in clear, then return
+    ``{"status": "measured", "mbps": {"plaintext": x, "encrypted": y}, "ratio": y / x}`` —
+    ``report`` turns that into the table row and checks the ≥ 0.8× target.
+    """
+    gw = ctx.procs.ensure_gateway()
+    found: list[str] = []
+    try:
+        req = urllib.request.Request(gw.url + "/medicon/v1/openapi.json", headers=ctx.procs.auth.headers)
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            found = [p for p in json.load(resp).get("paths", {}) if "attachment" in p.lower()]
+    except (OSError, ValueError):
+        pass
+    reason = ("the gateway has no attachment endpoint yet" if not found else
+              "attachment endpoints exist (" + ", ".join(found) + ") but bench/run.py:encrypted_read "
+              "does not measure them yet")
+    return {"status": "not available", "reason": reason, "endpoints": found}
+
+
+def encrypted(ctx: Ctx) -> None:
+    ctx.results["encrypted_read"] = res = encrypted_read(ctx)
+    ctx.say(f"encrypted attachment read: {res['status']} ({res.get('reason', '')})")
+
+
+# --- machine ---------------------------------------------------------------------------------
+
+def machine_info(procs: Procs) -> dict[str, Any]:
+    def first(path: str, key: str) -> str | None:
+        try:
+            for line in Path(path).read_text().splitlines():
+                if line.split(":")[0].strip() == key:
+                    return line.split(":", 1)[1].strip()
+        except OSError:
+            pass
+        return None
+
+    mem_kib = first("/proc/meminfo", "MemTotal")
+    os_name = None
+    try:
+        for line in Path("/etc/os-release").read_text().splitlines():
+            if line.startswith("PRETTY_NAME="):
+                os_name = line.split("=", 1)[1].strip('"')
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        commit = None
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "cpu_model": first("/proc/cpuinfo", "model name"),
+        "cores": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)),
+        "ram_gib": round(int(mem_kib.split()[0]) / 2**20, 1) if mem_kib else None,
+        "kernel": platform.release(),
+        "os": os_name,
+        "python": platform.python_version(),
+        "aiohttp": metadata.version("aiohttp"),
+        "kubo": procs.kubo.version() if procs.kubo else None,
+        "nginx": procs.nginx_version(),
+        "git_commit": commit,
+    }
+
+
+# --- main ------------------------------------------------------------------------------------
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--big", action="store_true", help="add 1 GiB transfers and a 100 000-record history (long)")
+    p.add_argument("--repeats", type=int, help="rounds per measurement (default 5; appends 3)")
+    p.add_argument("--history-length", type=int, help="records in the history episode (default 2000)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test with small sizes; writes bench/results/quick.* instead of latest.*")
+    p.add_argument("--only", help=f"comma-separated subset of: {','.join(SCENARIOS)}")
+    p.add_argument("--out", type=Path, default=RESULTS, help="results folder (default bench/results)")
+    p.add_argument("--keep-tmp", action="store_true", help="keep the temporary Kubo repo and logs")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    plan = Plan.from_args(args)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
+    tmp = Path(tempfile.mkdtemp(prefix="medicon-bench-"))
+    procs = Procs(tmp)
+    ctx = Ctx(procs, plan)
+    try:
+        ctx.say(f"temporary dir {tmp}; starting Kubo, the gateway and nginx")
+        kubo = procs.start_kubo()
+        keyring = procs.ensure_keyring()
+        auth = procs.create_token()
+        gw = procs.start_gateway()
+        nginx = procs.start_nginx()
+        ctx.say(f"Kubo {kubo.version()} api {kubo.api_url} gateway {kubo.gateway_url} | gateway {gw.url} "
+                f"(pid {gw.pid}) | nginx {nginx}")
+        ctx.say(f"auth: {auth.note}; keyring: {keyring}")
+        ctx.results.update({
+            "machine": machine_info(procs),
+            "plan": {"sizes": plan.sizes, "repeats": plan.repeats, "append_repeats": plan.append_repeats,
+                     "concurrency": plan.concurrency, "records_per_client": plan.records_per_client,
+                     "history_length": plan.history_length, "rss_sizes": plan.rss_sizes,
+                     "bytes_per_sample": plan.bytes_per_sample, "big": plan.big, "quick": plan.quick,
+                     "only": sorted(plan.only)},
+            "auth": auth.note, "keyring": keyring,
+        })
+        steps: list[tuple[str, Callable[[], None]]] = []
+        if plan.only & {"cat", "ipfs", "rss"}:
+            steps.append(("prepare", lambda: prepare(ctx)))
+        for op in ("cat", "ipfs", "add"):
+            if op in plan.only:
+                steps.append((op, lambda op=op: stream(ctx, op)))
+        for name, fn in (("appends", appends), ("history", history), ("rss", rss), ("encrypted", encrypted)):
+            if name in plan.only:
+                steps.append((name, lambda fn=fn: fn(ctx)))
+        for name, step in steps:
+            try:
+                step()
+            except (BenchError, KeyError, ValueError, OSError) as exc:
+                ctx.errors.append({"step": name, "error": f"{type(exc).__name__}: {exc}"})
+                ctx.say(f"{name}: FAILED: {exc}")
+                if name == "prepare":
+                    break
+        ctx.results["errors"] = ctx.errors
+        ctx.results["elapsed_s"] = round(time.monotonic() - ctx.started, 1)
+        if "encrypted_read" not in ctx.results:
+            ctx.results["encrypted_read"] = {"status": "not measured in this run"}
+        base = "quick" if plan.quick else "latest"
+        written = report.write_all(ctx.results, args.out, base)
+        print(report.markdown(ctx.results), flush=True)
+        ctx.say("wrote " + ", ".join(str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p) for p in written))
+        return 1 if ctx.errors else 0
+    except KeyboardInterrupt:
+        ctx.say("interrupted: stopping Kubo, the gateway and nginx")
+        return 130
+    except BenchError as exc:
+        ctx.say(f"FAILED: {exc}")
+        return 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup short
+        procs.close()
+        if args.keep_tmp:
+            ctx.say(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
