@@ -6,6 +6,7 @@ document served at ``/medicon/v1/openapi.json``).
 
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import asdict
 from pathlib import Path
@@ -22,6 +23,9 @@ OPENAPI = Path(__file__).with_name("openapi.json")
 routes = web.RouteTableDef()
 PREFIX = "/medicon/v1"
 MAX_PAGE = 500
+# ``limit`` and ``cursor`` as the OpenAPI document has them (ASCII digits, optional minus), and
+# small enough for the head store's 64-bit integers.
+_QUERY_INT = re.compile(r"-?[0-9]{1,18}")
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
@@ -118,11 +122,10 @@ async def get_episode(request: web.Request) -> web.Response:
 async def history(request: web.Request) -> web.Response:
     """Records in chronological order; ``cursor`` is the ``next`` of the previous page."""
     episode = await _known_episode(request, "record:read")
-    try:
-        limit = int(request.query.get("limit", "50"))
-        after = int(request.query.get("cursor", "-1"))
-    except ValueError:
-        raise GatewayError(400, "limit and cursor must be integers") from None
+    limit, after = request.query.get("limit", "50"), request.query.get("cursor", "-1")
+    if not (_QUERY_INT.fullmatch(limit) and _QUERY_INT.fullmatch(after)):
+        raise GatewayError(400, "limit and cursor must be integers of at most 18 digits")
+    limit, after = int(limit), int(after)
     if not 1 <= limit <= MAX_PAGE:
         raise GatewayError(400, f"limit must be between 1 and {MAX_PAGE}")
     rows = await request.app[STORE].history(episode.id, after, limit)

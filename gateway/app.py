@@ -19,6 +19,37 @@ from .schemas import DEFAULT_SCHEMA_DIR, SchemaError, SchemaRegistry
 from .store import SQLiteHeadStore
 
 
+class InFlight:
+    """Requests being served: bounded (503 beyond the limit) and drained on SIGTERM."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+
+INFLIGHT = web.AppKey("inflight", InFlight)
+
+
+@web.middleware
+async def inflight_middleware(request: web.Request, handler):
+    inflight = request.app[INFLIGHT]
+    if request.path in auth.PUBLIC_PATHS:
+        return await handler(request)
+    if inflight.count >= inflight.limit:
+        raise GatewayError(503, "the gateway is at its limit of concurrent requests; retry shortly",
+                           code=3, headers={"Retry-After": "1"})
+    inflight.count += 1
+    inflight.idle.clear()
+    try:
+        return await handler(request)
+    finally:
+        inflight.count -= 1
+        if inflight.count == 0:
+            inflight.idle.set()
+
+
 async def kubo_session(app: web.Application) -> AsyncIterator[None]:
     """One long-lived client session to Kubo, with keep-alive and bounded timeouts."""
     cfg = app[CONFIG].kubo
@@ -105,7 +136,8 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 def create_app(config: Config) -> web.Application:
-    app = web.Application(middlewares=[error_middleware, auth.auth_middleware])
+    app = web.Application(middlewares=[error_middleware, inflight_middleware, auth.auth_middleware])
+    app[INFLIGHT] = InFlight(config.server.max_concurrent_requests)
     app[CONFIG] = config
     app[PLUGINS] = plugins.make_manager(config.plugins.modules)
     app[chain.LOCKS] = chain.EpisodeLocks()

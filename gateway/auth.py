@@ -12,6 +12,8 @@ agree).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 import time
 import uuid
@@ -58,7 +60,84 @@ ACCESS: dict[str, Access] = {
     "pin/verify": Access.RAW_READ, "name/resolve": Access.RAW_READ,
 }
 
-_CID = re.compile(r"^(Qm[1-9A-HJ-NP-Za-km-z]{44}|[bBfFkKzZmMuU][0-9A-Za-z_-]{4,})$")
+_B58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
+_B58_FLICKR = "123456789abcdefghijkmnopqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ"
+_B36 = "0123456789abcdefghijklmnopqrstuvwxyz"
+# CIDv0, or a CIDv1 in one of the multibases clients use (base64 has + and =)
+_CID_TEXT = re.compile(r"Qm[1-9A-HJ-NP-Za-km-z]{44}|[bBfFkKzZmMuU][0-9A-Za-z_+=-]{4,}")
+MAX_CID_TEXT = 512  # far above any real CID (a sha2-512 CIDv1 in base16 is ~140 characters)
+
+
+def _base_n(text: str, alphabet: str) -> bytes:
+    """Big-endian base-N with leading zero digits as zero bytes (base58 and base36)."""
+    value = 0
+    for char in text:
+        digit = alphabet.find(char)
+        if digit < 0:
+            raise ValueError(f"{char!r} is not a digit of this base")
+        value = value * len(alphabet) + digit
+    zeros = len(text) - len(text.lstrip(alphabet[0]))
+    return b"\0" * zeros + (value.to_bytes((value.bit_length() + 7) // 8, "big") if value else b"")
+
+
+def _b64(text: str, altchars: bytes) -> bytes:
+    return base64.b64decode(text + "=" * (-len(text) % 4), altchars=altchars, validate=True)
+
+
+_MULTIBASE = {
+    "b": lambda t: base64.b32decode(t.upper() + "=" * (-len(t) % 8)) if t == t.lower() else _bad(),
+    "B": lambda t: base64.b32decode(t + "=" * (-len(t) % 8)) if t == t.upper() else _bad(),
+    "f": lambda t: bytes.fromhex(t) if t == t.lower() else _bad(),
+    "F": lambda t: bytes.fromhex(t) if t == t.upper() else _bad(),
+    "k": lambda t: _base_n(t, _B36),
+    "K": lambda t: _base_n(t.lower(), _B36) if t == t.upper() else _bad(),
+    "z": lambda t: _base_n(t, _B58),
+    "Z": lambda t: _base_n(t, _B58_FLICKR),
+    "m": lambda t: _b64(t, b"+/") if "=" not in t else _bad(),
+    "M": lambda t: _b64(t, b"+/"),
+    "u": lambda t: _b64(t, b"-_") if "=" not in t else _bad(),
+    "U": lambda t: _b64(t, b"-_"),
+}
+
+
+def _bad() -> bytes:
+    raise ValueError("wrong letter case for this multibase")
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(data) or shift > 63:
+            raise ValueError("truncated varint")
+        byte = data[pos]
+        value |= (byte & 0x7F) << shift
+        pos, shift = pos + 1, shift + 7
+        if not byte & 0x80:
+            return value, pos
+
+
+def is_cid(text: str) -> bool:
+    """``text`` decodes as a CID the way Kubo (go-cid) decodes one: a CIDv0 (base58btc
+    sha2-256 multihash, bare or multibase-encoded) or a multibase CIDv1 whose version, codec and
+    multihash (code, length, digest) are all there and agree, with nothing after them."""
+    if len(text) > MAX_CID_TEXT or not _CID_TEXT.fullmatch(text):
+        return False
+    try:
+        if text.startswith("Qm"):
+            raw = _base_n(text, _B58)
+            return len(raw) == 34 and raw[:2] == b"\x12\x20"
+        raw = _MULTIBASE[text[0]](text[1:])
+        if raw[:2] == b"\x12\x20":
+            return len(raw) == 34
+        version, pos = _varint(raw, 0)
+        if version != 1:
+            return False
+        _codec, pos = _varint(raw, pos)
+        _hash, pos = _varint(raw, pos)
+        length, pos = _varint(raw, pos)
+        return len(raw) - pos == length
+    except (ValueError, KeyError, binascii.Error):
+        return False
 
 
 @web.middleware
@@ -100,7 +179,7 @@ async def audit(request: web.Request, who: Principal | None, action: str,
     """One audit event per decision. Patient, episode and CID become keyed pseudonyms here, so
     no audit plugin ever sees an identifier; the path is left out for the same reason."""
     keyring = request.app[KEYRING]
-    shown = {k: (keyring.pseudonym(k, v) if k in PSEUDONYMISED else v)
+    shown = {k: (keyring.pseudonym(k, _text(v)) if k in PSEUDONYMISED else v)
              for k, v in resource.items() if v is not None}
     event = {
         "time": time.time(), "request_id": request[REQUEST_ID],
@@ -112,6 +191,13 @@ async def audit(request: web.Request, who: Principal | None, action: str,
                        config=request.app[CONFIG])
 
 
+def _text(value: Any) -> str:
+    """An identifier as pseudonymisable text, whatever a hostile request made of it (a
+    number, an unpaired surrogate): pseudonyms are taken over UTF-8."""
+    text = value if isinstance(value, str) else str(value)
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 # --- what a CID or a path names ----------------------------------------------------------------
 
 def root_of(arg: str) -> tuple[str | None, bool]:
@@ -121,9 +207,12 @@ def root_of(arg: str) -> tuple[str | None, bool]:
     """
     if arg.startswith("/ipns/") or arg.startswith("ipns/"):
         return None, True
+    if any(seg in (".", "..") for seg in arg.split("/")):
+        # Kubo cleans them away, so the root checked here would not be the root read there
+        raise GatewayError(400, f"dot segments are not allowed in paths: {arg[:100]!r}")
     path = arg.removeprefix("/ipfs/").removeprefix("ipfs/").lstrip("/")
     root, _, rest = path.partition("/")
-    if not _CID.match(root):
+    if not is_cid(root):
         raise GatewayError(400, f"invalid CID or path {arg[:100]!r}")
     return root, bool(rest.strip("/"))
 

@@ -69,7 +69,14 @@ def now() -> str:
 
 
 def _timestamp(value: str) -> dt.datetime:
-    return dt.datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+    """An RFC 3339 time (validated by the schema). A leap second (``:60``), which Python's
+    datetime cannot hold, counts as the last instant of its minute."""
+    text = value.replace("Z", "+00:00").replace("z", "+00:00")
+    leap = len(text) > 19 and text[17:19] == "60"
+    if leap:
+        text = text[:17] + "59" + text[19:]
+    stamp = dt.datetime.fromisoformat(text)
+    return stamp.replace(microsecond=999999) if leap else stamp
 
 
 def _dag_json_problems(value: Any, pointer: str = "") -> list[str]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from .app import create_app
+from .app import INFLIGHT, create_app
 from .config import Config, ConfigError, keyring_path, load_config
 from .keyring import KeyringError, LocalKeyring
 from .kubo import KuboError, KuboNode
@@ -51,9 +51,18 @@ async def run_server(config: Config, *, announce=None) -> None:
              config.kubo.api_url)
     try:
         await stop.wait()
+        # Drain: stop accepting, let in-flight requests finish (aiohttp's own graceful shutdown
+        # stops reading request bodies, which would break uploads in flight), then close.
+        log.info("stopping: draining in-flight requests (up to %gs)", config.server.shutdown_timeout)
+        await site.stop()
+        try:
+            await asyncio.wait_for(app[INFLIGHT].idle.wait(), config.server.shutdown_timeout)
+        except asyncio.TimeoutError:
+            log.warning("%d requests still in flight after %gs; closing them",
+                        app[INFLIGHT].count, config.server.shutdown_timeout)
     finally:
-        log.info("shutting down")
         await runner.cleanup()
+        log.info("stopped")
 
 
 def _announce(host: str, port: int) -> None:
@@ -171,6 +180,16 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
     return 1
 
 
+# --- check ----------------------------------------------------------------------------------
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .check import check
+    overrides = {"records.data_dir": args.data_dir} if args.data_dir else {}
+    report = asyncio.run(check(load_config(args.config, overrides=overrides), repair=args.repair))
+    print(json.dumps(report, indent=2))
+    return 0 if report["clean"] else 1
+
+
 # --- keys -----------------------------------------------------------------------------------
 
 def _keyring_file(args: argparse.Namespace) -> Path:
@@ -256,6 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = actions.add_parser("revoke", parents=[store_opts], help="revoke a token at once")
     revoke.add_argument("name_or_id")
     revoke.set_defaults(func=cmd_token_revoke)
+
+    chk = sub.add_parser("check", help="compare the head store with Kubo; --repair re-pins and cleans up")
+    chk.add_argument("--config", default=argparse.SUPPRESS, help="TOML config file")
+    chk.add_argument("--data-dir", default=None, help="the gateway's records.data_dir")
+    chk.add_argument("--repair", action="store_true", help="pin unpinned heads, unpin stale and orphan pins")
+    chk.set_defaults(func=cmd_check)
 
     keys = sub.add_parser("keys", help="the local keyring: init, rotate, shred")
     key_opts = argparse.ArgumentParser(add_help=False)

@@ -30,6 +30,10 @@ class ServerConfig:
     allowed_origins: tuple[str, ...] = ()
     # Seconds a SIGTERM waits for in-flight requests before closing.
     shutdown_timeout: float = 30.0
+    # Requests served at once; over it: 503 with Retry-After (health probes are exempt).
+    max_concurrent_requests: int = 512
+    # Seconds a client may stay silent while sending a request body; past it: 408.
+    body_timeout: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -147,11 +151,12 @@ def _check(config: Config) -> Config:
     for key in ("server.port",):
         if not 0 <= config.server.port <= 65535:
             raise ConfigError(f"config key {key!r}: port out of range: {config.server.port}")
-    for key in ("kubo.connect_timeout", "kubo.read_timeout", "server.shutdown_timeout"):
+    for key in ("kubo.connect_timeout", "kubo.read_timeout", "server.shutdown_timeout", "server.body_timeout"):
         section, name = key.split(".")
         if getattr(getattr(config, section), name) <= 0:
             raise ConfigError(f"config key {key!r}: must be > 0")
-    for key in ("kubo.max_connections", "records.max_record_size", "records.max_parts"):
+    for key in ("kubo.max_connections", "records.max_record_size", "records.max_parts",
+                "server.max_concurrent_requests"):
         section, name = key.split(".")
         if getattr(getattr(config, section), name) < 1:
             raise ConfigError(f"config key {key!r}: must be >= 1")

@@ -77,6 +77,10 @@ class Kubo:
         """Pin ``new`` recursively by the difference from the pinned ``old`` (cheap for chains)."""
         await self._call("pin/update", [("arg", old), ("arg", new), ("unpin", "true" if unpin else "false")])
 
+    async def recursive_pins(self) -> set[str]:
+        body = await self._call("pin/ls", [("type", "recursive")])
+        return set(json.loads(body).get("Keys", {}))
+
     async def pinned(self, cid: str) -> bool:
         try:
             await self._call("pin/ls", [("arg", cid), ("type", "recursive")])

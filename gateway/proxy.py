@@ -8,6 +8,7 @@ back, chunk by chunk, with backpressure on both sides. Only what the gateway its
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import AsyncIterator
 from urllib.parse import quote, unquote_plus, urlsplit
@@ -20,7 +21,7 @@ from yarl import URL
 from . import auth, commands
 from .appkeys import CONFIG, INTERCEPTORS, KUBO_SESSION
 from .commands import Action
-from .errors import GatewayError
+from .errors import GatewayError, kubo_error
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +90,23 @@ def upstream_headers(request: web.Request) -> CIMultiDict[str]:
     return headers
 
 
-async def _body(request: web.Request) -> AsyncIterator[bytes]:
-    async for chunk in request.content.iter_chunked(CHUNK):
-        yield chunk
+async def read_body_chunk(request: web.Request, size: int = CHUNK) -> bytes:
+    """Up to ``size`` bytes of the request body (b"" at its end). A client that stays silent
+    longer than ``server.body_timeout`` (one byte a second is silence too, for long) gets 408."""
+    try:
+        return await asyncio.wait_for(request.content.read(size), request.app[CONFIG].server.body_timeout)
+    except asyncio.TimeoutError:
+        raise GatewayError(408, f"the request body stalled for more than "
+                                f"{request.app[CONFIG].server.body_timeout:g}s") from None
+
+
+async def _body(request: web.Request, failed: list) -> AsyncIterator[bytes]:
+    try:
+        while chunk := await read_body_chunk(request):
+            yield chunk
+    except GatewayError as err:
+        failed.append(err)
+        raise
 
 
 def upstream_error(request: web.Request, exc: Exception) -> Exception:
@@ -126,10 +141,11 @@ async def forward(request: web.Request, url: URL, *, body=None,
     """
     session = request.app[KUBO_SESSION]
     headers = upstream_headers(request)
+    failed_body = [] if failed_body is None else failed_body
     if body is not None:
         headers.popall("Content-Length", None)  # computed again for the new body
     elif request.body_exists:
-        body = _body(request)
+        body = _body(request, failed_body)
     try:
         upstream = await session.request(
             request.method, url, headers=headers, data=body, allow_redirects=False,
@@ -142,8 +158,34 @@ async def forward(request: web.Request, url: URL, *, body=None,
         return await _relay(request, upstream, tap, finish)
 
 
+ERROR_BODY_LIMIT = 64 * 1024
+
+
+async def _kubo_error(request: web.Request, upstream: aiohttp.ClientResponse) -> web.Response:
+    """Kubo's error answer, in Kubo's JSON shape and with a status that says whose fault it is.
+
+    Kubo's RPC answers every command error with 500 (its ``Code`` 0 means an ordinary error:
+    a bad path, a missing link, content it does not have), and some refusals come as plain
+    text. Code 0/1 errors are the request's (400); Code 2, Kubo's own failures, are a bad
+    gateway (502); plain-text bodies are wrapped in the JSON shape.
+    """
+    raw = await upstream.content.read(ERROR_BODY_LIMIT)
+    status = upstream.status
+    try:
+        body = json.loads(raw)
+        message, code = str(body["Message"]), int(body.get("Code", 0))
+    except (ValueError, KeyError, TypeError):
+        message = raw.decode("utf-8", "replace").strip() or upstream.reason or "error"
+        code = None
+    if status == 500:
+        status = 502 if code == 2 else 400
+    return kubo_error(status, message[:2000], code=code if code is not None and status != 400 else None)
+
+
 async def _relay(request: web.Request, upstream: aiohttp.ClientResponse, tap=None,
                  finish=None) -> web.StreamResponse:
+    if upstream.status >= 400 and upstream.status not in (416,):
+        return await _kubo_error(request, upstream)
     resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
     for key, value in upstream.headers.items():
         if key.lower() not in DROP_RESPONSE:

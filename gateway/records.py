@@ -9,12 +9,14 @@ passes to Kubo as a blob, streamed.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, AsyncIterator
 from urllib.parse import unquote_plus
 
 import aiohttp
 from aiohttp import web
 from aiohttp.helpers import parse_mimetype
+from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDictProxy
 
 from . import attachments, auth, chain, commands, crypto, protect, proxy, strictjson
@@ -27,6 +29,53 @@ from .store import Blob
 
 PEEK = 64 * 1024
 MIXED = ("records and other files cannot be added together: add attachments in a separate request")
+# What aiohttp's multipart reader raises on broken framing (no or bad boundary, a body cut
+# short, part headers too long or malformed): the client's fault, so a 400, never a 500.
+_FRAMING_ERRORS = (ValueError, AssertionError, RuntimeError, LookupError, HttpProcessingError)
+_INT64 = re.compile(r"[+-]?[0-9]{1,19}")
+# The identifier grammar of records (schemas/record/common-v1.json#/$defs/identifier).
+_IDENTIFIER = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def _malformed(exc: BaseException) -> GatewayError:
+    why = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    return GatewayError(400, f"malformed multipart body: {why}")
+
+
+async def _open_multipart(request: web.Request) -> tuple[aiohttp.MultipartReader, str]:
+    """The body's multipart reader and its boundary; 400 if the Content-Type has none usable."""
+    try:
+        reader = await request.multipart()
+        return reader, _boundary(request)
+    except _FRAMING_ERRORS as exc:
+        raise _malformed(exc) from None
+
+
+async def _next_part(reader: aiohttp.MultipartReader) -> aiohttp.BodyPartReader | None:
+    """The next part, or None after the last; 400 for broken framing or a nested multipart."""
+    try:
+        part = await reader.next()
+    except _FRAMING_ERRORS as exc:
+        raise _malformed(exc) from None
+    if part is not None and not isinstance(part, aiohttp.BodyPartReader):
+        raise GatewayError(400, "malformed multipart body: nested multipart parts are not supported")
+    return part
+
+
+async def _require_form(request: web.Request, resolved: Resolved) -> None:
+    """Kubo reads files only from a multipart/form-data body: refuse anything else here, in
+    Kubo's error shape, rather than relay Kubo's plain-text refusal."""
+    if request.content_type != "multipart/form-data":
+        await auth.authorize(request, "raw:write", {"kind": "raw"})
+        raise GatewayError(400, f"{resolved.command} takes a multipart/form-data body, "
+                                f"not {request.content_type[:100]!r}")
+
+
+async def _read_chunk(part: aiohttp.BodyPartReader, size: int) -> bytes:
+    try:
+        return await part.read_chunk(size)
+    except _FRAMING_ERRORS as exc:
+        raise _malformed(exc) from None
 
 
 def options(request: web.Request, resolved: Resolved) -> dict[str, list[str]]:
@@ -45,12 +94,24 @@ def _json_record(data: bytes) -> Any:
     except strictjson.BadJSON as bad:
         try:
             lenient = json.loads(data)
-        except (ValueError, RecursionError):
-            return None
+        except (ValueError, RecursionError):  # not UTF-8, too deep, or not JSON at all
+            keys = strictjson.top_level_keys(data)
+            lenient = dict.fromkeys(keys)
         if chain.is_record_candidate(lenient):
             raise GatewayError(400, f"invalid record: {bad}") from None
         return None
     return doc if chain.is_record_candidate(doc) else None
+
+
+def _record_in(head: bytes, complete: bool, limit: int) -> Any:
+    """The record a part holds, or None for a blob. A part too big to be read whole (over
+    ``limit``) whose start claims to be a record is refused (413), never stored as a blob."""
+    if complete:
+        return _json_record(head)
+    if strictjson.looks_like_json_object(head) and chain.is_record_candidate(
+            dict.fromkeys(strictjson.top_level_keys(head))):
+        raise GatewayError(413, f"a record is at most {limit} bytes of JSON")
+    return None
 
 
 def _part_head(headers: CIMultiDictProxy[str]) -> bytes:
@@ -71,7 +132,7 @@ async def _peek(part: aiohttp.BodyPartReader, limit: int) -> tuple[bytes, bool]:
     ``limit`` bytes), else just enough to know it is not. Returns (bytes, complete)."""
     buf = bytearray()
     while True:
-        chunk = await part.read_chunk(PEEK)
+        chunk = await _read_chunk(part, PEEK)
         if not chunk:
             return bytes(buf), True
         buf += chunk
@@ -81,7 +142,12 @@ async def _peek(part: aiohttp.BodyPartReader, limit: int) -> tuple[bytes, bool]:
 
 
 def record_resource(doc: dict[str, Any]) -> dict[str, Any]:
-    return {"kind": "record", "patient": doc.get("patient"), "episode": doc.get("episode")}
+    """What a record claims to be, for authorization before its schema is checked: a patient
+    or episode that is not a string (an invalid record, refused later) is passed as its JSON
+    text, so scopes and audit pseudonyms only ever see strings."""
+    def named(value: Any) -> str | None:
+        return value if value is None or isinstance(value, str) else json.dumps(value, sort_keys=True)
+    return {"kind": "record", "patient": named(doc.get("patient")), "episode": named(doc.get("episode"))}
 
 
 def attachment_patient(request: web.Request) -> str | None:
@@ -89,6 +155,9 @@ def attachment_patient(request: web.Request) -> str | None:
     patient the caller's credentials are scoped to (so the Kubo CLI needs no extra header)."""
     named = request.headers.get("X-Medicon-Patient")
     if named:
+        if not _IDENTIFIER.fullmatch(named):
+            raise GatewayError(400, "X-Medicon-Patient must be a patient identifier "
+                                    "(1 to 128 of A-Z a-z 0-9 . _ : -)")
         return named
     scope = auth.principal(request).patients
     if scope is not None and len(scope) == 1:
@@ -108,23 +177,23 @@ def _filename(part: aiohttp.BodyPartReader) -> str:
 
 async def intercept_add(request: web.Request, resolved: Resolved) -> web.StreamResponse:
     """``add``: records are appended (all validated before any is); other files stream to Kubo."""
-    if not request.content_type.startswith("multipart/"):
-        await auth.authorize(request, "raw:write", {"kind": "raw"})
-        return await proxy.forward_rpc(request, resolved)
+    await _require_form(request, resolved)
     limit = request.app[CONFIG].records.max_record_size
-    reader = await request.multipart()
-    boundary = _boundary(request)  # same framing as the client's, so its Content-Type stays valid
+    # same framing as the client's, so its Content-Type stays valid
+    reader, boundary = await _open_multipart(request)
     held: list[aiohttp.BodyPartReader] = []  # directory parts seen before the first file
     while True:
-        part = await reader.next()
+        part = await _next_part(reader)
         if part is None:
-            # only directories (or nothing): Kubo answers that as it would
+            if not held:
+                raise GatewayError(400, "add needs at least one file part in the multipart body")
+            # only directories: Kubo answers that as it would
             return await _forward_parts(request, resolved, reader, boundary, held, None, b"", True)
         if _is_directory(part):
             held.append(part)
             continue
         head, complete = await _peek(part, limit)
-        doc = _json_record(head) if complete else None
+        doc = _record_in(head, complete, limit)
         if doc is None:
             return await _forward_parts(request, resolved, reader, boundary, held, part, head, complete)
         return await _add_records(request, resolved, reader, [(_filename(part), doc, len(head))])
@@ -138,11 +207,11 @@ async def _add_records(request: web.Request, resolved: Resolved, reader: aiohttp
     if flag(opts, "wrap-with-directory"):
         raise GatewayError(400, "records are not wrapped in a directory (wrap-with-directory)")
     cfg = request.app[CONFIG].records
-    while (part := await reader.next()) is not None:
+    while (part := await _next_part(reader)) is not None:
         if _is_directory(part):
             continue
         head, complete = await _peek(part, cfg.max_record_size)
-        doc = _json_record(head) if complete else None
+        doc = _record_in(head, complete, cfg.max_record_size)
         if doc is None:
             raise GatewayError(400, MIXED)
         docs.append((_filename(part), doc, len(head)))
@@ -220,10 +289,19 @@ async def _forward_parts(request: web.Request, resolved: Resolved, reader: aioht
         if start:
             yield start
         if not whole:
-            while chunk := await part.read_chunk(proxy.CHUNK):
+            while chunk := await _read_chunk(part, proxy.CHUNK):
                 yield chunk
 
     async def body() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in reframed():
+                yield chunk
+        except GatewayError as err:  # bad framing or a record met mid-stream: the answer
+            if not failed:
+                failed.append(err)
+            raise
+
+    async def reframed() -> AsyncIterator[bytes]:
         for part in held:
             yield delimiter + _part_head(part.headers) + b"\r\n"
         part, start, whole = first, head, complete
@@ -236,11 +314,11 @@ async def _forward_parts(request: web.Request, resolved: Resolved, reader: aioht
             async for chunk in stream:
                 yield chunk
             yield b"\r\n"
-            while (part := await reader.next()) is not None and _is_structural(part):
+            while (part := await _next_part(reader)) is not None and _is_structural(part):
                 yield delimiter + _part_head(part.headers) + b"\r\n"
             if part is not None:
                 start, whole = await _peek(part, limit)
-                if whole and _json_record(start) is not None:
+                if _record_in(start, whole, limit) is not None:
                     failed.append(GatewayError(400, MIXED))
                     raise failed[0]
         yield f"--{boundary}--\r\n".encode()
@@ -252,27 +330,28 @@ async def _forward_parts(request: web.Request, resolved: Resolved, reader: aioht
 
 async def intercept_dag_put(request: web.Request, resolved: Resolved) -> web.StreamResponse:
     """``dag/put``: a record is appended (answer ``{"Cid": {"/": cid}}``); other nodes go to Kubo."""
-    if not request.content_type.startswith("multipart/"):
-        await auth.authorize(request, "raw:write", {"kind": "raw"})
-        return await proxy.forward_rpc(request, resolved)
+    await _require_form(request, resolved)
     opts = options(request, resolved)
     codec = (opts.get("input-codec") or ["dag-json"])[0]
     limit = request.app[CONFIG].records.max_record_size
-    reader = await request.multipart()
-    boundary = _boundary(request)
+    reader, boundary = await _open_multipart(request)
     parts: list[tuple[CIMultiDictProxy[str], bytes]] = []
     total = 0
-    while (part := await reader.next()) is not None:
+    while (part := await _next_part(reader)) is not None:
         data = bytearray()
-        while chunk := await part.read_chunk(PEEK):
+        while chunk := await _read_chunk(part, PEEK):
             data += chunk
             total += len(chunk)
             if total > 4 * limit:
                 raise GatewayError(413, f"dag/put bodies through the gateway are limited to {4 * limit} bytes")
         parts.append((part.headers, bytes(data)))
+    if not parts:
+        raise GatewayError(400, "dag/put needs a part in the multipart body: the node to put")
     if len(parts) == 1 and codec in ("dag-json", "json"):
         doc = _json_record(parts[0][1])
         if doc is not None:
+            if len(parts[0][1]) > limit:
+                raise GatewayError(413, f"a record is at most {limit} bytes of JSON")
             await auth.authorize(request, "record:write", record_resource(doc))
             appended = await chain.append(request.app, doc, auth.principal(request).id,
                                           request.headers.get("Idempotency-Key"))
@@ -325,13 +404,17 @@ async def intercept_cat(request: web.Request, resolved: Resolved) -> web.StreamR
     Kubo's ``cat`` cannot read); everything else is Kubo's ``cat``."""
     opts = options(request, resolved)
     args = opts.get("arg") or []
-    try:
-        offset = int((opts.get("offset") or ["0"])[0])
-        length = int((opts.get("length") or ["-1"])[0])
-    except ValueError:
-        raise GatewayError(400, "offset and length must be integers") from None
+    # read as Kubo reads them (Go's ParseInt into an int64), so what is checked is what is run
+    given = {name: (opts.get(name) or [None])[0] for name in ("offset", "length")}
+    if any(v is not None and not _INT64.fullmatch(v) for v in given.values()):
+        raise GatewayError(400, "offset and length must be integers")
+    offset, length = int(given["offset"] or 0), int(given["length"] or -1)
+    if not (-(2**63) <= offset < 2**63 and -(2**63) <= length < 2**63):
+        raise GatewayError(400, "offset and length must fit in 64 bits")
     if offset < 0:
         raise GatewayError(400, "offset must be >= 0")
+    if given["length"] is not None and length < 0:
+        raise GatewayError(400, "length must be >= 0")
     if len(args) == 1:
         blob = await sealed_blob(request.app, args[0])
         if blob is not None:

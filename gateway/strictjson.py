@@ -8,6 +8,7 @@ every later reader. Anything ambiguous is refused with a message, never a 500.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 MAX_DEPTH = 64
@@ -47,27 +48,44 @@ def _float(text: str) -> float:
     return value
 
 
-def _depth(value: Any) -> int:
-    """Nesting depth, iteratively (a recursive walk is what deep input attacks)."""
-    deepest, stack = 0, [(value, 1)]
+def _lone_surrogate(text: str) -> bool:
+    """A ``\\ud800``-style escape without its pair: valid JSON, but no UTF-8 (so no dag-cbor,
+    no signature) can carry it."""
+    if text.isascii():
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _check(value: Any) -> None:
+    """Nesting depth and strings, iteratively (a recursive walk is what deep input attacks)."""
+    stack = [(value, 1)]
     while stack:
         item, level = stack.pop()
+        if isinstance(item, str):
+            if _lone_surrogate(item):
+                raise BadJSON("a string holds an unpaired UTF-16 surrogate escape")
+            continue
         if isinstance(item, dict):
+            if any(_lone_surrogate(key) for key in item):
+                raise BadJSON("a key holds an unpaired UTF-16 surrogate escape")
             items = item.values()
         elif isinstance(item, list):
             items = item
         else:
             continue
-        deepest = max(deepest, level)
-        if deepest > MAX_DEPTH:
-            break
+        if level > MAX_DEPTH:
+            raise BadJSON(f"nested deeper than {MAX_DEPTH} levels")
         stack.extend((child, level + 1) for child in items)
-    return deepest
 
 
 def loads(data: bytes | str) -> Any:
     """Parse strictly: UTF-8 only, no duplicate keys, no NaN/Infinity, 64-bit integers,
-    finite floats, nesting at most ``MAX_DEPTH``. Raises ``BadJSON``."""
+    finite floats, nesting at most ``MAX_DEPTH``, no unpaired surrogate escapes. Raises
+    ``BadJSON``."""
     if isinstance(data, bytes):
         try:
             data = data.decode("utf-8")
@@ -82,10 +100,48 @@ def loads(data: bytes | str) -> Any:
         raise BadJSON(f"nested deeper than {MAX_DEPTH} levels") from None
     except ValueError as exc:
         raise BadJSON(f"invalid JSON: {exc}") from None
-    if _depth(value) > MAX_DEPTH:
-        raise BadJSON(f"nested deeper than {MAX_DEPTH} levels")
+    _check(value)
     return value
 
 
 def looks_like_json_object(data: bytes) -> bool:
     return data.lstrip()[:1] == b"{"
+
+
+# A string (possibly cut short at the end of the text), or one structural character.
+_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"?|[{}\[\],:]', re.DOTALL)
+
+
+def top_level_keys(data: bytes | str) -> set[str]:
+    """The keys at the top level of a JSON object, found without parsing the values: for text
+    too deep, too broken or not UTF-8 enough for a parser, to tell what it claims to be.
+    Best effort; an empty set if ``data`` is not an object."""
+    if isinstance(data, bytes):
+        data = data.decode("utf-8", "replace")
+    keys: set[str] = set()
+    depth, expect_key = 0, False
+    for match in _TOKEN.finditer(data.lstrip()):
+        token = match.group()
+        if token[0] == '"':
+            if depth == 1 and expect_key:
+                try:
+                    key = json.loads(token)
+                except ValueError:
+                    key = token.strip('"')
+                if isinstance(key, str):
+                    keys.add(key)
+            expect_key = False
+        elif token in "{[":
+            if depth == 0 and token != "{":
+                return set()
+            depth += 1
+            expect_key = depth == 1
+        elif token in "}]":
+            depth -= 1
+            if depth <= 0:
+                break
+        elif token == "," and depth == 1:
+            expect_key = True
+        elif token == ":":
+            expect_key = False
+    return keys

@@ -85,6 +85,8 @@ async def audit_page(request: web.Request) -> web.Response:
         raise GatewayError(400, "after and limit must be integers") from None
     if not 1 <= limit <= 1000:
         raise GatewayError(400, "limit must be between 1 and 1000")
+    if not 0 <= after < 2**63:
+        raise GatewayError(400, "after must be a sequence number (0 or more)")
     entries = log_for(request.app[CONFIG]).page(after, limit)
     return web.json_response({"entries": entries, "next": str(entries[-1]["seq"]) if len(entries) == limit else None})
 

@@ -129,9 +129,10 @@ class GatewayProcess:
         return self.process.returncode
 
 
-def start_gateway(node: KuboNode, *args: str, env: dict | None = None) -> GatewayProcess:
-    data_dir = new_data_dir()
-    token = make_token(data_dir, name="test-admin")
+def start_gateway(node: KuboNode, *args: str, env: dict | None = None,
+                  data_dir: str | None = None) -> GatewayProcess:
+    data_dir = data_dir or new_data_dir()
+    token = make_token(data_dir)
     full_env = {**os.environ, "MEDICON_KUBO_API_URL": node.api_url,
                 "MEDICON_KUBO_GATEWAY_URL": node.gateway_url,
                 "MEDICON_RECORDS_DATA_DIR": data_dir, **(env or {})}
@@ -175,3 +176,22 @@ def ipfs_cli(target, *args: str, input: bytes | None = None, cwd: Path | None = 
     env = {**os.environ, "IPFS_PATH": "/nonexistent-medicon-test-repo"}
     return subprocess.run([str(find_binary()), "--api", api, *auth, *extra, *args], input=input,
                           capture_output=True, env=env, cwd=cwd, timeout=120)
+
+
+# --- the chaos summary (`make chaos`) -----------------------------------------------------------
+
+CHAOS = {"acknowledged": 0, "found_after_recovery": 0, "forks": 0, "server_errors": 0}
+
+
+def chaos_scale(default: int) -> int:
+    """Long variants: `make chaos` sets MEDICON_CHAOS to multiply rounds, writers and examples."""
+    return default * int(os.environ.get("MEDICON_CHAOS", "1"))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if CHAOS["acknowledged"]:
+        lost = CHAOS["acknowledged"] - CHAOS["found_after_recovery"]
+        terminalreporter.write_line(
+            f"chaos: acknowledged {CHAOS['acknowledged']}, found after recovery "
+            f"{CHAOS['found_after_recovery']}, lost {lost}, forks {CHAOS['forks']}, "
+            f"5xx {CHAOS['server_errors']}")

@@ -86,11 +86,14 @@ async def test_bad_cid_is_a_client_error(client):
 
 
 async def test_ipns_path_is_proxied(client, kubo):
-    """Kubo's own answer (offline, it cannot resolve the name) arrives unchanged."""
+    """Kubo's own refusal (offline, it cannot resolve the name: a plain-text 500) reaches the
+    client as the request's error, in Kubo's JSON shape, with Kubo's message."""
     import aiohttp
     path = "/ipns/k51qzi5uqu5dlvj2baxnqndepeb86cbk3ng7n3i46uzyxzyqj2xjonzllnv0v8"
     async with aiohttp.ClientSession() as s:
         async with s.get(kubo.gateway_url + path) as direct:
-            want = (direct.status, await direct.read())
+            assert direct.status == 500
+            message = (await direct.text()).strip()
     r = await client.get(path)
-    assert (r.status, await r.read()) == want
+    assert r.status == 400
+    assert await r.json() == {"Message": message, "Code": 1, "Type": "error"}
