@@ -28,7 +28,7 @@ import statistics
 import sys
 import time
 import uuid
-from typing import Any, AsyncIterator
+from typing import AsyncIterator
 
 import aiohttp
 
@@ -185,12 +185,25 @@ async def _add(sess: aiohttp.ClientSession, target: dict, blobs: Blobs, size: in
 # --- scenarios -------------------------------------------------------------------------------
 
 async def prepare(spec: dict) -> dict:
+    """Add a blob of each size through ``target``; with ``check`` (a direct Kubo target), also
+    count the bytes Kubo itself holds for it (more than the size: the gateway sealed it)."""
     blobs = Blobs()
-    out = {}
+    out, stored = {}, {}
     async with make_session(4) as sess:
         for size in spec["sizes"]:
-            out[str(size)] = await add(sess, spec["target"], blobs, size)
-    return {"cids": out}
+            out[str(size)] = cid = await add(sess, spec["target"], blobs, size)
+            if spec.get("check"):
+                async with sess.post(spec["check"]["api"] + "/api/v0/cat", params={"arg": cid}) as resp:
+                    if resp.status != 200:
+                        raise await _fail(resp, "cat on Kubo")
+                    stored[str(size)] = await drain(resp)
+    return {"cids": out, "stored_bytes": stored}
+
+
+def settle() -> None:
+    """Flush dirty pages before a timed sample, outside the timing: the previous sample's
+    writes (a 256 MiB add) must not be written back during the next target's sample."""
+    os.sync()
 
 
 def rotated(items: list, r: int) -> list:
@@ -206,9 +219,9 @@ async def stream(spec: dict) -> dict:
 
     async def once(sess: aiohttp.ClientSession, target: dict) -> None:
         if op == "cat":
-            await cat(sess, target, spec["cid"], size)
+            await cat(sess, target, target.get("cid", spec.get("cid")), size)
         elif op == "ipfs":
-            await ipfs_get(sess, target, spec["cid"], size)
+            await ipfs_get(sess, target, target.get("cid", spec.get("cid")), size)
         elif op == "add":
             await add(sess, target, blobs, size)
         else:
@@ -226,6 +239,7 @@ async def stream(spec: dict) -> dict:
                 break
             row = {}
             for target in rotated(targets, r):
+                settle()
                 t0 = time.perf_counter()
                 for _ in range(iterations):
                     await once(sess, target)
@@ -351,6 +365,7 @@ async def appends(spec: dict) -> dict:
                             await raw_add(sess, target, body, boundary)
                         latencies.append(time.perf_counter() - t0)
 
+                settle()
                 t0 = time.perf_counter()
                 await asyncio.gather(*(client(i) for i in range(c)))
                 wall = time.perf_counter() - t0
@@ -377,24 +392,32 @@ async def history_build(spec: dict) -> dict:
         episode = await open_episode(sess, target, patient)
         next_k = 1
         done = 1
-        last_report = started
+        last_report = last_mark = started
+        progress = [(0.0, 1)]  # (seconds, length): how the append rate changes as the episode grows
 
         async def writer(i: int) -> None:
-            nonlocal next_k, done, last_report
+            nonlocal next_k, done, last_report, last_mark
             while next_k < length and time.monotonic() < deadline:
                 k = next_k
                 next_k += 1
                 body = json.dumps(record_doc(patient, episode, i, k, tag), separators=(",", ":")).encode()
                 await append_record(sess, target, episode, body)
                 done += 1
-                if time.monotonic() - last_report > 15:
-                    last_report = time.monotonic()
-                    log(f"history: {done}/{length} records, {done / (last_report - started):.0f}/s")
+                now = time.monotonic()
+                if now - last_mark >= 2:
+                    last_mark = now
+                    progress.append((round(now - started, 2), done))
+                if now - last_report > 15:
+                    last_report = now
+                    rate = (done - progress[-2][1]) / max(1e-9, progress[-1][0] - progress[-2][0]) \
+                        if len(progress) > 1 else 0
+                    log(f"history: {done}/{length} records, now {rate:.0f}/s")
 
         await asyncio.gather(*(writer(i) for i in range(spec["parallel"])))
     seconds = time.monotonic() - started
+    progress.append((round(seconds, 2), done))
     return {"episode": episode, "length": done, "wanted": length, "seconds": seconds,
-            "records_per_s": done / seconds}
+            "records_per_s": done / seconds, "progress": progress}
 
 
 async def history_page(spec: dict) -> dict:

@@ -10,9 +10,9 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -374,7 +374,36 @@ http {{
         self.loadgen = self.nginx = None
 
 
-def port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
+TMP_PREFIX = "medicon-bench-"
+
+
+def reap_stale(say=lambda msg: None) -> None:
+    """Stop the Kubo of an earlier run that was killed outright (SIGKILL skips every cleanup;
+    the gateway and nginx die with their parent, Kubo is started in a session of its own): an
+    ``ipfs daemon`` whose repo is in a ``medicon-bench-*`` temporary dir and whose parent is
+    gone. Then remove that dir."""
+    prefix = os.path.join(tempfile.gettempdir(), TMP_PREFIX)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().split(b"\0")
+            if len(cmd) < 2 or not cmd[0].endswith(b"ipfs") or cmd[1] != b"daemon":
+                continue
+            env = dict(item.split(b"=", 1) for item in (entry / "environ").read_bytes().split(b"\0") if b"=" in item)
+            repo = env.get(b"IPFS_PATH", b"").decode()
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if repo.startswith(prefix) and ppid == 1:
+            say(f"stopping the Kubo (pid {entry.name}) of an earlier bench run that was killed")
+            try:
+                os.kill(int(entry.name), signal.SIGTERM)
+                for _ in range(100):
+                    if not Path(f"/proc/{entry.name}").exists():
+                        break
+                    time.sleep(0.1)
+            except ProcessLookupError:
+                pass
+            shutil.rmtree(repo[:len(prefix)] + repo[len(prefix):].split("/", 1)[0], ignore_errors=True)
+

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import shutil
@@ -22,7 +21,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -32,7 +30,7 @@ if __package__ in (None, ""):  # `python bench/run.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import report  # noqa: E402
-from bench.procs import ROOT, BenchError, Procs  # noqa: E402
+from bench.procs import ROOT, TMP_PREFIX, BenchError, Procs, reap_stale  # noqa: E402
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -71,7 +69,7 @@ class Plan:
         return cls(sizes=sizes, repeats=args.repeats or 5, append_repeats=min(args.repeats or 3, 5),
                    concurrency=[1, 8, 32], records_per_client={1: 300, 8: 60, 32: 25},
                    history_length=args.history_length or (100_000 if args.big else 2_000),
-                   history_budget_s=4 * 3600 if args.big else 420, history_samples=30,
+                   history_budget_s=args.history_budget or (4 * 3600 if args.big else 420), history_samples=30,
                    rss_sizes=[MiB, 256 * MiB] + ([GiB] if args.big else []),
                    bytes_per_sample=64 * MiB, big=args.big, quick=False, only=only)
 
@@ -195,7 +193,8 @@ def history(ctx: Ctx) -> None:
                          "parallel": 16, "budget_s": plan.history_budget_s}, plan.history_budget_s)
     length = build["length"]
     out: dict[str, Any] = {"wanted_length": plan.history_length, "length": length, "build": build,
-                           "default_length": 2_000, "big_length": 100_000}
+                           "default_length": 2_000, "big_length": 100_000,
+                           "append_rate_by_length": append_rates(build.get("progress", []))}
     ctx.results["history"] = out
     if length < plan.history_length:
         ctx.say(f"history: time budget reached at {length} records")
@@ -209,9 +208,26 @@ def history(ctx: Ctx) -> None:
                 "p50_ms": {t: median(v) for t, v in page["timings_ms"].items()},
                 "retries": page.get("retries", {})})
     p50 = out["p50_ms"]
+    rates = out["append_rate_by_length"]
     ctx.say(f"history: page of 100 at seq {cursor + 1} of {length}: gateway p50 {p50['gateway']:.1f} ms "
             f"(100 sequential dag/get: direct {p50['direct']:.1f} ms, via nginx {p50['nginx']:.1f} ms); "
-            f"built at {build['records_per_s']:.0f} records/s")
+            f"built at {build['records_per_s']:.0f} records/s"
+            + (f" ({rates['first_tenth']:.0f}/s over the first tenth, {rates['last_tenth']:.0f}/s over the last)"
+               if rates else ""))
+
+
+def append_rates(progress: list) -> dict[str, float]:
+    """Appends/s over the first and the last tenth of the build: whether an append gets slower
+    as its episode grows."""
+    if len(progress) < 4:
+        return {}
+    end = progress[-1][1]
+
+    def rate(lo: float, hi: float) -> float:
+        pts = [p for p in progress if lo * end <= p[1] <= hi * end] or progress
+        first, last = pts[0], pts[-1]
+        return (last[1] - first[1]) / (last[0] - first[0]) if last[0] > first[0] else 0.0
+    return {"first_tenth": rate(0, 0.1), "last_tenth": rate(0.9, 1.0)}
 
 
 def rss(ctx: Ctx) -> None:
@@ -235,31 +251,56 @@ def rss(ctx: Ctx) -> None:
 
 
 def encrypted_read(ctx: Ctx) -> dict:
-    """Encrypted attachment read vs plaintext — the slot for it.
+    """Encrypted attachment read vs plaintext, both through the gateway.
 
-    Encryption of attachments is not wired into an endpoint yet, so this reports "not
-    available" (naming any attachment endpoint the gateway's OpenAPI document already lists).
-    To measure it: write the upload of the same blob sealed and in clear, then return
-    ``{"status": "measured", "mbps": {"plaintext": x, "encrypted": y}, "ratio": y / x}`` —
-    ``report`` turns that into the table row and checks the ≥ 0.8× target.
+    A blob added through the gateway with ``X-Medicon-Patient`` is an attachment of that
+    patient, sealed before it reaches Kubo; ``cat`` and ``GET /ipfs/<cid>`` through the gateway
+    decrypt it. Each is compared with the same read of a plaintext blob of the same size through
+    the gateway, interleaved. Where the
+    gateway cannot do that (no attachments, or it stores them in clear), the slot says
+    "not available" and why; everything else about the run is unchanged.
     """
+    size = max(s for s in ctx.plan.sizes if s <= 256 * MiB)
     gw = ctx.procs.ensure_gateway()
-    found: list[str] = []
+    direct = ctx.stream_targets()[0]
+    sealed_target = {"name": "gateway", "api": gw.url, "gw": gw.url,
+                     "headers": {**ctx.procs.auth.headers, "X-Medicon-Patient": "bench-attachments"}}
     try:
-        req = urllib.request.Request(gw.url + "/medicon/v1/openapi.json", headers=ctx.procs.auth.headers)
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            found = [p for p in json.load(resp).get("paths", {}) if "attachment" in p.lower()]
-    except (OSError, ValueError):
-        pass
-    reason = ("the gateway has no attachment endpoint yet" if not found else
-              "attachment endpoints exist (" + ", ".join(found) + ") but bench/run.py:encrypted_read "
-              "does not measure them yet")
-    return {"status": "not available", "reason": reason, "endpoints": found}
+        added = ctx.loadgen({"kind": "prepare", "target": sealed_target, "sizes": [size], "check": direct}, 300)
+    except BenchError as exc:
+        return {"status": "not available", "reason": f"an attachment add through the gateway failed ({exc})"}
+    cid, stored = added["cids"][str(size)], added["stored_bytes"][str(size)]
+    if stored == size:
+        return {"status": "not available", "cid": cid,
+                "reason": "the gateway stored the attachment in clear (no encryption of attachments)"}
+    plain = ctx.cids.get(size)
+    if plain is None:
+        plain = ctx.loadgen({"kind": "prepare", "target": direct, "sizes": [size]}, 300)["cids"][str(size)]
+    headers = ctx.procs.auth.headers
+    targets = [{"name": "plaintext", "api": gw.url, "gw": gw.url, "headers": headers, "cid": plain},
+               {"name": "encrypted", "api": gw.url, "gw": gw.url, "headers": headers, "cid": cid}]
+    budget = 120
+    by_op = {}
+    for op in ("cat", "ipfs"):  # the RPC `cat`, and GET /ipfs/<cid>
+        res = ctx.loadgen({"kind": "stream", "op": op, "size": size, "targets": targets,
+                           "repeats": ctx.plan.repeats, "iterations": ctx.plan.iterations(size),
+                           "budget_s": budget}, budget)
+        by_op[op] = {"mbps": {t: median(v) for t, v in res["samples"].items()},
+                     "samples_mbps": res["samples"], "rounds": len(res["rounds"]),
+                     "ratio": median([r["encrypted"] / r["plaintext"] for r in res["rounds"]])}
+    return {"status": "measured", "size": size, "cid": cid, "plaintext_cid": plain,
+            "stored_bytes": stored, "overhead_bytes": stored - size, "by_op": by_op}
 
 
 def encrypted(ctx: Ctx) -> None:
     ctx.results["encrypted_read"] = res = encrypted_read(ctx)
-    ctx.say(f"encrypted attachment read: {res['status']} ({res.get('reason', '')})")
+    if res["status"] == "measured":
+        for op, r in res["by_op"].items():
+            ctx.say(f"encrypted attachment {op} {size_label(res['size'])} through the gateway: "
+                    f"{r['mbps']['encrypted']:.0f} MB/s vs plaintext {r['mbps']['plaintext']:.0f} MB/s "
+                    f"({r['ratio']:.2f}x; {res['overhead_bytes']:,} bytes of sealing overhead in Kubo)")
+    else:
+        ctx.say(f"encrypted attachment read: {res['status']} ({res.get('reason', '')})")
 
 
 # --- machine ---------------------------------------------------------------------------------
@@ -300,6 +341,7 @@ def machine_info(procs: Procs) -> dict[str, Any]:
         "kubo": procs.kubo.version() if procs.kubo else None,
         "nginx": procs.nginx_version(),
         "git_commit": commit,
+        "loadavg_at_start": os.getloadavg(),
     }
 
 
@@ -315,6 +357,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--big", action="store_true", help="add 1 GiB transfers and a 100 000-record history (long)")
     p.add_argument("--repeats", type=int, help="rounds per measurement (default 5; appends 3)")
     p.add_argument("--history-length", type=int, help="records in the history episode (default 2000)")
+    p.add_argument("--history-budget", type=float,
+                   help="seconds the history episode may take to build (default 420; 4 h with --big)")
     p.add_argument("--quick", action="store_true",
                    help="smoke test with small sizes; writes bench/results/quick.* instead of latest.*")
     p.add_argument("--only", help=f"comma-separated subset of: {','.join(SCENARIOS)}")
@@ -326,9 +370,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     plan = Plan.from_args(args)
+    # Ctrl-C, SIGTERM and SIGHUP all end the run through the cleanup below (SIGINT explicitly,
+    # since a shell starts background jobs with it ignored).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _interrupt)
-    tmp = Path(tempfile.mkdtemp(prefix="medicon-bench-"))
+    reap_stale(lambda msg: print(f"bench: {msg}", file=sys.stderr, flush=True))
+    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX))
     procs = Procs(tmp)
     ctx = Ctx(procs, plan)
     try:
@@ -369,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
                     break
         ctx.results["errors"] = ctx.errors
         ctx.results["elapsed_s"] = round(time.monotonic() - ctx.started, 1)
+        ctx.results["machine"]["loadavg_at_end"] = os.getloadavg()
         if "encrypted_read" not in ctx.results:
             ctx.results["encrypted_read"] = {"status": "not measured in this run"}
         base = "quick" if plan.quick else "latest"

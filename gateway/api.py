@@ -61,7 +61,7 @@ def _conflict_details(err: GatewayError) -> GatewayError:
 async def _append(request: web.Request, doc: dict[str, Any]) -> web.Response:
     try:
         appended = await chain.append(request.app, doc, auth.principal(request).id,
-                                       request.headers.get("Idempotency-Key"))
+                                       records.idempotency_key(request))
     except GatewayError as err:
         raise _conflict_details(err) from None
     body = {"cid": appended.cid, "seq": appended.seq, "episode": _episode(appended.episode),

@@ -33,8 +33,19 @@ MIXED = ("records and other files cannot be added together: add attachments in a
 # short, part headers too long or malformed): the client's fault, so a 400, never a 500.
 _FRAMING_ERRORS = (ValueError, AssertionError, RuntimeError, LookupError, HttpProcessingError)
 _INT64 = re.compile(r"[+-]?[0-9]{1,19}")
+# An Idempotency-Key is a structured-field string: printable ASCII (and kept to a sane length)
+_IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,255}")
 # The identifier grammar of records (schemas/record/common-v1.json#/$defs/identifier).
 _IDENTIFIER = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def idempotency_key(request: web.Request) -> str | None:
+    """The request's ``Idempotency-Key``, if any; 400 unless it is 1 to 255 printable ASCII
+    characters (the head store keeps it as text, and a key past ASCII cannot be stored)."""
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not _IDEMPOTENCY_KEY.fullmatch(key):
+        raise GatewayError(400, "Idempotency-Key must be 1 to 255 printable ASCII characters")
+    return key
 
 
 def _malformed(exc: BaseException) -> GatewayError:
@@ -229,7 +240,7 @@ async def _add_records(request: web.Request, resolved: Resolved, reader: aiohttp
     if problems:
         raise GatewayError(400, "; ".join(problems), details={"problems": problems})
     lines, done = [], []
-    key = request.headers.get("Idempotency-Key")
+    key = idempotency_key(request)
     for index, (name, doc, size) in enumerate(docs):
         try:
             appended = await chain.append(request.app, doc, auth.principal(request).id,
@@ -354,7 +365,7 @@ async def intercept_dag_put(request: web.Request, resolved: Resolved) -> web.Str
                 raise GatewayError(413, f"a record is at most {limit} bytes of JSON")
             await auth.authorize(request, "record:write", record_resource(doc))
             appended = await chain.append(request.app, doc, auth.principal(request).id,
-                                          request.headers.get("Idempotency-Key"))
+                                          idempotency_key(request))
             return web.Response(text=json.dumps({"Cid": {"/": appended.cid}}) + "\n",
                                 content_type="application/json", headers={"X-Chunked-Output": "1"})
     if any(_json_record(data) is not None for _, data in parts):
