@@ -1,10 +1,9 @@
 """``medicon-gateway check``: compare the head store with Kubo after a crash or an incident.
 
-Every episode's head must be in Kubo and pinned recursively (which pins its whole history),
-every indexed record present, every chain verifying. Pins of record nodes that are not heads
-are reported: a stale pin left when a crash came between moving the head and unpinning the old
-one, or an orphan — a record stored and pinned by an append that crashed before its head moved
-(never acknowledged). ``--repair`` re-pins heads and removes stale and orphan pins.
+Every indexed record must be in Kubo and pinned (the gateway pins each record recursively as
+it stores it), every chain verifying. Pins of record nodes the index does not know are
+reported as orphans: a record stored and pinned by an append that crashed before its head
+moved (never acknowledged). ``--repair`` re-pins unpinned records and removes orphan pins.
 """
 
 from __future__ import annotations
@@ -36,32 +35,29 @@ async def _check(app: web.Application, repair: bool) -> dict[str, Any]:
     records = await store.all_records()
     pins = await kubo.recursive_pins()
     report: dict[str, Any] = {"episodes": len(episodes), "records": len(records), "missing": [],
-                              "unpinned_heads": [], "broken": [], "stale_pins": [], "orphans": [],
-                              "repaired": []}
+                              "unpinned": [], "broken": [], "orphans": [], "repaired": []}
     for record in records:
         if not await kubo.has_block(record.cid):
             report["missing"].append({"cid": record.cid, "episode": record.episode, "seq": record.seq})
-    heads = {e.head for e in episodes}
+        elif record.cid not in pins:
+            report["unpinned"].append(record.cid)
+            if repair:
+                await kubo.pin_add(record.cid)
+                report["repaired"].append({"pinned": record.cid})
     for episode in episodes:
-        if episode.head not in pins:
-            report["unpinned_heads"].append(episode.head)
-            if repair and await kubo.has_block(episode.head):
-                await kubo.pin_add(episode.head)
-                report["repaired"].append({"pinned": episode.head})
         verdict = await chain.verify(app, episode.id)
         if not verdict["ok"]:
             report["broken"].append(verdict)
     indexed = {r.cid for r in records}
-    for pin in sorted(pins - heads):
+    for pin in sorted(pins - indexed):
         if not pin.startswith("bafyrei") or not await _is_record_node(app, pin):
             continue  # attachments and raw data pinned by their owners
-        kind = "stale_pins" if pin in indexed else "orphans"
-        report[kind].append(pin)
+        report["orphans"].append(pin)
         if repair:
             await kubo.pin_rm(pin)
             report["repaired"].append({"unpinned": pin})
     report["clean"] = not (report["missing"] or report["broken"]
-                           or (report["unpinned_heads"] and not repair))
+                           or (report["unpinned"] and not repair))
     return report
 
 

@@ -279,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     chk = sub.add_parser("check", help="compare the head store with Kubo; --repair re-pins and cleans up")
     chk.add_argument("--config", default=argparse.SUPPRESS, help="TOML config file")
     chk.add_argument("--data-dir", default=None, help="the gateway's records.data_dir")
-    chk.add_argument("--repair", action="store_true", help="pin unpinned heads, unpin stale and orphan pins")
+    chk.add_argument("--repair", action="store_true", help="pin unpinned records, unpin orphans left by crashed appends")
     chk.set_defaults(func=cmd_check)
 
     keys = sub.add_parser("keys", help="the local keyring: init, rotate, shred")

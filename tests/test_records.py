@@ -171,13 +171,15 @@ async def test_rest_flow_patient_episodes_encounters_history(client, kubo):
 
 async def test_pin_add_of_a_head_pins_the_whole_episode(client, kubo):
     patient, episode = uid("p"), uid("e")
-    await client.post("/api/v0/dag/put", data=_form(opened(patient, episode)))
-    cids = []
+    r = await client.post("/api/v0/dag/put", data=_form(opened(patient, episode)))
+    cids = [(await r.json())["Cid"]["/"]]
     for i in range(5):
         r = await client.post("/api/v0/dag/put", data=_form(encounter(patient, episode, note=str(i))))
         cids.append((await r.json())["Cid"]["/"])
-    # unpin everything the gateway pinned, then pin the head directly: all records pinned again
-    kubo.ipfs("pin", "rm", cids[-1])
+    # the gateway pins every record; unpin them all, then pin the head alone: all pinned again
+    for cid in cids:
+        assert kubo.ipfs("pin", "ls", "--type=recursive", cid, check=False).returncode == 0
+    kubo.ipfs("pin", "rm", *cids)
     assert kubo.ipfs("pin", "ls", cids[0], check=False).returncode != 0
     kubo.ipfs("pin", "add", cids[-1])
     for cid in cids:
@@ -267,7 +269,7 @@ async def test_verify_reports_the_first_break(client, kubo):
     for i in range(4):
         r = await client.post(f"/medicon/v1/episodes/{episode}/records", json=encounter(patient, episode))
         cids.append((await r.json())["cid"])
-    kubo.ipfs("pin", "rm", cids[-1])
+    kubo.ipfs("pin", "rm", *cids[1:])  # every record under seq 2 pins it too
     kubo.ipfs("block", "rm", cids[1])  # seq 2 gone from Kubo
     verdict = await (await client.get(f"/medicon/v1/episodes/{episode}/verify")).json()
     assert verdict["ok"] is False

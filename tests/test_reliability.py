@@ -142,7 +142,7 @@ async def test_sigkill_mid_burst_never_loses_an_acknowledged_append(own_kubo):
                             "MEDICON_KUBO_API_URL": own_kubo.api_url, "MEDICON_KUBO_GATEWAY_URL": own_kubo.gateway_url})
     assert report.returncode == 0, report.stdout + report.stderr
     result = json.loads(report.stdout)
-    assert result["missing"] == [] and result["broken"] == [] and result["unpinned_heads"] == []
+    assert result["missing"] == [] and result["broken"] == [] and result["unpinned"] == []
     repaired = subprocess.run([sys.executable, "-m", "gateway", "check", "--repair", "--data-dir", data_dir],
                               capture_output=True, text=True, env={**os.environ,
                               "MEDICON_KUBO_API_URL": own_kubo.api_url, "MEDICON_KUBO_GATEWAY_URL": own_kubo.gateway_url})
@@ -150,7 +150,7 @@ async def test_sigkill_mid_burst_never_loses_an_acknowledged_append(own_kubo):
                                       capture_output=True, text=True, env={**os.environ,
                                       "MEDICON_KUBO_API_URL": own_kubo.api_url,
                                       "MEDICON_KUBO_GATEWAY_URL": own_kubo.gateway_url}).stdout)
-    assert repaired.returncode == 0 and after["orphans"] == [] and after["stale_pins"] == []
+    assert repaired.returncode == 0 and after["orphans"] == [] and after["unpinned"] == []
 
 
 async def test_kubo_stopped_mid_burst(aiohttp_client, own_kubo):
