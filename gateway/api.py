@@ -129,7 +129,8 @@ async def history(request: web.Request) -> web.Response:
     if not 1 <= limit <= MAX_PAGE:
         raise GatewayError(400, f"limit must be between 1 and {MAX_PAGE}")
     rows = await request.app[STORE].history(episode.id, after, limit)
-    records = [{"cid": r.cid, "seq": r.seq, "record": await chain.read(request.app, r.cid)} for r in rows]
+    bodies = await chain.read_many(request.app, [r.cid for r in rows])
+    records = [{"cid": r.cid, "seq": r.seq, "record": body} for r, body in zip(rows, bodies)]
     more = bool(rows) and rows[-1].seq < episode.length - 1
     return web.json_response({"episode": _episode(episode), "records": records,
                               "next": str(rows[-1].seq) if more else None})

@@ -92,10 +92,12 @@ def _dag_json_problems(value: Any, pointer: str = "") -> list[str]:
 
 
 async def validate(app: web.Application, record: dict[str, Any], episode: Episode | None,
-                   *, with_plugins: bool = True) -> None:
+                   *, schema: bool = True, with_plugins: bool = True) -> None:
     """JSON Schema first, then every plugin's rules; all problems reported together."""
-    problems = [str(v) for v in app[SCHEMAS].validate(record)]
-    problems += _dag_json_problems(record.get("body"), "/body")
+    problems = []
+    if schema:
+        problems += [str(v) for v in app[SCHEMAS].validate(record)]
+        problems += _dag_json_problems(record.get("body"), "/body")
     if not problems and with_plugins:
         for plugin, found in await plugins.call(app[PLUGINS], "medicon_validate_record", record=record,
                                                 schema_id=record["schema"], episode=episode):
@@ -178,7 +180,8 @@ async def append(app: web.Application, doc: Any, signer: str,
             return Appended(earlier.cid, current, await read(app, earlier.cid), created=False)
         episode = await store.get_episode(record["episode"])
         record = _chain(app, record, episode)
-        await validate(app, record, episode)
+        # The schema passed above; _chain only set prev (a head CID), seq and recorded_at.
+        await validate(app, record, episode, schema=False)
         kubo = app[KUBO]
         # Stored and pinned (recursively: the record and the chain under it) in one call, before
         # the head moves, so an acknowledged record is never unpinned. One pin per record costs
@@ -227,6 +230,9 @@ def _chain(app: web.Application, record: dict[str, Any], episode: Episode | None
             log.exception("chain policy %s failed", policy)
             raise GatewayError(500, f"chain policy {policy.__module__}.{policy.__name__} failed: "
                                f"{type(exc).__name__}") from None
+        if prev != episode.head:  # a policy may refuse an append, never fork the chain
+            raise GatewayError(500, f"chain policy {policy.__module__}.{policy.__name__} linked "
+                               f"{prev!r} instead of the head")
         seq, last = episode.length, episode.last_recorded_at
     if "seq" in record and record["seq"] != seq:
         raise ChainConflict(f"seq {record['seq']} is not the next position {seq}", episode)
@@ -248,10 +254,26 @@ async def read(app: web.Application, cid: str) -> dict[str, Any] | None:
     not write it."""
     if await app[STORE].record(cid) is None:
         return None
+    return await read_indexed(app, cid)
+
+
+async def read_indexed(app: web.Application, cid: str) -> dict[str, Any]:
+    """The record stored as ``cid``, which the caller found in the gateway's index."""
     node = await app[KUBO].dag_get(cid)
     if not protect.signature_ok(app, node):
         raise GatewayError(502, f"record {cid} does not carry this gateway's signature")
     return (await protect.from_node(app, node))[0]
+
+
+async def read_many(app: web.Application, cids: list[str], concurrency: int = 16) -> list[dict[str, Any]]:
+    """Indexed records in the order given, read from Kubo ``concurrency`` at a time (a page of
+    history costs a few round trips of latency, not one per record)."""
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(cid: str) -> dict[str, Any]:
+        async with gate:
+            return await read_indexed(app, cid)
+    return list(await asyncio.gather(*(one(cid) for cid in cids)))
 
 
 async def verify(app: web.Application, episode_id: str, head: str | None = None) -> dict[str, Any]:

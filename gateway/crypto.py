@@ -29,6 +29,7 @@ data keys make that comfortable).
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import os
 import struct
@@ -116,6 +117,13 @@ def pseudonym(key: bytes, kind: str, value: str) -> str:
     """
     if len(key) < 16:
         raise ValueError("a pseudonym key must be at least 16 bytes")
+    # A request asks for the same few pseudonyms many times; short values only, so hostile
+    # input cannot fill the cache with large strings.
+    return _pseudonym(key, kind, value) if len(value) <= 256 else _pseudonym.__wrapped__(key, kind, value)
+
+
+@functools.lru_cache(maxsize=16384)
+def _pseudonym(key: bytes, kind: str, value: str) -> str:
     mac = hmac.HMAC(key, hashes.SHA256())
     mac.update(_PSEUDONYM_DOMAIN)
     for part in (kind.encode("utf-8"), value.encode("utf-8")):

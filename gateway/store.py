@@ -9,11 +9,16 @@ replace the embedded SQLite one for several gateway replicas.
 from __future__ import annotations
 
 import asyncio
+import queue
+import sqlite3
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Callable, Protocol, TypeVar
 
 import aiosqlite
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -107,36 +112,38 @@ _RECORD_COLS = "cid, episode, patient, seq, schema, recorded_at, digest, idempot
 
 
 class SQLiteHeadStore:
-    """Embedded, durable default: WAL, synchronous=FULL, one connection (one writer).
+    """Embedded, durable default: SQLite in WAL mode with synchronous=FULL.
 
-    The one connection is shared by every request, so a lock keeps one transaction (and no
-    reader) on it at a time: a read never sees another request's uncommitted append.
+    Writes go through one writer thread (``_Writer``) that commits the writes of concurrent
+    requests together — each in a savepoint of its own, so one losing compare-and-swap does not
+    undo another — with one fsync per batch; a request is answered only after its batch is
+    durable. Reads use a second connection (aiosqlite), one round trip each, and never see
+    uncommitted writes.
     """
 
-    def __init__(self, db: aiosqlite.Connection) -> None:
-        self._db = db
-        self._lock = asyncio.Lock()
+    def __init__(self, reader: aiosqlite.Connection, writer: "_Writer") -> None:
+        self._db = reader
+        self._writer = writer
 
     @classmethod
     async def open(cls, path: Path) -> "SQLiteHeadStore":
         path.parent.mkdir(parents=True, exist_ok=True)
+        writer = await asyncio.to_thread(_Writer, path)
         db = await aiosqlite.connect(path, isolation_level=None)
-        await db.execute("PRAGMA journal_mode=WAL")
-        await db.execute("PRAGMA synchronous=FULL")
+        await db.execute("PRAGMA busy_timeout=10000")
         await db.execute("PRAGMA foreign_keys=ON")
-        await db.executescript(SCHEMA)
-        return cls(db)
+        return cls(db, writer)
 
     async def close(self) -> None:
         await self._db.close()
+        await asyncio.to_thread(self._writer.close)
+
+    async def _one(self, sql: str, args: tuple) -> tuple | None:
+        rows = await self._db.execute_fetchall(sql, args)
+        return rows[0] if rows else None
 
     async def get_episode(self, episode: str) -> Episode | None:
-        async with self._lock:
-            return await self._get_episode(episode)
-
-    async def _get_episode(self, episode: str) -> Episode | None:
-        async with self._db.execute(f"SELECT {_EPISODE_COLS} FROM episodes WHERE id = ?", (episode,)) as cur:
-            row = await cur.fetchone()
+        row = await self._one(f"SELECT {_EPISODE_COLS} FROM episodes WHERE id = ?", (episode,))
         return Episode(*row) if row else None
 
     async def list_episodes(self, patient: str, status: str | None = None) -> list[Episode]:
@@ -145,103 +152,164 @@ class SQLiteHeadStore:
         if status is not None:
             sql += " AND status = ?"
             args += (status,)
-        async with self._lock, self._db.execute(sql + " ORDER BY rowid", args) as cur:
-            return [Episode(*row) for row in await cur.fetchall()]
+        return [Episode(*row) for row in await self._db.execute_fetchall(sql + " ORDER BY rowid", args)]
 
     async def create_episode(self, record: IndexedRecord) -> Episode:
-        async with self._lock:
-            return await self._create_episode(record)
-
-    async def _create_episode(self, record: IndexedRecord) -> Episode:
-        await self._db.execute("BEGIN IMMEDIATE")
-        try:
-            cur = await self._db.execute(
-                "INSERT INTO episodes VALUES (?, ?, ?, 1, 'open', ?) ON CONFLICT (id) DO NOTHING",
-                (record.episode, record.patient, record.cid, record.recorded_at))
-            if cur.rowcount != 1:
-                await self._db.execute("ROLLBACK")
-                raise StoreConflict(f"episode {record.episode!r} already exists",
-                                    await self._get_episode(record.episode))
-            await self._insert_record(record)
-            await self._db.execute("COMMIT")
-        except BaseException:
-            if self._db.in_transaction:
-                await self._db.execute("ROLLBACK")
-            raise
-        return Episode(record.episode, record.patient, record.cid, 1, "open", record.recorded_at)
+        return await self._writer.submit(_create_episode, record)
 
     async def append(self, record: IndexedRecord, *, expected_head: str, closes: bool) -> Episode:
         """Move the head from ``expected_head`` to ``record.cid`` iff nobody moved it first."""
-        async with self._lock:
-            return await self._append(record, expected_head, closes)
-
-    async def _append(self, record: IndexedRecord, expected_head: str, closes: bool) -> Episode:
-        status = "closed" if closes else "open"
-        await self._db.execute("BEGIN IMMEDIATE")
-        try:
-            cur = await self._db.execute(
-                "UPDATE episodes SET head = ?, length = length + 1, status = ?, last_recorded_at = ? "
-                "WHERE id = ? AND head = ? AND length = ? AND status = 'open'",
-                (record.cid, status, record.recorded_at, record.episode, expected_head, record.seq))
-            if cur.rowcount != 1:
-                await self._db.execute("ROLLBACK")
-                current = await self._get_episode(record.episode)
-                raise StoreConflict(f"head of episode {record.episode!r} moved", current)
-            await self._insert_record(record)
-            await self._db.execute("COMMIT")
-        except BaseException:
-            if self._db.in_transaction:
-                await self._db.execute("ROLLBACK")
-            raise
-        return Episode(record.episode, record.patient, record.cid, record.seq + 1, status, record.recorded_at)
-
-    async def _insert_record(self, r: IndexedRecord) -> None:
-        await self._db.execute(f"INSERT INTO records ({_RECORD_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                               (r.cid, r.episode, r.patient, r.seq, r.schema, r.recorded_at, r.digest,
-                                r.idempotency_key))
+        return await self._writer.submit(_append, record, expected_head, closes)
 
     async def history(self, episode: str, after_seq: int, limit: int) -> list[IndexedRecord]:
-        async with self._lock, self._db.execute(
+        rows = await self._db.execute_fetchall(
             f"SELECT {_RECORD_COLS} FROM records WHERE episode = ? AND seq > ? ORDER BY seq LIMIT ?",
-            (episode, after_seq, limit),
-        ) as cur:
-            return [IndexedRecord(*row) for row in await cur.fetchall()]
+            (episode, after_seq, limit))
+        return [IndexedRecord(*row) for row in rows]
 
     async def record(self, cid: str) -> IndexedRecord | None:
-        async with self._lock, self._db.execute(f"SELECT {_RECORD_COLS} FROM records WHERE cid = ?", (cid,)) as cur:
-            row = await cur.fetchone()
+        row = await self._one(f"SELECT {_RECORD_COLS} FROM records WHERE cid = ?", (cid,))
         return IndexedRecord(*row) if row else None
 
     async def record_by_digest(self, episode: str, digest: str) -> IndexedRecord | None:
-        async with self._lock, self._db.execute(
-                f"SELECT {_RECORD_COLS} FROM records WHERE episode = ? AND digest = ?", (episode, digest)) as cur:
-            row = await cur.fetchone()
+        row = await self._one(f"SELECT {_RECORD_COLS} FROM records WHERE episode = ? AND digest = ?",
+                              (episode, digest))
         return IndexedRecord(*row) if row else None
 
     async def record_by_key(self, key: str) -> IndexedRecord | None:
-        async with self._lock, self._db.execute(
-                f"SELECT {_RECORD_COLS} FROM records WHERE idempotency_key = ?", (key,)) as cur:
-            row = await cur.fetchone()
+        row = await self._one(f"SELECT {_RECORD_COLS} FROM records WHERE idempotency_key = ?", (key,))
         return IndexedRecord(*row) if row else None
 
     async def episodes(self) -> list[Episode]:
-        async with self._lock, self._db.execute(f"SELECT {_EPISODE_COLS} FROM episodes ORDER BY rowid") as cur:
-            return [Episode(*row) for row in await cur.fetchall()]
+        return [Episode(*row) for row in
+                await self._db.execute_fetchall(f"SELECT {_EPISODE_COLS} FROM episodes ORDER BY rowid", ())]
 
     async def all_records(self) -> list[IndexedRecord]:
-        async with self._lock, self._db.execute(f"SELECT {_RECORD_COLS} FROM records ORDER BY episode, seq") as cur:
-            return [IndexedRecord(*row) for row in await cur.fetchall()]
+        return [IndexedRecord(*row) for row in await self._db.execute_fetchall(
+            f"SELECT {_RECORD_COLS} FROM records ORDER BY episode, seq", ())]
 
     async def add_blobs(self, blobs: list[Blob]) -> None:
         """Index attachments (files and the directories around them) under their patient. A CID
         already indexed keeps its first patient: identical bytes are not re-assigned."""
-        async with self._lock:
-            await self._db.executemany(
-                "INSERT INTO blobs VALUES (?, ?, ?, ?) ON CONFLICT (cid) DO NOTHING",
-                [(b.cid, b.patient, int(b.encrypted), b.content_type) for b in blobs])
+        await self._writer.submit(_add_blobs, blobs)
 
     async def blob(self, cid: str) -> Blob | None:
-        async with self._lock, self._db.execute(
-                "SELECT cid, patient, encrypted, content_type FROM blobs WHERE cid = ?", (cid,)) as cur:
-            row = await cur.fetchone()
+        row = await self._one("SELECT cid, patient, encrypted, content_type FROM blobs WHERE cid = ?", (cid,))
         return Blob(row[0], row[1], bool(row[2]), row[3]) if row else None
+
+
+# --- writes: run by the writer thread, inside a savepoint of the batch's transaction -----------
+
+def _episode_row(db: sqlite3.Connection, episode: str) -> Episode | None:
+    row = db.execute(f"SELECT {_EPISODE_COLS} FROM episodes WHERE id = ?", (episode,)).fetchone()
+    return Episode(*row) if row else None
+
+
+def _insert_record(db: sqlite3.Connection, r: IndexedRecord) -> None:
+    db.execute(f"INSERT INTO records ({_RECORD_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+               (r.cid, r.episode, r.patient, r.seq, r.schema, r.recorded_at, r.digest, r.idempotency_key))
+
+
+def _create_episode(db: sqlite3.Connection, record: IndexedRecord) -> Episode:
+    cur = db.execute("INSERT INTO episodes VALUES (?, ?, ?, 1, 'open', ?) ON CONFLICT (id) DO NOTHING",
+                     (record.episode, record.patient, record.cid, record.recorded_at))
+    if cur.rowcount != 1:
+        raise StoreConflict(f"episode {record.episode!r} already exists", _episode_row(db, record.episode))
+    _insert_record(db, record)
+    return Episode(record.episode, record.patient, record.cid, 1, "open", record.recorded_at)
+
+
+def _append(db: sqlite3.Connection, record: IndexedRecord, expected_head: str, closes: bool) -> Episode:
+    status = "closed" if closes else "open"
+    cur = db.execute(
+        "UPDATE episodes SET head = ?, length = length + 1, status = ?, last_recorded_at = ? "
+        "WHERE id = ? AND head = ? AND length = ? AND status = 'open'",
+        (record.cid, status, record.recorded_at, record.episode, expected_head, record.seq))
+    if cur.rowcount != 1:
+        raise StoreConflict(f"head of episode {record.episode!r} moved", _episode_row(db, record.episode))
+    _insert_record(db, record)
+    return Episode(record.episode, record.patient, record.cid, record.seq + 1, status, record.recorded_at)
+
+
+def _add_blobs(db: sqlite3.Connection, blobs: list[Blob]) -> None:
+    db.executemany("INSERT INTO blobs VALUES (?, ?, ?, ?) ON CONFLICT (cid) DO NOTHING",
+                   [(b.cid, b.patient, int(b.encrypted), b.content_type) for b in blobs])
+
+
+class _Writer:
+    """The one thread that writes the head store: group commit of whatever is waiting."""
+
+    BATCH = 128
+    _STOP = object()
+
+    def __init__(self, path: Path) -> None:
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA foreign_keys=ON")
+        db.execute("PRAGMA busy_timeout=10000")
+        db.executescript(SCHEMA)
+        self._db = db
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="head-store-writer", daemon=True)
+        self._thread.start()
+
+    async def submit(self, fn: Callable[..., T], *args: Any) -> T:
+        if not self._thread.is_alive():
+            raise RuntimeError("the head store is closed")
+        future = asyncio.get_running_loop().create_future()
+        self._queue.put((fn, args, future))
+        # Shielded: once queued, the write happens whether or not the request is still waiting.
+        return await asyncio.shield(future)
+
+    def close(self) -> None:
+        self._queue.put(self._STOP)
+        self._thread.join()
+        self._db.close()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is self._STOP:
+                return
+            batch = [item]
+            while len(batch) < self.BATCH:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is self._STOP:
+                    self._queue.put(item)  # after this batch
+                    break
+                batch.append(item)
+            outcomes = self._commit(batch)
+            for (_, _, future), (ok, value) in zip(batch, outcomes):
+                future.get_loop().call_soon_threadsafe(_settle, future, ok, value)
+
+    def _commit(self, batch: list) -> list[tuple[bool, Any]]:
+        db, outcomes = self._db, []
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for fn, args, _ in batch:
+                db.execute("SAVEPOINT one")
+                try:
+                    outcomes.append((True, fn(db, *args)))
+                except Exception as exc:
+                    db.execute("ROLLBACK TO one")
+                    outcomes.append((False, exc))
+                db.execute("RELEASE one")
+            db.execute("COMMIT")
+        except Exception as exc:  # the batch did not commit: every write in it failed
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            return [(False, exc)] * len(batch)
+        return outcomes
+
+
+def _settle(future: asyncio.Future, ok: bool, value: Any) -> None:
+    if future.done():
+        return
+    if ok:
+        future.set_result(value)
+    else:
+        future.set_exception(value)

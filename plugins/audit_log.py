@@ -7,8 +7,10 @@ pseudonyms, never patient identifiers, and never secrets.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import queue
 import sqlite3
 import threading
 from pathlib import Path
@@ -32,35 +34,108 @@ def entry_hash(prev: str, event: dict) -> str:
 
 
 class AuditLog:
+    """One SQLite file, appended by a writer thread of its own. Concurrent requests' events are
+    committed together (one transaction, one fsync for the batch), and each request waits for
+    its own event to be durable before it goes on: nothing is answered unaudited."""
+
+    BATCH = 256
+    IDLE_EXIT = 5.0  # the writer thread ends after this long without events, and restarts on demand
+
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA busy_timeout=10000")
         self._db.execute("CREATE TABLE IF NOT EXISTS audit (seq INTEGER PRIMARY KEY, event TEXT NOT NULL, "
                          "prev TEXT NOT NULL, hash TEXT NOT NULL)")
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()          # one user of the connection at a time
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._writer_lock = threading.Lock()
 
     def append(self, event: dict) -> None:
+        """Append one event now (from any thread)."""
+        self._write([event])
+
+    async def append_async(self, event: dict) -> None:
+        """Append one event through the writer thread; returns once it is committed."""
+        future = asyncio.get_running_loop().create_future()
+        self._queue.put((event, future))
+        self._ensure_writer()
+        await future
+
+    def _write(self, events: list[dict]) -> None:
         with self._lock:
-            row = self._db.execute("SELECT hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
-            prev = row[0] if row else GENESIS
-            self._db.execute("INSERT INTO audit (event, prev, hash) VALUES (?, ?, ?)",
-                             (json.dumps(event, sort_keys=True), prev, entry_hash(prev, event)))
+            # The last hash is read inside the write transaction: another process (a CLI
+            # command) may have appended since.
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute("SELECT hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+                prev = row[0] if row else GENESIS
+                for event in events:
+                    digest = entry_hash(prev, event)
+                    self._db.execute("INSERT INTO audit (event, prev, hash) VALUES (?, ?, ?)",
+                                     (json.dumps(event, sort_keys=True), prev, digest))
+                    prev = digest
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def _ensure_writer(self) -> None:
+        with self._writer_lock:
+            if self._writer is None or not self._writer.is_alive():
+                self._writer = threading.Thread(target=self._drain, name="audit-writer", daemon=True)
+                self._writer.start()
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                batch = [self._queue.get(timeout=self.IDLE_EXIT)]
+            except queue.Empty:
+                with self._writer_lock:
+                    if self._queue.empty():
+                        self._writer = None
+                        return
+                continue
+            while len(batch) < self.BATCH:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                self._write([event for event, _ in batch])
+                error = None
+            except Exception as exc:  # the requests waiting on this batch fail, the writer goes on
+                error = exc
+            for _, future in batch:
+                future.get_loop().call_soon_threadsafe(_settle, future, error)
 
     def page(self, after: int, limit: int) -> list[dict]:
-        rows = self._db.execute("SELECT seq, event, prev, hash FROM audit WHERE seq > ? ORDER BY seq LIMIT ?",
-                                (after, limit)).fetchall()
+        with self._lock:
+            rows = self._db.execute("SELECT seq, event, prev, hash FROM audit WHERE seq > ? ORDER BY seq LIMIT ?",
+                                    (after, limit)).fetchall()
         return [{"seq": seq, **json.loads(event), "prev": prev, "hash": h} for seq, event, prev, h in rows]
 
     def verify(self) -> dict:
         prev, count = GENESIS, 0
-        for seq, event, stored_prev, stored_hash in self._db.execute(
-                "SELECT seq, event, prev, hash FROM audit ORDER BY seq"):
+        with self._lock:
+            rows = self._db.execute("SELECT seq, event, prev, hash FROM audit ORDER BY seq").fetchall()
+        for seq, event, stored_prev, stored_hash in rows:
             if stored_prev != prev or entry_hash(prev, json.loads(event)) != stored_hash:
                 return {"ok": False, "entries": count, "break": {"seq": seq}}
             prev, count = stored_hash, count + 1
         return {"ok": True, "entries": count, "break": None, "head": prev}
+
+
+def _settle(future: asyncio.Future, error: BaseException | None) -> None:
+    if future.done():  # the request was cancelled meanwhile
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
 
 
 def log_for(config) -> AuditLog:
@@ -72,8 +147,8 @@ def log_for(config) -> AuditLog:
 
 
 @hookimpl
-def medicon_audit_event(event, config):
-    log_for(config).append(event)
+async def medicon_audit_event(event, config):
+    await log_for(config).append_async(event)
 
 
 async def audit_page(request: web.Request) -> web.Response:

@@ -4,6 +4,7 @@ reloaded when an operator rotates keys or shreds a patient while the gateway run
 from __future__ import annotations
 
 import os
+import time
 
 from gateway.config import keyring_path
 from gateway.hookspecs import hookimpl
@@ -12,14 +13,23 @@ from gateway.keyring import KeyringError, LocalKeyring
 
 
 class ReloadingKeyring:
-    """``LocalKeyring``, re-read whenever its file changes on disk."""
+    """``LocalKeyring``, re-read whenever its file changes on disk (``keys rotate``/``shred``
+    by the CLI take effect in a running gateway). The file is looked at no more often than every
+    ``RECHECK`` seconds: a request touches the keyring a dozen times."""
+
+    RECHECK = 0.05
 
     def __init__(self, path) -> None:
         self.path = path
         self._ring = LocalKeyring.load(path)
         self._stamp = os.stat(path).st_mtime_ns
+        self._checked = time.monotonic()
 
     def _current(self) -> LocalKeyring:
+        now = time.monotonic()
+        if now - self._checked < self.RECHECK:
+            return self._ring
+        self._checked = now
         try:
             stamp = os.stat(self.path).st_mtime_ns
         except OSError:
