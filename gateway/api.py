@@ -14,7 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import auth, chain, plugins, records, strictjson
+from . import auth, chain, plugins, proxy, records, strictjson
 from .appkeys import CONFIG, PLUGINS, SCHEMAS, STORE
 from .errors import GatewayError
 from .store import Episode
@@ -33,7 +33,7 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     if request.content_length is not None and request.content_length > limit:
         raise GatewayError(413, f"a record is at most {limit} bytes of JSON")
     data = bytearray()
-    while len(data) <= limit and (chunk := await request.content.read(limit + 1 - len(data))):
+    while len(data) <= limit and (chunk := await proxy.body_read(request, request.content.read(limit + 1 - len(data)))):
         data += chunk
     if len(data) > limit:
         raise GatewayError(413, f"a record is at most {limit} bytes of JSON")

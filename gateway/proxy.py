@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, TypeVar
 from urllib.parse import quote, unquote_plus, urlsplit
 
 import aiohttp
@@ -24,6 +24,7 @@ from .commands import Action
 from .errors import GatewayError, kubo_error
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CHUNK = 1 << 18  # 256 KiB: large enough for throughput, small enough to keep memory flat
 
@@ -93,11 +94,18 @@ def upstream_headers(request: web.Request) -> CIMultiDict[str]:
 async def read_body_chunk(request: web.Request, size: int = CHUNK) -> bytes:
     """Up to ``size`` bytes of the request body (b"" at its end). A client that stays silent
     longer than ``server.body_timeout`` (one byte a second is silence too, for long) gets 408."""
+    return await body_read(request, request.content.read(size))
+
+
+async def body_read(request: web.Request, read: Awaitable[T]) -> T:
+    """``await read`` (a read of the request body), or 408 if the client stalls past
+    ``server.body_timeout``."""
+    limit = request.app[CONFIG].server.body_timeout
     try:
-        return await asyncio.wait_for(request.content.read(size), request.app[CONFIG].server.body_timeout)
-    except asyncio.TimeoutError:
-        raise GatewayError(408, f"the request body stalled for more than "
-                                f"{request.app[CONFIG].server.body_timeout:g}s") from None
+        async with asyncio.timeout(limit):
+            return await read
+    except TimeoutError:
+        raise GatewayError(408, f"the request body stalled for more than {limit:g}s") from None
 
 
 async def _body(request: web.Request, failed: list) -> AsyncIterator[bytes]:

@@ -62,10 +62,10 @@ async def _open_multipart(request: web.Request) -> tuple[aiohttp.MultipartReader
         raise _malformed(exc) from None
 
 
-async def _next_part(reader: aiohttp.MultipartReader) -> aiohttp.BodyPartReader | None:
+async def _next_part(request: web.Request, reader: aiohttp.MultipartReader) -> aiohttp.BodyPartReader | None:
     """The next part, or None after the last; 400 for broken framing or a nested multipart."""
     try:
-        part = await reader.next()
+        part = await proxy.body_read(request, reader.next())
     except _FRAMING_ERRORS as exc:
         raise _malformed(exc) from None
     if part is not None and not isinstance(part, aiohttp.BodyPartReader):
@@ -82,9 +82,9 @@ async def _require_form(request: web.Request, resolved: Resolved) -> None:
                                 f"not {request.content_type[:100]!r}")
 
 
-async def _read_chunk(part: aiohttp.BodyPartReader, size: int) -> bytes:
+async def _read_chunk(request: web.Request, part: aiohttp.BodyPartReader, size: int) -> bytes:
     try:
-        return await part.read_chunk(size)
+        return await proxy.body_read(request, part.read_chunk(size))
     except _FRAMING_ERRORS as exc:
         raise _malformed(exc) from None
 
@@ -138,12 +138,12 @@ def _is_structural(part: aiohttp.BodyPartReader) -> bool:
     return _is_directory(part) or part.headers.get("Content-Type", "").startswith("application/symlink")
 
 
-async def _peek(part: aiohttp.BodyPartReader, limit: int) -> tuple[bytes, bool]:
+async def _peek(request: web.Request, part: aiohttp.BodyPartReader, limit: int) -> tuple[bytes, bool]:
     """Read the start of a part: all of it if it may be a record (JSON object, at most
     ``limit`` bytes), else just enough to know it is not. Returns (bytes, complete)."""
     buf = bytearray()
     while True:
-        chunk = await _read_chunk(part, PEEK)
+        chunk = await _read_chunk(request, part, PEEK)
         if not chunk:
             return bytes(buf), True
         buf += chunk
@@ -194,7 +194,7 @@ async def intercept_add(request: web.Request, resolved: Resolved) -> web.StreamR
     reader, boundary = await _open_multipart(request)
     held: list[aiohttp.BodyPartReader] = []  # directory parts seen before the first file
     while True:
-        part = await _next_part(reader)
+        part = await _next_part(request, reader)
         if part is None:
             if not held:
                 raise GatewayError(400, "add needs at least one file part in the multipart body")
@@ -203,7 +203,7 @@ async def intercept_add(request: web.Request, resolved: Resolved) -> web.StreamR
         if _is_directory(part):
             held.append(part)
             continue
-        head, complete = await _peek(part, limit)
+        head, complete = await _peek(request, part, limit)
         doc = _record_in(head, complete, limit)
         if doc is None:
             return await _forward_parts(request, resolved, reader, boundary, held, part, head, complete)
@@ -218,10 +218,10 @@ async def _add_records(request: web.Request, resolved: Resolved, reader: aiohttp
     if flag(opts, "wrap-with-directory"):
         raise GatewayError(400, "records are not wrapped in a directory (wrap-with-directory)")
     cfg = request.app[CONFIG].records
-    while (part := await _next_part(reader)) is not None:
+    while (part := await _next_part(request, reader)) is not None:
         if _is_directory(part):
             continue
-        head, complete = await _peek(part, cfg.max_record_size)
+        head, complete = await _peek(request, part, cfg.max_record_size)
         doc = _record_in(head, complete, cfg.max_record_size)
         if doc is None:
             raise GatewayError(400, MIXED)
@@ -300,7 +300,7 @@ async def _forward_parts(request: web.Request, resolved: Resolved, reader: aioht
         if start:
             yield start
         if not whole:
-            while chunk := await _read_chunk(part, proxy.CHUNK):
+            while chunk := await _read_chunk(request, part, proxy.CHUNK):
                 yield chunk
 
     async def body() -> AsyncIterator[bytes]:
@@ -325,10 +325,10 @@ async def _forward_parts(request: web.Request, resolved: Resolved, reader: aioht
             async for chunk in stream:
                 yield chunk
             yield b"\r\n"
-            while (part := await _next_part(reader)) is not None and _is_structural(part):
+            while (part := await _next_part(request, reader)) is not None and _is_structural(part):
                 yield delimiter + _part_head(part.headers) + b"\r\n"
             if part is not None:
-                start, whole = await _peek(part, limit)
+                start, whole = await _peek(request, part, limit)
                 if _record_in(start, whole, limit) is not None:
                     failed.append(GatewayError(400, MIXED))
                     raise failed[0]
@@ -348,9 +348,9 @@ async def intercept_dag_put(request: web.Request, resolved: Resolved) -> web.Str
     reader, boundary = await _open_multipart(request)
     parts: list[tuple[CIMultiDictProxy[str], bytes]] = []
     total = 0
-    while (part := await _next_part(reader)) is not None:
+    while (part := await _next_part(request, reader)) is not None:
         data = bytearray()
-        while chunk := await _read_chunk(part, PEEK):
+        while chunk := await _read_chunk(request, part, PEEK):
             data += chunk
             total += len(chunk)
             if total > 4 * limit:
