@@ -21,6 +21,7 @@ from .config import Config, ConfigError, keyring_path, load_config
 from .keyring import KeyringError, LocalKeyring
 from .kubo import KuboError, KuboNode
 from .principal import ROLES
+from .server import GatewayRunner
 from .tokens import TokenError, TokenStore, parse_duration, token_path
 
 log = logging.getLogger("medicon_gateway")
@@ -34,8 +35,10 @@ async def run_server(config: Config, *, announce=None) -> None:
     """Serve until SIGINT/SIGTERM, then stop accepting and let in-flight requests finish
     within ``server.shutdown_timeout``."""
     app = create_app(config)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None,
+    runner = GatewayRunner(app, handle_signals=False, access_log=None,
                            shutdown_timeout=config.server.shutdown_timeout,
+                           header_timeout=config.server.header_timeout,
+                           keepalive_timeout=75.0,  # an idle keep-alive connection, as nginx's default
                            max_line_size=MAX_LINE_SIZE, max_field_size=MAX_FIELD_SIZE)
     await runner.setup()
     site = web.TCPSite(runner, config.server.host, config.server.port)

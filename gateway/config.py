@@ -34,6 +34,9 @@ class ServerConfig:
     max_concurrent_requests: int = 512
     # Seconds a client may stay silent while sending a request body; past it: 408.
     body_timeout: float = 30.0
+    # Seconds a client has to send a request's headers (from connect, or from the first byte
+    # of the next request on a keep-alive connection); past it: 408 and the connection closed.
+    header_timeout: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -151,7 +154,8 @@ def _check(config: Config) -> Config:
     for key in ("server.port",):
         if not 0 <= config.server.port <= 65535:
             raise ConfigError(f"config key {key!r}: port out of range: {config.server.port}")
-    for key in ("kubo.connect_timeout", "kubo.read_timeout", "server.shutdown_timeout", "server.body_timeout"):
+    for key in ("kubo.connect_timeout", "kubo.read_timeout", "server.shutdown_timeout", "server.body_timeout",
+                "server.header_timeout"):
         section, name = key.split(".")
         if getattr(getattr(config, section), name) <= 0:
             raise ConfigError(f"config key {key!r}: must be > 0")
