@@ -13,6 +13,7 @@ import sqlite3
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, Coroutine, TypeVar
 
 from aiohttp import web
 
@@ -25,6 +26,7 @@ from .server import GatewayRunner
 from .tokens import TokenError, TokenStore, parse_duration, token_path
 
 log = logging.getLogger("medicon_gateway")
+T = TypeVar("T")
 
 # aiohttp's parser limits, kept explicit: a giant header line is refused with 400/431.
 MAX_LINE_SIZE = 8190
@@ -73,9 +75,22 @@ def _announce(host: str, port: int) -> None:
     print(f"MEDICON_GATEWAY_URL=http://{shown}:{port}", flush=True)
 
 
+def run_loop(config: Config, main: Coroutine[Any, Any, T]) -> T:
+    """Run the server on uvloop where it is installed and chosen (``server.event_loop``)."""
+    factory = None
+    if config.server.event_loop == "uvloop":
+        try:
+            import uvloop
+            factory = uvloop.new_event_loop
+        except ImportError:
+            log.info("uvloop is not installed; running on asyncio's own event loop")
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides=_overrides(args))
-    asyncio.run(run_server(config, announce=_announce))
+    run_loop(config, run_server(config, announce=_announce))
     return 0
 
 
@@ -105,7 +120,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
                 print(f"MEDICON_TOKEN={token}", flush=True)
 
             try:
-                asyncio.run(run_server(config, announce=announce))
+                run_loop(config, run_server(config, announce=announce))
             finally:
                 store.revoke(info.id)
     finally:

@@ -37,6 +37,8 @@ class ServerConfig:
     # Seconds a client has to send a request's headers (from connect, or from the first byte
     # of the next request on a keep-alive connection); past it: 408 and the connection closed.
     header_timeout: float = 10.0
+    # The asyncio event loop: "uvloop" (faster; the default where it is installed) or "asyncio".
+    event_loop: str = "uvloop"
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,9 @@ def _check(config: Config) -> Config:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError(f"config key {key!r}: expected an http(s) URL, got {url!r}")
+    if config.server.event_loop not in ("uvloop", "asyncio"):
+        raise ConfigError(f"config key 'server.event_loop': expected 'uvloop' or 'asyncio', "
+                          f"got {config.server.event_loop!r}")
     for key in ("server.port",):
         if not 0 <= config.server.port <= 65535:
             raise ConfigError(f"config key {key!r}: port out of range: {config.server.port}")

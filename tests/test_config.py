@@ -64,3 +64,17 @@ def test_cli_reports_config_errors(tmp_path):
     assert r.returncode == 2
     assert "unknown config key 'server.prot'" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_event_loop_choice_is_checked_and_uvloop_is_used_when_chosen():
+    from gateway.cli import run_loop
+    assert load_config(env={}).server.event_loop == "uvloop"
+    with pytest.raises(ConfigError, match="server.event_loop"):
+        load_config(env={"MEDICON_SERVER_EVENT_LOOP": "trio"})
+
+    async def loop_type():
+        import asyncio
+        return type(asyncio.get_running_loop()).__module__
+
+    assert run_loop(load_config(env={}), loop_type()).startswith("uvloop")
+    assert run_loop(load_config(env={"MEDICON_SERVER_EVENT_LOOP": "asyncio"}), loop_type()).startswith("asyncio")
