@@ -76,14 +76,15 @@ def _announce(host: str, port: int) -> None:
 
 
 def run_loop(config: Config, main: Coroutine[Any, Any, T]) -> T:
-    """Run the server on uvloop where it is installed and chosen (``server.event_loop``)."""
+    """Run the server on the event loop ``server.event_loop`` names."""
     factory = None
     if config.server.event_loop == "uvloop":
         try:
             import uvloop
-            factory = uvloop.new_event_loop
         except ImportError:
-            log.info("uvloop is not installed; running on asyncio's own event loop")
+            raise ConfigError("config key 'server.event_loop' is 'uvloop', but uvloop is not installed "
+                              "(pip install 'medicon-gateway[uvloop]')") from None
+        factory = uvloop.new_event_loop
     with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(main)
 

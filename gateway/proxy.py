@@ -213,7 +213,9 @@ async def _relay(request: web.Request, upstream: aiohttp.ClientResponse, tap=Non
         return resp
     sent = 0
     try:
-        async for chunk in upstream.content.iter_chunked(CHUNK):
+        # Whatever Kubo has sent so far, as it comes: no waiting to fill (and copying into) a
+        # chunk of a set size; aiohttp's read buffer (read_bufsize) still bounds the memory.
+        async for chunk in upstream.content.iter_any():
             if tap is not None:
                 tap(chunk)
             await resp.write(chunk)

@@ -68,7 +68,7 @@ def test_cli_reports_config_errors(tmp_path):
 
 def test_event_loop_choice_is_checked_and_uvloop_is_used_when_chosen():
     from gateway.cli import run_loop
-    assert load_config(env={}).server.event_loop == "uvloop"
+    assert load_config(env={}).server.event_loop == "asyncio"
     with pytest.raises(ConfigError, match="server.event_loop"):
         load_config(env={"MEDICON_SERVER_EVENT_LOOP": "trio"})
 
@@ -76,5 +76,5 @@ def test_event_loop_choice_is_checked_and_uvloop_is_used_when_chosen():
         import asyncio
         return type(asyncio.get_running_loop()).__module__
 
-    assert run_loop(load_config(env={}), loop_type()).startswith("uvloop")
-    assert run_loop(load_config(env={"MEDICON_SERVER_EVENT_LOOP": "asyncio"}), loop_type()).startswith("asyncio")
+    assert run_loop(load_config(env={"MEDICON_SERVER_EVENT_LOOP": "uvloop"}), loop_type()).startswith("uvloop")
+    assert run_loop(load_config(env={}), loop_type()).startswith("asyncio")
