@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup test dev kubo clean bench
+.PHONY: setup test dev kubo clean bench chaos
 
 setup: $(BIN)/medicon-gateway kubo
 
@@ -28,5 +28,21 @@ bench: $(BIN)/medicon-gateway kubo
 	bench/setup.sh
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
+# The long variants of the fault, race and fuzz tests (not part of `test`): CHAOS_SCALE multiplies
+# the SIGKILL rounds and the concurrent writers, CHAOS_EXAMPLES is the fuzz examples per test
+# (fresh random ones). Ends with the summary line; fails if a test fails or the summary does not
+# read "lost 0, forks 0, 5xx 0". The whole log is kept in $(CHAOS_LOG).
+CHAOS_SCALE    ?= 20
+CHAOS_EXAMPLES ?= 4000
+CHAOS_LOG      := .medicon-chaos.log
+CHAOS_TESTS    := tests/test_reliability.py tests/test_faults.py tests/test_hostile_input.py tests/test_openapi_fuzz.py
+
+chaos:
+	( MEDICON_CHAOS=$(CHAOS_SCALE) MEDICON_FUZZ_EXAMPLES=$(CHAOS_EXAMPLES) \
+	  $(BIN)/python -m pytest -p no:cacheprovider $(CHAOS_TESTS); echo "pytest exit status $$?" ) 2>&1 | tee $(CHAOS_LOG)
+	@grep '^chaos: ' $(CHAOS_LOG) || echo 'chaos: no summary'
+	@grep -q '^pytest exit status 0$$' $(CHAOS_LOG) && \
+	 grep -q '^chaos: acknowledged [1-9][0-9]*, .*, lost 0, forks 0, 5xx 0$$' $(CHAOS_LOG)
+
 clean:
-	rm -rf $(VENV) .tools .medicon-dev
+	rm -rf $(VENV) .tools .medicon-dev $(CHAOS_LOG)

@@ -189,7 +189,9 @@ def chaos_scale(default: int) -> int:
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    if CHAOS["acknowledged"]:
+    """The line `make chaos` ends with, and checks reads "lost 0, forks 0, 5xx 0". Forks and 5xx
+    are counted by the race, crash and fuzz tests (each of which also fails on the first one)."""
+    if CHAOS["acknowledged"] or os.environ.get("MEDICON_CHAOS"):
         lost = CHAOS["acknowledged"] - CHAOS["found_after_recovery"]
         terminalreporter.write_line(
             f"chaos: acknowledged {CHAOS['acknowledged']}, found after recovery "

@@ -35,6 +35,7 @@ import requests
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
+from conftest import CHAOS
 from records_helpers import AMENDMENT, CLOSED, ENCOUNTER, OPENED, encounter, opened, uid
 
 FUZZ = os.environ.get("MEDICON_FUZZ_EXAMPLES")
@@ -107,7 +108,9 @@ class Gateway:
     http: requests.Session
 
     def request(self, method: str, path: str, **kw) -> requests.Response:
-        return self.http.request(method, self.url + path, timeout=60, **kw)
+        r = self.http.request(method, self.url + path, timeout=60, **kw)
+        CHAOS["server_errors"] += r.status_code >= 500  # the `make chaos` summary's 5xx
+        return r
 
     def state(self, episode: str) -> tuple:
         r = self.request("GET", f"/medicon/v1/episodes/{episode}")
@@ -130,7 +133,9 @@ class Gateway:
                     received += chunk
             except (ConnectionResetError, socket.timeout):
                 pass
-        return RawResponse.parse(bytes(received)) if received else None
+        answer = RawResponse.parse(bytes(received)) if received else None
+        CHAOS["server_errors"] += answer is not None and answer.status >= 500
+        return answer
 
     def raw_request(self, method: str, target: bytes, headers: bytes = b"", body: bytes = b"",
                     auth: bool = True) -> RawResponse | None:
@@ -653,6 +658,7 @@ def test_bodies_cut_short_on_the_wire(gw, sentinel, unchanged):
                     pass
             if got:
                 answer = RawResponse.parse(got)
+                CHAOS["server_errors"] += answer.status >= 500
                 assert answer.status < 500, (door, cut, str(answer))
         # chunked with a broken chunk size
         head = (f"POST /api/v0/{door} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {gw.token}\r\n"

@@ -55,8 +55,8 @@ async def test_200_concurrent_appenders_over_20_episodes(aiohttp_client, kubo):
     results = await asyncio.gather(*(writer(i) for i in range(chaos_scale(200))))
     acked = [(ep, body["cid"]) for ep, status, body in results if status == 201]
     losers = [body for _, status, body in results if status == 409]
-    assert all(status in (201, 409) for _, status, _ in results)
     CHAOS["server_errors"] += sum(status >= 500 for _, status, _ in results)
+    assert all(status in (201, 409) for _, status, _ in results)
     assert acked and losers, "expected both winners and losers under contention"
     assert all(body["error"]["current"]["head"] for body in losers)  # losers are told the head
 
@@ -114,6 +114,8 @@ async def test_sigkill_mid_burst_never_loses_an_acknowledged_append(own_kubo):
                 await asyncio.gather(*tasks)
         gw.process.wait()
 
+    CHAOS["acknowledged"] += len(acked)
+    CHAOS["server_errors"] += server_errors
     gw = start_gateway(own_kubo, data_dir=data_dir)
     try:
         async with aiohttp.ClientSession(headers=gw.headers) as s:
@@ -129,13 +131,11 @@ async def test_sigkill_mid_burst_never_loses_an_acknowledged_append(own_kubo):
                     if e == ep:
                         assert present.get(cid) == seq, f"acknowledged {cid} lost"
                         found += 1
+                        CHAOS["found_after_recovery"] += 1
                 assert (await get(f"/medicon/v1/episodes/{ep}/verify"))["ok"] is True
     finally:
         assert gw.stop() == 0
     assert found == len(acked) > 0 and server_errors == 0
-    CHAOS["acknowledged"] += len(acked)
-    CHAOS["found_after_recovery"] += found
-    CHAOS["server_errors"] += server_errors
 
     report = subprocess.run([sys.executable, "-m", "gateway", "check", "--data-dir", data_dir],
                             capture_output=True, text=True, env={**os.environ,
