@@ -148,7 +148,6 @@ def markdown(results: dict[str, Any]) -> str:
     if h:
         hist_note = (f"- History: a page of 100 records from the middle of one episode of {h.get('length', '?'):,} records"
                      + (f" (of {h['wanted_length']:,} wanted: the time budget ran out)" if h.get("length") != h.get("wanted_length") else "")
-                     + (f" (the smaller default size; `--big` uses {h.get('big_length', 100_000):,})" if not plan.get("big") else "")
                      + f", built by 16 parallel writers at {h.get('build', {}).get('records_per_s', 0):.0f} records/s"
                      + (f" ({h['append_rate_by_length']['first_tenth']:.0f}/s over its first tenth, "
                         f"{h['append_rate_by_length']['last_tenth']:.0f}/s over its last)" if h.get("append_rate_by_length") else "")

@@ -68,8 +68,8 @@ class Plan:
         sizes = [MiB, 64 * MiB, 256 * MiB] + ([GiB] if args.big else [])
         return cls(sizes=sizes, repeats=args.repeats or 5, append_repeats=min(args.repeats or 3, 5),
                    concurrency=[1, 8, 32], records_per_client={1: 300, 8: 60, 32: 25},
-                   history_length=args.history_length or (100_000 if args.big else 2_000),
-                   history_budget_s=args.history_budget or (4 * 3600 if args.big else 420), history_samples=30,
+                   history_length=args.history_length or 100_000,
+                   history_budget_s=args.history_budget or 1800, history_samples=30,
                    rss_sizes=[MiB, 256 * MiB] + ([GiB] if args.big else []),
                    bytes_per_sample=64 * MiB, big=args.big, quick=False, only=only)
 
@@ -193,7 +193,7 @@ def history(ctx: Ctx) -> None:
                          "parallel": 16, "budget_s": plan.history_budget_s}, plan.history_budget_s)
     length = build["length"]
     out: dict[str, Any] = {"wanted_length": plan.history_length, "length": length, "build": build,
-                           "default_length": 2_000, "big_length": 100_000,
+                           "default_length": 100_000,
                            "append_rate_by_length": append_rates(build.get("progress", []))}
     ctx.results["history"] = out
     if length < plan.history_length:
@@ -354,11 +354,11 @@ def _interrupt(signum, frame):
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--big", action="store_true", help="add 1 GiB transfers and a 100 000-record history (long)")
+    p.add_argument("--big", action="store_true", help="add 1 GiB transfers")
     p.add_argument("--repeats", type=int, help="rounds per measurement (default 5; appends 3)")
-    p.add_argument("--history-length", type=int, help="records in the history episode (default 2000)")
+    p.add_argument("--history-length", type=int, help="records in the history episode (default 100000)")
     p.add_argument("--history-budget", type=float,
-                   help="seconds the history episode may take to build (default 420; 4 h with --big)")
+                   help="seconds the history episode may take to build (default 1800)")
     p.add_argument("--quick", action="store_true",
                    help="smoke test with small sizes; writes bench/results/quick.* instead of latest.*")
     p.add_argument("--only", help=f"comma-separated subset of: {','.join(SCENARIOS)}")
