@@ -2,18 +2,31 @@
 through medicon-gateway.
 
 The tests parse the files (Compose and Kubernetes YAML, TOML, systemd units, the Dockerfile)
-and need neither Kubo nor the network. The one exception runs kubo-harden.sh against the
-real Kubo binary in .tools/bin/ipfs, which `make setup` installs.
+and need neither Kubo nor the network. The exceptions run scripts for real: kubo-harden.sh
+against the Kubo binary in .tools/bin/ipfs, which `make setup` installs, and
+medicon-entrypoint.sh with this virtualenv's medicon-gateway on PATH (keyring creation, and
+the gateway it then starts).
+
+Second concern: the gateway must be able to start from these files, i.e. every flavour has a
+persistent, writable records.data_dir and creates the keyring there exactly once, and no
+keyring or token is ever part of a deploy file.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import shlex
+import signal
+import socket
+import stat
 import subprocess
 import sys
+import threading
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -32,6 +45,9 @@ KUBO_IMAGE = "ipfs/kubo:v0.42.0"
 CONFIG_PATH = "/etc/medicon/gateway.toml"
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 LOOPBACK_API = re.compile(r"^/ip4/127\.0\.0\.1/tcp/\d+$")
+DATA_DIR = "/var/lib/medicon-gateway"  # records.data_dir in every flavour
+ENTRYPOINT = DEPLOY / "medicon-entrypoint.sh"
+VENV_BIN = Path(sys.executable).parent  # the medicon-gateway of the virtualenv running the tests
 
 if str(ROOT) not in sys.path:  # import the gateway package from this checkout
     sys.path.insert(0, str(ROOT))
@@ -492,3 +508,393 @@ def test_harden_script_on_real_kubo(tmp_path):
     assert run(KUBO_API_PORT="5001; rm -rf /").returncode != 0
     assert subprocess.run(["sh", script], env={"PATH": os.environ.get("PATH", "")},
                           capture_output=True).returncode != 0  # no IPFS_PATH
+
+
+# --------------------------------------------------------------------------- data dir, keyring, tokens
+#
+# The gateway refuses to start without a keyring, and `keys init` refuses to overwrite one. Each
+# flavour must therefore give the gateway a persistent, writable records.data_dir and run
+# medicon-entrypoint.sh (keys init only when the keyring is missing) before `serve`.
+
+
+def is_under(path: str | Path, parent: str | Path) -> bool:
+    return Path(path) == Path(parent) or Path(parent) in Path(path).parents
+
+
+def entrypoint_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """A clean environment (no MEDICON_* from outside) with the venv's medicon-gateway on PATH."""
+    if not (VENV_BIN / "medicon-gateway").is_file():
+        pytest.fail(f"no medicon-gateway next to {sys.executable}: run `make setup`")
+    return {"PATH": f"{VENV_BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}", "HOME": str(tmp_path),
+            "LANG": "C.UTF-8", **extra}
+
+
+def run_entrypoint(tmp_path: Path, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["sh", str(ENTRYPOINT), *args], env=entrypoint_env(tmp_path, **extra),
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+
+
+def snapshot(path: Path) -> tuple[bytes, int, int, int]:
+    st = path.stat()
+    return path.read_bytes(), st.st_ino, st.st_mtime_ns, stat.S_IMODE(st.st_mode)
+
+
+def test_entrypoint_script_syntax():
+    result = subprocess.run(["sh", "-n", str(ENTRYPOINT)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert ENTRYPOINT.read_text().startswith("#!/bin/sh\n")
+    # Installed with `install -m 0755` in the image and by the systemd instructions; executable
+    # in the tree too, so `deploy/medicon-entrypoint.sh` can be run as is.
+    assert os.access(ENTRYPOINT, os.X_OK), "chmod +x deploy/medicon-entrypoint.sh"
+
+
+def test_entrypoint_creates_keyring_once_and_never_overwrites(tmp_path):
+    from gateway.keyring import LocalKeyring
+
+    data = tmp_path / "data"
+    env = {"MEDICON_CONFIG": str(DEPLOY / "gateway.toml"), "MEDICON_RECORDS_DATA_DIR": str(data)}
+    ring = data / "keyring.json"
+
+    # 1. Empty data dir (not even created): the keyring appears, 0600, and is a real keyring.
+    first = run_entrypoint(tmp_path, "--init-only", **env)
+    assert first.returncode == 0, first.stderr
+    assert ring.is_file(), first.stderr
+    assert stat.S_IMODE(ring.stat().st_mode) == 0o600
+    LocalKeyring.load(ring)  # loads: valid format, and private enough for the gateway
+    before = snapshot(ring)
+    assert sorted(p.name for p in data.iterdir()) == ["keyring.json"], "only the keyring, no temp files"
+
+    # 2. Second start: the same file, byte for byte (same inode, not even rewritten).
+    second = run_entrypoint(tmp_path, "--init-only", **env)
+    assert second.returncode == 0, second.stderr
+    assert snapshot(ring) == before
+
+    # 3. A keyring restored from a backup (any content) is never replaced either.
+    restored = b'{"restored": "from backup"}\n'
+    ring.write_bytes(restored)
+    ring.chmod(0o600)
+    assert run_entrypoint(tmp_path, "--init-only", **env).returncode == 0
+    assert ring.read_bytes() == restored
+
+    # 4. A dangling symlink at the keyring path counts as "present": keys init is not called
+    # (it would refuse), and the link is not replaced by a fresh keyring.
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "keyring.json").symlink_to(tmp_path / "elsewhere.json")
+    result = run_entrypoint(tmp_path, "--init-only", **{**env, "MEDICON_RECORDS_DATA_DIR": str(linked)})
+    assert result.returncode == 0, result.stderr
+    assert (linked / "keyring.json").is_symlink() and not (tmp_path / "elsewhere.json").exists()
+
+
+def test_entrypoint_follows_the_gateways_config(tmp_path):
+    """The keyring path comes from the gateway's own config loader: security.keyring in the
+    config file wins over <data_dir>/keyring.json, exactly as for `serve`."""
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'[records]\ndata_dir = "{tmp_path / "data"}"\n\n'
+                      f'[security]\nkeyring = "{tmp_path / "keys" / "ring.json"}"\n')
+    result = run_entrypoint(tmp_path, "--init-only", MEDICON_CONFIG=str(config))
+    assert result.returncode == 0, result.stderr
+    assert stat.S_IMODE((tmp_path / "keys" / "ring.json").stat().st_mode) == 0o600
+    assert not (tmp_path / "data" / "keyring.json").exists()
+    before = snapshot(tmp_path / "keys" / "ring.json")
+    assert run_entrypoint(tmp_path, "--init-only", MEDICON_CONFIG=str(config)).returncode == 0
+    assert snapshot(tmp_path / "keys" / "ring.json") == before
+
+
+def test_entrypoint_fails_loudly(tmp_path):
+    # A config error stops the start, with the gateway's message, and creates nothing.
+    bad = run_entrypoint(tmp_path, "--init-only", MEDICON_RECORDS_DATA_DIR=str(tmp_path / "d"),
+                         MEDICON_SERVER_PORT="not-a-port")
+    assert bad.returncode != 0 and "server.port" in bad.stderr
+    assert not (tmp_path / "d").exists()
+    # A data dir that cannot be created (its parent is a file): a clear error, non-zero.
+    (tmp_path / "file").write_text("")
+    blocked = run_entrypoint(tmp_path, "--init-only", MEDICON_RECORDS_DATA_DIR=str(tmp_path / "file" / "d"))
+    assert blocked.returncode != 0 and "not a writable directory" in blocked.stderr
+    # No medicon-gateway: not found, nothing exec'd.
+    missing = run_entrypoint(tmp_path, MEDICON_GATEWAY_BIN=str(tmp_path / "nope"),
+                             MEDICON_RECORDS_DATA_DIR=str(tmp_path / "d"))
+    assert missing.returncode == 127 and not (tmp_path / "d").exists()
+
+
+def test_entrypoint_runs_other_commands_without_a_keyring(tmp_path):
+    data = tmp_path / "data"
+    # The documented first-token command (`docker compose run/exec ... token create`) goes
+    # through the entrypoint untouched: a token store, but no keyring behind its back (a
+    # backup could still be restored into this data dir).
+    result = run_entrypoint(tmp_path, "medicon-gateway", "token", "create", "admin", "--role", "admin",
+                            MEDICON_RECORDS_DATA_DIR=str(data))
+    assert result.returncode == 0, result.stderr
+    assert re.fullmatch(r"MEDICON_TOKEN=mdc_\S+\n", result.stdout), result.stdout
+    assert (data / "tokens.sqlite3").is_file() and not (data / "keyring.json").exists()
+    # An arbitrary command is exec'd with its arguments.
+    echo = run_entrypoint(tmp_path, "sh", "-c", 'echo "$0 $1"', "a b", "c", MEDICON_RECORDS_DATA_DIR=str(data))
+    assert echo.returncode == 0 and echo.stdout == "a b c\n"
+    assert not (data / "keyring.json").exists()
+    # `medicon-gateway ... serve ...` (the image's CMD) gets the keyring first.
+    serve = run_entrypoint(tmp_path, "medicon-gateway", "serve", "--help", MEDICON_RECORDS_DATA_DIR=str(data))
+    assert serve.returncode == 0 and "usage: medicon-gateway serve" in serve.stdout, serve.stderr
+    assert stat.S_IMODE((data / "keyring.json").stat().st_mode) == 0o600
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_entrypoint_starts_the_gateway_on_an_empty_data_dir(tmp_path):
+    """What the image does with no arguments: keyring, then `exec medicon-gateway serve` with the
+    deploy config. The gateway must come up (without Kubo it is live but not ready), accept the
+    token an operator creates as documented, and stop gracefully on SIGTERM."""
+    data = tmp_path / "data"
+    dead_kubo = f"http://127.0.0.1:{free_port()}"
+    env = entrypoint_env(tmp_path, MEDICON_CONFIG=str(DEPLOY / "gateway.toml"),
+                         MEDICON_RECORDS_DATA_DIR=str(data), MEDICON_SERVER_PORT="0",
+                         MEDICON_KUBO_API_URL=dead_kubo, MEDICON_KUBO_GATEWAY_URL=dead_kubo)
+    proc = subprocess.Popen(["sh", str(ENTRYPOINT)], env=env, cwd=tmp_path, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    try:
+        try:
+            first = lines.get(timeout=30)
+        except queue.Empty:
+            proc.kill()
+            pytest.fail(f"the gateway did not start: {proc.communicate()[1]}")
+        assert first.startswith("MEDICON_GATEWAY_URL="), first
+        url = first.strip().split("=", 1)[1]
+        # exec: the shell is gone, the gateway has its pid (so it gets SIGTERM directly).
+        assert Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")[1].endswith(b"medicon-gateway")
+        assert stat.S_IMODE((data / "keyring.json").stat().st_mode) == 0o600
+        with urllib.request.urlopen(f"{url}/healthz", timeout=5) as response:
+            assert response.status == 200
+
+        created = subprocess.run([str(VENV_BIN / "medicon-gateway"), "token", "create", "admin", "--role", "admin"],
+                                 env={k: v for k, v in env.items() if k != "MEDICON_SERVER_PORT"},
+                                 capture_output=True, text=True, timeout=60)
+        assert created.returncode == 0, created.stderr
+        token = created.stdout.strip().split("=", 1)[1]
+
+        def status(headers: dict[str, str]) -> int:
+            request = urllib.request.Request(f"{url}/api/v0/version", method="POST", headers=headers)
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    return response.status
+            except urllib.error.HTTPError as exc:
+                return exc.code
+
+        assert status({}) == 401
+        # Authenticated; Kubo is down, so the gateway answers 502/503/504 instead of 401/403.
+        assert status({"Authorization": f"Bearer {token}"}) >= 500
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            rc = proc.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert rc == 0, proc.stderr.read()
+
+
+# Compose
+
+
+def test_compose_gateway_data_dir_is_a_named_volume():
+    doc = compose()
+    gateway = doc["services"]["gateway"]
+    env = compose_env(gateway)
+    config = load_config(DEPLOY / "gateway.toml", env=env)
+    data_dir = config.records.data_dir
+    assert env.get("MEDICON_RECORDS_DATA_DIR") == data_dir == DATA_DIR
+    assert env.get("MEDICON_CONFIG", CONFIG_PATH) == CONFIG_PATH, "keys init and serve must read one config"
+    mounts = {}
+    for entry in gateway.get("volumes") or []:
+        if isinstance(entry, dict):
+            mounts[entry["target"]] = (entry.get("source"), bool(entry.get("read_only")))
+        else:
+            parts = str(entry).split(":")
+            mounts[parts[1]] = (parts[0], len(parts) > 2 and "ro" in parts[2].split(","))
+    assert data_dir in mounts, f"no volume at the data dir {data_dir}"
+    source, read_only = mounts[data_dir]
+    assert not read_only
+    assert source in (doc.get("volumes") or {}), f"{source!r} is not a declared named volume"
+    assert source != "kubo-data", "the gateway's data must not share Kubo's volume"
+    assert is_under(config.security.keyring or Path(data_dir) / "keyring.json", data_dir)
+    # The image's entrypoint does the keyring init; overriding it would skip that.
+    assert "entrypoint" not in gateway
+    assert "serve" in (gateway.get("command") or ["serve"])
+    # The root filesystem may stay read-only: the volume is the only write target.
+    assert gateway.get("read_only") is True
+
+
+# Dockerfile
+
+
+def dockerfile_env(instructions: list[tuple[str, str]]) -> dict[str, str]:
+    env = {}
+    for kw, args in instructions:
+        if kw == "ENV":
+            env.update(item.split("=", 1) for item in shlex.split(args))
+    return env
+
+
+def test_dockerfile_entrypoint_and_data_dir():
+    instructions = dockerfile_instructions()
+    runs = " && ".join(args for kw, args in instructions if kw == "RUN")
+    entrypoints = [json.loads(args) for kw, args in instructions if kw == "ENTRYPOINT"]
+    assert entrypoints, "no ENTRYPOINT: nothing creates the keyring"
+    entry = entrypoints[-1]
+    assert len(entry) == 1, "exec form with the script only, so CMD becomes its arguments"
+    installed = re.search(r"install -m 0755 deploy/medicon-entrypoint\.sh (\S+)", runs)
+    assert installed, "the image does not install deploy/medicon-entrypoint.sh"
+    assert entry[0] in (installed.group(1), Path(installed.group(1)).name)
+    # The image's own config (MEDICON_CONFIG for every subcommand) puts the data dir on the volume.
+    env = dockerfile_env(instructions)
+    assert env.get("MEDICON_CONFIG") == CONFIG_PATH
+    assert ("COPY", f"deploy/gateway.toml {CONFIG_PATH}") in instructions
+    config = load_config(DEPLOY / "gateway.toml", env={k: v for k, v in env.items() if k.startswith("MEDICON_")})
+    data_dir = config.records.data_dir
+    assert data_dir == DATA_DIR
+    volumes = [v for kw, args in instructions if kw == "VOLUME" for v in json.loads(args)]
+    assert data_dir in volumes
+    # Created in the image owned by the runtime user, so a new named volume inherits it.
+    user = [args for kw, args in instructions if kw == "USER"][-1].split(":")[0]
+    assert re.search(rf"install -d -m 0700 -o {user} -g \S+ {re.escape(data_dir)}", runs)
+
+
+def test_dockerignore_keeps_secrets_out_of_the_image():
+    patterns = {line.strip() for line in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")}
+    assert {".medicon-data", ".medicon-dev", "**/keyring.json", "**/tokens.sqlite3*"} <= patterns
+
+
+# Kubernetes
+
+
+def k8s_config_of(c: dict[str, Any], tmp_path: Path):
+    """The config container ``c`` runs with: the ConfigMap's gateway.toml plus its MEDICON_* env."""
+    toml = tmp_path / f"{c['name']}.toml"
+    toml.write_text(k8s_one("ConfigMap")["data"]["gateway.toml"])
+    env = {e["name"]: e["value"] for e in c.get("env") or [] if e["name"].startswith("MEDICON_")}
+    assert env.get("MEDICON_CONFIG", CONFIG_PATH) == CONFIG_PATH
+    return load_config(toml, env=env)
+
+
+def test_k8s_gateway_data_dir_is_a_pvc_with_keyring_init(tmp_path):
+    spec = pod_spec()
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    claims = {d["metadata"]["name"] for d in k8s_docs() if d["kind"] == "PersistentVolumeClaim"}
+    gateway = container("gateway")
+
+    def data_volume(c: dict[str, Any], data_dir: str) -> dict[str, Any]:
+        mount = next((m for m in c.get("volumeMounts") or [] if m["mountPath"] == data_dir), None)
+        assert mount, f"{c['name']}: nothing mounted at the data dir {data_dir}"
+        assert not mount.get("readOnly") and not mount.get("subPath")
+        return volumes[mount["name"]]
+
+    config = k8s_config_of(gateway, tmp_path)
+    assert config.records.data_dir == DATA_DIR
+    volume = data_volume(gateway, DATA_DIR)
+    claim = volume.get("persistentVolumeClaim", {}).get("claimName")
+    assert claim in claims, "the gateway's data dir must be a PersistentVolumeClaim"
+    assert claim != volumes["kubo-data"]["persistentVolumeClaim"]["claimName"]
+    assert is_under(config.security.keyring or Path(DATA_DIR) / "keyring.json", DATA_DIR)
+
+    inits = [c for c in spec.get("initContainers") or []
+             if any("medicon-entrypoint" in part for part in c.get("command", []) + c.get("args", []))]
+    assert inits, "no initContainer runs medicon-entrypoint"
+    init = inits[0]
+    assert (init.get("command", []) + init.get("args", []))[-1] == "--init-only"
+    assert init["image"] == gateway["image"], "init and gateway must be the same build"
+    init_config = k8s_config_of(init, tmp_path)
+    assert (init_config.records.data_dir, init_config.security.keyring) == \
+        (config.records.data_dir, config.security.keyring), "init creates another keyring than the gateway reads"
+    assert data_volume(init, DATA_DIR) == volume
+    sc = init["securityContext"]
+    assert sc["runAsUser"] == gateway["securityContext"]["runAsUser"], "the keyring must belong to the gateway's user"
+    assert sc["runAsNonRoot"] is True and sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+
+
+def test_k8s_keyring_never_in_a_configmap():
+    for doc in k8s_docs():
+        if doc["kind"] in ("ConfigMap", "Secret"):
+            data = {**(doc.get("data") or {}), **(doc.get("stringData") or {}), **(doc.get("binaryData") or {})}
+            assert doc["kind"] != "Secret" or not data, "no Secret with inline data in the manifests"
+            assert not any("keyring" in key or key.endswith((".sqlite3", ".db")) for key in data), doc["metadata"]
+    # No container reads the keyring from a ConfigMap-backed mount.
+    spec = pod_spec()
+    configmap_volumes = {v["name"] for v in spec["volumes"] if "configMap" in v}
+    for c in pod_containers(spec):
+        for mount in c.get("volumeMounts") or []:
+            if mount["name"] in configmap_volumes:
+                assert not is_under(DATA_DIR, mount["mountPath"]) and not is_under(mount["mountPath"], DATA_DIR)
+
+
+# systemd
+
+
+def test_systemd_gateway_state_directory_and_keyring_init():
+    unit = parse_unit(DEPLOY / "systemd" / "medicon-gateway.service")
+    state = last(unit, "Service", "StateDirectory")
+    assert state, "no StateDirectory=: nothing is writable under ProtectSystem=strict"
+    data_dir = f"/var/lib/{state.split()[0]}"
+    env = unit_env(unit)
+    config = load_config(DEPLOY / "gateway.toml", env={k: v for k, v in env.items() if k.startswith("MEDICON_")})
+    assert config.records.data_dir == data_dir == DATA_DIR
+    assert is_under(config.security.keyring or Path(data_dir) / "keyring.json", data_dir)
+    assert (last(unit, "Service", "StateDirectoryMode") or "0755") in ("0700", "700", "0750", "750")
+
+    exec_start = shlex.split(last(unit, "Service", "ExecStart") or "")
+    pre = [shlex.split(v) for v in unit["Service"].get("ExecStartPre", [])]
+    inits = [cmd for cmd in pre if cmd and cmd[0].lstrip("+!@:").endswith("medicon-entrypoint.sh")]
+    assert inits, "no ExecStartPre runs medicon-entrypoint.sh"
+    init = inits[0]
+    assert not init[0].startswith("-"), "a failed keyring init must stop the start"
+    assert not init[0].startswith(("+", "!")), "the init must run as the service's user, who reads the keyring"
+    assert init[1:] == ["--init-only"]
+    # ExecStartPre and ExecStart read the same config, with the same medicon-gateway.
+    assert env.get("MEDICON_CONFIG") == exec_start[exec_start.index("--config") + 1]
+    assert env.get("MEDICON_GATEWAY_BIN") == exec_start[0]
+    # The README's install steps put the script where ExecStartPre runs it.
+    readme = (DEPLOY / "README.md").read_text()
+    assert re.search(rf"install -D -m 0755 deploy/medicon-entrypoint\.sh {re.escape(init[0])}\b", readme)
+
+
+# All files
+
+
+SECRET_PATTERNS = {
+    "API token": re.compile(r"mdc_[A-Za-z0-9_\-]{16,}"),
+    "keyring field": re.compile(r'"(keks|pseudonym_key|signing_key|deks|shredded)"\s*:'),
+    "base64 key": re.compile(r"(?<![A-Za-z0-9+/])[A-Za-z0-9+/]{42,}={0,2}"),
+    "private key": re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
+}
+
+
+def test_no_keyring_or_token_material_in_deploy_files():
+    files = [p for p in DEPLOY.rglob("*") if p.is_file()]
+    assert ENTRYPOINT in files and len(files) >= 8
+    for path in files:
+        name = path.name
+        assert name != "keyring.json" and not name.endswith((".sqlite3", ".sqlite3-wal", ".sqlite3-shm")), path
+        text = path.read_text()
+        for what, pattern in SECRET_PATTERNS.items():
+            found = pattern.search(text)
+            assert not found, f"{path.relative_to(ROOT)}: looks like a {what}: {found.group(0)[:24]}..."
+
+
+def test_secret_patterns_catch_real_material(tmp_path):
+    """The scan above can fail: it recognises a real keyring and a real token."""
+    from gateway.keyring import LocalKeyring
+    from gateway.tokens import TokenStore
+
+    LocalKeyring.init(tmp_path / "keyring.json")
+    keyring_text = (tmp_path / "keyring.json").read_text()
+    assert SECRET_PATTERNS["keyring field"].search(keyring_text)
+    assert SECRET_PATTERNS["base64 key"].search(keyring_text)
+    with TokenStore(tmp_path / "tokens.sqlite3") as store:
+        token, _ = store.create("probe", "admin")
+    assert SECRET_PATTERNS["API token"].search(f"MEDICON_TOKEN={token}")
