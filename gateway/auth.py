@@ -3,7 +3,7 @@
 Authentication and authorization are plugin hooks (``medicon_authenticate``,
 ``medicon_authorize``); this module asks them and enforces the answers: no principal → 401,
 no plugin saying yes (or any saying no) → 403. Deny by default. Every decision is an audit
-event.
+event, refused credentials included (with a reason, never the credential).
 
 ``ACCESS`` maps every RPC command the gateway forwards or intercepts to the kind of access it
 needs; a command without an entry cannot be served (the test suite checks the two tables
@@ -142,17 +142,34 @@ def is_cid(text: str) -> bool:
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler):
-    """No principal, no service: 401 everywhere but the health probes."""
+    """No principal, no service: 401 everywhere but the health probes. A refusal is audited
+    before it is answered, whichever plugin refused and why."""
     request[REQUEST_ID] = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex
     if request.path in PUBLIC_PATHS:
         return await handler(request)
-    found = await plugins.call(request.app[PLUGINS], "medicon_authenticate", request=request)
+    try:
+        found = await plugins.call(request.app[PLUGINS], "medicon_authenticate", request=request)
+    except GatewayError as err:  # a plugin refused the credentials (or could not judge them)
+        reason = err.reason or ("refused" if err.status == 401 else f"failed ({err.status})")
+        await audit(request, None, "authenticate", _credentials(request), False, reason=reason)
+        raise
     if not found:
-        await audit(request, None, "authenticate", {}, False)
+        reason = "unrecognised" if "Authorization" in request.headers else "missing"
+        await audit(request, None, "authenticate", _credentials(request), False, reason=reason)
         raise GatewayError(401, "authentication required: send Authorization: Bearer <token>",
                            headers=CHALLENGE)
     request[PRINCIPAL] = found[0][1]
     return await handler(request)
+
+
+def _credentials(request: web.Request) -> dict[str, Any]:
+    """The audited resource of an authentication: the credentials' scheme, if a known one (the
+    rest of the header is the secret, and an unknown first word may be one too)."""
+    header = request.headers.get("Authorization")
+    if header is None:
+        return {"kind": "credentials"}
+    scheme = header.strip().partition(" ")[0].lower()
+    return {"kind": "credentials", "scheme": scheme if scheme in ("bearer", "basic") else "other"}
 
 
 def principal(request: web.Request) -> Principal:
@@ -175,9 +192,10 @@ PSEUDONYMISED = ("patient", "episode", "cid")
 
 
 async def audit(request: web.Request, who: Principal | None, action: str,
-                resource: dict[str, Any], allowed: bool) -> None:
+                resource: dict[str, Any], allowed: bool, *, reason: str | None = None) -> None:
     """One audit event per decision. Patient, episode and CID become keyed pseudonyms here, so
-    no audit plugin ever sees an identifier; the path is left out for the same reason."""
+    no audit plugin ever sees an identifier; the path is left out for the same reason.
+    ``reason`` says why credentials were refused (``revoked``, ``expired``, …)."""
     keyring = request.app[KEYRING]
     shown = {k: (keyring.pseudonym(k, _text(v)) if k in PSEUDONYMISED else v)
              for k, v in resource.items() if v is not None}
@@ -187,6 +205,8 @@ async def audit(request: web.Request, who: Principal | None, action: str,
         "action": action, "resource": shown,
         "decision": "allow" if allowed else "deny", "path": request.path.split("/", 3)[1],
     }
+    if reason is not None:
+        event["reason"] = reason
     await plugins.call(request.app[PLUGINS], "medicon_audit_event", event=event,
                        config=request.app[CONFIG])
 

@@ -37,6 +37,9 @@ class ServerConfig:
     # Seconds a client has to send a request's headers (from connect, or from the first byte
     # of the next request on a keep-alive connection); past it: 408 and the connection closed.
     header_timeout: float = 10.0
+    # Largest request body accepted, in bytes as received (multipart framing included), on
+    # every door that carries bytes to Kubo; over it: 413, and nothing of it stays in Kubo.
+    max_body_size: int = 4 * 1024 ** 3
     # The event loop: "asyncio" (measured faster for large streams, as fast for small requests)
     # or "uvloop" (pip install 'medicon-gateway[uvloop]').
     event_loop: str = "asyncio"
@@ -166,7 +169,7 @@ def _check(config: Config) -> Config:
         if getattr(getattr(config, section), name) <= 0:
             raise ConfigError(f"config key {key!r}: must be > 0")
     for key in ("kubo.max_connections", "records.max_record_size", "records.max_parts",
-                "server.max_concurrent_requests"):
+                "server.max_concurrent_requests", "server.max_body_size"):
         section, name = key.split(".")
         if getattr(getattr(config, section), name) < 1:
             raise ConfigError(f"config key {key!r}: must be >= 1")

@@ -26,7 +26,10 @@ _CODE_FOR_STATUS = {400: CODE_CLIENT, 403: CODE_FORBIDDEN, 429: CODE_RATE_LIMITE
 
 
 class GatewayError(Exception):
-    """An answer the gateway gives instead of (or before) Kubo's."""
+    """An answer the gateway gives instead of (or before) Kubo's.
+
+    ``reason`` is a short cause for the audit log (an authentication plugin's "revoked",
+    "expired", "bad signature"): never rendered to the client, never a secret."""
 
     def __init__(
         self,
@@ -36,6 +39,7 @@ class GatewayError(Exception):
         code: int | None = None,
         headers: Mapping[str, str] | None = None,
         details: Mapping[str, object] | None = None,
+        reason: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -43,6 +47,7 @@ class GatewayError(Exception):
         self.code = _CODE_FOR_STATUS.get(status, CODE_NORMAL) if code is None else code
         self.headers = dict(headers or {})
         self.details = dict(details or {})
+        self.reason = reason
 
 
 def kubo_error(status: int, message: str, *, code: int | None = None,

@@ -49,7 +49,9 @@ def medicon_chain_policies():
 def medicon_authenticate(request):
     """Return the principal making ``request`` (a mapping with at least ``id`` and ``role``),
     or None to let the next plugin try. The first non-None answer wins; no answer at all is
-    401. (Implemented by the security plugins.)"""
+    401. To refuse credentials it recognises, a plugin raises ``GatewayError(401, message,
+    reason=...)``: ``reason`` (a short cause such as ``revoked``, never the credential) goes to
+    the audit event of the refusal, not to the client. (Implemented by the security plugins.)"""
 
 
 @hookspec
@@ -107,9 +109,12 @@ def medicon_record_committed(record, cid, episode):
 
 @hookspec
 def medicon_audit_event(event, config):
-    """Called for every authorization decision, with a mapping: ``time``, ``principal``,
-    ``role``, ``action``, ``resource`` (pseudonyms only: patient and episode ids never reach an
-    audit plugin), ``decision``, ``request_id``, ``path``."""
+    """Called for every authorization decision and every refused authentication, with a
+    mapping: ``time``, ``principal``, ``role``, ``action``, ``resource`` (pseudonyms only:
+    patient and episode ids never reach an audit plugin), ``decision``, ``request_id``, ``path``;
+    a refused authentication (``action`` ``authenticate``, ``principal`` None, ``decision``
+    ``deny``) adds ``reason`` (``missing``, ``unrecognised``, ``malformed``, ``unknown``,
+    ``revoked``, ``expired``, ``bad signature``, …), never the credential."""
 
 
 @hookspec

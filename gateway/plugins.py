@@ -52,8 +52,8 @@ async def call(pm: pluggy.PluginManager, hook: str, **kwargs: Any) -> list[tuple
             if inspect.isawaitable(result):
                 result = await result
         except GatewayError as err:
-            raise GatewayError(err.status, f"{err.message} (plugin {impl.plugin_name})",
-                               code=err.code, headers=err.headers, details=err.details) from None
+            raise GatewayError(err.status, f"{err.message} (plugin {impl.plugin_name})", code=err.code,
+                               headers=err.headers, details=err.details, reason=err.reason) from None
         except PASS_THROUGH:
             raise
         except Exception as exc:

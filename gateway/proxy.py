@@ -87,6 +87,11 @@ def upstream_headers(request: web.Request) -> CIMultiDict[str]:
     )
     if "Transfer-Encoding" in request.headers:
         headers.popall("Content-Length", None)
+    if "Content-Encoding" in request.headers:
+        # aiohttp has decoded a gzip/deflate body already: Kubo gets the decoded bytes, so
+        # neither the encoding nor the encoded length may go with them.
+        headers.popall("Content-Encoding", None)
+        headers.popall("Content-Length", None)
     headers["User-Agent"] = USER_AGENT
     return headers
 
@@ -99,21 +104,54 @@ async def read_body_chunk(request: web.Request, size: int = CHUNK) -> bytes:
 
 async def body_read(request: web.Request, read: Awaitable[T]) -> T:
     """``await read`` (a read of the request body), or 408 if the client stalls past
-    ``server.body_timeout``."""
+    ``server.body_timeout``, or 413 once the body has grown past ``server.max_body_size``.
+
+    Every reader of a request body (the pass-through proxy, the multipart parts of ``add`` and
+    ``dag/put``, the REST API's JSON) reads through here, so the size limit holds on every door
+    whatever the framing: aiohttp counts the body's bytes as they arrive (``total_bytes``, after
+    chunked decoding), and a body past the limit fails before any more of it is passed on."""
     limit = request.app[CONFIG].server.body_timeout
     try:
         async with asyncio.timeout(limit):
-            return await read
+            got = await read
     except TimeoutError:
         raise GatewayError(408, f"the request body stalled for more than {limit:g}s") from None
+    if request.content.total_bytes > request.app[CONFIG].server.max_body_size:
+        raise body_too_large(request)
+    return got
 
 
-async def _body(request: web.Request, failed: list) -> AsyncIterator[bytes]:
+def body_too_large(request: web.Request) -> GatewayError:
+    return GatewayError(413, f"request bodies are limited to {request.app[CONFIG].server.max_body_size} bytes")
+
+
+def check_body_size(request: web.Request) -> None:
+    """413 at once for a body announced (``Content-Length``) past ``server.max_body_size``:
+    not a byte of it is read, and Kubo is not contacted."""
+    if request.content_length is not None and request.content_length > request.app[CONFIG].server.max_body_size:
+        raise body_too_large(request)
+
+
+async def _body(request: web.Request) -> AsyncIterator[bytes]:
+    while chunk := await read_body_chunk(request):
+        yield chunk
+
+
+async def _guarded(body: AsyncIterator[bytes], failed: list,
+                   answering: list[aiohttp.ClientResponse]) -> AsyncIterator[bytes]:
+    """``body`` on its way to Kubo. If it fails (a stall, a body past the limit, a broken
+    multipart), the failure is recorded in ``failed`` and, if Kubo is already answering, its
+    answer is failed too: Kubo would otherwise wait for the rest of the body, and the client for
+    the rest of Kubo's answer. The upload is cut off, so Kubo never completes (or pins) it."""
     try:
-        while chunk := await read_body_chunk(request):
+        async for chunk in body:
             yield chunk
-    except GatewayError as err:
-        failed.append(err)
+    except Exception as exc:
+        if not failed:
+            failed.append(exc if isinstance(exc, GatewayError) else
+                          GatewayError(400, f"the request body could not be read: {type(exc).__name__}"))
+        for upstream in answering:
+            upstream.content.set_exception(failed[0])
         raise
 
 
@@ -150,10 +188,14 @@ async def forward(request: web.Request, url: URL, *, body=None,
     session = request.app[KUBO_SESSION]
     headers = upstream_headers(request)
     failed_body = [] if failed_body is None else failed_body
+    answering: list[aiohttp.ClientResponse] = []
     if body is not None:
         headers.popall("Content-Length", None)  # computed again for the new body
     elif request.body_exists:
-        body = _body(request, failed_body)
+        check_body_size(request)
+        body = _body(request)
+    if body is not None and not isinstance(body, (bytes, bytearray)):
+        body = _guarded(body, failed_body, answering)
     try:
         upstream = await session.request(
             request.method, url, headers=headers, data=body, allow_redirects=False,
@@ -162,8 +204,13 @@ async def forward(request: web.Request, url: URL, *, body=None,
         if failed_body:
             raise failed_body[0] from None
         raise upstream_error(request, exc) from None
+    answering.append(upstream)
     async with upstream:
-        return await _relay(request, upstream, tap, finish)
+        try:
+            return await _relay(request, upstream, tap, finish, failed_body)
+        finally:
+            if failed_body:
+                upstream.close()  # never back to the pool: Kubo has half a request
 
 
 ERROR_BODY_LIMIT = 64 * 1024
@@ -191,7 +238,9 @@ async def _kubo_error(request: web.Request, upstream: aiohttp.ClientResponse) ->
 
 
 async def _relay(request: web.Request, upstream: aiohttp.ClientResponse, tap=None,
-                 finish=None) -> web.StreamResponse:
+                 finish=None, failed_body: list = ()) -> web.StreamResponse:
+    if failed_body:  # the body failed before Kubo's headers were read: that is the answer
+        raise failed_body[0]
     if upstream.status >= 400 and upstream.status not in (416,):
         return await _kubo_error(request, upstream)
     resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
@@ -223,6 +272,9 @@ async def _relay(request: web.Request, upstream: aiohttp.ClientResponse, tap=Non
     except (aiohttp.ClientError, asyncio.TimeoutError, GatewayError) as exc:
         _abort(request, f"Kubo stream failed after {sent} bytes: {type(exc).__name__}")
         return resp
+    if failed_body:
+        _abort(request, f"the request body failed: {failed_body[0].message}")
+        return resp
     if expected is not None and sent != expected:
         _abort(request, f"Kubo stream ended after {sent} of {expected} bytes")
         return resp
@@ -246,6 +298,7 @@ async def rpc(request: web.Request) -> web.StreamResponse:
     rule = resolved.rule
     if rule.action is Action.REFUSE:
         raise GatewayError(403, f"command {resolved.command!r} is refused by the gateway: {rule.why}")
+    check_body_size(request)
     access = auth.ACCESS.get(resolved.command)
     if access is None:  # the test suite keeps this from happening; fail closed if it does
         raise GatewayError(403, f"command {resolved.command!r} has no authorization mapping")

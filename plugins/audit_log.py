@@ -24,12 +24,15 @@ from gateway.hookspecs import hookimpl
 
 GENESIS = "0" * 64
 FIELDS = ("time", "request_id", "principal", "role", "action", "resource", "decision", "path")
+# Hashed when present (refused credentials): entries without them hash as they always did.
+OPTIONAL_FIELDS = ("reason",)
 _logs: dict[Path, "AuditLog"] = {}
 _logs_lock = threading.Lock()
 
 
 def entry_hash(prev: str, event: dict) -> str:
-    body = json.dumps({k: event.get(k) for k in FIELDS}, sort_keys=True, separators=(",", ":"))
+    hashed = {k: event.get(k) for k in FIELDS} | {k: event[k] for k in OPTIONAL_FIELDS if k in event}
+    body = json.dumps(hashed, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(prev.encode() + b"\n" + body.encode()).hexdigest()
 
 

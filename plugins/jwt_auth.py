@@ -62,7 +62,8 @@ class Misconfigured(Exception):
 
 
 def _refuse(reason: str) -> GatewayError:
-    return GatewayError(401, f"invalid bearer token: {reason}", headers=CHALLENGE)
+    """401 naming why (never echoing the token); the reason goes to the audit log too."""
+    return GatewayError(401, f"invalid bearer token: {reason}", headers=CHALLENGE, reason=reason)
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,8 @@ def _candidates(s: Settings, kid: str | None) -> list[jwt.PyJWK]:
         return client.get_signing_keys()
     except jwt.PyJWKClientConnectionError as exc:
         log.warning("jwt_auth: cannot fetch the JWKS %s: %s", s.jwks, exc)
-        raise GatewayError(503, "the identity provider's keys are unavailable") from None
+        raise GatewayError(503, "the identity provider's keys are unavailable",
+                           reason="identity provider keys unavailable") from None
     except jwt.PyJWKClientError:
         return []
 
@@ -277,4 +279,5 @@ async def medicon_authenticate(request):
         return verify(token, s)
     except Misconfigured as exc:
         log.error("jwt_auth is misconfigured: %s", exc)
-        raise GatewayError(500, "bearer authentication is misconfigured") from None
+        raise GatewayError(500, "bearer authentication is misconfigured",
+                           reason="jwt_auth misconfigured") from None

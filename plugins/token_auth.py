@@ -5,7 +5,8 @@ The Kubo CLI sends ``--api-auth bearer:<token>`` as ``Bearer <token>`` and
 ``--api-auth basic:<user>:<password>`` as Basic; with Basic the password is the token and the
 user name is ignored (it is informational, and never trusted). Only values of the token format
 (``mdc_`` prefix) are judged here: anything else is left to other plugins (JWT), and a bad
-``mdc_`` token is refused outright with 401. Tokens are never logged.
+``mdc_`` token is refused outright with 401, its reason (malformed, unknown, revoked, expired)
+going to the audit log. Tokens are never logged.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ def authorization(request) -> str | None:
     if not values:
         return None
     if len(values) > 1:
-        raise GatewayError(401, "more than one Authorization header")
+        raise GatewayError(401, "more than one Authorization header", reason="several Authorization headers",
+                           headers={"WWW-Authenticate": 'Bearer realm="medicon"'})
     return values[0]
 
 
@@ -77,5 +79,7 @@ def medicon_authenticate(request):
     if result.principal is None:
         log.info("token refused: %s%s", result.reason,
                  f" (token id {result.token_id})" if result.token_id else "")
-        raise GatewayError(401, UNAUTHORIZED, headers={"WWW-Authenticate": 'Bearer realm="medicon"'})
+        # The client learns no more than "invalid or revoked"; the audit log gets the reason.
+        raise GatewayError(401, UNAUTHORIZED, headers={"WWW-Authenticate": 'Bearer realm="medicon"'},
+                           reason=result.reason)
     return result.principal

@@ -140,3 +140,21 @@ def test_path_argument_form(gateway, kubo):
     assert r.status_code == 200 and r.content == b"path arg\n"
     r = requests.post(f"{gateway.url}/api/v0/dag/get/{urllib.parse.quote(cid)}", headers=gateway.headers)
     assert r.status_code == 200
+
+
+def test_gzip_encoded_upload_is_stored_decoded(gateway, kubo):
+    """A client may send its body Content-Encoding: gzip; Kubo gets (and hashes) the bytes."""
+    import gzip
+    import requests
+    payload = b"gzip on the wire, plain bytes in IPFS\n" * 100
+    boundary = "gz-boundary"
+    form = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"g.txt\"\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n").encode() + payload + f"\r\n--{boundary}--\r\n".encode()
+    for command in ("add", "block/put"):
+        r = requests.post(f"{gateway.url}/api/v0/{command}", data=gzip.compress(form), timeout=30,
+                          headers={**gateway.headers, "Content-Encoding": "gzip",
+                                   "Content-Type": f"multipart/form-data; boundary={boundary}"})
+        assert r.status_code == 200, r.text
+        cid = r.json()["Hash" if command == "add" else "Key"]
+        args = ["cat", cid] if command == "add" else ["block", "get", cid]
+        assert kubo.ipfs(*args).stdout == payload

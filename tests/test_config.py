@@ -40,6 +40,10 @@ def test_file_then_env_then_overrides(tmp_path):
     ("", {"MEDICON_KUBO_READ_TIMEOUT": "soon"}, "'kubo.read_timeout'"),
     ("", {"MEDICON_KUBO_APIURL": "http://x"}, "MEDICON_KUBO_APIURL"),
     ("[server\n", {}, "invalid TOML"),
+    ("[server]\nmax_body_size = 0\n", {}, "'server.max_body_size'"),
+    ("[server]\nmax_body_size = -1\n", {}, "'server.max_body_size'"),
+    ("[server]\nmax_body_size = 1.5\n", {}, "'server.max_body_size'"),
+    ("", {"MEDICON_SERVER_MAX_BODY_SIZE": "4G"}, "'server.max_body_size'"),
 ])
 def test_bad_values_name_the_key(tmp_path, text, env, needle):
     f = tmp_path / "gw.toml"
@@ -47,6 +51,16 @@ def test_bad_values_name_the_key(tmp_path, text, env, needle):
     with pytest.raises(ConfigError) as err:
         load_config(f, env=env)
     assert needle in str(err.value)
+
+
+def test_body_size_limit_default_and_overrides(tmp_path):
+    """A generous default (4 GiB), set in bytes from a file or ``MEDICON_SERVER_MAX_BODY_SIZE``;
+    0 is refused above, never read as "no limit"."""
+    assert load_config(env={}).server.max_body_size == 4 * 1024 ** 3
+    f = tmp_path / "gw.toml"
+    f.write_text("[server]\nmax_body_size = 1048576\n")
+    assert load_config(f, env={}).server.max_body_size == 1048576
+    assert load_config(f, env={"MEDICON_SERVER_MAX_BODY_SIZE": "65536"}).server.max_body_size == 65536
 
 
 def test_missing_file(tmp_path):

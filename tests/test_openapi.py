@@ -1,5 +1,6 @@
 """The OpenAPI document served at ``/medicon/v1/openapi.json``: valid OpenAPI 3.1, every ``$ref``
-resolvable, and in step with the routes ``gateway.api`` really registers (no Kubo needed)."""
+resolvable, and in step with the routes the gateway really registers under ``/medicon/v1`` —
+``gateway.api``'s and the built-in plugins' (the audit log) — (no Kubo needed)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,14 @@ def doc() -> dict[str, Any]:
 
 
 def _api_routes() -> set[tuple[str, str]]:
-    return {(route.method.upper(), route.path) for route in api.routes if "{tail" not in route.path}
+    """Every route of the app under the API prefix, as ``create_app`` registers them (with the
+    routes of the plugins it loads), except the catch-all that answers 404."""
+    from gateway.app import create_app
+    from gateway.config import load_config
+    app = create_app(load_config(env={}))
+    return {(route.method.upper(), route.resource.canonical) for route in app.router.routes()
+            if route.resource is not None and route.resource.canonical.startswith(api.PREFIX + "/")
+            and "{tail" not in route.resource.canonical and route.method != "HEAD"}
 
 
 def _documented(doc: dict[str, Any]) -> set[tuple[str, str]]:
@@ -38,9 +46,29 @@ def test_valid_openapi_31(doc):
     validate(doc, cls=OpenAPIV31SpecValidator)
 
 
+def test_authentication_is_documented_on_every_operation(doc):
+    """Bearer and Basic for the whole API; every operation but the health probes answers 401
+    and 403 in the ``Error`` shape."""
+    schemes = doc["components"]["securitySchemes"]
+    assert schemes["bearer"] == schemes["bearer"] | {"type": "http", "scheme": "bearer"}
+    assert schemes["basic"] == schemes["basic"] | {"type": "http", "scheme": "basic"}
+    assert doc["security"] == [{"bearer": []}, {"basic": []}]
+    for path, item in doc["paths"].items():
+        for method, op in item.items():
+            if method not in HTTP_METHODS:
+                continue
+            if (method.upper(), path) in OUTSIDE_API:
+                assert op["security"] == [], path
+                continue
+            assert "security" not in op, (method, path)
+            assert op["responses"]["401"] == {"$ref": "#/components/responses/Unauthorized"}, (method, path)
+            assert op["responses"]["403"] == {"$ref": "#/components/responses/Forbidden"}, (method, path)
+
+
 def test_every_route_is_documented_and_nothing_else(doc):
     routes = _api_routes()
-    assert routes, "gateway.api.routes registers no routes"
+    assert routes, "the app registers no API routes"
+    assert {("GET", "/medicon/v1/audit"), ("GET", "/medicon/v1/audit/verify")} <= routes
     assert all(method != "*" for method, _ in routes), "a catch-all route besides {tail:.*}?"
     documented = _documented(doc)
     assert routes - documented == set(), "routes missing from gateway/openapi.json"
@@ -104,6 +132,10 @@ def test_every_ref_resolves(doc):
 
 def test_every_component_is_used(doc):
     used = {ref for _, ref in _refs(doc)}
+    # security schemes are used by name, in security requirements
+    requirements = doc.get("security", []) + [req for item in doc["paths"].values() for op in item.values()
+                                              if isinstance(op, dict) for req in op.get("security", [])]
+    used |= {f"#/components/securitySchemes/{name}" for req in requirements for name in req}
     unused = [f"#/components/{kind}/{name}" for kind, entries in doc["components"].items()
               for name in entries if f"#/components/{kind}/{name}" not in used]
     assert not unused, unused

@@ -332,3 +332,101 @@ async def test_audit_chain_one_event_per_decision_and_verifies(aiohttp_client, k
     db.commit()
     verdict = await (await c.get("/medicon/v1/audit/verify", headers=bearer(auditor))).json()
     assert verdict["ok"] is False and verdict["break"]["seq"] == 2
+
+
+async def _audit_entries(c, auditor: str) -> list[dict]:
+    r = await c.get("/medicon/v1/audit?limit=1000", headers=bearer(auditor))
+    assert r.status == 200, await r.text()
+    return (await r.json())["entries"]
+
+
+def _audit_files(cfg) -> bytes:
+    """Every byte of the audit database as it stands on disk (the main file and its WAL)."""
+    base = os.path.join(cfg.records.data_dir, "audit.sqlite3")
+    return b"".join(open(p, "rb").read() for p in (base, base + "-wal") if os.path.exists(p))
+
+
+async def test_refused_credentials_are_audited_once_without_the_credential(aiohttp_client, kubo, tmp_path,
+                                                                          monkeypatch):
+    """Each refused credential adds exactly one deny event (action ``authenticate``, no
+    principal, a reason) before the 401, and no part of the credential reaches the audit log."""
+    import base64
+    import secrets
+    import time as _time
+    from datetime import timedelta
+
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from jwt.algorithms import RSAAlgorithm
+
+    from gateway.tokens import TokenStore, token_path
+
+    cfg = gateway_config(kubo)
+    c = await app_client(aiohttp_client, cfg)
+    auditor = make_token(cfg, role="auditor")
+    revoked = make_token(cfg, name="to-revoke", role="clinician")
+    with TokenStore(token_path(cfg.records.data_dir)) as store:
+        assert store.revoke("to-revoke")
+    # an hour ago, for a minute: expired now
+    with TokenStore(token_path(cfg.records.data_dir), clock=lambda: _time.time() - 3600) as store:
+        expired, _ = store.create("expired", "clinician", expires_in=timedelta(minutes=1))
+    # OIDC/JWT on: one key in the JWKS, a token signed by another, and an expired one
+    key, other = (rsa.generate_private_key(public_exponent=65537, key_size=2048) for _ in range(2))
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(json.dumps({"keys": [RSAAlgorithm.to_jwk(key.public_key(), as_dict=True) | {"kid": "k1"}]}))
+    issuer, audience = "https://idp.example/realm", "medicon-gateway"
+    for name, value in {"ISSUER": issuer, "AUDIENCE": audience, "JWKS": str(jwks)}.items():
+        monkeypatch.setenv(f"MEDICON_JWT_{name}", value)
+    now = int(_time.time())
+    claims = {"iss": issuer, "aud": audience, "sub": "dr-x", "iat": now, "exp": now + 300,
+              "medicon_role": "clinician"}
+    forged_jwt = jwt.encode(claims, other, algorithm="RS256", headers={"kid": "k1"})
+    expired_jwt = jwt.encode(claims | {"iat": now - 7200, "exp": now - 3600}, key, algorithm="RS256",
+                             headers={"kid": "k1"})
+    unknown = "mdc_" + base64.urlsafe_b64encode(secrets.token_bytes(32)).rstrip(b"=").decode()
+    garbage = "garbage-" + secrets.token_hex(24)
+    cases = [
+        ({"Authorization": f"Bearer {revoked}"}, "revoked", "bearer", revoked),
+        ({"Authorization": "Basic " + base64.b64encode(f"me:{revoked}".encode()).decode()}, "revoked",
+         "basic", revoked),
+        ({"Authorization": f"Bearer {expired}"}, "expired", "bearer", expired),
+        ({"Authorization": f"Bearer {unknown}"}, "unknown", "bearer", unknown),
+        ({"Authorization": f"Bearer mdc_{garbage}"}, "malformed", "bearer", garbage),
+        ({"Authorization": f"Bearer {garbage}"}, "malformed", "bearer", garbage),  # not a JWT
+        ({"Authorization": f"Bearer {forged_jwt}"}, "bad signature", "bearer", forged_jwt),
+        ({"Authorization": f"Bearer {expired_jwt}"}, "expired", "bearer", expired_jwt),
+        ({"Authorization": garbage}, "unrecognised", "other", garbage),
+        ({}, "missing", None, None),
+    ]
+    secrets_seen = []
+    async with aiohttp.ClientSession() as anon:  # no default Authorization header
+        base = str(c.make_url(""))
+        for headers, reason, scheme, secret in cases:
+            before = await _audit_entries(c, auditor)
+            async with anon.post(base + "/api/v0/version", headers=headers) as r:
+                assert r.status == 401, (reason, await r.text())
+                if secret is not None:
+                    assert secret not in await r.text()
+            new = (await _audit_entries(c, auditor))[len(before):]
+            denies = [e for e in new if e["decision"] == "deny"]
+            assert len(denies) == 1, (reason, new)
+            [event] = denies
+            assert event["action"] == "authenticate" and event["principal"] is None and event["role"] is None
+            assert event["reason"] == reason, (reason, event)
+            assert event["resource"] == ({"kind": "credentials", "scheme": scheme} if scheme else
+                                         {"kind": "credentials"})
+            if secret is not None:
+                secrets_seen.append(secret)
+    verdict = await (await c.get("/medicon/v1/audit/verify", headers=bearer(auditor))).json()
+    assert verdict["ok"] is True
+    # the reason is part of the chain: editing it breaks verification
+    db = sqlite3.connect(os.path.join(cfg.records.data_dir, "audit.sqlite3"))
+    seq = db.execute("SELECT seq FROM audit WHERE event LIKE '%\"revoked\"%' ORDER BY seq LIMIT 1").fetchone()[0]
+    dump = _audit_files(cfg)
+    for secret in secrets_seen:
+        for part in (secret, secret[4:20], secret[-16:]):
+            assert part.encode() not in dump, f"part of a credential ({part[:4]}…) is in the audit log"
+    db.execute("UPDATE audit SET event = replace(event, '\"revoked\"', '\"expired\"') WHERE seq = ?", (seq,))
+    db.commit()
+    verdict = await (await c.get("/medicon/v1/audit/verify", headers=bearer(auditor))).json()
+    assert verdict["ok"] is False and verdict["break"]["seq"] == seq
