@@ -259,7 +259,7 @@ async def read(app: web.Application, cid: str) -> dict[str, Any] | None:
 
 async def read_indexed(app: web.Application, cid: str) -> dict[str, Any]:
     """The record stored as ``cid``, which the caller found in the gateway's index."""
-    node = await app[KUBO].dag_get(cid)
+    node = await app[KUBO].record_node(cid)
     if not protect.signature_ok(app, node):
         raise GatewayError(502, f"record {cid} does not carry this gateway's signature")
     return (await protect.from_node(app, node))[0]
@@ -273,7 +273,7 @@ async def read_many(app: web.Application, cids: list[str], concurrency: int = 16
 
     async def fetch(cid: str) -> dict[str, Any]:
         async with gate:
-            return await app[KUBO].dag_get(cid)
+            return await app[KUBO].record_node(cid)
     nodes = list(await asyncio.gather(*(fetch(cid) for cid in cids)))
 
     def check(part: list[dict[str, Any]]) -> list[bool]:

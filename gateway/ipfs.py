@@ -15,6 +15,7 @@ from urllib.parse import quote, urlencode
 import aiohttp
 from yarl import URL
 
+from . import ipld
 from .errors import GatewayError
 
 
@@ -54,6 +55,21 @@ class Kubo:
     async def dag_get(self, cid: str) -> dict[str, Any]:
         body = await self._call("dag/get", [("arg", cid), ("output-codec", "dag-json")])
         return json.loads(body)
+
+    async def record_node(self, cid: str) -> dict[str, Any]:
+        """A node the gateway wrote: the raw block, hash-checked and decoded here (see
+        ``ipld``), or ``dag/get`` for anything that decoder does not cover."""
+        try:
+            ipld.sha256_of(cid)
+        except ipld.Unsupported:
+            return await self.dag_get(cid)
+        block = await self._call("block/get", [("arg", cid)])
+        try:
+            return ipld.decode(cid, block)
+        except ipld.BlockMismatch as exc:
+            raise GatewayError(502, str(exc)) from None
+        except ipld.Unsupported:
+            return await self.dag_get(cid)
 
     async def resolve_path(self, path: str) -> str | None:
         """The CID an ``/ipfs/<cid>/a/b`` path ends at (None if it does not resolve)."""

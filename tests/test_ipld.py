@@ -1,0 +1,56 @@
+"""Record nodes read as raw blocks (``gateway.ipld``): the same node as Kubo's ``dag/get``, and
+a block that does not hash to its CID is refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import app_client, gateway_config
+from gateway import ipld
+from gateway.appkeys import KUBO
+from records_helpers import encounter, opened, uid
+
+
+@pytest.mark.parametrize("encrypt", [True, False])
+async def test_record_nodes_decode_exactly_as_dag_get(aiohttp_client, kubo, encrypt):
+    c = await app_client(aiohttp_client, gateway_config(kubo, **{"security.encrypt": encrypt}))
+    patient, episode = uid("p"), uid("e")
+    cids = [(await (await c.post(f"/medicon/v1/patients/{patient}/episodes",
+                                 json=opened(patient, episode))).json())["cid"]]
+    for i in range(3):
+        r = await c.post(f"/medicon/v1/episodes/{episode}/records", json=encounter(patient, episode, note=f"n{i}"))
+        cids.append((await r.json())["cid"])
+    node = c.server.app[KUBO]
+    for cid in cids:
+        decoded = ipld.decode(cid, kubo.ipfs("block", "get", cid).stdout)
+        assert decoded == await node.dag_get(cid) == await node.record_node(cid)
+    assert decoded["prev"] == {"/": cids[-2]}
+    assert ("sealed" in json.dumps(decoded)) is encrypt
+
+
+def test_bytes_decode_like_dag_json_and_the_rest_falls_back(kubo):
+    def put(doc: dict) -> str:
+        return kubo.ipfs("dag", "put", "--store-codec=dag-cbor", "--input-codec=dag-json",
+                         input=json.dumps(doc).encode()).stdout.decode().strip()
+    cid = put({"b": {"/": {"bytes": "aGVsbG8"}}, "n": None, "t": True, "i": -7, "l": [1, "x"]})
+    decoded = ipld.decode(cid, kubo.ipfs("block", "get", cid).stdout)
+    assert decoded == json.loads(kubo.ipfs("dag", "get", cid).stdout)
+    floaty = put({"f": 1.5})
+    with pytest.raises(ipld.Unsupported):
+        ipld.decode(floaty, kubo.ipfs("block", "get", floaty).stdout)
+    raw = kubo.ipfs("add", "-Q", "--cid-version=1", "--raw-leaves", input=b"raw leaf").stdout.decode().strip()
+    with pytest.raises(ipld.Unsupported):  # a raw-codec CID: not this decoder's
+        ipld.sha256_of(raw)
+    with pytest.raises(ipld.Unsupported):  # CIDv0
+        ipld.sha256_of("QmYwAPJzv5CZsnA625s3Xf2nemtYgPpHdWEz79ojWnPbdG")
+
+
+def test_a_block_that_does_not_match_its_cid_is_refused(kubo):
+    cid = kubo.ipfs("dag", "put", input=b'{"a": "b"}').stdout.decode().strip()
+    block = bytearray(kubo.ipfs("block", "get", cid).stdout)
+    assert ipld.decode(cid, bytes(block)) == {"a": "b"}
+    block[-1] ^= 1
+    with pytest.raises(ipld.BlockMismatch):
+        ipld.decode(cid, bytes(block))
