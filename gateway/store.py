@@ -9,14 +9,14 @@ replace the embedded SQLite one for several gateway replicas.
 from __future__ import annotations
 
 import asyncio
-import queue
 import sqlite3
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol, TypeVar
 
 import aiosqlite
+
+from .groupcommit import GroupCommit, Outcome
 
 T = TypeVar("T")
 
@@ -237,10 +237,9 @@ def _add_blobs(db: sqlite3.Connection, blobs: list[Blob]) -> None:
 
 
 class _Writer:
-    """The one thread that writes the head store: group commit of whatever is waiting."""
+    """The head store's one writer: its connection and how a batch of writes commits."""
 
     BATCH = 128
-    _STOP = object()
 
     def __init__(self, path: Path) -> None:
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -250,47 +249,20 @@ class _Writer:
         db.execute("PRAGMA busy_timeout=10000")
         db.executescript(SCHEMA)
         self._db = db
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="head-store-writer", daemon=True)
-        self._thread.start()
+        self._group = GroupCommit(self._commit, name="head-store-writer", batch=self.BATCH)
 
     async def submit(self, fn: Callable[..., T], *args: Any) -> T:
-        if not self._thread.is_alive():
-            raise RuntimeError("the head store is closed")
-        future = asyncio.get_running_loop().create_future()
-        self._queue.put((fn, args, future))
-        # Shielded: once queued, the write happens whether or not the request is still waiting.
-        return await asyncio.shield(future)
+        return await self._group.submit((fn, args))
 
     def close(self) -> None:
-        self._queue.put(self._STOP)
-        self._thread.join()
+        self._group.close()
         self._db.close()
 
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is self._STOP:
-                return
-            batch = [item]
-            while len(batch) < self.BATCH:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is self._STOP:
-                    self._queue.put(item)  # after this batch
-                    break
-                batch.append(item)
-            outcomes = self._commit(batch)
-            for (_, _, future), (ok, value) in zip(batch, outcomes):
-                future.get_loop().call_soon_threadsafe(_settle, future, ok, value)
-
-    def _commit(self, batch: list) -> list[tuple[bool, Any]]:
+    def _commit(self, batch: list[tuple[Callable[..., Any], tuple]]) -> list[Outcome]:
         db, outcomes = self._db, []
         try:
             db.execute("BEGIN IMMEDIATE")
-            for fn, args, _ in batch:
+            for fn, args in batch:
                 db.execute("SAVEPOINT one")
                 try:
                     outcomes.append((True, fn(db, *args)))
@@ -299,17 +271,8 @@ class _Writer:
                     outcomes.append((False, exc))
                 db.execute("RELEASE one")
             db.execute("COMMIT")
-        except Exception as exc:  # the batch did not commit: every write in it failed
+        except Exception:  # the batch did not commit: every write in it fails with the error
             if db.in_transaction:
                 db.execute("ROLLBACK")
-            return [(False, exc)] * len(batch)
+            raise
         return outcomes
-
-
-def _settle(future: asyncio.Future, ok: bool, value: Any) -> None:
-    if future.done():
-        return
-    if ok:
-        future.set_result(value)
-    else:
-        future.set_exception(value)

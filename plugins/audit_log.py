@@ -7,10 +7,8 @@ pseudonyms, never patient identifiers, and never secrets.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
-import queue
 import sqlite3
 import threading
 from pathlib import Path
@@ -20,6 +18,7 @@ from aiohttp import web
 from gateway import auth
 from gateway.appkeys import CONFIG
 from gateway.errors import GatewayError
+from gateway.groupcommit import GroupCommit
 from gateway.hookspecs import hookimpl
 
 GENESIS = "0" * 64
@@ -42,7 +41,6 @@ class AuditLog:
     its own event to be durable before it goes on: nothing is answered unaudited."""
 
     BATCH = 256
-    IDLE_EXIT = 5.0  # the writer thread ends after this long without events, and restarts on demand
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -53,9 +51,7 @@ class AuditLog:
         self._db.execute("CREATE TABLE IF NOT EXISTS audit (seq INTEGER PRIMARY KEY, event TEXT NOT NULL, "
                          "prev TEXT NOT NULL, hash TEXT NOT NULL)")
         self._lock = threading.Lock()          # one user of the connection at a time
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._writer: threading.Thread | None = None
-        self._writer_lock = threading.Lock()
+        self._writer = GroupCommit(self._commit, name="audit-writer", batch=self.BATCH)
 
     def append(self, event: dict) -> None:
         """Append one event now (from any thread)."""
@@ -63,10 +59,11 @@ class AuditLog:
 
     async def append_async(self, event: dict) -> None:
         """Append one event through the writer thread; returns once it is committed."""
-        future = asyncio.get_running_loop().create_future()
-        self._queue.put((event, future))
-        self._ensure_writer()
-        await future
+        await self._writer.submit(event)
+
+    def _commit(self, events: list[dict]) -> list[tuple[bool, None]]:
+        self._write(events)
+        return [(True, None)] * len(events)
 
     def _write(self, events: list[dict]) -> None:
         with self._lock:
@@ -86,35 +83,6 @@ class AuditLog:
                 self._db.execute("ROLLBACK")
                 raise
 
-    def _ensure_writer(self) -> None:
-        with self._writer_lock:
-            if self._writer is None or not self._writer.is_alive():
-                self._writer = threading.Thread(target=self._drain, name="audit-writer", daemon=True)
-                self._writer.start()
-
-    def _drain(self) -> None:
-        while True:
-            try:
-                batch = [self._queue.get(timeout=self.IDLE_EXIT)]
-            except queue.Empty:
-                with self._writer_lock:
-                    if self._queue.empty():
-                        self._writer = None
-                        return
-                continue
-            while len(batch) < self.BATCH:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            try:
-                self._write([event for event, _ in batch])
-                error = None
-            except Exception as exc:  # the requests waiting on this batch fail, the writer goes on
-                error = exc
-            for _, future in batch:
-                future.get_loop().call_soon_threadsafe(_settle, future, error)
-
     def page(self, after: int, limit: int) -> list[dict]:
         with self._lock:
             rows = self._db.execute("SELECT seq, event, prev, hash FROM audit WHERE seq > ? ORDER BY seq LIMIT ?",
@@ -130,15 +98,6 @@ class AuditLog:
                 return {"ok": False, "entries": count, "break": {"seq": seq}}
             prev, count = stored_hash, count + 1
         return {"ok": True, "entries": count, "break": None, "head": prev}
-
-
-def _settle(future: asyncio.Future, error: BaseException | None) -> None:
-    if future.done():  # the request was cancelled meanwhile
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(error)
 
 
 def log_for(config) -> AuditLog:
