@@ -260,9 +260,13 @@ async def read(app: web.Application, cid: str) -> dict[str, Any] | None:
 async def read_indexed(app: web.Application, cid: str) -> dict[str, Any]:
     """The record stored as ``cid``, which the caller found in the gateway's index."""
     node = await app[KUBO].record_node(cid)
-    if not protect.signature_ok(app, node):
-        raise GatewayError(502, f"record {cid} does not carry this gateway's signature")
+    _require_signed(cid, protect.signature_ok(app, node))
     return (await protect.from_node(app, node))[0]
+
+
+def _require_signed(cid: str, signed: bool) -> None:
+    if not signed:
+        raise GatewayError(502, f"record {cid} does not carry this gateway's signature")
 
 
 async def read_many(app: web.Application, cids: list[str], concurrency: int = 16) -> list[dict[str, Any]]:
@@ -282,8 +286,7 @@ async def read_many(app: web.Application, cids: list[str], concurrency: int = 16
     verdicts = [ok for part in await asyncio.gather(asyncio.to_thread(check, nodes[:half]),
                                                     asyncio.to_thread(check, nodes[half:])) for ok in part]
     for cid, ok in zip(cids, verdicts):
-        if not ok:
-            raise GatewayError(502, f"record {cid} does not carry this gateway's signature")
+        _require_signed(cid, ok)
     return [(await protect.from_node(app, node))[0] for node in nodes]
 
 
