@@ -6,6 +6,7 @@ saying how to install it.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -181,6 +182,29 @@ def ipfs_cli(target, *args: str, input: bytes | None = None, cwd: Path | None = 
 # --- the chaos summary (`make chaos`) -----------------------------------------------------------
 
 CHAOS = {"acknowledged": 0, "found_after_recovery": 0, "forks": 0, "server_errors": 0}
+
+
+async def trickle_body(host: str, port: int, head: str, first: bytes, total: int) -> bytes:
+    """Send a request ``head`` (without its blank line; ``Content-Length: total`` is added) and
+    ``first`` at once, then one byte a second, until the gateway answers; returns its answer."""
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(head.encode() + f"Content-Length: {total}\r\n\r\n".encode() + first)
+    await writer.drain()
+    answer = b""
+    try:
+        for _ in range(12):
+            try:
+                answer += await asyncio.wait_for(reader.read(65536), 1.0)
+            except asyncio.TimeoutError:
+                writer.write(b" ")
+                await writer.drain()
+                continue
+            if answer:
+                break
+    except (ConnectionResetError, BrokenPipeError):
+        pass
+    writer.close()
+    return answer
 
 
 def chaos_scale(default: int) -> int:

@@ -4,39 +4,15 @@ pass-through proxy is covered in test_reliability). Nothing of the stalled reque
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 
 import pytest
 
-from conftest import app_client, gateway_config
+from conftest import app_client, gateway_config, trickle_body
 from records_helpers import opened, uid
 
 BOUNDARY = "trickle-boundary"
-
-
-async def _trickle(host: str, port: int, head: str, first: bytes, total: int) -> bytes:
-    """Send ``head`` and ``first`` at once, then one byte a second, until the gateway answers;
-    returns what it answered."""
-    reader, writer = await asyncio.open_connection(host, port)
-    writer.write(head.encode() + f"Content-Length: {total}\r\n\r\n".encode() + first)
-    await writer.drain()
-    answer = b""
-    try:
-        for _ in range(12):
-            try:
-                answer += await asyncio.wait_for(reader.read(65536), 1.0)
-            except asyncio.TimeoutError:
-                writer.write(b" ")
-                await writer.drain()
-                continue
-            if answer:
-                break
-    except (ConnectionResetError, BrokenPipeError):
-        pass
-    writer.close()
-    return answer
 
 
 @pytest.mark.parametrize("door", ["rest", "add", "dag_put"])
@@ -58,7 +34,7 @@ async def test_trickled_body_gets_408_and_nothing_is_stored(aiohttp_client, kubo
                 f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n")
         first, total = part[:-1], len(part) + 60
     t0 = time.monotonic()
-    answer = await _trickle(c.server.host, c.server.port, head, first, total)
+    answer = await trickle_body(c.server.host, c.server.port, head, first, total)
     assert answer.startswith(b"HTTP/1.1 408"), answer[:300]
     assert time.monotonic() - t0 < 8
     assert b"stalled" in answer

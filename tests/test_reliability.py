@@ -14,7 +14,8 @@ import time
 import aiohttp
 import pytest
 
-from conftest import CHAOS, app_client, bearer, chaos_scale, gateway_config, new_data_dir, start_gateway
+from conftest import (CHAOS, app_client, bearer, chaos_scale, gateway_config, new_data_dir, start_gateway,
+                      trickle_body)
 from records_helpers import encounter, opened, uid
 
 
@@ -243,25 +244,10 @@ async def test_trickling_client_is_cut_off(aiohttp_client, kubo):
     cfg = gateway_config(kubo, **{"server.body_timeout": 1.0})
     c = await app_client(aiohttp_client, cfg)
     host, port = c.server.host, c.server.port
-    reader, writer = await asyncio.open_connection(host, port)
-    writer.write((f"POST /api/v0/block/put HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {c.token}\r\n"
-                  "Content-Type: application/octet-stream\r\nContent-Length: 100\r\n\r\n").encode())
-    await writer.drain()
     t0 = time.monotonic()
-    answer = b""
-    try:
-        for _ in range(10):
-            writer.write(b"x")
-            await writer.drain()
-            try:
-                answer += await asyncio.wait_for(reader.read(65536), 1.0)
-            except asyncio.TimeoutError:
-                continue
-            if answer:
-                break
-    except (ConnectionResetError, BrokenPipeError):
-        pass
-    writer.close()
+    answer = await trickle_body(host, port, f"POST /api/v0/block/put HTTP/1.1\r\nHost: x\r\n"
+                                f"Authorization: Bearer {c.token}\r\nContent-Type: application/octet-stream\r\n",
+                                b"", 100)
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
     assert time.monotonic() - t0 < 6
 
