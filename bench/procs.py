@@ -19,7 +19,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gateway.kubo import KuboNode, free_port
+from gateway.kubo.node import KuboNode, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -167,7 +167,7 @@ class Procs:
 
     def ensure_keyring(self) -> str:
         """A keyring in the data dir, where this gateway wants one: ``gateway keys init`` if
-        that subcommand exists, else ``gateway.keyring.LocalKeyring.init`` (what the tests
+        that subcommand exists, else ``gateway.security.keyring.LocalKeyring.init`` (what the tests
         do), else none (a gateway from before the keyring). Returns how it was made."""
         self.records_dir.mkdir(parents=True, exist_ok=True)
         path = self.records_dir / "keyring.json"
@@ -183,7 +183,7 @@ class Procs:
         except subprocess.TimeoutExpired:
             pass
         code = ("import sys; from pathlib import Path\n"
-                "try:\n    from gateway.keyring import LocalKeyring\n"
+                "try:\n    from gateway.security.keyring import LocalKeyring\n"
                 "except ImportError:\n    sys.exit(10)\n"
                 "LocalKeyring.init(Path(sys.argv[1]))\n")
         res = subprocess.run([PYTHON, "-c", code, str(path)], cwd=ROOT, capture_output=True, text=True,
@@ -192,7 +192,7 @@ class Procs:
             return "none (this gateway has no keyring)"
         if res.returncode != 0:
             raise BenchError(f"could not create a keyring at {path}: {res.stderr.strip()[-400:]}")
-        return "gateway.keyring.LocalKeyring.init"
+        return "gateway.security.keyring.LocalKeyring.init"
 
     def start_gateway(self, timeout: float = 60.0) -> Gateway:
         """``python -m gateway serve --port 0``; waits for its ``MEDICON_GATEWAY_URL=`` line."""

@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import signal
-import sqlite3
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,13 +16,15 @@ from typing import Any, Coroutine, TypeVar
 
 from aiohttp import web
 
-from .app import INFLIGHT, create_app
 from .config import Config, ConfigError, keyring_path, load_config
-from .keyring import KeyringError, LocalKeyring
-from .kubo import KuboError, KuboNode
-from .principal import ROLES
-from .server import GatewayRunner
-from .tokens import TokenError, TokenStore, parse_duration, token_path
+from .errors import MediconError
+from .http.app import INFLIGHT, create_app
+from .http.server import GatewayRunner
+from .kubo.node import KuboError, KuboNode, find_binary
+from .security.keyring import KeyringError, LocalKeyring
+from .security.principal import ROLES
+from .security.tokens import TokenError, parse_duration
+from .storage import TokenStore, open_storage
 
 log = logging.getLogger("medicon_gateway")
 T = TypeVar("T")
@@ -98,7 +99,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_dev(args: argparse.Namespace) -> int:
     """A managed local Kubo (offline, loopback, its own repo) with the gateway in front."""
     data_dir = Path(args.data_dir).resolve()
-    node = KuboNode(data_dir / "kubo", offline=not args.online)
+    node = KuboNode(data_dir / "kubo", binary=find_binary(load_config(args.config).kubo.bin),
+                    offline=not args.online)
     node.start()
     print(f"kubo {node.version()} running, repo {node.repo} (API {node.api_url}, not for clients)",
           file=sys.stderr, flush=True)
@@ -111,31 +113,30 @@ def cmd_dev(args: argparse.Namespace) -> int:
             ring.parent.mkdir(parents=True, exist_ok=True)
             LocalKeyring.init(ring)
             print(f"development keyring created: {ring}", file=sys.stderr, flush=True)
-        with TokenStore(token_path(config.records.data_dir)) as store:
-            token, info = _create_dev_token(store)
-            print(f"development token {info.name} ({info.id}, role admin) created; "
-                  "revoked when dev stops", file=sys.stderr, flush=True)
+        token, info = asyncio.run(_with_tokens(config, _create_dev_token))
+        print(f"development token {info.name} ({info.id}, role admin) created; "
+              "revoked when dev stops", file=sys.stderr, flush=True)
 
-            def announce(host: str, port: int) -> None:
-                _announce(host, port)  # first stdout line: the URL
-                print(f"MEDICON_TOKEN={token}", flush=True)
+        def announce(host: str, port: int) -> None:
+            _announce(host, port)  # first stdout line: the URL
+            print(f"MEDICON_TOKEN={token}", flush=True)
 
-            try:
-                run_loop(config, run_server(config, announce=announce))
-            finally:
-                store.revoke(info.id)
+        try:
+            run_loop(config, run_server(config, announce=announce))
+        finally:
+            asyncio.run(_with_tokens(config, lambda store: store.revoke(info.id)))
     finally:
         node.stop()
         print("kubo stopped", file=sys.stderr, flush=True)
     return 0
 
 
-def _create_dev_token(store: TokenStore):
+async def _create_dev_token(store: TokenStore):
     """A fresh admin token for this dev run, named ``dev-<UTC timestamp>``."""
     base = datetime.now(timezone.utc).strftime("dev-%Y%m%dT%H%M%SZ")
     for n in range(1, 100):
         try:
-            return store.create(base if n == 1 else f"{base}-{n}", "admin")
+            return await store.create(base if n == 1 else f"{base}-{n}", "admin")
         except TokenError:
             if n == 99:
                 raise
@@ -143,15 +144,22 @@ def _create_dev_token(store: TokenStore):
 
 # --- token ----------------------------------------------------------------------------------
 
-def _token_store(args: argparse.Namespace) -> TokenStore:
-    data_dir = args.data_dir
-    if data_dir is None:
-        data_dir = load_config(args.config).records.data_dir
-    path = token_path(data_dir)
+def _store_config(args: argparse.Namespace) -> Config:
+    overrides = {"records.data_dir": args.data_dir} if args.data_dir else {}
+    return load_config(args.config, overrides=overrides)
+
+
+async def _with_tokens(config: Config, use):
+    """``await use(token store)`` with the gateway's storage opened (and closed) around it."""
+    storage = await open_storage(config)
     try:
-        return TokenStore(path)
-    except (OSError, sqlite3.Error) as exc:
-        raise TokenError(f"cannot open the token store {path}: {exc}") from None
+        return await use(storage.tokens)
+    finally:
+        await storage.close()
+
+
+def _tokens(args: argparse.Namespace, use):
+    return asyncio.run(_with_tokens(_store_config(args), use))
 
 
 def _when(d: datetime | None) -> str:
@@ -160,20 +168,18 @@ def _when(d: datetime | None) -> str:
 
 def cmd_token_create(args: argparse.Namespace) -> int:
     expires_in = parse_duration(args.expires_in) if args.expires_in else None
-    with _token_store(args) as store:
-        token, info = store.create(args.name, args.role, patients=args.patient or None,
-                                   episodes=args.episode or None, expires_in=expires_in)
+    token, info = _tokens(args, lambda store: store.create(
+        args.name, args.role, patients=args.patient or None, episodes=args.episode or None,
+        expires_in=expires_in))
     print(f"created token {info.name} ({info.id}): role {info.role}, scope {info.scope()}, "
-          f"expires {_when(info.expires_at) if info.expires_at else 'never'}, "
-          f"store {store.path}", file=sys.stderr)
+          f"expires {_when(info.expires_at) if info.expires_at else 'never'}", file=sys.stderr)
     print("the token is shown once, on stdout; keep it secret", file=sys.stderr)
     print(f"MEDICON_TOKEN={token}", flush=True)
     return 0
 
 
 def cmd_token_list(args: argparse.Namespace) -> int:
-    with _token_store(args) as store:
-        infos = store.list(include_revoked=not args.live)
+    infos = _tokens(args, lambda store: store.list(include_revoked=not args.live))
     if args.json:
         print(json.dumps([i.to_dict() for i in infos], indent=2))
         return 0
@@ -187,11 +193,12 @@ def cmd_token_list(args: argparse.Namespace) -> int:
 
 
 def cmd_token_revoke(args: argparse.Namespace) -> int:
-    with _token_store(args) as store:
-        if store.revoke(args.name_or_id):
-            print(f"revoked {args.name_or_id}", file=sys.stderr)
-            return 0
-        known = store.get(args.name_or_id)
+    async def revoke(store: TokenStore):
+        return await store.revoke(args.name_or_id), await store.get(args.name_or_id)
+    revoked, known = _tokens(args, revoke)
+    if revoked:
+        print(f"revoked {args.name_or_id}", file=sys.stderr)
+        return 0
     if known is not None and known.revoked_at is not None:
         print(f"{args.name_or_id} was already revoked", file=sys.stderr)
         return 0
@@ -202,7 +209,7 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
 # --- check ----------------------------------------------------------------------------------
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .check import check
+    from .core.check import check
     overrides = {"records.data_dir": args.data_dir} if args.data_dir else {}
     report = asyncio.run(check(load_config(args.config, overrides=overrides), repair=args.repair))
     print(json.dumps(report, indent=2))
@@ -325,7 +332,13 @@ def main(argv: list[str] | None = None) -> int:
         args.config = os.environ.get("MEDICON_CONFIG")
     try:
         return args.func(args)
-    except (ConfigError, KuboError, TokenError, KeyringError) as exc:
+    except (ConfigError, KuboError, KeyringError) as exc:
+        print(f"medicon-gateway: error: {exc}", file=sys.stderr)
+        return 2
+    except MediconError as exc:
+        print(f"medicon-gateway: error: {exc.message}", file=sys.stderr)
+        return 2
+    except OSError as exc:
         print(f"medicon-gateway: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

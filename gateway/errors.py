@@ -1,91 +1,88 @@
-"""Errors are values with a status and a message, raised anywhere and rendered in one place.
+"""Domain errors: what went wrong, in words, with no HTTP in them.
 
-On Kubo's surfaces (``/api/v0``, ``/ipfs``, ``/ipns``) an error is rendered in Kubo's own shape
-``{"Message": ..., "Code": ..., "Type": "error"}`` so every IPFS client reports it as it would
-a Kubo error. ``Code`` follows go-ipfs-cmds: 0 normal, 1 client, 2 implementation,
-3 rate-limited, 4 forbidden.
+Every layer raises these; the HTTP layer (``gateway.http.errors``) maps each class to a status
+and renders it in the shape of the surface it was asked on (Kubo's ``{"Message","Code","Type"}``
+on ``/api/v0`` and ``/ipfs``, ``{"error": {...}}`` on ``/medicon/v1``). Plugins raise them too
+(``from gateway.errors import Forbidden``).
+
+``message`` is shown to the client, so it never holds a secret or a patient identifier the
+caller did not send. ``details`` are rendered beside it on the gateway's own API (``problems``
+of an invalid record, ``current`` of a conflict). ``reason`` is a short cause for the audit log
+only (``revoked``, ``expired``), never rendered.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-from typing import Mapping
-
-from aiohttp import web
-
-log = logging.getLogger(__name__)
-
-CODE_NORMAL = 0
-CODE_CLIENT = 1
-CODE_IMPLEMENTATION = 2
-CODE_RATE_LIMITED = 3
-CODE_FORBIDDEN = 4
-
-_CODE_FOR_STATUS = {400: CODE_CLIENT, 403: CODE_FORBIDDEN, 429: CODE_RATE_LIMITED, 503: CODE_RATE_LIMITED}
+from typing import Any, Mapping
 
 
-class GatewayError(Exception):
-    """An answer the gateway gives instead of (or before) Kubo's.
+class MediconError(Exception):
+    """Base of every error the gateway answers with instead of a result."""
 
-    ``reason`` is a short cause for the audit log (an authentication plugin's "revoked",
-    "expired", "bad signature"): never rendered to the client, never a secret."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        code: int | None = None,
-        headers: Mapping[str, str] | None = None,
-        details: Mapping[str, object] | None = None,
-        reason: str | None = None,
-    ) -> None:
+    def __init__(self, message: str, *, details: Mapping[str, Any] | None = None,
+                 reason: str | None = None, retry_after: float | None = None) -> None:
         super().__init__(message)
-        self.status = status
         self.message = message
-        self.code = _CODE_FOR_STATUS.get(status, CODE_NORMAL) if code is None else code
-        self.headers = dict(headers or {})
-        self.details = dict(details or {})
+        self.details: dict[str, Any] = dict(details or {})
         self.reason = reason
+        self.retry_after = retry_after
+
+    def with_message(self, message: str) -> "MediconError":
+        """The same error (class, details, reason) saying ``message``."""
+        clone = type(self).__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        Exception.__init__(clone, message)
+        clone.message = message
+        return clone
 
 
-def kubo_error(status: int, message: str, *, code: int | None = None,
-               headers: Mapping[str, str] | None = None) -> web.Response:
-    err = GatewayError(status, message, code=code, headers=headers)
-    body = json.dumps({"Message": err.message, "Code": err.code, "Type": "error"})
-    return web.Response(status=status, text=body + "\n", content_type="application/json",
-                        headers=err.headers)
+class Invalid(MediconError):
+    """The request or the record is malformed or breaks a rule; nothing was stored."""
 
 
-API_PREFIX = "/medicon/"
+class Unauthenticated(MediconError):
+    """No credential, or one that is not (or no longer) valid."""
 
 
-def api_error(err: GatewayError) -> web.Response:
-    """The gateway's own API: ``{"error": {"status", "message", ...details}}`` (see the OpenAPI
-    document's ``Error`` schema)."""
-    body = {"error": {"status": err.status, "message": err.message, **err.details}}
-    return web.json_response(body, status=err.status, headers=err.headers)
+class Forbidden(MediconError):
+    """The caller is known but may not do this."""
 
 
-def render(request: web.Request, err: GatewayError) -> web.Response:
-    if request.path.startswith(API_PREFIX):
-        return api_error(err)
-    return kubo_error(err.status, err.message, code=err.code, headers=err.headers)
+class NotFound(MediconError):
+    """Nothing of that name, or nothing the caller may know of."""
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler):
-    """Render ``GatewayError`` and aiohttp's own HTTP errors in one place; hide tracebacks."""
-    try:
-        return await handler(request)
-    except GatewayError as err:
-        return render(request, err)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
-        return render(request, GatewayError(exc.status, exc.reason, headers=headers))
-    except Exception:
-        log.exception("internal error on %s %s", request.method, request.path)
-        return render(request, GatewayError(500, "internal gateway error", code=CODE_IMPLEMENTATION))
+class Conflict(MediconError):
+    """The request does not fit the state as it stands (a chain conflict)."""
+
+
+class Erased(MediconError):
+    """The data was crypto-shredded: it can never be read again."""
+
+
+class TooLarge(MediconError):
+    """A body or a record past its configured limit."""
+
+
+class IdempotencyKeyReused(MediconError):
+    """An ``Idempotency-Key`` sent again with a different request."""
+
+
+class Busy(MediconError):
+    """Over a limit of the gateway's own (concurrent requests); retry shortly."""
+
+
+class Unavailable(MediconError):
+    """A part the gateway depends on (Kubo, its storage) is unreachable or answered wrongly."""
+
+
+class TimedOut(MediconError):
+    """A part the gateway depends on did not answer in time."""
+
+
+class StorageFull(MediconError):
+    """A volume the gateway writes to is full; nothing was acknowledged."""
+
+
+class Internal(MediconError):
+    """The gateway's (or a plugin's) own failure."""

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import base64
 
-from gateway import crypto
-from gateway.errors import GatewayError
+from gateway.errors import Unavailable
 from gateway.hookspecs import hookimpl
+from gateway.security import crypto
 
 
 def _b64(data: bytes) -> str:
@@ -19,8 +19,8 @@ def _unb64(text: str) -> bytes:
 
 
 @hookimpl
-def medicon_encrypt_record(payload, aad, patient, keys):
-    dek_id, dek = keys.data_key_for_patient(patient)
+async def medicon_encrypt_record(payload, aad, patient, keys):
+    dek_id, dek = await keys.data_key_for_patient(patient)
     return {"dek": dek_id, "sealed": _b64(crypto.seal(payload, dek, aad + dek_id.encode()))}
 
 
@@ -28,11 +28,15 @@ def medicon_encrypt_record(payload, aad, patient, keys):
 def medicon_decrypt_record(node, aad, keys):
     if "sealed" not in node or "dek" not in node:
         return None
+    return _open(node, aad, keys)
+
+
+async def _open(node, aad, keys) -> bytes:
     try:
-        dek = keys.data_key(node["dek"])
+        dek = await keys.data_key(node["dek"])
     except KeyError:
-        raise GatewayError(502, "the record's data key is unknown to this gateway") from None
+        raise Unavailable("the record's data key is unknown to this gateway") from None
     try:
         return crypto.open_sealed(_unb64(node["sealed"]), dek, aad + node["dek"].encode())
     except (crypto.DecryptError, ValueError):
-        raise GatewayError(502, "the record does not decrypt: the block was altered") from None
+        raise Unavailable("the record does not decrypt: the block was altered") from None

@@ -15,7 +15,7 @@ Enabled only when ``MEDICON_JWT_ISSUER`` is set. Settings (environment):
 ``MEDICON_JWT_ALGORITHMS``
     accepted ``alg`` values (default ``RS256,ES256,EdDSA``; ``none`` is never accepted).
 ``MEDICON_JWT_ROLE_CLAIM`` / ``MEDICON_JWT_PATIENTS_CLAIM`` / ``MEDICON_JWT_EPISODES_CLAIM``
-    the top-level claims holding the role (a string in ``gateway.principal.ROLES``), the patient
+    the top-level claims holding the role (a string in ``gateway.security.principal.ROLES``), the patient
     scope and the episode scope (a string or a list of strings; absent = no restriction).
     Defaults ``medicon_role``, ``medicon_patients``, ``medicon_episodes``.
 
@@ -36,18 +36,16 @@ from pathlib import Path
 import jwt
 from jwt.algorithms import get_default_algorithms
 
-from gateway.errors import GatewayError
+from gateway.errors import Internal, Unauthenticated, Unavailable
 from gateway.hookspecs import hookimpl
-from gateway.principal import ROLES, Principal
-
-from .token_auth import authorization
+from gateway.http.credentials import bearer
+from gateway.security.principal import ROLES, Principal
 
 log = logging.getLogger(__name__)
 
 ENV = "MEDICON_JWT_"
 DEFAULT_ALGORITHMS = "RS256,ES256,EdDSA"
 TOKEN_PREFIX = "mdc_"  # API tokens: token_auth's
-CHALLENGE = {"WWW-Authenticate": 'Bearer realm="medicon", error="invalid_token"'}
 
 # The key type each algorithm verifies with: a token cannot make an RSA key act as an HMAC
 # secret (algorithm confusion), whatever its header says.
@@ -61,9 +59,9 @@ class Misconfigured(Exception):
     """The JWT settings cannot work; the operator must fix them (500, details in the log)."""
 
 
-def _refuse(reason: str) -> GatewayError:
+def _refuse(reason: str) -> Unauthenticated:
     """401 naming why (never echoing the token); the reason goes to the audit log too."""
-    return GatewayError(401, f"invalid bearer token: {reason}", headers=CHALLENGE, reason=reason)
+    return Unauthenticated(f"invalid bearer token: {reason}", reason=reason)
 
 
 @dataclass(frozen=True)
@@ -82,20 +80,16 @@ class Settings:
         return self.jwks.lower().startswith(("http://", "https://"))
 
 
-_settings_cache: dict[tuple, Settings] = {}
-
-
 def settings(env=None) -> Settings | None:
     """The settings from the environment, or None when the plugin is disabled."""
     env = os.environ if env is None else env
-    raw = tuple(env.get(ENV + k) for k in ("ISSUER", "AUDIENCE", "JWKS", "LEEWAY", "ALGORITHMS",
+    raw = _raw(env)
+    return None if not raw[0] else _parse(*raw)
+
+
+def _raw(env) -> tuple:
+    return tuple(env.get(ENV + k) for k in ("ISSUER", "AUDIENCE", "JWKS", "LEEWAY", "ALGORITHMS",
                                            "ROLE_CLAIM", "PATIENTS_CLAIM", "EPISODES_CLAIM"))
-    if not raw[0]:
-        return None
-    cached = _settings_cache.get(raw)
-    if cached is None:
-        cached = _settings_cache[raw] = _parse(*raw)
-    return cached
 
 
 def _parse(issuer, audience, jwks, leeway, algorithms, role_claim, patients_claim,
@@ -120,67 +114,107 @@ def _parse(issuer, audience, jwks, leeway, algorithms, role_claim, patients_clai
                     patients_claim or "medicon_patients", episodes_claim or "medicon_episodes")
 
 
-# --- keys -----------------------------------------------------------------------------------
-
-_file_keys: dict[str, tuple[tuple[int, int], list[jwt.PyJWK]]] = {}
-_clients: dict[str, jwt.PyJWKClient] = {}
+# --- keys ---------------------------------------------------------------------------------
 
 
-def _keys_from_file(path: str) -> list[jwt.PyJWK]:
-    """The signing keys of a JWKS file, parsed again only when the file changes."""
-    try:
-        st = os.stat(path)
-        stamp = (st.st_mtime_ns, st.st_size)
-        cached = _file_keys.get(path)
-        if cached is not None and cached[0] == stamp:
-            return cached[1]
-        keys = list(jwt.PyJWKSet.from_json(Path(path).read_text()))
-    except (OSError, ValueError, jwt.PyJWTError) as exc:
-        raise Misconfigured(f"{ENV}JWKS file {path}: {exc}") from None
-    _file_keys[path] = (stamp, keys)
-    return keys
+class JwtAuth:
+    """The plugin's state for one gateway: parsed settings and key caches (a JWKS file parsed
+    again only when it changes; one ``PyJWKClient`` per URL, caching its keys five minutes).
+    Settings are read from the environment on each use, so a change needs no restart."""
 
+    def __init__(self) -> None:
+        self._settings: dict[tuple, Settings] = {}
+        self._file_keys: dict[str, tuple[tuple[int, int], list[jwt.PyJWK]]] = {}
+        self._clients: dict[str, jwt.PyJWKClient] = {}
 
-def _client(url: str) -> jwt.PyJWKClient:
-    client = _clients.get(url)
-    if client is None:
-        client = _clients[url] = jwt.PyJWKClient(url, cache_jwk_set=True, lifespan=300, timeout=10)
-    return client
+    def settings(self, env=None) -> Settings | None:
+        raw = _raw(os.environ if env is None else env)
+        if not raw[0]:
+            return None
+        found = self._settings.get(raw)
+        if found is None:
+            found = self._settings[raw] = _parse(*raw)
+        return found
 
-
-def _candidates(s: Settings, kid: str | None) -> list[jwt.PyJWK]:
-    if not s.jwks_is_url:
-        keys = _keys_from_file(s.jwks)
-        if kid is not None:
-            keys = [k for k in keys if k.key_id == kid]
+    def _keys_from_file(self, path: str) -> list[jwt.PyJWK]:
+        try:
+            st = os.stat(path)
+            stamp = (st.st_mtime_ns, st.st_size)
+            cached = self._file_keys.get(path)
+            if cached is not None and cached[0] == stamp:
+                return cached[1]
+            keys = list(jwt.PyJWKSet.from_json(Path(path).read_text()))
+        except (OSError, ValueError, jwt.PyJWTError) as exc:
+            raise Misconfigured(f"{ENV}JWKS file {path}: {exc}") from None
+        self._file_keys[path] = (stamp, keys)
         return keys
-    client = _client(s.jwks)
-    try:
-        if kid is not None:
-            return [client.get_signing_key(kid)]  # refetches once for an unknown kid
-        return client.get_signing_keys()
-    except jwt.PyJWKClientConnectionError as exc:
-        log.warning("jwt_auth: cannot fetch the JWKS %s: %s", s.jwks, exc)
-        raise GatewayError(503, "the identity provider's keys are unavailable",
-                           reason="identity provider keys unavailable") from None
-    except jwt.PyJWKClientError:
-        return []
 
+    def _client(self, url: str) -> jwt.PyJWKClient:
+        client = self._clients.get(url)
+        if client is None:
+            client = self._clients[url] = jwt.PyJWKClient(url, cache_jwk_set=True, lifespan=300, timeout=10)
+        return client
 
-def _key_for(s: Settings, kid: str | None, alg: str):
-    """The public key to verify an ``alg`` token with key id ``kid``, or 401."""
-    keys = [k for k in _candidates(s, kid) if k.public_key_use in ("sig", None)]
-    if kid is None and len(keys) > 1:
-        raise _refuse("no key id (kid) and several keys")
-    usable = []
-    for k in keys:
-        declared = (getattr(k, "_jwk_data", None) or {}).get("alg")
-        if k.key_type != _KTY[alg] or (declared is not None and declared != alg):
-            continue
-        usable.append(k)
-    if not usable:
-        raise _refuse("unknown signing key")
-    return usable[0].key
+    def _candidates(self, s: Settings, kid: str | None) -> list[jwt.PyJWK]:
+        if not s.jwks_is_url:
+            keys = self._keys_from_file(s.jwks)
+            if kid is not None:
+                keys = [k for k in keys if k.key_id == kid]
+            return keys
+        client = self._client(s.jwks)
+        try:
+            if kid is not None:
+                return [client.get_signing_key(kid)]  # refetches once for an unknown kid
+            return client.get_signing_keys()
+        except jwt.PyJWKClientConnectionError as exc:
+            log.warning("jwt_auth: cannot fetch the JWKS %s: %s", s.jwks, exc)
+            raise Unavailable("the identity provider's keys are unavailable",
+                              reason="identity provider keys unavailable") from None
+        except jwt.PyJWKClientError:
+            return []
+
+    def key_for(self, s: Settings, kid: str | None, alg: str):
+        """The public key to verify an ``alg`` token with key id ``kid``, or 401."""
+        keys = [k for k in self._candidates(s, kid) if k.public_key_use in ("sig", None)]
+        if kid is None and len(keys) > 1:
+            raise _refuse("no key id (kid) and several keys")
+        usable = []
+        for k in keys:
+            declared = (getattr(k, "_jwk_data", None) or {}).get("alg")
+            if k.key_type != _KTY[alg] or (declared is not None and declared != alg):
+                continue
+            usable.append(k)
+        if not usable:
+            raise _refuse("unknown signing key")
+        return usable[0].key
+
+    def verify(self, token: str, s: Settings) -> Principal:
+        return verify(token, s, self)
+
+    def authenticate(self, request):
+        """The principal of a JWT bearer credential, an awaitable of it, or None when the
+        credential is not a JWT (or the plugin is disabled): decided without waiting."""
+        token = bearer(request)
+        if token is None or token.startswith(TOKEN_PREFIX):
+            return None
+        try:
+            s = self.settings()
+        except Misconfigured as exc:
+            log.error("jwt_auth is misconfigured: %s", exc)
+            raise Internal("bearer authentication is misconfigured", reason="jwt_auth misconfigured") from None
+        if s is None:
+            return None
+        if s.jwks_is_url:
+            # PyJWKClient fetches with blocking urllib: keep it off the event loop.
+            return asyncio.to_thread(self._verify_or_internal, token, s)
+        return self._verify_or_internal(token, s)
+
+    def _verify_or_internal(self, token: str, s: Settings) -> Principal:
+        try:
+            return self.verify(token, s)
+        except Misconfigured as exc:
+            log.error("jwt_auth is misconfigured: %s", exc)
+            raise Internal("bearer authentication is misconfigured", reason="jwt_auth misconfigured") from None
 
 
 # --- verification ---------------------------------------------------------------------------
@@ -217,8 +251,8 @@ def _scope(payload: dict, claim: str) -> frozenset[str] | None:
     return frozenset(value)
 
 
-def verify(token: str, s: Settings) -> Principal:
-    """The principal of a valid JWT, or ``GatewayError(401)`` naming why not."""
+def verify(token: str, s: Settings, keys: JwtAuth) -> Principal:
+    """The principal of a valid JWT, or ``Unauthenticated`` naming why not."""
     try:
         header = jwt.get_unverified_header(token)
     except jwt.PyJWTError:
@@ -229,7 +263,7 @@ def verify(token: str, s: Settings) -> Principal:
     kid = header.get("kid")
     if kid is not None and not isinstance(kid, str):
         raise _refuse("malformed kid")
-    key = _key_for(s, kid, alg)
+    key = keys.key_for(s, kid, alg)
     try:
         payload = jwt.decode(
             token, key=key, algorithms=[alg], issuer=s.issuer, audience=list(s.audience),
@@ -253,31 +287,11 @@ def verify(token: str, s: Settings) -> Principal:
                      episodes=episodes, via="jwt", claims=payload)
 
 
-def bearer(request) -> str | None:
-    header = authorization(request)
-    if header is None:
-        return None
-    scheme, _, value = header.strip().partition(" ")
-    if scheme.lower() != "bearer":
-        return None
-    value = value.strip()
-    return value or None
+@hookimpl
+def medicon_startup(service):
+    service.resources["jwt_auth"] = JwtAuth()
 
 
 @hookimpl
-async def medicon_authenticate(request):
-    token = bearer(request)
-    if token is None or token.startswith(TOKEN_PREFIX):
-        return None
-    try:
-        s = settings()
-        if s is None:
-            return None
-        if s.jwks_is_url:
-            # PyJWKClient fetches with blocking urllib: keep it off the event loop.
-            return await asyncio.to_thread(verify, token, s)
-        return verify(token, s)
-    except Misconfigured as exc:
-        log.error("jwt_auth is misconfigured: %s", exc)
-        raise GatewayError(500, "bearer authentication is misconfigured",
-                           reason="jwt_auth misconfigured") from None
+def medicon_authenticate(request, service):
+    return service.resources["jwt_auth"].authenticate(request)

@@ -12,6 +12,8 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config import load_config
-from gateway.kubo import INSTALL_HINT, KuboError, KuboNode, find_binary
+from gateway.kubo.node import INSTALL_HINT, KuboError, KuboNode, find_binary
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,12 +54,52 @@ def own_kubo(tmp_path: Path):
     node.stop()
 
 
+def token_path(data_dir) -> Path:
+    from gateway.storage.sqlite import TOKENS_FILE
+    return Path(data_dir) / TOKENS_FILE
+
+
+class BlockingTokens:
+    """The gateway's real token store (the SQLite store the gateway opens), driven from
+    synchronous test code: its coroutines run on an event loop in a thread of its own."""
+
+    def __init__(self, path, clock=time.time) -> None:
+        from gateway.storage.sqlite import TOKENS_SCHEMA, SQLiteDatabase, SQLiteTokenStore
+        self.path = Path(path)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self._db = self._run(SQLiteDatabase.open(self.path, TOKENS_SCHEMA, name="token"))
+        self._store = SQLiteTokenStore(self._db, clock=clock)
+
+    def _run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def __getattr__(self, name):
+        method = getattr(self._store, name)
+        return lambda *args, **kwargs: self._run(method(*args, **kwargs))
+
+    def authenticate(self, token: str):
+        return self.check(token).principal
+
+    def close(self) -> None:
+        self._run(self._db.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    def __enter__(self) -> "BlockingTokens":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def make_token(config_or_dir, name: str | None = None, role: str = "admin", patients=None,
                episodes=None) -> str:
     """A real API token in the gateway's token store (what `medicon-gateway token create` does)."""
-    from gateway.tokens import TokenStore, token_path
     data_dir = getattr(getattr(config_or_dir, "records", None), "data_dir", config_or_dir)
-    with TokenStore(token_path(data_dir)) as store:
+    with BlockingTokens(token_path(data_dir)) as store:
         token, _ = store.create(name or f"{role}-{uuid.uuid4().hex[:8]}", role, patients=patients,
                                 episodes=episodes)
     return token
@@ -69,7 +111,7 @@ def bearer(token: str) -> dict[str, str]:
 
 async def app_client(aiohttp_client, config, role: str = "admin", **scope):
     """The app in-process, with a client holding a token of ``role`` (and scope)."""
-    from gateway.app import create_app
+    from gateway.http.app import create_app
     token = make_token(config, role=role, **scope)
     client = await aiohttp_client(create_app(config), headers=bearer(token))
     client.token = token
@@ -78,7 +120,7 @@ async def app_client(aiohttp_client, config, role: str = "admin", **scope):
 
 def new_data_dir() -> str:
     """A fresh gateway data dir with its keyring (what `medicon-gateway keys init` makes)."""
-    from gateway.keyring import LocalKeyring
+    from gateway.security.keyring import LocalKeyring
     data_dir = tempfile.mkdtemp(prefix="medicon-test-")
     LocalKeyring.init(Path(data_dir) / "keyring.json")
     return data_dir

@@ -6,9 +6,9 @@ import subprocess
 
 import pytest
 
-from gateway.commands import COMMANDS, Action, resolve
-from gateway.kubo import find_binary
-from gateway.proxy import upstream_query
+from gateway.http.commands import COMMANDS, Action, resolve
+from gateway.kubo.node import find_binary
+from gateway.http.proxy import upstream_query
 from conftest import app_client, gateway_config
 
 
@@ -30,7 +30,7 @@ def test_every_kubo_command_is_classified_under_its_own_name(kubo_commands):
     forwarded as ``version``); each is forwarded by name or refused."""
     for name in sorted(kubo_commands):
         got = resolve(name)
-        if got.rule.action is not Action.REFUSE:
+        if got.entry.action is not Action.REFUSE:
             assert (got.command, got.path_arg) == (name, None), name
 
 
@@ -51,7 +51,7 @@ def test_every_kubo_command_is_classified_under_its_own_name(kubo_commands):
 ])
 def test_resolve(raw, command, action, arg):
     got = resolve(raw)
-    assert (got.command, got.rule.action, got.path_arg) == (command, action, arg)
+    assert (got.command, got.entry.action, got.path_arg) == (command, action, arg)
 
 
 def test_query_passes_unchanged_but_credentials():
@@ -64,7 +64,7 @@ REFUSED = sorted(name for name, rule in COMMANDS.items() if rule.action is Actio
 
 
 async def test_every_refused_command_answers_403_in_kubo_shape(client, kubo_commands):
-    probes = set(REFUSED) | {c for c in kubo_commands if resolve(c).rule.action is Action.REFUSE}
+    probes = set(REFUSED) | {c for c in kubo_commands if resolve(c).entry.action is Action.REFUSE}
     probes |= {"definitely/not/a/command", "config/show", "key/gen", "repo/gc", "diag/sys"}
     for name in sorted(probes):
         r = await client.post(f"/api/v0/{name}?arg=x")
@@ -108,7 +108,7 @@ async def test_csrf_foreign_origin_refused(client):
 
 async def test_csrf_allowed_origin_reaches_kubo(aiohttp_client, kubo):
     """Kubo would refuse this Origin (not its own port); the gateway checks it and strips it."""
-    from gateway.app import create_app
+    from gateway.http.app import create_app
     cfg = gateway_config(kubo, **{"server.allowed_origins": ["https://ehr.example"]})
     c = await app_client(aiohttp_client, cfg)
     r = await c.post("/api/v0/version", headers={"Origin": "https://ehr.example",

@@ -1,4 +1,4 @@
-"""gateway.crypto: records, pseudonyms, signatures and the segmented blob format.
+"""gateway.security.crypto: records, pseudonyms, signatures and the segmented blob format.
 
 Every property is tested from the failing side too: tampering, truncation, reordering,
 extension, wrong keys and wrong AAD must all raise DecryptError (or verify False).
@@ -17,8 +17,8 @@ from typing import AsyncIterator
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from gateway import crypto
-from gateway.crypto import DecryptError
+from gateway.security import crypto
+from gateway.security.crypto import DecryptError
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))

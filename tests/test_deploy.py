@@ -549,7 +549,7 @@ def test_entrypoint_script_syntax():
 
 
 def test_entrypoint_creates_keyring_once_and_never_overwrites(tmp_path):
-    from gateway.keyring import LocalKeyring
+    from gateway.security.keyring import LocalKeyring
 
     data = tmp_path / "data"
     env = {"MEDICON_CONFIG": str(DEPLOY / "gateway.toml"), "MEDICON_RECORDS_DATA_DIR": str(data)}
@@ -888,8 +888,8 @@ def test_no_keyring_or_token_material_in_deploy_files():
 
 def test_secret_patterns_catch_real_material(tmp_path):
     """The scan above can fail: it recognises a real keyring and a real token."""
-    from gateway.keyring import LocalKeyring
-    from gateway.tokens import TokenStore
+    from gateway.security.keyring import LocalKeyring
+    from conftest import BlockingTokens as TokenStore
 
     LocalKeyring.init(tmp_path / "keyring.json")
     keyring_text = (tmp_path / "keyring.json").read_text()

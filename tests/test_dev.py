@@ -10,7 +10,7 @@ import sys
 import urllib.error
 import urllib.request
 
-from gateway.kubo import KuboNode
+from gateway.kubo.node import KuboNode
 
 
 def test_dev_starts_kubo_and_gateway_and_stops_both(tmp_path):

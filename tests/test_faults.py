@@ -10,7 +10,7 @@ import time
 import aiohttp
 import pytest
 
-from gateway.app import create_app
+from gateway.http.app import create_app
 from conftest import app_client, gateway_config
 
 

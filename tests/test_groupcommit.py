@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from gateway.groupcommit import GroupCommit
+from gateway.storage.groupcommit import GroupCommit
 
 
 async def test_concurrent_writes_share_batches_and_each_gets_its_own_outcome():

@@ -1,4 +1,4 @@
-"""Record nodes read as raw blocks (``gateway.ipld``): the same node as Kubo's ``dag/get``, and
+"""Record nodes read as raw blocks (``gateway.kubo.ipld``): the same node as Kubo's ``dag/get``, and
 a block that does not hash to its CID is refused."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import json
 import pytest
 
 from conftest import app_client, gateway_config
-from gateway import ipld
-from gateway.appkeys import KUBO
+from gateway.kubo import ipld
+from gateway.http.appkeys import SERVICE
 from records_helpers import encounter, opened, uid
 
 
@@ -22,7 +22,7 @@ async def test_record_nodes_decode_exactly_as_dag_get(aiohttp_client, kubo, encr
     for i in range(3):
         r = await c.post(f"/medicon/v1/episodes/{episode}/records", json=encounter(patient, episode, note=f"n{i}"))
         cids.append((await r.json())["cid"])
-    node = c.server.app[KUBO]
+    node = c.server.app[SERVICE].kubo
     for cid in cids:
         decoded = ipld.decode(cid, kubo.ipfs("block", "get", cid).stdout)
         assert decoded == await node.dag_get(cid) == await node.record_node(cid)

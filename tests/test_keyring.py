@@ -1,4 +1,4 @@
-"""gateway.keyring.LocalKeyring: file safety, DEK lifecycle, KEK rotation, crypto-shredding."""
+"""gateway.security.keyring.LocalKeyring: file safety, DEK lifecycle, KEK rotation, crypto-shredding."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway import crypto
-from gateway.keyring import KeyringError, KeyShredded, LocalKeyring
+from gateway.security import crypto
+from gateway.security.keyring import KeyringError, KeyShredded, LocalKeyring
 
 PATIENTS = ["patient-0042-Smith", "Jöns Ünicode-Ærø", "P-777"]
 

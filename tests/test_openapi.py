@@ -1,6 +1,6 @@
 """The OpenAPI document served at ``/medicon/v1/openapi.json``: valid OpenAPI 3.1, every ``$ref``
 resolvable, and in step with the routes the gateway really registers under ``/medicon/v1`` —
-``gateway.api``'s and the built-in plugins' (the audit log) — (no Kubo needed)."""
+``gateway.http.rest``'s and the built-in plugins' (the audit log) — (no Kubo needed)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from typing import Any, Iterator
 import pytest
 from openapi_spec_validator import OpenAPIV31SpecValidator, validate
 
-from gateway import api
+from gateway.http import rest as api
 
 DOC_PATH = Path(api.__file__).with_name("openapi.json")
 HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
-# Served by gateway.app, outside the API's RouteTableDef.
+# Served by gateway.http.app, outside the API's RouteTableDef.
 OUTSIDE_API = {("GET", "/healthz"), ("GET", "/readyz")}
 
 
@@ -27,7 +27,7 @@ def doc() -> dict[str, Any]:
 def _api_routes() -> set[tuple[str, str]]:
     """Every route of the app under the API prefix, as ``create_app`` registers them (with the
     routes of the plugins it loads), except the catch-all that answers 404."""
-    from gateway.app import create_app
+    from gateway.http.app import create_app
     from gateway.config import load_config
     app = create_app(load_config(env={}))
     return {(route.method.upper(), route.resource.canonical) for route in app.router.routes()
@@ -71,8 +71,8 @@ def test_every_route_is_documented_and_nothing_else(doc):
     assert {("GET", "/medicon/v1/audit"), ("GET", "/medicon/v1/audit/verify")} <= routes
     assert all(method != "*" for method, _ in routes), "a catch-all route besides {tail:.*}?"
     documented = _documented(doc)
-    assert routes - documented == set(), "routes missing from gateway/openapi.json"
-    assert documented - routes - OUTSIDE_API == set(), "operations in gateway/openapi.json with no route"
+    assert routes - documented == set(), "routes missing from gateway/http/openapi.json"
+    assert documented - routes - OUTSIDE_API == set(), "operations in gateway/http/openapi.json with no route"
     assert OUTSIDE_API <= documented
 
 

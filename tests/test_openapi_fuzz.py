@@ -1,5 +1,5 @@
 """Schemathesis against the gateway's REST API, driven by its own OpenAPI document
-(``gateway/openapi.json``, served at ``/medicon/v1/openapi.json``).
+(``gateway/http/openapi.json``, served at ``/medicon/v1/openapi.json``).
 
 Every operation gets schema-conforming and schema-violating requests (bodies, path and query
 parameters), with the admin token, against the gateway process in front of the session's Kubo.
@@ -26,7 +26,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from conftest import CHAOS
-from gateway import api
+from gateway.http import rest as api
 
 DOC_PATH = Path(api.__file__).with_name("openapi.json")
 FUZZ = os.environ.get("MEDICON_FUZZ_EXAMPLES")

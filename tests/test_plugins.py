@@ -11,7 +11,7 @@ import textwrap
 import pytest
 
 from conftest import app_client, gateway_config
-from gateway.app import create_app
+from gateway.http.app import create_app
 from records_helpers import encounter, opened, uid
 
 VACCINATION = "https://hospital.example/schemas/vaccination/v1"

@@ -9,7 +9,7 @@ import ipfshttpclient
 import pytest
 
 from conftest import app_client, gateway_config, ipfs_cli
-from gateway.app import create_app
+from gateway.http.app import create_app
 from records_helpers import closed, encounter, opened, stamp, uid
 
 

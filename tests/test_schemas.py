@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.schemas import (
+from gateway.core.schemas import (
     DEFAULT_SCHEMA_DIR,
     SchemaError,
     SchemaRegistry,

@@ -1,6 +1,7 @@
 """API tokens: the SQLite store, the ``token_auth`` plugin and the ``medicon-gateway token`` CLI.
 
-Pure Python: no Kubo is involved (the request is aiohttp's own mocked request, not a server).
+No Kubo is involved: the plugin is given aiohttp's own test request and a real record service
+(which never calls Kubo here).
 """
 
 from __future__ import annotations
@@ -14,15 +15,17 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict
 
-from gateway.appkeys import CONFIG
+from conftest import BlockingTokens as TokenStore, token_path
 from gateway.config import load_config
-from gateway.errors import GatewayError
-from gateway.principal import Principal
-from gateway.tokens import TokenError, TokenStore, decode_token, parse_duration, token_path
+from gateway.core.plugins import PluginHost, make_manager
+from gateway.core.service import RecordService
+from gateway.errors import Unauthenticated
+from gateway.security.keyring import LocalKeyring
+from gateway.security.principal import Principal
+from gateway.security.tokens import TokenError, decode_token, parse_duration
 from plugins import token_auth
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,67 +175,68 @@ def test_parse_duration():
 # --- the plugin -----------------------------------------------------------------------------
 
 @pytest.fixture
-def app(tmp_path):
-    app = web.Application()
-    app[CONFIG] = load_config(env={}, overrides={"records.data_dir": str(tmp_path)})
-    return app
+async def service(tmp_path):
+    LocalKeyring.init(tmp_path / "keyring.json")
+    async with RecordService.open(load_config(env={}, overrides={"records.data_dir": str(tmp_path)})) as s:
+        yield s
 
 
-def request(app, authorization=None, *more):
+def request(authorization=None, *more):
     headers = [] if authorization is None else [("Authorization", authorization)]
     headers += [("Authorization", h) for h in more]
-    return make_mocked_request("POST", "/api/v0/version", headers=CIMultiDict(headers), app=app)
+    return make_mocked_request("POST", "/api/v0/version", headers=CIMultiDict(headers))
 
 
 def basic(user: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
-def test_plugin_accepts_bearer_and_basic(app, tmp_path):
-    with TokenStore(token_path(tmp_path)) as s:
-        token, _ = s.create("kubo-cli", "clinician", patients=["p9"])
+async def authenticate(service, *headers):
+    """The plugin's answer: None (not its credential), or the principal it awaits."""
+    answer = token_auth.medicon_authenticate(request(*headers), service)
+    return None if answer is None else await answer
+
+
+async def test_plugin_accepts_bearer_and_basic(service):
+    token, _ = await service.storage.tokens.create("kubo-cli", "clinician", patients=["p9"])
     for header in (f"Bearer {token}", f"bearer   {token} ", basic("kubo-cli", token), basic("", token),
                    basic("someone-else", token)):
-        principal = token_auth.medicon_authenticate(request(app, header))
+        principal = await authenticate(service, header)
         assert principal.id == "token:kubo-cli" and principal.via == "token"
         assert principal.role == "clinician" and principal.patients == frozenset({"p9"})
 
 
-def test_plugin_refuses_bad_mdc_tokens_with_401(app, tmp_path):
-    with TokenStore(token_path(tmp_path)) as s:
-        token, _ = s.create("gone", "admin")
-        s.revoke("gone")
+async def test_plugin_refuses_bad_mdc_tokens_with_401(service):
+    token, _ = await service.storage.tokens.create("gone", "admin")
+    await service.storage.tokens.revoke("gone")
     forged = "mdc_" + base64.urlsafe_b64encode(os.urandom(32)).rstrip(b"=").decode()
     for header in (f"Bearer {token}", basic("gone", token), f"Bearer {forged}", "Bearer mdc_garbage"):
-        with pytest.raises(GatewayError) as err:
-            token_auth.medicon_authenticate(request(app, header))
-        assert err.value.status == 401
+        with pytest.raises(Unauthenticated) as err:
+            await authenticate(service, header)
         assert err.value.message == "invalid or revoked token"
         assert token not in str(err.value) and forged not in str(err.value)
 
 
-def test_plugin_leaves_other_credentials_to_other_plugins(app):
+async def test_plugin_leaves_other_credentials_to_other_plugins(service):
     for header in (None, "Bearer eyJhbGciOiJSUzI1NiJ9.e30.sig", basic("u", "password"), "Basic !!!",
                    "Digest username=x", "Bearer", ""):
-        assert token_auth.medicon_authenticate(request(app, header)) is None
+        assert await authenticate(service, header) is None
 
 
-def test_plugin_refuses_two_authorization_headers(app, tmp_path):
-    with TokenStore(token_path(tmp_path)) as s:
-        token, _ = s.create("x", "admin")
-    with pytest.raises(GatewayError) as err:
-        token_auth.medicon_authenticate(request(app, f"Bearer {token}", "Bearer other"))
-    assert err.value.status == 401
+async def test_plugin_refuses_two_authorization_headers(service):
+    token, _ = await service.storage.tokens.create("x", "admin")
+    with pytest.raises(Unauthenticated):
+        await authenticate(service, f"Bearer {token}", "Bearer other")
 
 
-async def test_plugin_is_registered_through_the_entry_point(app, tmp_path):
-    from gateway.plugins import call, make_manager
+async def test_plugin_is_registered_through_the_entry_point(service):
     pm = make_manager()
     assert pm.has_plugin("token_auth") and pm.has_plugin("jwt_auth")
-    with TokenStore(token_path(tmp_path)) as s:
-        token, _ = s.create("via-pm", "auditor")
-    [(name, principal)] = await call(pm, "medicon_authenticate", request=request(app, f"Bearer {token}"))
-    assert name == "token_auth" and principal.id == "token:via-pm"
+    token, _ = await service.storage.tokens.create("via-pm", "auditor")
+    host = PluginHost(pm)
+    await host.call("medicon_startup", service=service)  # jwt_auth's state, as the gateway opens it
+    principal = await host.call("medicon_authenticate", request=request(f"Bearer {token}"), service=service)
+    assert principal.id == "token:via-pm"
 
 
 # --- the CLI --------------------------------------------------------------------------------

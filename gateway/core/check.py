@@ -4,35 +4,27 @@ Every indexed record must be in Kubo and pinned (the gateway pins each record re
 it stores it), every chain verifying. Pins of record nodes the index does not know are
 reported as orphans: a record stored and pinned by an append that crashed before its head
 moved (never acknowledged). ``--repair`` re-pins unpinned records and removes orphan pins.
+Runs on the record service alone: no web server.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from aiohttp import web
-
-from . import chain, protect
-from .app import create_app
-from .appkeys import KUBO, STORE
-from .config import Config
-from .errors import GatewayError
+from ..config import Config
+from ..errors import MediconError
+from .service import RecordService
 
 
 async def check(config: Config, *, repair: bool = False) -> dict[str, Any]:
-    app = create_app(config)
-    runner = web.AppRunner(app)
-    await runner.setup()  # runs the startup contexts: keys, Kubo session, head store, schemas
-    try:
-        return await _check(app, repair)
-    finally:
-        await runner.cleanup()
+    async with RecordService.open(config) as service:
+        return await check_service(service, repair=repair)
 
 
-async def _check(app: web.Application, repair: bool) -> dict[str, Any]:
-    store, kubo = app[STORE], app[KUBO]
-    episodes = await store.episodes()
-    records = await store.all_records()
+async def check_service(service: RecordService, *, repair: bool = False) -> dict[str, Any]:
+    heads, kubo = service.storage.heads, service.kubo
+    episodes = await heads.episodes()
+    records = await heads.all_records()
     pins = await kubo.recursive_pins()
     report: dict[str, Any] = {"episodes": len(episodes), "records": len(records), "missing": [],
                               "unpinned": [], "broken": [], "orphans": [], "repaired": []}
@@ -45,12 +37,12 @@ async def _check(app: web.Application, repair: bool) -> dict[str, Any]:
                 await kubo.pin_add(record.cid)
                 report["repaired"].append({"pinned": record.cid})
     for episode in episodes:
-        verdict = await chain.verify(app, episode.id)
+        verdict = await service.verify_episode(episode)
         if not verdict["ok"]:
             report["broken"].append(verdict)
     indexed = {r.cid for r in records}
     for pin in sorted(pins - indexed):
-        if not pin.startswith("bafyrei") or not await _is_record_node(app, pin):
+        if not pin.startswith("bafyrei") or not await _is_record_node(service, pin):
             continue  # attachments and raw data pinned by their owners
         report["orphans"].append(pin)
         if repair:
@@ -61,9 +53,9 @@ async def _check(app: web.Application, repair: bool) -> dict[str, Any]:
     return report
 
 
-async def _is_record_node(app: web.Application, cid: str) -> bool:
+async def _is_record_node(service: RecordService, cid: str) -> bool:
     try:
-        node = await app[KUBO].dag_get(cid)
-    except GatewayError:
+        node = await service.kubo.dag_get(cid)
+    except MediconError:
         return False
-    return isinstance(node, dict) and node.get("v") == protect.NODE_VERSION and protect.signature_ok(app, node)
+    return service.sealer.is_own_record_node(node)

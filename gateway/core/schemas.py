@@ -26,7 +26,7 @@ from jsonschema.exceptions import SchemaError as _JsonSchemaError
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-DEFAULT_SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+DEFAULT_SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"
 DRAFT_2020_12 = "https://json-schema.org/draft/2020-12/schema"
 ENVELOPE_ID = "https://medicon.example/schemas/envelope/v1"
 ABSTRACT = "x-medicon-abstract"

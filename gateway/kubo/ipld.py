@@ -3,9 +3,15 @@
 Kubo's ``dag/get`` decodes dag-cbor and re-encodes it as dag-json for every read, about three
 times the work of ``block/get``. The gateway's own record nodes are small and simple (strings,
 integers, null and one link), so it fetches the raw block, checks that its SHA-256 is the one
-the CID names (Kubo does not re-hash on read by default), and decodes it with ``cbor2`` into
-exactly the form ``dag/get`` gives. Anything outside that form (other hashes or codecs, CIDv0
-links, floats, other tags) is ``Unsupported``, and the caller falls back to ``dag/get``.
+the CID names (Kubo does not re-hash on read by default), and decodes it into exactly the form
+``dag/get`` gives. Anything outside that form (other hashes or codecs, CIDv0 links, floats,
+other tags) is ``Unsupported``, and the caller falls back to ``dag/get``.
+
+CIDs are read with ``multiformats``. The CBOR itself is decoded with ``cbor2``, not the
+``dag-cbor`` package: measured here on a 1.1 kB record node, ``dag_cbor.decode`` takes 294 µs
+and ``cbor2.loads`` 2.3 µs (its run-time type validation dominates), and the strictness
+``dag-cbor`` adds is not needed for blocks whose hash was just checked and whose shape is
+checked below.
 """
 
 from __future__ import annotations
@@ -15,9 +21,10 @@ import hashlib
 from typing import Any
 
 import cbor2
+from multiformats import CID
 
-DAG_CBOR = 0x71
-SHA2_256 = 0x12
+from .cids import parse_cid
+
 CID_TAG = 42
 
 
@@ -29,43 +36,23 @@ class BlockMismatch(ValueError):
     """The bytes Kubo returned do not hash to the CID asked for."""
 
 
-def _varint(data: bytes, at: int) -> tuple[int, int]:
-    value = shift = 0
-    while at < len(data) and shift < 64:
-        byte = data[at]
-        value |= (byte & 0x7F) << shift
-        at += 1
-        if not byte & 0x80:
-            return value, at
-        shift += 7
-    raise Unsupported("malformed varint in CID")
-
-
-def _b32decode(text: str) -> bytes:
-    return base64.b32decode(text.upper() + "=" * (-len(text) % 8))
-
-
 def sha256_of(cid: str) -> bytes:
-    """The SHA-256 digest a base32 CIDv1 of a dag-cbor block names."""
-    if not cid.startswith("b"):
-        raise Unsupported("not a base32 CIDv1")
-    try:
-        raw = _b32decode(cid[1:])
-    except ValueError:
-        raise Unsupported("not a base32 CIDv1") from None
-    version, at = _varint(raw, 0)
-    codec, at = _varint(raw, at)
-    code, at = _varint(raw, at)
-    length, at = _varint(raw, at)
-    if (version, codec, code, length) != (1, DAG_CBOR, SHA2_256, 32) or len(raw) - at != 32:
+    """The SHA-256 digest a CIDv1 of a dag-cbor block names."""
+    parsed = parse_cid(cid)
+    if parsed is None or parsed.version != 1 or parsed.codec.name != "dag-cbor" \
+            or parsed.hashfun.name != "sha2-256" or len(parsed.raw_digest) != 32:
         raise Unsupported("not a sha2-256 dag-cbor CIDv1")
-    return raw[at:]
+    return bytes(parsed.raw_digest)
 
 
 def _link(tag: cbor2.CBORTag) -> dict[str, str]:
     if tag.tag != CID_TAG or not isinstance(tag.value, bytes) or tag.value[:2] != b"\x00\x01":
         raise Unsupported(f"CBOR tag {tag.tag} or a CIDv0 link")
-    return {"/": "b" + base64.b32encode(tag.value[1:]).decode("ascii").lower().rstrip("=")}
+    try:
+        link = CID.decode(tag.value[1:])
+    except Exception:
+        raise Unsupported("a link that is not a CID") from None
+    return {"/": str(link.set(base="base32"))}
 
 
 def _as_dag_json(value: Any) -> Any:

@@ -13,11 +13,13 @@ import re
 import aiohttp
 from aiohttp import web
 
-from . import crypto, protect, proxy
-from .appkeys import CONFIG, KUBO_SESSION
-from .errors import GatewayError
-from .keyring import KeyShredded
-from .store import Blob
+from ..errors import NotFound, Unavailable
+from ..security import crypto
+from ..storage.model import Blob
+from .appkeys import CONFIG, SERVICE
+from .body import CHUNK
+from .errors import HTTPError
+from .proxy import abort
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
@@ -25,12 +27,13 @@ _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 async def _get(app: web.Application, cid: str, first: int, last: int) -> aiohttp.ClientResponse:
     url = app[CONFIG].kubo.gateway_url.rstrip("/") + f"/ipfs/{cid}"
     try:
-        resp = await app[KUBO_SESSION].get(url, headers={"Range": f"bytes={first}-{last}"})
+        resp = await app[SERVICE].kubo.session.get(url, headers={"Range": f"bytes={first}-{last}"})
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-        raise GatewayError(502, f"Kubo is not reachable ({type(exc).__name__})") from None
+        raise Unavailable(f"Kubo is not reachable ({type(exc).__name__})") from None
     if resp.status not in (200, 206):
         resp.release()
-        raise GatewayError(502 if resp.status >= 500 else 404, f"Kubo answered {resp.status} for the attachment")
+        error = Unavailable if resp.status >= 500 else NotFound
+        raise error(f"Kubo answered {resp.status} for the attachment")
     return resp
 
 
@@ -43,7 +46,7 @@ async def _probe(app: web.Application, cid: str) -> tuple[crypto.BlobHeader, int
     try:
         return crypto.parse_header(data), total
     except crypto.DecryptError:
-        raise GatewayError(502, "the attachment in Kubo is not a sealed blob of this gateway") from None
+        raise Unavailable("the attachment in Kubo is not a sealed blob of this gateway") from None
 
 
 def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:
@@ -52,14 +55,14 @@ def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:
         return None
     match = _RANGE.match(header.strip())
     if match is None or (not match[1] and not match[2]):
-        raise GatewayError(416, "only one byte range (bytes=a-b, a- or -n) is supported",
-                           headers={"Content-Range": f"bytes */{size}"})
+        raise HTTPError(416, "only one byte range (bytes=a-b, a- or -n) is supported",
+                        headers={"Content-Range": f"bytes */{size}"})
     if not match[1]:
         start, end = max(size - int(match[2]), 0), size - 1
     else:
         start, end = int(match[1]), min(int(match[2]) if match[2] else size - 1, size - 1)
     if start >= size or start > end:
-        raise GatewayError(416, "range not satisfiable", headers={"Content-Range": f"bytes */{size}"})
+        raise HTTPError(416, "range not satisfiable", headers={"Content-Range": f"bytes */{size}"})
     return start, end
 
 
@@ -70,15 +73,13 @@ async def serve(request: web.Request, blob: Blob, *, rpc_cat: bool,
     app = request.app
     header, total = await _probe(app, blob.cid)
     try:
-        key = protect.keyring(app).data_key(header.key_id)
-    except KeyShredded:
-        raise protect.RecordErased() from None
+        key = await app[SERVICE].keys.data_key(header.key_id)
     except KeyError:
-        raise GatewayError(502, "the attachment's data key is unknown to this gateway") from None
+        raise Unavailable("the attachment's data key is unknown to this gateway") from None
     try:
         size = crypto.plaintext_size(total, header)
     except crypto.DecryptError:
-        raise GatewayError(502, "the attachment in Kubo is truncated or altered") from None
+        raise Unavailable("the attachment in Kubo is truncated or altered") from None
     status, headers = 200, {"Cache-Control": "private, no-store"}
     if rpc_cat:
         start = min(offset, size)
@@ -105,14 +106,14 @@ async def serve(request: web.Request, blob: Blob, *, rpc_cat: bool,
     offset_c, length_c, skip = crypto.ciphertext_range(header, start, end, total)
     upstream = await _get(app, blob.cid, offset_c, offset_c + length_c - 1)
     async with upstream:
-        plain = crypto.decrypt_range(upstream.content.iter_chunked(proxy.CHUNK), header, key,
+        plain = crypto.decrypt_range(upstream.content.iter_chunked(CHUNK), header, key,
                                      start // header.segment_size, crypto.segment_count(total, header),
                                      skip, count)
         try:
             async for chunk in plain:
                 await resp.write(chunk)
         except (crypto.DecryptError, ValueError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            proxy._abort(request, f"sealed attachment read failed: {type(exc).__name__}")
+            abort(request, f"sealed attachment read failed: {type(exc).__name__}")
             return resp
     await resp.write_eof()
     return resp

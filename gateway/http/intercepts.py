@@ -1,9 +1,9 @@
-"""Where records enter and leave through Kubo's own API: intercepted ``add``, ``dag/put`` and
-``cat``, and record CIDs on ``/ipfs/<cid>``.
+"""Where records enter and leave through Kubo's own API: the intercepted ``add``, ``dag/put``,
+``cat`` and ``get``.
 
 A JSON document that claims to be a record (an object naming a ``schema`` and an episode or
-patient) is appended through ``chain.append`` and never reaches Kubo as a file; anything else
-passes to Kubo as a blob, streamed.
+patient) is appended by the record service and never reaches Kubo as a file; anything else
+passes to Kubo as a blob, streamed (sealed first when it belongs to a patient).
 """
 
 from __future__ import annotations
@@ -19,13 +19,18 @@ from aiohttp.helpers import parse_mimetype
 from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDictProxy
 
-from . import attachments, auth, chain, commands, crypto, protect, proxy, strictjson
-from .commands import flag
-from .appkeys import CONFIG, KUBO, STORE
-from .commands import Resolved
-from .errors import GatewayError
-from .keyring import KeyShredded
-from .store import Blob
+from ..core import strictjson
+from ..core.records import is_record_candidate
+from ..core.service import root_of
+from ..errors import Invalid, MediconError, TooLarge
+from ..security import crypto
+from ..storage.model import Blob
+from . import attachments, proxy
+from .appkeys import CONFIG, SERVICE
+from .body import CHUNK, body_read
+from .context import caller
+from .rpccall import Resolved, flag
+from .rpccall import options as parse_options
 
 PEEK = 64 * 1024
 MIXED = ("records and other files cannot be added together: add attachments in a separate request")
@@ -44,13 +49,13 @@ def idempotency_key(request: web.Request) -> str | None:
     characters (the head store keeps it as text, and a key past ASCII cannot be stored)."""
     key = request.headers.get("Idempotency-Key")
     if key is not None and not _IDEMPOTENCY_KEY.fullmatch(key):
-        raise GatewayError(400, "Idempotency-Key must be 1 to 255 printable ASCII characters")
+        raise Invalid("Idempotency-Key must be 1 to 255 printable ASCII characters")
     return key
 
 
-def _malformed(exc: BaseException) -> GatewayError:
+def _malformed(exc: BaseException) -> Invalid:
     why = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-    return GatewayError(400, f"malformed multipart body: {why}")
+    return Invalid(f"malformed multipart body: {why}")
 
 
 async def _open_multipart(request: web.Request) -> tuple[aiohttp.MultipartReader, str]:
@@ -65,11 +70,11 @@ async def _open_multipart(request: web.Request) -> tuple[aiohttp.MultipartReader
 async def _next_part(request: web.Request, reader: aiohttp.MultipartReader) -> aiohttp.BodyPartReader | None:
     """The next part, or None after the last; 400 for broken framing or a nested multipart."""
     try:
-        part = await proxy.body_read(request, reader.next())
+        part = await body_read(request, reader.next())
     except _FRAMING_ERRORS as exc:
         raise _malformed(exc) from None
     if part is not None and not isinstance(part, aiohttp.BodyPartReader):
-        raise GatewayError(400, "malformed multipart body: nested multipart parts are not supported")
+        raise Invalid("malformed multipart body: nested multipart parts are not supported")
     return part
 
 
@@ -77,20 +82,19 @@ async def _require_form(request: web.Request, resolved: Resolved) -> None:
     """Kubo reads files only from a multipart/form-data body: refuse anything else here, in
     Kubo's error shape, rather than relay Kubo's plain-text refusal."""
     if request.content_type != "multipart/form-data":
-        await auth.authorize(request, "raw:write", {"kind": "raw"})
-        raise GatewayError(400, f"{resolved.command} takes a multipart/form-data body, "
-                                f"not {request.content_type[:100]!r}")
+        await request.app[SERVICE].authorize(caller(request), "raw:write", {"kind": "raw"})
+        raise Invalid(f"{resolved.command} takes a multipart/form-data body, not {request.content_type[:100]!r}")
 
 
 async def _read_chunk(request: web.Request, part: aiohttp.BodyPartReader, size: int) -> bytes:
     try:
-        return await proxy.body_read(request, part.read_chunk(size))
+        return await body_read(request, part.read_chunk(size))
     except _FRAMING_ERRORS as exc:
         raise _malformed(exc) from None
 
 
 def options(request: web.Request, resolved: Resolved) -> dict[str, list[str]]:
-    return commands.options(request.query_string, resolved.path_arg)
+    return parse_options(request.query_string, resolved.path_arg)
 
 
 def _json_record(data: bytes) -> Any:
@@ -108,10 +112,10 @@ def _json_record(data: bytes) -> Any:
         except (ValueError, RecursionError):  # not UTF-8, too deep, or not JSON at all
             keys = strictjson.top_level_keys(data)
             lenient = dict.fromkeys(keys)
-        if chain.is_record_candidate(lenient):
-            raise GatewayError(400, f"invalid record: {bad}") from None
+        if is_record_candidate(lenient):
+            raise Invalid(f"invalid record: {bad}") from None
         return None
-    return doc if chain.is_record_candidate(doc) else None
+    return doc if is_record_candidate(doc) else None
 
 
 def _record_in(head: bytes, complete: bool, limit: int) -> Any:
@@ -119,9 +123,9 @@ def _record_in(head: bytes, complete: bool, limit: int) -> Any:
     ``limit``) whose start claims to be a record is refused (413), never stored as a blob."""
     if complete:
         return _json_record(head)
-    if strictjson.looks_like_json_object(head) and chain.is_record_candidate(
+    if strictjson.looks_like_json_object(head) and is_record_candidate(
             dict.fromkeys(strictjson.top_level_keys(head))):
-        raise GatewayError(413, f"a record is at most {limit} bytes of JSON")
+        raise TooLarge(f"a record is at most {limit} bytes of JSON")
     return None
 
 
@@ -152,25 +156,15 @@ async def _peek(request: web.Request, part: aiohttp.BodyPartReader, limit: int) 
             return bytes(buf), False
 
 
-def record_resource(doc: dict[str, Any]) -> dict[str, Any]:
-    """What a record claims to be, for authorization before its schema is checked: a patient
-    or episode that is not a string (an invalid record, refused later) is passed as its JSON
-    text, so scopes and audit pseudonyms only ever see strings."""
-    def named(value: Any) -> str | None:
-        return value if value is None or isinstance(value, str) else json.dumps(value, sort_keys=True)
-    return {"kind": "record", "patient": named(doc.get("patient")), "episode": named(doc.get("episode"))}
-
-
 def attachment_patient(request: web.Request) -> str | None:
     """The patient an attachment belongs to: the ``X-Medicon-Patient`` header, or the one
     patient the caller's credentials are scoped to (so the Kubo CLI needs no extra header)."""
     named = request.headers.get("X-Medicon-Patient")
     if named:
         if not _IDENTIFIER.fullmatch(named):
-            raise GatewayError(400, "X-Medicon-Patient must be a patient identifier "
-                                    "(1 to 128 of A-Z a-z 0-9 . _ : -)")
+            raise Invalid("X-Medicon-Patient must be a patient identifier (1 to 128 of A-Z a-z 0-9 . _ : -)")
         return named
-    scope = auth.principal(request).patients
+    scope = caller(request).principal.patients
     if scope is not None and len(scope) == 1:
         return next(iter(scope))
     return None
@@ -186,7 +180,7 @@ def _filename(part: aiohttp.BodyPartReader) -> str:
 
 # --- add -------------------------------------------------------------------------------------
 
-async def intercept_add(request: web.Request, resolved: Resolved) -> web.StreamResponse:
+async def add(request: web.Request, resolved: Resolved) -> web.StreamResponse:
     """``add``: records are appended (all validated before any is); other files stream to Kubo."""
     await _require_form(request, resolved)
     limit = request.app[CONFIG].records.max_record_size
@@ -197,7 +191,7 @@ async def intercept_add(request: web.Request, resolved: Resolved) -> web.StreamR
         part = await _next_part(request, reader)
         if part is None:
             if not held:
-                raise GatewayError(400, "add needs at least one file part in the multipart body")
+                raise Invalid("add needs at least one file part in the multipart body")
             # only directories: Kubo answers that as it would
             return await _forward_parts(request, resolved, reader, boundary, held, None, b"", True)
         if _is_directory(part):
@@ -214,9 +208,9 @@ async def _add_records(request: web.Request, resolved: Resolved, reader: aiohttp
                        docs: list[tuple[str, Any, int]]) -> web.StreamResponse:
     opts = options(request, resolved)
     if flag(opts, "only-hash"):
-        raise GatewayError(400, "records cannot be hashed without being appended (only-hash)")
+        raise Invalid("records cannot be hashed without being appended (only-hash)")
     if flag(opts, "wrap-with-directory"):
-        raise GatewayError(400, "records are not wrapped in a directory (wrap-with-directory)")
+        raise Invalid("records are not wrapped in a directory (wrap-with-directory)")
     cfg = request.app[CONFIG].records
     while (part := await _next_part(request, reader)) is not None:
         if _is_directory(part):
@@ -224,34 +218,14 @@ async def _add_records(request: web.Request, resolved: Resolved, reader: aiohttp
         head, complete = await _peek(request, part, cfg.max_record_size)
         doc = _record_in(head, complete, cfg.max_record_size)
         if doc is None:
-            raise GatewayError(400, MIXED)
+            raise Invalid(MIXED)
         docs.append((_filename(part), doc, len(head)))
         if len(docs) > cfg.max_parts:
-            raise GatewayError(400, f"at most {cfg.max_parts} records in one add")
-    for _, doc, _ in docs:
-        await auth.authorize(request, "record:write", record_resource(doc))
-    # All-or-nothing: every record is checked against its schema before the first is appended.
-    problems = []
-    for name, doc, _ in docs:
-        try:
-            await chain.validate(request.app, chain.normalise(doc), None, with_plugins=False)
-        except chain.RecordInvalid as err:
-            problems.append(f"{name or 'record'}: {err.message}" if len(docs) > 1 else err.message)
-    if problems:
-        raise GatewayError(400, "; ".join(problems), details={"problems": problems})
-    lines, done = [], []
-    key = idempotency_key(request)
-    for index, (name, doc, size) in enumerate(docs):
-        try:
-            appended = await chain.append(request.app, doc, auth.principal(request).id,
-                                          f"{key}#{index}" if key else None)
-        except GatewayError as err:
-            if done:
-                err = GatewayError(err.status, f"{err.message}; records already appended: {', '.join(done)}",
-                                   details=err.details)
-            raise err from None
-        done.append(appended.cid)
-        lines.append({"Name": name or appended.cid, "Hash": appended.cid, "Size": str(size)})
+            raise Invalid(f"at most {cfg.max_parts} records in one add")
+    appended = await request.app[SERVICE].append_all([(name, doc) for name, doc, _ in docs], caller(request),
+                                                     idempotency_key(request))
+    lines = [{"Name": name or done.cid, "Hash": done.cid, "Size": str(size)}
+             for (name, _, size), done in zip(docs, appended)]
     body = "".join(json.dumps(line) + "\n" for line in lines)
     return web.Response(text=body, content_type="application/json", headers={"X-Chunked-Output": "1"})
 
@@ -262,19 +236,17 @@ async def _forward_parts(request: web.Request, resolved: Resolved, reader: aioht
     """Stream a blob add to Kubo, re-framing the parts as they are read; a record found among
     the files stops the upload before its bytes are sent."""
     limit = request.app[CONFIG].records.max_record_size
-    failed: list[GatewayError] = []
+    failed: list[MediconError] = []
     delimiter = f"--{boundary}\r\n".encode()
     patient = attachment_patient(request)
+    service = request.app[SERVICE]
     if patient is None:
-        await auth.authorize(request, "raw:write", {"kind": "raw"})
+        await service.authorize(caller(request), "raw:write", {"kind": "raw"})
     else:
-        await auth.authorize(request, "blob:write", {"kind": "blob", "patient": patient})
+        await service.authorize(caller(request), "blob:write", {"kind": "blob", "patient": patient})
     sealing = patient is not None and request.app[CONFIG].security.encrypt
     if sealing:
-        try:
-            dek_id, dek = protect.keyring(request.app).data_key_for_patient(patient)
-        except KeyShredded:
-            raise protect.RecordErased() from None
+        dek_id, dek = await service.keys.data_key_for_patient(patient)
     added: list[tuple[str, str]] = []  # (Name, Hash) of every file and directory Kubo added
     types: dict[str, str] = {}         # Name -> the client's Content-Type of that file
     pending = bytearray()
@@ -293,21 +265,20 @@ async def _forward_parts(request: web.Request, resolved: Resolved, reader: aioht
 
     async def finish() -> None:
         if patient is not None and added and not flag(options(request, resolved), "only-hash"):
-            await request.app[STORE].add_blobs([Blob(cid, patient, sealing, types.get(name))
-                                                for name, cid in added])
+            await service.add_attachments([Blob(cid, patient, sealing, types.get(name)) for name, cid in added])
 
     async def content(part: aiohttp.BodyPartReader, start: bytes, whole: bool) -> AsyncIterator[bytes]:
         if start:
             yield start
         if not whole:
-            while chunk := await _read_chunk(request, part, proxy.CHUNK):
+            while chunk := await _read_chunk(request, part, CHUNK):
                 yield chunk
 
     async def body() -> AsyncIterator[bytes]:
         try:
             async for chunk in reframed():
                 yield chunk
-        except GatewayError as err:  # bad framing or a record met mid-stream: the answer
+        except MediconError as err:  # bad framing or a record met mid-stream: the answer
             if not failed:
                 failed.append(err)
             raise
@@ -330,7 +301,7 @@ async def _forward_parts(request: web.Request, resolved: Resolved, reader: aioht
             if part is not None:
                 start, whole = await _peek(request, part, limit)
                 if _record_in(start, whole, limit) is not None:
-                    failed.append(GatewayError(400, MIXED))
+                    failed.append(Invalid(MIXED))
                     raise failed[0]
         yield f"--{boundary}--\r\n".encode()
 
@@ -339,7 +310,7 @@ async def _forward_parts(request: web.Request, resolved: Resolved, reader: aioht
 
 # --- dag/put ---------------------------------------------------------------------------------
 
-async def intercept_dag_put(request: web.Request, resolved: Resolved) -> web.StreamResponse:
+async def dag_put(request: web.Request, resolved: Resolved) -> web.StreamResponse:
     """``dag/put``: a record is appended (answer ``{"Cid": {"/": cid}}``); other nodes go to Kubo."""
     await _require_form(request, resolved)
     opts = options(request, resolved)
@@ -354,23 +325,21 @@ async def intercept_dag_put(request: web.Request, resolved: Resolved) -> web.Str
             data += chunk
             total += len(chunk)
             if total > 4 * limit:
-                raise GatewayError(413, f"dag/put bodies through the gateway are limited to {4 * limit} bytes")
+                raise TooLarge(f"dag/put bodies through the gateway are limited to {4 * limit} bytes")
         parts.append((part.headers, bytes(data)))
     if not parts:
-        raise GatewayError(400, "dag/put needs a part in the multipart body: the node to put")
+        raise Invalid("dag/put needs a part in the multipart body: the node to put")
     if len(parts) == 1 and codec in ("dag-json", "json"):
         doc = _json_record(parts[0][1])
         if doc is not None:
             if len(parts[0][1]) > limit:
-                raise GatewayError(413, f"a record is at most {limit} bytes of JSON")
-            await auth.authorize(request, "record:write", record_resource(doc))
-            appended = await chain.append(request.app, doc, auth.principal(request).id,
-                                          idempotency_key(request))
+                raise TooLarge(f"a record is at most {limit} bytes of JSON")
+            appended = await request.app[SERVICE].append(doc, caller(request), idempotency_key(request))
             return web.Response(text=json.dumps({"Cid": {"/": appended.cid}}) + "\n",
                                 content_type="application/json", headers={"X-Chunked-Output": "1"})
     if any(_json_record(data) is not None for _, data in parts):
-        raise GatewayError(400, "put one record per dag/put, encoded as dag-json")
-    await auth.authorize(request, "raw:write", {"kind": "raw"})
+        raise Invalid("put one record per dag/put, encoded as dag-json")
+    await request.app[SERVICE].authorize(caller(request), "raw:write", {"kind": "raw"})
     delimiter = f"--{boundary}\r\n".encode()
     body = b"".join(delimiter + _part_head(h) + data + b"\r\n" for h, data in parts)
     return await proxy.forward_rpc(request, resolved, body=body + f"--{boundary}--\r\n".encode())
@@ -378,84 +347,69 @@ async def intercept_dag_put(request: web.Request, resolved: Resolved) -> web.Str
 
 # --- reads -----------------------------------------------------------------------------------
 
-async def sealed_blob(app: web.Application, arg: str) -> Blob | None:
+async def sealed_blob(request: web.Request, arg: str) -> Blob | None:
     """The sealed attachment an argument (``<cid>``, ``/ipfs/<cid>/path``) ends at, if any."""
-    root, has_path = auth.root_of(arg)
+    service = request.app[SERVICE]
+    root, has_path = root_of(arg)
     if root is None:
         return None
     cid = root
     if has_path:
-        cid = await app[KUBO].resolve_path(arg if arg.startswith("/") else "/ipfs/" + arg)
+        cid = await service.kubo.resolve_path(arg if arg.startswith("/") else "/ipfs/" + arg)
         if cid is None:
             return None
-    blob = await app[STORE].blob(cid)
+    blob = await service.attachment(cid)
     return blob if blob is not None and blob.encrypted else None
 
 
-async def refuse_get_of_sealed(app: web.Application, args: list[str]) -> None:
-    for arg in args:
-        if await sealed_blob(app, arg) is not None:
-            raise GatewayError(400, "a sealed attachment is read with `cat` or /ipfs/<cid>, not `get`")
+async def get(request: web.Request, resolved: Resolved) -> web.StreamResponse:
+    """``get``: Kubo's tar of what the arguments name; a sealed attachment would be a tar of
+    ciphertext, so it is refused with what works instead."""
+    for arg in options(request, resolved).get("arg", []):
+        if await sealed_blob(request, arg) is not None:
+            raise Invalid("a sealed attachment is read with `cat` or /ipfs/<cid>, not `get`")
+    return await proxy.forward_rpc(request, resolved)
 
 
-def _bare_cid(arg: str) -> str | None:
+def bare_cid(arg: str) -> str | None:
     path = arg.removeprefix("/ipfs/").strip("/")
     return path if path and "/" not in path else None
 
 
-async def _record_bytes(app: web.Application, cid: str | None) -> bytes | None:
-    if cid is None or await app[STORE].record(cid) is None:
+async def record_bytes(request: web.Request, cid: str | None) -> bytes | None:
+    """The JSON of the record ``cid`` names (the caller was authorized), or None if the
+    gateway did not write it."""
+    if cid is None:
         return None
-    record = await chain.read(app, cid)
+    record = await request.app[SERVICE].read(cid)
+    if record is None:
+        return None
     return json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-async def intercept_cat(request: web.Request, resolved: Resolved) -> web.StreamResponse:
+async def cat(request: web.Request, resolved: Resolved) -> web.StreamResponse:
     """``cat`` of a record CID returns the record as JSON (it is stored as dag-cbor, which
-    Kubo's ``cat`` cannot read); everything else is Kubo's ``cat``."""
+    Kubo's ``cat`` cannot read); a sealed attachment its plaintext; everything else is Kubo's."""
     opts = options(request, resolved)
     args = opts.get("arg") or []
     # read as Kubo reads them (Go's ParseInt into an int64), so what is checked is what is run
     given = {name: (opts.get(name) or [None])[0] for name in ("offset", "length")}
     if any(v is not None and not _INT64.fullmatch(v) for v in given.values()):
-        raise GatewayError(400, "offset and length must be integers")
+        raise Invalid("offset and length must be integers")
     offset, length = int(given["offset"] or 0), int(given["length"] or -1)
     if not (-(2**63) <= offset < 2**63 and -(2**63) <= length < 2**63):
-        raise GatewayError(400, "offset and length must fit in 64 bits")
+        raise Invalid("offset and length must fit in 64 bits")
     if offset < 0:
-        raise GatewayError(400, "offset must be >= 0")
+        raise Invalid("offset must be >= 0")
     if given["length"] is not None and length < 0:
-        raise GatewayError(400, "length must be >= 0")
+        raise Invalid("length must be >= 0")
     if len(args) == 1:
-        blob = await sealed_blob(request.app, args[0])
+        blob = await sealed_blob(request, args[0])
         if blob is not None:
             return await attachments.serve(request, blob, rpc_cat=True, offset=offset, length=length)
-    data = await _record_bytes(request.app, _bare_cid(args[0])) if len(args) == 1 else None
+    data = await record_bytes(request, bare_cid(args[0])) if len(args) == 1 else None
     if data is None:
         return await proxy.forward_rpc(request, resolved)
     data = data[offset:] if length < 0 else data[offset:offset + length]
     return web.Response(body=data, content_type="text/plain",
                         headers={"X-Stream-Output": "1", "X-Content-Length": str(len(data))})
-
-
-async def ipfs_path(request: web.Request) -> web.StreamResponse:
-    """``/ipfs/<cid>`` of a record returns it as JSON unless raw blocks or CARs are asked for."""
-    proxy.check_gateway_request(request)
-    resource = await proxy.authorize_gateway(request)
-    if request.method in ("GET", "HEAD") and not proxy.wants_ipld(request) and resource["kind"] == "blob":
-        blob = await sealed_blob(request.app, request.path)
-        if blob is not None:
-            return await attachments.serve(request, blob, rpc_cat=False)
-    cid = _bare_cid(request.path)
-    if request.method in ("GET", "HEAD") and not proxy.wants_ipld(request) and resource["kind"] == "record":
-        data = await _record_bytes(request.app, cid)
-        if data is not None:
-            etag = f'"{cid}.json"'
-            headers = {"ETag": etag, "X-Ipfs-Path": f"/ipfs/{cid}", "Cache-Control": "private, no-store"}
-            if request.headers.get("If-None-Match") == etag:
-                return web.Response(status=304, headers=headers)
-            return web.Response(body=data, content_type="application/json", headers=headers)
-    return await proxy.to_http_gateway(request)
-
-
-INTERCEPTED = {"add": intercept_add, "dag/put": intercept_dag_put, "cat": intercept_cat}

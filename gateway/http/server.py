@@ -8,6 +8,10 @@ head, counted from accept, or on a keep-alive connection from the first byte of 
 request (idle time between requests stays ``keepalive_timeout``'s business, as in nginx's
 ``client_header_timeout``). Past it the client gets 408 in Kubo's error shape and the
 connection is closed.
+
+This subclasses aiohttp's ``RequestHandler`` and ``web.Server`` (not public API), so
+``pyproject.toml`` pins aiohttp to the minor release it was tested with, and the header-timeout
+tests run against the real server process (``tests/test_header_timeout.py``).
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
-"""Streaming reverse proxy to Kubo's RPC API (``/api/v0``) and HTTP gateway (``/ipfs``, ``/ipns``).
+"""Streaming relay to Kubo's RPC API (``/api/v0``) and HTTP gateway (``/ipfs``, ``/ipns``).
 
 Bodies are never held in memory: the upload is pumped to Kubo while Kubo's answer is pumped
-back, chunk by chunk, with backpressure on both sides. Only what the gateway itself checks
-(the command, the origin, the credentials) is looked at; everything else passes unchanged.
+back, chunk by chunk, with backpressure on both sides. What is sent was decided before it gets
+here (``rpc`` and the intercepts build the URL and the body); this module only moves bytes and
+turns Kubo's failures into answers.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import AsyncIterator, Awaitable, TypeVar
+from typing import AsyncIterator
 from urllib.parse import quote, unquote_plus, urlsplit
 
 import aiohttp
@@ -18,15 +19,13 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from . import auth, commands
-from .appkeys import CONFIG, INTERCEPTORS, KUBO_SESSION
-from .commands import Action
-from .errors import GatewayError, kubo_error
+from ..errors import Forbidden, Invalid, MediconError, TimedOut, Unavailable
+from .appkeys import CONFIG, SERVICE
+from .body import CHUNK, check_body_size, read_body_chunk
+from .errors import kubo_error
+from .rpccall import Resolved
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-
-CHUNK = 1 << 18  # 256 KiB: large enough for throughput, small enough to keep memory flat
 
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
@@ -59,13 +58,13 @@ def check_origin(request: web.Request) -> None:
     referer = request.headers.get("Referer")
     if origin is not None:
         if origin not in allowed:
-            raise GatewayError(403, f"origin {origin!r} is not allowed to use the RPC API")
+            raise Forbidden(f"origin {origin!r} is not allowed to use the RPC API")
     elif referer is not None:
         parts = urlsplit(referer)
         if f"{parts.scheme}://{parts.netloc}" not in allowed:
-            raise GatewayError(403, "referer is not an allowed origin for the RPC API")
+            raise Forbidden("referer is not an allowed origin for the RPC API")
     elif "mozilla" in request.headers.get("User-Agent", "").lower():
-        raise GatewayError(403, "browser requests to the RPC API must carry an allowed Origin")
+        raise Forbidden("browser requests to the RPC API must carry an allowed Origin")
 
 
 def upstream_query(query_string: str, path_arg: str | None) -> str:
@@ -96,42 +95,6 @@ def upstream_headers(request: web.Request) -> CIMultiDict[str]:
     return headers
 
 
-async def read_body_chunk(request: web.Request, size: int = CHUNK) -> bytes:
-    """Up to ``size`` bytes of the request body (b"" at its end). A client that stays silent
-    longer than ``server.body_timeout`` (one byte a second is silence too, for long) gets 408."""
-    return await body_read(request, request.content.read(size))
-
-
-async def body_read(request: web.Request, read: Awaitable[T]) -> T:
-    """``await read`` (a read of the request body), or 408 if the client stalls past
-    ``server.body_timeout``, or 413 once the body has grown past ``server.max_body_size``.
-
-    Every reader of a request body (the pass-through proxy, the multipart parts of ``add`` and
-    ``dag/put``, the REST API's JSON) reads through here, so the size limit holds on every door
-    whatever the framing: aiohttp counts the body's bytes as they arrive (``total_bytes``, after
-    chunked decoding), and a body past the limit fails before any more of it is passed on."""
-    limit = request.app[CONFIG].server.body_timeout
-    try:
-        async with asyncio.timeout(limit):
-            got = await read
-    except TimeoutError:
-        raise GatewayError(408, f"the request body stalled for more than {limit:g}s") from None
-    if request.content.total_bytes > request.app[CONFIG].server.max_body_size:
-        raise body_too_large(request)
-    return got
-
-
-def body_too_large(request: web.Request) -> GatewayError:
-    return GatewayError(413, f"request bodies are limited to {request.app[CONFIG].server.max_body_size} bytes")
-
-
-def check_body_size(request: web.Request) -> None:
-    """413 at once for a body announced (``Content-Length``) past ``server.max_body_size``:
-    not a byte of it is read, and Kubo is not contacted."""
-    if request.content_length is not None and request.content_length > request.app[CONFIG].server.max_body_size:
-        raise body_too_large(request)
-
-
 async def _body(request: web.Request) -> AsyncIterator[bytes]:
     while chunk := await read_body_chunk(request):
         yield chunk
@@ -148,8 +111,8 @@ async def _guarded(body: AsyncIterator[bytes], failed: list,
             yield chunk
     except Exception as exc:
         if not failed:
-            failed.append(exc if isinstance(exc, GatewayError) else
-                          GatewayError(400, f"the request body could not be read: {type(exc).__name__}"))
+            failed.append(exc if isinstance(exc, MediconError) else
+                          Invalid(f"the request body could not be read: {type(exc).__name__}"))
         for upstream in answering:
             upstream.content.set_exception(failed[0])
         raise
@@ -158,15 +121,15 @@ async def _guarded(body: AsyncIterator[bytes], failed: list,
 def upstream_error(request: web.Request, exc: Exception) -> Exception:
     """Kubo unreachable → 502, Kubo silent → 504; anything else is not a Kubo fault."""
     if isinstance(exc, asyncio.TimeoutError):
-        return GatewayError(504, f"Kubo did not answer within {request.app[CONFIG].kubo.read_timeout:g}s")
+        return TimedOut(f"Kubo did not answer within {request.app[CONFIG].kubo.read_timeout:g}s")
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return GatewayError(502, "Kubo is not reachable")
+        return Unavailable("Kubo is not reachable")
     if isinstance(exc, aiohttp.ClientError):
-        return GatewayError(502, f"Kubo connection failed: {type(exc).__name__}")
+        return Unavailable(f"Kubo connection failed: {type(exc).__name__}")
     return exc
 
 
-def _abort(request: web.Request, why: str) -> None:
+def abort(request: web.Request, why: str) -> None:
     """Close the client connection without the final chunk, so a truncated stream is seen
     as a failed transfer and never as a complete one."""
     log.warning("aborting response to %s %s: %s", request.method, request.path, why)
@@ -180,12 +143,12 @@ async def forward(request: web.Request, url: URL, *, body=None,
     """Send the request to Kubo at ``url`` and stream Kubo's answer back.
 
     ``body`` replaces the client's body (bytes or an async iterator, e.g. a re-encoded
-    multipart); a ``GatewayError`` put in ``failed_body`` by that iterator before Kubo answered
+    multipart); a ``MediconError`` put in ``failed_body`` by that iterator before Kubo answered
     is the answer instead. ``tap(chunk)`` sees every chunk of Kubo's answer; ``await finish()``
     runs after Kubo's last byte and before the client's, so what it records (the attachment
     index) is in place when the client sees the answer complete.
     """
-    session = request.app[KUBO_SESSION]
+    session = request.app[SERVICE].kubo.session
     headers = upstream_headers(request)
     failed_body = [] if failed_body is None else failed_body
     answering: list[aiohttp.ClientResponse] = []
@@ -269,50 +232,28 @@ async def _relay(request: web.Request, upstream: aiohttp.ClientResponse, tap=Non
                 tap(chunk)
             await resp.write(chunk)
             sent += len(chunk)
-    except (aiohttp.ClientError, asyncio.TimeoutError, GatewayError) as exc:
-        _abort(request, f"Kubo stream failed after {sent} bytes: {type(exc).__name__}")
+    except (aiohttp.ClientError, asyncio.TimeoutError, MediconError) as exc:
+        abort(request, f"Kubo stream failed after {sent} bytes: {type(exc).__name__}")
         return resp
     if failed_body:
-        _abort(request, f"the request body failed: {failed_body[0].message}")
+        abort(request, f"the request body failed: {failed_body[0].message}")
         return resp
     if expected is not None and sent != expected:
-        _abort(request, f"Kubo stream ended after {sent} of {expected} bytes")
+        abort(request, f"Kubo stream ended after {sent} of {expected} bytes")
         return resp
     if finish is not None:
         try:
             await finish()
         except Exception as exc:  # the client must not take an unrecorded write as done
-            _abort(request, f"could not record the result: {type(exc).__name__}")
+            abort(request, f"could not record the result: {type(exc).__name__}")
             return resp
     await resp.write_eof()
     return resp
 
 
-async def rpc(request: web.Request) -> web.StreamResponse:
-    """``/api/v0/<command>``: classify by the command table, then forward or refuse."""
-    if request.method != "POST":
-        raise GatewayError(405, f"{request.method} is not allowed: the RPC API takes POST",
-                           headers={"Allow": "POST"})
-    check_origin(request)
-    resolved = commands.resolve(request.path[len("/api/v0/"):])
-    rule = resolved.rule
-    if rule.action is Action.REFUSE:
-        raise GatewayError(403, f"command {resolved.command!r} is refused by the gateway: {rule.why}")
-    check_body_size(request)
-    access = auth.ACCESS.get(resolved.command)
-    if access is None:  # the test suite keeps this from happening; fail closed if it does
-        raise GatewayError(403, f"command {resolved.command!r} has no authorization mapping")
-    await auth.authorize_command(request, resolved.command, access,
-                                 commands.options(request.query_string, resolved.path_arg))
-    if resolved.command == "get":  # a tar of ciphertext would be useless; say what works
-        from .records import refuse_get_of_sealed
-        await refuse_get_of_sealed(request.app, commands.options(request.query_string, resolved.path_arg).get("arg", []))
-    if rule.action is Action.INTERCEPT:
-        return await request.app[INTERCEPTORS][resolved.command](request, resolved)
-    return await forward_rpc(request, resolved)
 
 
-def rpc_url(request: web.Request, resolved: commands.Resolved) -> URL:
+def rpc_url(request: web.Request, resolved: Resolved) -> URL:
     """Kubo's URL for a classified command: canonical path, the client's query."""
     base = URL(request.app[CONFIG].kubo.api_url)
     query = upstream_query(request.query_string, resolved.path_arg)
@@ -321,40 +262,6 @@ def rpc_url(request: web.Request, resolved: commands.Resolved) -> URL:
     return URL(str(url) + ("?" + query if query else ""), encoded=True)
 
 
-async def forward_rpc(request: web.Request, resolved: commands.Resolved, **kw) -> web.StreamResponse:
+async def forward_rpc(request: web.Request, resolved: Resolved, **kw) -> web.StreamResponse:
+    """A served command, streamed to Kubo and back."""
     return await forward(request, rpc_url(request, resolved), **kw)
-
-
-def check_gateway_request(request: web.Request) -> None:
-    if request.method not in ("GET", "HEAD", "OPTIONS"):
-        raise GatewayError(405, f"{request.method} is not allowed on the HTTP gateway",
-                           headers={"Allow": "GET, HEAD, OPTIONS"})
-    if any(seg in (".", "..") for seg in request.path.split("/")):
-        raise GatewayError(400, "dot segments are not allowed in gateway paths")
-
-
-def wants_ipld(request: web.Request) -> bool:
-    """Raw blocks, CARs or IPLD codecs instead of deserialized content."""
-    return "format" in request.query or "application/vnd.ipld" in request.headers.get("Accept", "")
-
-
-async def http_gateway(request: web.Request) -> web.StreamResponse:
-    """``/ipfs/…`` and ``/ipns/…``: Kubo's HTTP gateway, read-only, authorized like ``cat``
-    (or like ``dag/get`` for raw blocks and CARs)."""
-    check_gateway_request(request)
-    await authorize_gateway(request)
-    return await to_http_gateway(request)
-
-
-async def authorize_gateway(request: web.Request) -> dict:
-    """What an ``/ipfs`` or ``/ipns`` path names, once the caller may read it."""
-    if request.path.startswith("/ipns/"):
-        await auth.authorize(request, "raw:read", {"kind": "raw"})
-        return {"kind": "raw"}
-    access = auth.Access.STRUCTURE if wants_ipld(request) else auth.Access.CONTENT
-    return (await auth.authorize_read(request, access, [request.path]))[0]
-
-
-async def to_http_gateway(request: web.Request) -> web.StreamResponse:
-    base = request.app[CONFIG].kubo.gateway_url.rstrip("/")
-    return await forward(request, URL(base + request.raw_path, encoded=True))

@@ -1,5 +1,6 @@
-"""The gateway's whole RPC surface in one table: which Kubo commands are forwarded,
-which the gateway handles itself (intercepted), and which are refused.
+"""The gateway's whole RPC surface in one table: for every Kubo command, whether the gateway
+serves it and how (forwarded, intercepted, or refused with a reason), the access it needs, and
+its handler.
 
 Anything not listed is refused: a new Kubo release adding a command does not open a door.
 A refused entry covers its whole subtree (``key`` refuses ``key/gen``, ``key/rm``, ...).
@@ -10,74 +11,99 @@ from __future__ import annotations
 import posixpath
 from dataclasses import dataclass
 from enum import Enum
-from urllib.parse import parse_qsl
+from typing import Awaitable, Callable
+
+from aiohttp import web
+
+from . import intercepts
+from .proxy import forward_rpc
+from .rpccall import Resolved
+
+Handler = Callable[[web.Request, Resolved], Awaitable[web.StreamResponse]]
 
 
 class Action(Enum):
-    FORWARD = "forward"      # streamed to Kubo unchanged
+    FORWARD = "forward"      # streamed to Kubo as parsed
     INTERCEPT = "intercept"  # handled by the gateway (record semantics hook in here)
     REFUSE = "refuse"        # 403, never reaches Kubo
 
 
+class Access(Enum):
+    """What a command reaches, and so what the caller must be allowed."""
+
+    NODE = "node"            # node information, pure functions: any authenticated caller
+    CONTENT = "content"      # plaintext of what its arguments name (cat, get, /ipfs/<cid>)
+    STRUCTURE = "structure"  # blocks, links and DAGs (dag/get, block/get, refs, ?format=car)
+    PER_PART = "per part"    # add, dag/put: each part authorized by its handler as a record
+                             # (record:write), an attachment (blob:write) or raw data (raw:write)
+    RAW_READ = "raw_read"    # the node's whole state, not tied to the gateway's index
+    RAW_WRITE = "raw_write"  # blocks, CARs and pins outside the record chains
+    NONE = "none"            # refused: never reaches an authorization
+
+
 @dataclass(frozen=True)
-class Rule:
+class Command:
     action: Action
     why: str
+    access: Access = Access.NONE
+    handler: Handler | None = None
 
 
-def _fwd(why: str) -> Rule:
-    return Rule(Action.FORWARD, why)
+def _fwd(access: Access, why: str) -> Command:
+    return Command(Action.FORWARD, why, access, forward_rpc)
 
 
-def _intercept(why: str) -> Rule:
-    return Rule(Action.INTERCEPT, why)
+def _intercept(access: Access, handler: Handler, why: str) -> Command:
+    return Command(Action.INTERCEPT, why, access, handler)
 
 
-def _refuse(why: str) -> Rule:
-    return Rule(Action.REFUSE, why)
+def _refuse(why: str) -> Command:
+    return Command(Action.REFUSE, why)
 
 
 READ = "read"
 WRITE = "write"
 INFO = "node information"
 PURE = "pure function of its arguments"
+NODE, CONTENT, STRUCTURE = Access.NODE, Access.CONTENT, Access.STRUCTURE
+RAW_READ, RAW_WRITE, PER_PART = Access.RAW_READ, Access.RAW_WRITE, Access.PER_PART
 
-COMMANDS: dict[str, Rule] = {
-    # --- forwarded (or intercepted): the everyday commands IPFS clients use ---
-    "version": _fwd(INFO + " (every Kubo CLI call starts with it)"),
-    "version/deps": _fwd(INFO),
-    "id": _fwd(INFO),
-    "add": _intercept("records are appended to their episode; other files pass as blobs"),
-    "cat": _intercept("a record CID reads back as the record's JSON"),
-    "get": _fwd(READ),
-    "ls": _fwd(READ),
-    "refs": _fwd(READ),
-    "resolve": _fwd(READ),
-    "block/get": _fwd(READ),
-    "block/stat": _fwd(READ),
-    "block/put": _fwd(WRITE),
-    "dag/get": _fwd(READ),
-    "dag/resolve": _fwd(READ),
-    "dag/stat": _fwd(READ),
-    "dag/export": _fwd(READ),
-    "dag/put": _intercept("a record is appended to its episode; other nodes pass"),
-    "dag/import": _fwd(WRITE),
-    "pin/add": _fwd(WRITE),
-    "pin/ls": _fwd(READ),
-    "pin/rm": _fwd(WRITE),
-    "pin/update": _fwd(WRITE),
-    "pin/verify": _fwd(READ),
-    "name/resolve": _fwd(READ),
-    "cid/format": _fwd(PURE),
-    "cid/base32": _fwd(PURE),
-    "cid/bases": _fwd(PURE),
-    "cid/codecs": _fwd(PURE),
-    "cid/hashes": _fwd(PURE),
-    "cid/inspect": _fwd(PURE),
-    "multibase/encode": _fwd(PURE),
-    "multibase/decode": _fwd(PURE),
-    "multibase/transcode": _fwd(PURE),
-    "multibase/list": _fwd(PURE),
+COMMANDS: dict[str, Command] = {
+    # --- served: the everyday commands IPFS clients use ---
+    "version": _fwd(NODE, INFO + " (every Kubo CLI call starts with it)"),
+    "version/deps": _fwd(NODE, INFO),
+    "id": _fwd(NODE, INFO),
+    "add": _intercept(PER_PART, intercepts.add, "records are appended to their episode; other files pass as blobs"),
+    "cat": _intercept(CONTENT, intercepts.cat, "a record CID reads back as the record's JSON"),
+    "get": _intercept(CONTENT, intercepts.get, "a tar of ciphertext is useless: sealed attachments are refused"),
+    "ls": _fwd(STRUCTURE, READ),
+    "refs": _fwd(STRUCTURE, READ),
+    "resolve": _fwd(STRUCTURE, READ),
+    "block/get": _fwd(STRUCTURE, READ),
+    "block/stat": _fwd(STRUCTURE, READ),
+    "block/put": _fwd(RAW_WRITE, WRITE),
+    "dag/get": _fwd(STRUCTURE, READ),
+    "dag/resolve": _fwd(STRUCTURE, READ),
+    "dag/stat": _fwd(STRUCTURE, READ),
+    "dag/export": _fwd(STRUCTURE, READ),
+    "dag/put": _intercept(PER_PART, intercepts.dag_put, "a record is appended to its episode; other nodes pass"),
+    "dag/import": _fwd(RAW_WRITE, WRITE),
+    "pin/add": _fwd(RAW_WRITE, WRITE),
+    "pin/ls": _fwd(STRUCTURE, READ),
+    "pin/rm": _fwd(RAW_WRITE, WRITE),
+    "pin/update": _fwd(RAW_WRITE, WRITE),
+    "pin/verify": _fwd(RAW_READ, READ),
+    "name/resolve": _fwd(RAW_READ, READ),
+    "cid/format": _fwd(NODE, PURE),
+    "cid/base32": _fwd(NODE, PURE),
+    "cid/bases": _fwd(NODE, PURE),
+    "cid/codecs": _fwd(NODE, PURE),
+    "cid/hashes": _fwd(NODE, PURE),
+    "cid/inspect": _fwd(NODE, PURE),
+    "multibase/encode": _fwd(NODE, PURE),
+    "multibase/decode": _fwd(NODE, PURE),
+    "multibase/transcode": _fwd(NODE, PURE),
+    "multibase/list": _fwd(NODE, PURE),
     # --- refused: administration, networking, mutable state outside record chains ---
     "config": _refuse("node configuration is administration, not an API for clients"),
     "shutdown": _refuse("stops the node"),
@@ -117,17 +143,7 @@ COMMANDS: dict[str, Rule] = {
     "refs/local": _refuse("lists every block in the node, not only the caller's"),
 }
 
-
-@dataclass(frozen=True)
-class Resolved:
-    """A request path resolved against ``COMMANDS``."""
-
-    command: str           # canonical command path, e.g. "dag/get"; the raw path if unknown
-    rule: Rule
-    path_arg: str | None   # a trailing argument given in the path (``/api/v0/cat/<cid>``)
-
-
-_UNKNOWN = Rule(Action.REFUSE, "not a command this gateway serves")
+_UNKNOWN = _refuse("not a command this gateway serves")
 
 
 def resolve(raw: str) -> Resolved:
@@ -141,9 +157,9 @@ def resolve(raw: str) -> Resolved:
     # A refused group covers its whole subtree, whatever follows.
     for depth in range(1, len(parts) + 1):
         key = "/".join(parts[:depth])
-        rule = COMMANDS.get(key)
-        if rule is not None and rule.action is Action.REFUSE:
-            return Resolved(key, rule, None)
+        entry = COMMANDS.get(key)
+        if entry is not None and entry.action is Action.REFUSE:
+            return Resolved(key, entry, None)
     key = "/".join(parts)
     if key in COMMANDS:
         return Resolved(key, COMMANDS[key], None)
@@ -152,24 +168,3 @@ def resolve(raw: str) -> Resolved:
         if parent in COMMANDS:
             return Resolved(parent, COMMANDS[parent], parts[-1])
     return Resolved(key, _UNKNOWN, None)
-
-
-# Kubo's option aliases for the options the gateway reads.
-ALIASES = {"n": "only-hash", "w": "wrap-with-directory", "o": "offset", "l": "length",
-           "r": "recursive", "q": "quiet", "Q": "quieter"}
-
-
-def options(query_string: str, path_arg: str | None) -> dict[str, list[str]]:
-    """The request's options as Kubo reads them: aliases folded, the path argument first."""
-    out: dict[str, list[str]] = {}
-    if path_arg is not None:
-        out["arg"] = [path_arg]
-    for key, value in parse_qsl(query_string, keep_blank_values=True):
-        out.setdefault(ALIASES.get(key, key), []).append(value)
-    return out
-
-
-def flag(opts: dict[str, list[str]], name: str) -> bool:
-    """Kubo's booleans: present and empty, or "true" in any case."""
-    values = opts.get(name)
-    return bool(values) and values[0].lower() in ("", "true", "1")

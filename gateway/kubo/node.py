@@ -20,7 +20,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 INSTALL_HINT = "run `make setup` (or `scripts/install-kubo.sh`) to build the pinned Kubo into .tools/bin/ipfs"
 
 
@@ -28,13 +28,14 @@ class KuboError(RuntimeError):
     """Kubo is missing, failed to start, or did not answer in time."""
 
 
-def find_binary() -> Path:
-    """``$MEDICON_KUBO_BIN``, else the project's ``.tools/bin/ipfs``, else ``ipfs`` on PATH."""
-    explicit = os.environ.get("MEDICON_KUBO_BIN")
+def find_binary(explicit: str = "") -> Path:
+    """``explicit`` (the config key ``kubo.bin``) or ``$MEDICON_KUBO_BIN``, else the project's
+    ``.tools/bin/ipfs``, else ``ipfs`` on PATH."""
+    explicit = explicit or os.environ.get("MEDICON_KUBO_BIN", "")
     if explicit:
         path = Path(explicit)
         if not os.access(path, os.X_OK):
-            raise KuboError(f"MEDICON_KUBO_BIN={explicit} is not an executable file")
+            raise KuboError(f"kubo.bin (MEDICON_KUBO_BIN) {explicit} is not an executable file")
         return path
     local = PROJECT_ROOT / ".tools" / "bin" / "ipfs"
     if os.access(local, os.X_OK):

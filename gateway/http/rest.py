@@ -14,10 +14,14 @@ from typing import Any
 
 from aiohttp import web
 
-from . import auth, chain, plugins, proxy, records, strictjson
-from .appkeys import CONFIG, PLUGINS, SCHEMAS, STORE
-from .errors import GatewayError
-from .store import Episode
+from ..core import strictjson
+from ..core.records import EPISODE_OPENED, ChainConflict
+from ..errors import Invalid, NotFound, TooLarge
+from ..storage.model import Episode
+from .appkeys import CONFIG, SERVICE
+from .body import body_read
+from .context import caller
+from .intercepts import idempotency_key
 
 OPENAPI = Path(__file__).with_name("openapi.json")
 routes = web.RouteTableDef()
@@ -31,18 +35,18 @@ _QUERY_INT = re.compile(r"-?[0-9]{1,18}")
 async def _json_body(request: web.Request) -> dict[str, Any]:
     limit = request.app[CONFIG].records.max_record_size
     if request.content_length is not None and request.content_length > limit:
-        raise GatewayError(413, f"a record is at most {limit} bytes of JSON")
+        raise TooLarge(f"a record is at most {limit} bytes of JSON")
     data = bytearray()
-    while len(data) <= limit and (chunk := await proxy.body_read(request, request.content.read(limit + 1 - len(data)))):
+    while len(data) <= limit and (chunk := await body_read(request, request.content.read(limit + 1 - len(data)))):
         data += chunk
     if len(data) > limit:
-        raise GatewayError(413, f"a record is at most {limit} bytes of JSON")
+        raise TooLarge(f"a record is at most {limit} bytes of JSON")
     try:
         doc = strictjson.loads(bytes(data))
     except strictjson.BadJSON as bad:
-        raise GatewayError(400, f"the request body must be a JSON object: {bad}") from None
+        raise Invalid(f"the request body must be a JSON object: {bad}") from None
     if not isinstance(doc, dict):
-        raise GatewayError(400, "the request body must be a JSON object")
+        raise Invalid("the request body must be a JSON object")
     return doc
 
 
@@ -50,20 +54,13 @@ def _episode(ep: Episode) -> dict[str, Any]:
     return asdict(ep)
 
 
-def _conflict_details(err: GatewayError) -> GatewayError:
-    if isinstance(err, chain.ChainConflict) and err.episode is not None:
-        err.details["current"] = _episode(err.episode)
-    if isinstance(err, chain.RecordInvalid):
-        err.details["problems"] = err.problems
-    return err
-
-
 async def _append(request: web.Request, doc: dict[str, Any]) -> web.Response:
     try:
-        appended = await chain.append(request.app, doc, auth.principal(request).id,
-                                       records.idempotency_key(request))
-    except GatewayError as err:
-        raise _conflict_details(err) from None
+        appended = await request.app[SERVICE].append(doc, caller(request), idempotency_key(request))
+    except ChainConflict as err:
+        if err.episode is not None:
+            err.details["current"] = _episode(err.episode)
+        raise
     body = {"cid": appended.cid, "seq": appended.seq, "episode": _episode(appended.episode),
             "record": appended.record}
     return web.json_response(body, status=201 if appended.created else 200)
@@ -74,10 +71,9 @@ async def open_episode(request: web.Request) -> web.Response:
     """Open an episode for a patient; the body is the episode-opened record without its envelope
     ids (``episode`` may be given; a new id is made otherwise)."""
     doc = await _json_body(request)
-    doc.setdefault("schema", chain.EPISODE_OPENED)
+    doc.setdefault("schema", EPISODE_OPENED)
     doc["patient"] = request.match_info["patient"]
     doc.setdefault("episode", f"ep-{uuid.uuid4().hex}")
-    await auth.authorize(request, "record:write", records.record_resource(doc))
     return await _append(request, doc)
 
 
@@ -85,51 +81,43 @@ async def open_episode(request: web.Request) -> web.Response:
 async def list_episodes(request: web.Request) -> web.Response:
     status = request.query.get("status")
     if status not in (None, "open", "closed"):
-        raise GatewayError(400, "status must be 'open' or 'closed'")
+        raise Invalid("status must be 'open' or 'closed'")
     patient = request.match_info["patient"]
-    await auth.authorize(request, "chain:read", {"kind": "patient", "patient": patient})
-    episodes = await request.app[STORE].list_episodes(patient, status)
+    episodes = await request.app[SERVICE].episodes_of(caller(request), patient, status)
     return web.json_response({"patient": patient, "episodes": [_episode(e) for e in episodes]})
-
-
-async def _known_episode(request: web.Request, action: str) -> Episode:
-    """The episode named in the path, once the caller may ``action`` it."""
-    episode = await request.app[STORE].get_episode(request.match_info["episode"])
-    if episode is None:
-        raise GatewayError(404, f"episode {request.match_info['episode']!r} is unknown")
-    await auth.authorize(request, action, {"kind": "episode", "patient": episode.patient, "episode": episode.id})
-    return episode
 
 
 @routes.post(PREFIX + "/episodes/{episode}/records")
 async def append_record(request: web.Request) -> web.Response:
     """Append a record (encounter, amendment, episode-closed) to an episode."""
-    episode = await _known_episode(request, "record:write")
+    episode = await request.app[SERVICE].storage.heads.get_episode(request.match_info["episode"])
+    if episode is None:
+        raise NotFound(f"episode {request.match_info['episode']!r} is unknown")
     doc = await _json_body(request)
     for key in ("patient", "episode"):
         if key in doc and doc[key] != getattr(episode, "patient" if key == "patient" else "id"):
-            raise GatewayError(400, f"the record's {key} does not match the episode")
+            raise Invalid(f"the record's {key} does not match the episode")
     doc["patient"], doc["episode"] = episode.patient, episode.id
     return await _append(request, doc)
 
 
 @routes.get(PREFIX + "/episodes/{episode}")
 async def get_episode(request: web.Request) -> web.Response:
-    return web.json_response(_episode(await _known_episode(request, "chain:read")))
+    episode = await request.app[SERVICE].episode_for(caller(request), request.match_info["episode"], "chain:read")
+    return web.json_response(_episode(episode))
 
 
 @routes.get(PREFIX + "/episodes/{episode}/history")
 async def history(request: web.Request) -> web.Response:
     """Records in chronological order; ``cursor`` is the ``next`` of the previous page."""
-    episode = await _known_episode(request, "record:read")
     limit, after = request.query.get("limit", "50"), request.query.get("cursor", "-1")
     if not (_QUERY_INT.fullmatch(limit) and _QUERY_INT.fullmatch(after)):
-        raise GatewayError(400, "limit and cursor must be integers of at most 18 digits")
+        raise Invalid("limit and cursor must be integers of at most 18 digits")
     limit, after = int(limit), int(after)
     if not 1 <= limit <= MAX_PAGE:
-        raise GatewayError(400, f"limit must be between 1 and {MAX_PAGE}")
-    rows = await request.app[STORE].history(episode.id, after, limit)
-    bodies = await chain.read_many(request.app, [r.cid for r in rows])
+        raise Invalid(f"limit must be between 1 and {MAX_PAGE}")
+    episode, rows, bodies = await request.app[SERVICE].history(caller(request), request.match_info["episode"],
+                                                               after, limit)
     records = [{"cid": r.cid, "seq": r.seq, "record": body} for r, body in zip(rows, bodies)]
     more = bool(rows) and rows[-1].seq < episode.length - 1
     return web.json_response({"episode": _episode(episode), "records": records,
@@ -139,40 +127,37 @@ async def history(request: web.Request) -> web.Response:
 @routes.get(PREFIX + "/records/{cid}")
 async def get_record(request: web.Request) -> web.Response:
     cid = request.match_info["cid"]
-    indexed = await request.app[STORE].record(cid)
-    if indexed is None:
-        raise GatewayError(404, f"no record {cid!r} was written through this gateway")
-    await auth.authorize(request, "record:read", {"kind": "record", "cid": cid, "patient": indexed.patient,
-                                                  "episode": indexed.episode})
-    return web.json_response({"cid": cid, "episode": indexed.episode, "seq": indexed.seq,
-                              "record": await chain.read(request.app, cid)})
+    indexed, record = await request.app[SERVICE].record_for(caller(request), cid)
+    return web.json_response({"cid": indexed.cid, "episode": indexed.episode, "seq": indexed.seq,
+                              "record": record})
 
 
 @routes.get(PREFIX + "/episodes/{episode}/verify")
 async def verify(request: web.Request) -> web.Response:
-    await _known_episode(request, "verify")
     head = request.query.get("head")
-    return web.json_response(await chain.verify(request.app, request.match_info["episode"], head))
+    return web.json_response(await request.app[SERVICE].verify(caller(request), request.match_info["episode"], head))
 
 
 @routes.get(PREFIX + "/schemas")
 async def schemas(request: web.Request) -> web.Response:
-    await auth.authorize(request, "node:info")
-    return web.json_response({"kinds": request.app[SCHEMAS].kinds()})
+    service = request.app[SERVICE]
+    await service.authorize(caller(request), "node:info")
+    return web.json_response({"kinds": service.schemas.kinds()})
 
 
 @routes.get(PREFIX + "/plugins")
 async def loaded_plugins(request: web.Request) -> web.Response:
-    await auth.authorize(request, "node:info")
-    return web.json_response({"plugins": plugins.describe(request.app[PLUGINS])})
+    service = request.app[SERVICE]
+    await service.authorize(caller(request), "node:info")
+    return web.json_response({"plugins": service.plugins.describe()})
 
 
 @routes.get(PREFIX + "/openapi.json")
 async def openapi(request: web.Request) -> web.Response:
-    await auth.authorize(request, "node:info")
+    await request.app[SERVICE].authorize(caller(request), "node:info")
     return web.Response(text=OPENAPI.read_text(), content_type="application/json")
 
 
 @routes.route("*", PREFIX + "/{tail:.*}")
 async def not_found(request: web.Request) -> web.Response:
-    raise GatewayError(404, f"no such endpoint: {request.method} {request.path}")
+    raise NotFound(f"no such endpoint: {request.method} {request.path}")

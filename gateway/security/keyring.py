@@ -34,14 +34,19 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from ..errors import Erased
 from . import crypto
 
 FORMAT_VERSION = 1
 PATIENT = "patient"  # the pseudonym kind of patient ids
 
 
-class KeyShredded(Exception):
-    """The patient's data key was destroyed (crypto-shredding): the data is gone for good (410)."""
+class KeyShredded(Erased):
+    """The patient's data key was destroyed (crypto-shredding): the data is gone for good."""
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__("this patient's data was erased (crypto-shredded): it can never be read again",
+                         reason=detail or None)
 
 
 class KeyringError(Exception):

@@ -1,0 +1,78 @@
+"""Who is asking, may they, and the audit event of every decision.
+
+Authorization is a plugin hook (``medicon_authorize``); this module asks it and enforces the
+answer: no plugin saying yes, or any saying no, is ``Forbidden`` (deny by default). Every
+decision, and every refused credential, is one audit event (``medicon_audit_event``) in which
+patient, episode and CID are keyed pseudonyms, so no audit plugin ever sees an identifier.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import Forbidden
+from ..security.keys import KeyProvider
+from ..security.principal import Principal
+from .plugins import PluginHost
+
+PSEUDONYMISED = ("patient", "episode", "cid")
+
+
+@dataclass(frozen=True)
+class Caller:
+    """A principal making one request: ``request_id`` ties its audit events together and
+    ``surface`` says which door it came in by (``api``, ``medicon``, ``ipfs``…)."""
+
+    principal: Principal
+    request_id: str
+    surface: str
+
+
+class Authorizer:
+    def __init__(self, plugins: PluginHost, keys: KeyProvider, service: Any) -> None:
+        self._plugins = plugins
+        self._keys = keys
+        self._service = service
+
+    async def authorize(self, caller: Caller, action: str, resource: dict[str, Any] | None = None) -> None:
+        """Ask every authorization plugin; allow only if one says yes and none says no."""
+        who = caller.principal
+        resource = resource or {}
+        votes = await self._plugins.call("medicon_authorize", principal=who, action=action, resource=resource)
+        allowed = bool(votes) and all(votes)
+        await self.audit(caller.request_id, caller.surface, who, action, resource, allowed)
+        if not allowed:
+            raise Forbidden(f"{who.role} {who.id!r} is not allowed to {action} this resource")
+
+    async def allowed(self, caller: Caller, action: str, resource: dict[str, Any]) -> bool:
+        """``authorize`` as a yes or no (the decision is audited all the same)."""
+        try:
+            await self.authorize(caller, action, resource)
+        except Forbidden:
+            return False
+        return True
+
+    async def audit(self, request_id: str, surface: str, who: Principal | None, action: str,
+                    resource: dict[str, Any], allowed: bool, *, reason: str | None = None) -> None:
+        """One audit event per decision. ``reason`` says why credentials were refused
+        (``revoked``, ``expired``, …); the path is left out (it may name a patient)."""
+        shown = {k: (self._keys.pseudonym(k, _text(v)) if k in PSEUDONYMISED else v)
+                 for k, v in resource.items() if v is not None}
+        event = {
+            "time": time.time(), "request_id": request_id,
+            "principal": who.id if who else None, "role": who.role if who else None,
+            "action": action, "resource": shown,
+            "decision": "allow" if allowed else "deny", "path": surface,
+        }
+        if reason is not None:
+            event["reason"] = reason
+        await self._plugins.call("medicon_audit_event", event=event, service=self._service)
+
+
+def _text(value: Any) -> str:
+    """An identifier as pseudonymisable text, whatever a hostile request made of it (a
+    number, an unpaired surrogate): pseudonyms are taken over UTF-8."""
+    text = value if isinstance(value, str) else str(value)
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")

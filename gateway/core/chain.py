@@ -1,0 +1,74 @@
+"""Append-only episodes: how a record is linked into its episode (``prev``, ``seq``,
+``recorded_at``), and the per-episode locks that queue appends within one process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from typing import Any, Callable
+
+from ..errors import Conflict, Internal, MediconError
+from ..storage.model import Episode
+from .records import EPISODE_OPENED, ChainConflict, now, timestamp
+
+log = logging.getLogger(__name__)
+
+Policy = Callable[[str | None, str], str]
+
+
+class EpisodeLocks:
+    """One lock per episode, so appends to the same episode in this process queue instead of
+    colliding; the head store's compare-and-swap still guards against other processes."""
+
+    def __init__(self) -> None:
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+
+    def __call__(self, episode: str) -> asyncio.Lock:
+        lock = self._locks.get(episode)
+        if lock is None:
+            lock = self._locks[episode] = asyncio.Lock()
+        return lock
+
+
+def link(record: dict[str, Any], episode: Episode | None, policy: Policy) -> dict[str, Any]:
+    """``record`` with ``prev``, ``seq`` and ``recorded_at`` decided against the episode as it
+    stands; ``ChainConflict`` if it does not fit."""
+    opening = record["schema"] == EPISODE_OPENED
+    given_prev = record.get("prev")
+    if opening:
+        if episode is not None:
+            raise ChainConflict(f"episode {record['episode']!r} already exists", episode)
+        prev, seq, last = None, 0, None
+    else:
+        if episode is None:
+            raise ChainConflict(f"episode {record['episode']!r} does not exist; open it first", None)
+        if episode.status != "open":
+            raise ChainConflict(f"episode {record['episode']!r} is closed", episode)
+        if record["patient"] != episode.patient:
+            raise ChainConflict(f"episode {record['episode']!r} belongs to another patient", None)
+        prev = _apply(policy, given_prev, episode)
+        seq, last = episode.length, episode.last_recorded_at
+    if "seq" in record and record["seq"] != seq:
+        raise ChainConflict(f"seq {record['seq']} is not the next position {seq}", episode)
+    recorded_at = record.get("recorded_at") or now()
+    if last is not None and timestamp(recorded_at) < timestamp(last):
+        raise ChainConflict(f"recorded_at {recorded_at} is before the episode's last record ({last})", episode)
+    return {**record, "prev": prev, "seq": seq, "recorded_at": recorded_at}
+
+
+def _apply(policy: Policy, given_prev: str | None, episode: Episode) -> str:
+    """Run a chain policy (a plugin's code): it may refuse, never fork the chain."""
+    name = f"{policy.__module__}.{getattr(policy, '__name__', type(policy).__name__)}"
+    try:
+        prev = policy(given_prev, episode.head)
+    except Conflict as err:
+        raise ChainConflict(err.message, episode) from None
+    except MediconError:
+        raise
+    except Exception as exc:
+        log.exception("chain policy %s failed", name)
+        raise Internal(f"chain policy {name} failed: {type(exc).__name__}") from None
+    if prev != episode.head:
+        raise Internal(f"chain policy {name} linked {prev!r} instead of the head")
+    return prev

@@ -1,0 +1,449 @@
+"""The record service: the gateway's whole record model behind one object, with no HTTP in it.
+
+Created once (``RecordService.open``) by whatever runs the gateway — the HTTP app's
+``cleanup_ctx``, the ``check`` command, a test — it owns the storage, the Kubo client, the
+key provider, the schemas, the plugins, the chain policies and the per-episode locks. Its
+methods take the ``Caller`` and authorize it themselves before anything is read, decrypted or
+written, and raise the domain errors of ``gateway.errors``; each door (``/api/v0``, ``/ipfs``,
+``/medicon/v1``) only translates.
+
+An append runs: authorize → validate (schema, then plugins) → link into the episode (chain
+policy, under the episode's lock) → seal and sign → store and pin in Kubo → move the head
+(compare-and-swap) → ``medicon_record_committed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import pluggy
+
+from ..config import Config, ConfigError
+from ..errors import Erased, IdempotencyKeyReused, Invalid, MediconError, NotFound, Unavailable
+from ..kubo.cids import canonical, parse_cid
+from ..kubo.client import KuboClient
+from ..security.keys import KeyProvider
+from ..storage import Storage, open_storage
+from ..storage.model import Blob, Episode, IndexedRecord, StoreConflict
+from . import chain
+from .access import Authorizer, Caller
+from .plugins import PluginHost, PluginLoadError, make_manager
+from .records import (EPISODE_CLOSED, EPISODE_OPENED, Appended, ChainConflict, RecordInvalid,
+                      claimed_resource, dag_json_problems, normalise, request_digest, timestamp)
+from .schemas import DEFAULT_SCHEMA_DIR, SchemaError, SchemaRegistry
+from .sealing import Sealer
+
+log = logging.getLogger(__name__)
+
+CONTENT = "content"      # plaintext of what an argument names (cat, get, /ipfs/<cid>)
+STRUCTURE = "structure"  # blocks, links and DAGs (dag/get, block/get, refs, ?format=car)
+
+
+class RecordService:
+    def __init__(self, config: Config, storage: Storage, kubo: KuboClient, keys: KeyProvider,
+                 plugins: PluginHost, schemas: SchemaRegistry, policies: dict[str, chain.Policy]) -> None:
+        self.config = config
+        self.storage = storage
+        self.kubo = kubo
+        self.keys = keys
+        self.plugins = plugins
+        self.schemas = schemas
+        self.policies = policies
+        self.locks = chain.EpisodeLocks()
+        self.sealer = Sealer(keys, plugins, encrypt=config.security.encrypt)
+        self.access = Authorizer(plugins, keys, self)
+        # Plugins' own resources, opened in ``medicon_startup`` (by plugin name).
+        self.resources: dict[str, Any] = {}
+
+    # --- life cycle ------------------------------------------------------------------------------
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, config: Config, pm: pluggy.PluginManager | None = None) -> AsyncIterator["RecordService"]:
+        """Load plugins, keys, schemas and policies, open storage and the Kubo client, run the
+        plugins' start-up hooks; undo it all on exit. A configuration that cannot work raises
+        ``ConfigError`` here, before anything is served."""
+        try:
+            plugins = PluginHost(pm or make_manager(config.plugins.modules, trace=config.plugins.trace_hooks))
+        except PluginLoadError as exc:
+            raise ConfigError(str(exc)) from None
+        keys = _key_provider(plugins, config)
+        schemas = _schemas(plugins, config)
+        policies = _policies(plugins, config)
+        storage = await open_storage(config)
+        kubo = KuboClient.open(config.kubo)
+        service = cls(config, storage, kubo, keys, plugins, schemas, policies)
+        try:
+            await plugins.call("medicon_startup", service=service)
+            try:
+                yield service
+            finally:
+                await plugins.call("medicon_shutdown", service=service)
+        finally:
+            await kubo.close()
+            await storage.close()
+
+    # --- access --------------------------------------------------------------------------------
+
+    async def authorize(self, caller: Caller, action: str, resource: dict[str, Any] | None = None) -> None:
+        await self.access.authorize(caller, action, resource)
+
+    async def resource_of(self, cid: str | None) -> dict[str, Any]:
+        """What the gateway knows of ``cid``: a record (patient, episode), an attachment
+        (patient), or nothing (a raw CID the gateway did not write)."""
+        if cid is None:
+            return {"kind": "raw"}
+        key = canonical(cid) or cid
+        record = await self.storage.heads.record(key)
+        if record is not None:
+            return {"kind": "record", "cid": key, "patient": record.patient, "episode": record.episode}
+        blob = await self.attachment(cid)
+        if blob is not None:
+            return {"kind": "blob", "cid": key, "patient": blob.patient}
+        return {"kind": "raw", "cid": cid}
+
+    async def authorize_read(self, caller: Caller, access: str, args: list[str]) -> list[dict[str, Any]]:
+        """Authorize a read of every argument (``CONTENT`` or ``STRUCTURE``); a path below an
+        allowed root is resolved in Kubo and its target, when the gateway knows it, must be
+        allowed too."""
+        resources = []
+        for arg in args:
+            cid, has_path = root_of(arg)
+            resource = await self.resource_of(cid)
+            await self.authorize(caller, _read_action(access, resource), resource)
+            if has_path and cid is not None and resource["kind"] != "raw":
+                target = await self.kubo.resolve_path(arg if arg.startswith("/") else "/ipfs/" + arg)
+                if target is not None and target != cid:
+                    inner = await self.resource_of(target)
+                    if inner["kind"] != "raw":
+                        await self.authorize(caller, _read_action(access, inner), inner)
+            resources.append(resource)
+        return resources
+
+    # --- writing records -------------------------------------------------------------------------
+
+    async def validate(self, record: dict[str, Any], episode: Episode | None, *, schema: bool = True,
+                       with_plugins: bool = True) -> None:
+        """JSON Schema first, then every plugin's rules; all problems reported together."""
+        problems = []
+        if schema:
+            problems += [str(v) for v in self.schemas.validate(record)]
+            problems += dag_json_problems(record.get("body"), "/body")
+        if not problems and with_plugins:
+            for plugin, found in await self.plugins.call_each(
+                    "medicon_validate_record", record=record, schema_id=record["schema"], episode=episode):
+                for item in found:
+                    pointer, message = item if isinstance(item, tuple) else ("", item)
+                    problems.append(f"{pointer or '/'}: {message} (plugin {plugin})")
+        if problems:
+            raise RecordInvalid(problems)
+
+    async def append(self, doc: Any, caller: Caller, idempotency_key: str | None = None) -> Appended:
+        """Authorize, then append one record to its episode, signed as written by the caller.
+        ``RecordInvalid`` or ``ChainConflict`` if it does not fit. A retry of an append that
+        succeeded returns the original (``created`` False) instead of a duplicate or a conflict."""
+        if not isinstance(doc, dict):
+            raise RecordInvalid(["/: a record is a JSON object"])
+        await self.authorize(caller, "record:write", claimed_resource(doc))
+        return await self._append(normalise(doc), caller.principal.id, idempotency_key)
+
+    async def append_all(self, docs: list[tuple[str, Any]], caller: Caller,
+                         idempotency_key: str | None = None) -> list[Appended]:
+        """Several records (``[(name, record)]``, one ``add``), all or nothing for authorization
+        and schema problems: every record is authorized and checked before the first is
+        appended. An append that fails later names the records already appended."""
+        for _, doc in docs:
+            await self.authorize(caller, "record:write", claimed_resource(doc))
+        problems = []
+        for name, doc in docs:
+            try:
+                if not isinstance(doc, dict):
+                    raise RecordInvalid(["/: a record is a JSON object"])
+                await self.validate(normalise(doc), None, with_plugins=False)
+            except RecordInvalid as err:
+                problems.append(f"{name or 'record'}: {err.message}" if len(docs) > 1 else err.message)
+        if problems:
+            raise Invalid("; ".join(problems), details={"problems": problems})
+        done: list[Appended] = []
+        for index, (_, doc) in enumerate(docs):
+            key = f"{idempotency_key}#{index}" if idempotency_key else None
+            try:
+                done.append(await self._append(normalise(doc), caller.principal.id, key))
+            except MediconError as err:
+                if done:
+                    raise err.with_message(f"{err.message}; records already appended: "
+                                           f"{', '.join(a.cid for a in done)}") from None
+                raise
+        return done
+
+    async def _append(self, record: dict[str, Any], signer: str, idempotency_key: str | None) -> Appended:
+        # Schema checks that do not depend on the episode come first, before any lock is taken.
+        await self.validate(record, None, with_plugins=False)
+        heads = self.storage.heads
+        digest = request_digest(record, signer)
+        key = f"{signer}\n{idempotency_key}" if idempotency_key else None
+        async with self.locks(record["episode"]):
+            earlier = await self._retried(record, digest, key)
+            if earlier is not None:
+                current = await heads.get_episode(earlier.episode)
+                return Appended(earlier.cid, current, await self.read_indexed(earlier.cid), created=False)
+            episode = await heads.get_episode(record["episode"])
+            record = chain.link(record, episode, self._policy_for(record["schema"]))
+            # The schema passed above; link only set prev (a head CID), seq and recorded_at.
+            await self.validate(record, episode, schema=False)
+            # Stored and pinned (recursively: the record and the chain under it) in one call,
+            # before the head moves, so an acknowledged record is never unpinned.
+            cid = await self.kubo.dag_put(await self.sealer.to_node(record, signer), pin=True)
+            indexed = IndexedRecord(cid, record["episode"], record["patient"], record["seq"],
+                                    record["schema"], record["recorded_at"], digest, key)
+            try:
+                if episode is None:
+                    moved = await heads.create_episode(indexed)
+                else:
+                    moved = await heads.append(indexed, expected_head=episode.head,
+                                               closes=record["schema"] == EPISODE_CLOSED)
+            except StoreConflict as conflict:
+                if await heads.record(cid) is None:  # never unpin an acknowledged record
+                    await self.kubo.pin_rm(cid)
+                raise ChainConflict(f"episode {record['episode']!r} changed under this append",
+                                    conflict.current) from None
+        await self._committed(record, cid, moved)
+        return Appended(cid, moved, record, created=True)
+
+    def _policy_for(self, schema_id: str) -> chain.Policy:
+        cfg = self.config.records
+        return self.policies[cfg.chain_policy_by_schema.get(schema_id, cfg.chain_policy)]
+
+    async def _retried(self, record: dict[str, Any], digest: str, key: str | None) -> IndexedRecord | None:
+        """The earlier append this request repeats, if it is a retry after a lost answer: the
+        same Idempotency-Key (with the same request), or the same record naming its
+        ``prev``/``seq`` (which a client only sends again when it did not hear back)."""
+        heads = self.storage.heads
+        if key is not None:
+            earlier = await heads.record_by_key(key)
+            if earlier is not None and earlier.digest != digest:
+                raise IdempotencyKeyReused("this Idempotency-Key was used for a different request")
+            return earlier
+        if "prev" in record or "seq" in record:
+            return await heads.record_by_digest(record["episode"], digest)
+        return None
+
+    async def _committed(self, record: dict[str, Any], cid: str, episode: Episode) -> None:
+        try:
+            await self.plugins.call("medicon_record_committed", record=record, cid=cid, episode=episode,
+                                    service=self)
+        except MediconError as err:  # never undoes the append
+            log.error("record_committed hook failed for %s: %s", cid, err.message)
+
+    async def add_attachments(self, blobs: list[Blob]) -> None:
+        """Index attachments under their patient, by the CID's one canonical form (CIDv1
+        base32), so every spelling of the CID a client may use finds them."""
+        await self.storage.heads.add_blobs([replace(b, cid=canonical(b.cid) or b.cid) for b in blobs])
+
+    # --- reading records -------------------------------------------------------------------------
+
+    async def episode_for(self, caller: Caller, episode_id: str, action: str) -> Episode:
+        """The episode, once the caller may ``action`` it; ``NotFound`` if unknown."""
+        episode = await self.storage.heads.get_episode(episode_id)
+        if episode is None:
+            raise NotFound(f"episode {episode_id!r} is unknown")
+        await self.authorize(caller, action, {"kind": "episode", "patient": episode.patient, "episode": episode.id})
+        return episode
+
+    async def episodes_of(self, caller: Caller, patient: str, status: str | None = None) -> list[Episode]:
+        await self.authorize(caller, "chain:read", {"kind": "patient", "patient": patient})
+        return await self.storage.heads.list_episodes(patient, status)
+
+    async def record_for(self, caller: Caller, cid: str) -> tuple[IndexedRecord, dict[str, Any]]:
+        """A record written through this gateway, once the caller may read it."""
+        indexed = await self.storage.heads.record(canonical(cid) or cid)
+        if indexed is None:
+            raise NotFound(f"no record {cid!r} was written through this gateway")
+        await self.authorize(caller, "record:read", {"kind": "record", "cid": indexed.cid,
+                                                      "patient": indexed.patient, "episode": indexed.episode})
+        return indexed, await self.read_indexed(indexed.cid)
+
+    async def history(self, caller: Caller, episode_id: str, after_seq: int, limit: int
+                      ) -> tuple[Episode, list[IndexedRecord], list[dict[str, Any]]]:
+        episode = await self.episode_for(caller, episode_id, "record:read")
+        rows = await self.storage.heads.history(episode.id, after_seq, limit)
+        return episode, rows, await self.read_many([r.cid for r in rows])
+
+    async def read(self, cid: str) -> dict[str, Any] | None:
+        """The record stored as ``cid`` (decrypted, signature checked), or None if the gateway
+        did not write it. The caller authorized the read."""
+        key = canonical(cid) or cid
+        if await self.storage.heads.record(key) is None:
+            return None
+        return await self.read_indexed(key)
+
+    async def read_indexed(self, cid: str) -> dict[str, Any]:
+        """The record stored as ``cid``, which the caller found in the index."""
+        node = await self.kubo.record_node(cid)
+        _require_signed(cid, self.sealer.signature_ok(node))
+        return (await self.sealer.from_node(node))[0]
+
+    async def read_many(self, cids: list[str], concurrency: int = 16) -> list[dict[str, Any]]:
+        """Indexed records in the order given: fetched from Kubo ``concurrency`` at a time (a
+        page of history costs a few round trips of latency, not one per record), signatures
+        checked in two threads at once (Ed25519 releases the GIL), then opened."""
+        gate = asyncio.Semaphore(concurrency)
+
+        async def fetch(cid: str) -> dict[str, Any]:
+            async with gate:
+                return await self.kubo.record_node(cid)
+        nodes = list(await asyncio.gather(*(fetch(cid) for cid in cids)))
+
+        def check(part: list[dict[str, Any]]) -> list[bool]:
+            return [self.sealer.signature_ok(node) for node in part]
+        half = (len(nodes) + 1) // 2
+        verdicts = [ok for part in await asyncio.gather(asyncio.to_thread(check, nodes[:half]),
+                                                        asyncio.to_thread(check, nodes[half:])) for ok in part]
+        for cid, ok in zip(cids, verdicts):
+            _require_signed(cid, ok)
+        return [(await self.sealer.from_node(node))[0] for node in nodes]
+
+    async def attachment(self, cid: str) -> Blob | None:
+        """The indexed attachment ``cid`` names, in whatever spelling of the CID."""
+        key = canonical(cid)
+        found = await self.storage.heads.blob(key) if key else None
+        return found or await self.storage.heads.blob(cid)
+
+    # --- verification ----------------------------------------------------------------------------
+
+    async def verify(self, caller: Caller, episode_id: str, head: str | None = None) -> dict[str, Any]:
+        episode = await self.episode_for(caller, episode_id, "verify")
+        return await self.verify_episode(episode, head)
+
+    async def verify_episode(self, episode: Episode, head: str | None = None) -> dict[str, Any]:
+        """Walk the episode in Kubo from its head (or from ``head``, a CID claimed to extend it)
+        to its first record and report the first break: a missing block, a bad signature, a
+        record that fails its schema, or links, sequence numbers or times out of order."""
+        heads = self.storage.heads
+        cid = head or episode.head
+        checked, erased, expected_seq, later_time = 0, False, None, None
+        pseudonym = self.sealer.episode_pseudonym(episode.id)
+
+        def report(problem: str | None) -> dict[str, Any]:
+            brk = None if problem is None else {"cid": cid, "seq": expected_seq, "problem": problem}
+            return {"episode": episode.id, "ok": problem is None, "length": episode.length,
+                    "checked": checked, "erased": erased, "break": brk}
+
+        while cid is not None:
+            try:
+                node = await self.kubo.dag_get(cid)
+            except MediconError as err:
+                return report(f"the block cannot be read from Kubo: {err.message}")
+            if not self.sealer.signature_ok(node):
+                return report("the signature does not verify: the block was not written by this gateway")
+            if expected_seq is None:
+                expected_seq = node.get("seq")
+            if node.get("seq") != expected_seq or not isinstance(expected_seq, int):
+                return report(f"seq {node.get('seq')} where {expected_seq} was expected")
+            if node.get("episode") != pseudonym:
+                return report("the block belongs to another episode")
+            indexed = await heads.record(cid)
+            if head is None and (indexed is None or indexed.seq != expected_seq or indexed.episode != episode.id):
+                return report("the chain reaches a block the index does not hold at this position")
+            prev = node.get("prev")
+            prev = prev.get("/") if isinstance(prev, dict) else prev
+            if (expected_seq == 0) != (prev is None):
+                return report("prev must be null exactly at seq 0")
+            if expected_seq == 0 and node.get("schema") != EPISODE_OPENED:
+                return report("the first record of an episode must open it")
+            try:
+                record, _ = await self.sealer.from_node(node)
+            except Erased:
+                erased = True
+            except MediconError as err:
+                return report(err.message)
+            else:
+                problems = [str(v) for v in self.schemas.validate(record)]
+                if problems:
+                    return report("schema: " + "; ".join(problems))
+                if (record.get("seq"), record.get("prev"), record.get("episode"), record.get("schema")) != (
+                        expected_seq, prev, episode.id, node.get("schema")):
+                    return report("the sealed record disagrees with the block's clear metadata")
+                if record.get("patient") != episode.patient:
+                    return report("the record names another patient")
+                stamp = timestamp(record["recorded_at"])
+                if later_time is not None and stamp > later_time:
+                    return report("recorded_at goes backwards")
+                later_time = stamp
+            checked += 1
+            cid, expected_seq = prev, expected_seq - 1
+        if head is not None and checked and expected_seq != -1:
+            return report("the chain does not reach the episode's first record")
+        return report(None)
+
+
+def _require_signed(cid: str, signed: bool) -> None:
+    if not signed:
+        raise Unavailable(f"record {cid} does not carry this gateway's signature")
+
+
+def _read_action(access: str, resource: dict[str, Any]) -> str:
+    kind = resource["kind"]
+    if kind == "raw":
+        return "raw:read"
+    if access == CONTENT:
+        return f"{kind}:read"
+    return "chain:read"
+
+
+def root_of(arg: str) -> tuple[str | None, bool]:
+    """(root CID, has a path below it) of an argument such as ``/ipfs/<cid>/a/b``; ``None``
+    for anything that is not an immutable ``/ipfs`` root (``/ipns/…`` names)."""
+    if arg.startswith("/ipns/") or arg.startswith("ipns/"):
+        return None, True
+    if any(seg in (".", "..") for seg in arg.split("/")):
+        # Kubo cleans them away, so the root checked here would not be the root read there
+        raise Invalid(f"dot segments are not allowed in paths: {arg[:100]!r}")
+    path = arg.removeprefix("/ipfs/").removeprefix("ipfs/").lstrip("/")
+    root, _, rest = path.partition("/")
+    if parse_cid(root) is None:
+        raise Invalid(f"invalid CID or path {arg[:100]!r}")
+    return root, bool(rest.strip("/"))
+
+
+# --- start-up: what the plugins provide --------------------------------------------------------
+
+def _key_provider(plugins: PluginHost, config: Config) -> KeyProvider:
+    """Without a key provider nothing can be sealed, signed or pseudonymised: no start."""
+    try:
+        keys = plugins.call_sync("medicon_key_provider", config=config)
+    except MediconError as err:
+        raise ConfigError(f"key provider: {err.message}") from None
+    if keys is None:
+        raise ConfigError("no key provider plugin is loaded")
+    return keys
+
+
+def _schemas(plugins: PluginHost, config: Config) -> SchemaRegistry:
+    """Schemas built in, configured, and from plugins, loaded once."""
+    dirs = [DEFAULT_SCHEMA_DIR, *map(Path, config.records.schema_dirs)]
+    for found in plugins.call_sync("medicon_schema_dirs", config=config):
+        dirs += [Path(d) for d in found]
+    try:
+        return SchemaRegistry.load(*dirs)
+    except SchemaError as exc:
+        raise ConfigError(f"schemas: {exc}") from None
+
+
+def _policies(plugins: PluginHost, config: Config) -> dict[str, chain.Policy]:
+    policies: dict[str, chain.Policy] = {}
+    for provided in plugins.call_sync("medicon_chain_policies"):
+        policies.update(provided)
+    cfg = config.records
+    wanted = {"records.chain_policy": cfg.chain_policy,
+              **{f"records.chain_policy_by_schema[{k!r}]": v for k, v in cfg.chain_policy_by_schema.items()}}
+    for key, name in wanted.items():
+        if name not in policies:
+            raise ConfigError(f"config key {key!r}: unknown chain policy {name!r} "
+                              f"(loaded: {', '.join(sorted(policies)) or 'none'})")
+    return policies

@@ -1,0 +1,1 @@
+"""The HTTP layer: the aiohttp app, its middlewares and every door (RPC proxy, /ipfs, REST)."""

@@ -1,0 +1,57 @@
+"""Authenticate every request before any handler runs: no principal, no service.
+
+Authentication is a plugin hook (``medicon_authenticate``, given the aiohttp request); this
+middleware asks it, answers 401 without a principal (everywhere but the health probes), and
+audits every refusal with a reason, never the credential. What the principal may do is the
+record service's business (``RecordService.authorize``).
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from aiohttp import web
+
+from ..errors import MediconError, Unauthenticated
+from .appkeys import SERVICE
+from .context import CALLER, REQUEST_ID, caller_for, surface_of
+
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler):
+    """No principal, no service: 401 everywhere but the health probes. A refusal is audited
+    before it is answered, whichever plugin refused and why."""
+    request[REQUEST_ID] = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex
+    if request.path in PUBLIC_PATHS:
+        return await handler(request)
+    service = request.app[SERVICE]
+    try:
+        principal = await service.plugins.call("medicon_authenticate", request=request, service=service)
+    except MediconError as err:  # a plugin refused the credentials (or could not judge them)
+        reason = err.reason or ("refused" if isinstance(err, Unauthenticated) else f"failed ({type(err).__name__})")
+        await _audit_refusal(request, reason)
+        raise
+    if principal is None:
+        reason = "unrecognised" if "Authorization" in request.headers else "missing"
+        await _audit_refusal(request, reason)
+        raise Unauthenticated("authentication required: send Authorization: Bearer <token>")
+    request[CALLER] = caller_for(request, principal)
+    return await handler(request)
+
+
+async def _audit_refusal(request: web.Request, reason: str) -> None:
+    await request.app[SERVICE].access.audit(request[REQUEST_ID], surface_of(request), None, "authenticate",
+                                            _credentials(request), False, reason=reason)
+
+
+def _credentials(request: web.Request) -> dict[str, Any]:
+    """The audited resource of an authentication: the credentials' scheme, if a known one (the
+    rest of the header is the secret, and an unknown first word may be one too)."""
+    header = request.headers.get("Authorization")
+    if header is None:
+        return {"kind": "credentials"}
+    scheme = header.strip().partition(" ")[0].lower()
+    return {"kind": "credentials", "scheme": scheme if scheme in ("bearer", "basic") else "other"}

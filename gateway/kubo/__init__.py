@@ -1,0 +1,1 @@
+"""Talking to Kubo: the RPC client, the managed node, CIDs and record blocks."""

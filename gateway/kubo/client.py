@@ -1,0 +1,147 @@
+"""The gateway's own calls to Kubo's RPC API (storing and reading records, pins, resolving).
+
+One long-lived ``aiohttp.ClientSession`` per gateway (keep-alive, bounded timeouts); the HTTP
+layer streams clients' requests through the same session. Failures become domain errors:
+Kubo unreachable ``Unavailable``, Kubo silent ``TimedOut``, Kubo refusing a call ``KuboAnswer``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import aiohttp
+from yarl import URL
+
+from ..config import KuboConfig
+from ..errors import TimedOut, Unavailable
+from . import ipld
+
+CHUNK = 1 << 18  # 256 KiB: read buffer for streams through the session
+
+
+class KuboAnswer(Unavailable):
+    """Kubo refused a call the gateway made on its own behalf (its message is passed on)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"Kubo: {message}")
+        self.kubo_status = status
+
+
+class KuboClient:
+    def __init__(self, session: aiohttp.ClientSession, config: KuboConfig) -> None:
+        self.session = session
+        self.config = config
+        self._api = config.api_url.rstrip("/") + "/api/v0/"
+
+    @classmethod
+    def open(cls, config: KuboConfig) -> "KuboClient":
+        """A client with its own session; ``close`` it when done."""
+        connector = aiohttp.TCPConnector(limit=config.max_connections, keepalive_timeout=30)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout,
+                                        sock_read=config.read_timeout)
+        session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=timeout,
+            auto_decompress=False,                # pass Kubo's bytes through exactly as sent
+            cookie_jar=aiohttp.DummyCookieJar(),  # never share cookies between clients
+            read_bufsize=CHUNK,
+        )
+        return cls(session, config)
+
+    async def close(self) -> None:
+        await self.session.close()
+
+    def rpc_url(self, command: str, params: list[tuple[str, str]]) -> URL:
+        query = urlencode(params, quote_via=quote)
+        return URL(self._api + quote(command) + ("?" + query if query else ""), encoded=True)
+
+    async def call(self, command: str, params: list[tuple[str, str]], *,
+                   data: bytes | None = None) -> bytes:
+        headers = None
+        if data is not None:
+            data, headers = one_file_form(data)
+        try:
+            async with self.session.post(self.rpc_url(command, params), data=data, headers=headers) as resp:
+                body = await resp.read()
+                if resp.status != 200:
+                    try:
+                        message = json.loads(body)["Message"]
+                    except (ValueError, KeyError, TypeError):
+                        message = body.decode(errors="replace").strip()[:300]
+                    raise KuboAnswer(resp.status, message)
+                return body
+        except asyncio.TimeoutError:
+            raise TimedOut("Kubo did not answer in time") from None
+        except aiohttp.ClientError as exc:
+            raise Unavailable(f"Kubo is not reachable ({type(exc).__name__})") from None
+
+    async def version(self) -> str:
+        return json.loads(await self.call("version", []))["Version"]
+
+    async def dag_put(self, node: dict[str, Any], *, pin: bool) -> str:
+        """Store ``node`` (dag-json: links as ``{"/": cid}``) as dag-cbor; return its CID."""
+        body = await self.call("dag/put", [("store-codec", "dag-cbor"), ("input-codec", "dag-json"),
+                                           ("pin", "true" if pin else "false")],
+                               data=json.dumps(node, separators=(",", ":")).encode())
+        return json.loads(body)["Cid"]["/"]
+
+    async def dag_get(self, cid: str) -> dict[str, Any]:
+        body = await self.call("dag/get", [("arg", cid), ("output-codec", "dag-json")])
+        return json.loads(body)
+
+    async def record_node(self, cid: str) -> dict[str, Any]:
+        """A node the gateway wrote: the raw block, hash-checked and decoded here (see
+        ``ipld``), or ``dag/get`` for anything that decoder does not cover."""
+        try:
+            ipld.sha256_of(cid)
+        except ipld.Unsupported:
+            return await self.dag_get(cid)
+        block = await self.call("block/get", [("arg", cid)])
+        try:
+            return ipld.decode(cid, block)
+        except ipld.BlockMismatch as exc:
+            raise Unavailable(str(exc)) from None
+        except ipld.Unsupported:
+            return await self.dag_get(cid)
+
+    async def resolve_path(self, path: str) -> str | None:
+        """The CID an ``/ipfs/<cid>/a/b`` path ends at (None if it does not resolve)."""
+        try:
+            body = await self.call("dag/resolve", [("arg", path)])
+        except KuboAnswer:
+            return None
+        return json.loads(body)["Cid"]["/"]
+
+    async def has_block(self, cid: str) -> bool:
+        try:
+            await self.call("block/stat", [("arg", cid), ("offline", "true")])
+        except KuboAnswer:
+            return False
+        return True
+
+    async def pin_add(self, cid: str) -> None:
+        await self.call("pin/add", [("arg", cid), ("recursive", "true")])
+
+    async def pin_rm(self, cid: str) -> None:
+        await self.call("pin/rm", [("arg", cid), ("recursive", "true")])
+
+    async def recursive_pins(self) -> set[str]:
+        body = await self.call("pin/ls", [("type", "recursive")])
+        return set(json.loads(body).get("Keys", {}))
+
+
+def one_file_form(data: bytes) -> tuple[bytes, dict[str, str]]:
+    """``data`` as the one-file multipart/form-data body Kubo reads, built in one go (the
+    gateway's own small writes; a FormData writer costs more than the request). The boundary
+    is random, so no content can be made to contain it."""
+    boundary = secrets.token_hex(16)
+    while boundary.encode() in data:
+        boundary = secrets.token_hex(16)
+    body = b"".join((b"--", boundary.encode(), b'\r\nContent-Disposition: form-data; name="file"; '
+                     b'filename="data"\r\nContent-Type: application/octet-stream\r\n\r\n', data,
+                     b"\r\n--", boundary.encode(), b"--\r\n"))
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}

@@ -1,0 +1,1 @@
+"""Security primitives: crypto, keys, principals and API token formats (no I/O policy)."""

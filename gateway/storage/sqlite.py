@@ -1,0 +1,473 @@
+"""The embedded storage backend: SQLite files in ``records.data_dir``, one access pattern for all.
+
+``SQLiteDatabase`` is the one way the gateway uses SQLite. Writes go through one writer thread
+(``GroupCommit``) that commits the writes of concurrent requests together — each in a savepoint
+of its own, so one failing write (a lost compare-and-swap) does not undo another — with one
+fsync per batch (WAL, ``synchronous=FULL``); a write returns only once its batch is durable.
+Reads run on a small pool of reader threads, each with its own connection, and never see
+uncommitted writes. The event loop never waits on SQLite.
+
+Each store keeps its own file (``heads.sqlite3``, ``tokens.sqlite3``, ``audit.sqlite3``), so the
+``medicon-gateway token`` CLI in another process can write tokens while the gateway reads them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import hmac
+import json
+import os
+import sqlite3
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable, TypeVar
+
+from ..errors import StorageFull, Unavailable
+from ..security.tokens import (LAST_USED_GRANULARITY, AuthResult, NewToken, TokenError, TokenInfo,
+                               decode_token, generate_token, hash_token, judge, new_token_id)
+from .base import Storage
+from .groupcommit import GroupCommit, Outcome
+from .model import Blob, Episode, IndexedRecord, StoreConflict
+
+T = TypeVar("T")
+Query = Callable[..., T]  # fn(connection, *args) -> T, run on a thread of the database
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    return (isinstance(exc, sqlite3.OperationalError) and "full" in str(exc).lower()) or (
+        isinstance(exc, OSError) and exc.errno == errno.ENOSPC)
+
+
+class SQLiteDatabase:
+    """One SQLite file: group-committed writes on a writer thread, reads on reader threads."""
+
+    BATCH = 128
+
+    def __init__(self, path: Path, schema: str, *, readers: int = 2, name: str = "sqlite") -> None:
+        self.path = path
+        self._schema = schema
+        self._name = name
+        self._writer_db = self._connect()
+        self._writer_db.executescript(schema)
+        self._group = GroupCommit(self._commit, name=f"{name}-writer", batch=self.BATCH)
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = [self._writer_db]
+        self._connections_lock = threading.Lock()
+        self._readers = ThreadPoolExecutor(max_workers=readers, thread_name_prefix=f"{name}-reader")
+
+    @classmethod
+    async def open(cls, path: Path, schema: str, *, mode: int = 0o600, **kw: Any) -> "SQLiteDatabase":
+        def make() -> SQLiteDatabase:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not path.exists():
+                os.close(os.open(path, os.O_CREAT | os.O_WRONLY, mode))  # born private
+            return cls(path, schema, **kw)
+        return await asyncio.to_thread(make)
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA foreign_keys=ON")
+        db.execute("PRAGMA busy_timeout=10000")
+        return db
+
+    def _reader(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = self._local.db = self._connect()
+            with self._connections_lock:
+                self._connections.append(db)
+        return db
+
+    async def read(self, fn: Query[T], *args: Any) -> T:
+        """``fn(connection, *args)`` on a reader thread."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._readers, lambda: fn(self._reader(), *args))
+        except sqlite3.Error as exc:
+            raise self._failure(exc, "read") from None
+
+    async def write(self, fn: Query[T], *args: Any) -> T:
+        """``fn(connection, *args)`` in a savepoint of the writer's next batch; returns when the
+        batch is durable. Exceptions of ``fn`` (not SQLite's) are raised as they are."""
+        try:
+            return await self._group.submit((fn, args))
+        except sqlite3.Error as exc:
+            raise self._failure(exc, "write") from None
+
+    def _failure(self, exc: sqlite3.Error, what: str) -> Exception:
+        if _is_disk_full(exc):
+            return StorageFull(f"the gateway's data volume is full: its {self._name} store cannot {what}")
+        return Unavailable(f"the gateway's {self._name} store failed to {what} ({type(exc).__name__})")
+
+    def _commit(self, batch: list[tuple[Query, tuple]]) -> list[Outcome]:
+        db, outcomes = self._writer_db, []
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for fn, args in batch:
+                db.execute("SAVEPOINT one")
+                try:
+                    outcomes.append((True, fn(db, *args)))
+                except sqlite3.Error as exc:
+                    if _is_disk_full(exc):
+                        raise  # the whole transaction is gone: every write of the batch fails
+                    db.execute("ROLLBACK TO one")
+                    outcomes.append((False, exc))
+                except Exception as exc:
+                    db.execute("ROLLBACK TO one")
+                    outcomes.append((False, exc))
+                db.execute("RELEASE one")
+            db.execute("COMMIT")
+        except Exception:  # the batch did not commit: every write in it fails with the error
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        return outcomes
+
+    async def close(self) -> None:
+        def shut() -> None:
+            self._group.close()
+            self._readers.shutdown(wait=True)
+            with self._connections_lock:
+                for db in self._connections:
+                    db.close()
+        await asyncio.to_thread(shut)
+
+
+# --- heads, the record index and attachments -------------------------------------------------
+
+HEADS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS episodes (
+    id TEXT PRIMARY KEY,
+    patient TEXT NOT NULL,
+    head TEXT NOT NULL,
+    length INTEGER NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('open', 'closed')),
+    last_recorded_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS episodes_by_patient ON episodes (patient, id);
+CREATE TABLE IF NOT EXISTS records (
+    cid TEXT PRIMARY KEY,
+    episode TEXT NOT NULL REFERENCES episodes (id),
+    patient TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    schema TEXT NOT NULL,
+    recorded_at TEXT NOT NULL,
+    digest TEXT,
+    idempotency_key TEXT UNIQUE,
+    UNIQUE (episode, seq)
+);
+CREATE INDEX IF NOT EXISTS records_by_digest ON records (episode, digest);
+CREATE TABLE IF NOT EXISTS blobs (
+    cid TEXT PRIMARY KEY,
+    patient TEXT NOT NULL,
+    encrypted INTEGER NOT NULL,
+    content_type TEXT
+);
+"""
+
+_EPISODE_COLS = "id, patient, head, length, status, last_recorded_at"
+_RECORD_COLS = "cid, episode, patient, seq, schema, recorded_at, digest, idempotency_key"
+
+
+def _episode_row(db: sqlite3.Connection, episode: str) -> Episode | None:
+    row = db.execute(f"SELECT {_EPISODE_COLS} FROM episodes WHERE id = ?", (episode,)).fetchone()
+    return Episode(*row) if row else None
+
+
+def _record_where(db: sqlite3.Connection, where: str, args: tuple) -> IndexedRecord | None:
+    row = db.execute(f"SELECT {_RECORD_COLS} FROM records WHERE {where}", args).fetchone()
+    return IndexedRecord(*row) if row else None
+
+
+def _insert_record(db: sqlite3.Connection, r: IndexedRecord) -> None:
+    db.execute(f"INSERT INTO records ({_RECORD_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+               (r.cid, r.episode, r.patient, r.seq, r.schema, r.recorded_at, r.digest, r.idempotency_key))
+
+
+def _create_episode(db: sqlite3.Connection, record: IndexedRecord) -> Episode:
+    cur = db.execute("INSERT INTO episodes VALUES (?, ?, ?, 1, 'open', ?) ON CONFLICT (id) DO NOTHING",
+                     (record.episode, record.patient, record.cid, record.recorded_at))
+    if cur.rowcount != 1:
+        raise StoreConflict(f"episode {record.episode!r} already exists", _episode_row(db, record.episode))
+    _insert_record(db, record)
+    return Episode(record.episode, record.patient, record.cid, 1, "open", record.recorded_at)
+
+
+def _append(db: sqlite3.Connection, record: IndexedRecord, expected_head: str, closes: bool) -> Episode:
+    status = "closed" if closes else "open"
+    cur = db.execute(
+        "UPDATE episodes SET head = ?, length = length + 1, status = ?, last_recorded_at = ? "
+        "WHERE id = ? AND head = ? AND length = ? AND status = 'open'",
+        (record.cid, status, record.recorded_at, record.episode, expected_head, record.seq))
+    if cur.rowcount != 1:
+        raise StoreConflict(f"head of episode {record.episode!r} moved", _episode_row(db, record.episode))
+    _insert_record(db, record)
+    return Episode(record.episode, record.patient, record.cid, record.seq + 1, status, record.recorded_at)
+
+
+def _list_episodes(db: sqlite3.Connection, patient: str | None, status: str | None) -> list[Episode]:
+    sql, args = f"SELECT {_EPISODE_COLS} FROM episodes WHERE 1 = 1", ()
+    if patient is not None:
+        sql, args = sql + " AND patient = ?", args + (patient,)
+    if status is not None:
+        sql, args = sql + " AND status = ?", args + (status,)
+    return [Episode(*row) for row in db.execute(sql + " ORDER BY rowid", args)]
+
+
+def _history(db: sqlite3.Connection, episode: str, after_seq: int, limit: int) -> list[IndexedRecord]:
+    return [IndexedRecord(*row) for row in db.execute(
+        f"SELECT {_RECORD_COLS} FROM records WHERE episode = ? AND seq > ? ORDER BY seq LIMIT ?",
+        (episode, after_seq, limit))]
+
+
+def _add_blobs(db: sqlite3.Connection, blobs: list[Blob]) -> None:
+    db.executemany("INSERT INTO blobs VALUES (?, ?, ?, ?) ON CONFLICT (cid) DO NOTHING",
+                   [(b.cid, b.patient, int(b.encrypted), b.content_type) for b in blobs])
+
+
+def _blob(db: sqlite3.Connection, cid: str) -> Blob | None:
+    row = db.execute("SELECT cid, patient, encrypted, content_type FROM blobs WHERE cid = ?", (cid,)).fetchone()
+    return Blob(row[0], row[1], bool(row[2]), row[3]) if row else None
+
+
+class SQLiteHeadStore:
+    """Heads move only by compare-and-swap, after Kubo has stored the record: a writer whose
+    ``prev`` is stale loses (``StoreConflict`` with the current episode), so no fork."""
+
+    def __init__(self, db: SQLiteDatabase) -> None:
+        self._db = db
+
+    async def get_episode(self, episode: str) -> Episode | None:
+        return await self._db.read(_episode_row, episode)
+
+    async def list_episodes(self, patient: str, status: str | None = None) -> list[Episode]:
+        return await self._db.read(_list_episodes, patient, status)
+
+    async def episodes(self) -> list[Episode]:
+        return await self._db.read(_list_episodes, None, None)
+
+    async def create_episode(self, record: IndexedRecord) -> Episode:
+        return await self._db.write(_create_episode, record)
+
+    async def append(self, record: IndexedRecord, *, expected_head: str, closes: bool) -> Episode:
+        """Move the head from ``expected_head`` to ``record.cid`` iff nobody moved it first."""
+        return await self._db.write(_append, record, expected_head, closes)
+
+    async def history(self, episode: str, after_seq: int, limit: int) -> list[IndexedRecord]:
+        return await self._db.read(_history, episode, after_seq, limit)
+
+    async def record(self, cid: str) -> IndexedRecord | None:
+        return await self._db.read(_record_where, "cid = ?", (cid,))
+
+    async def all_records(self) -> list[IndexedRecord]:
+        return await self._db.read(lambda db: [IndexedRecord(*row) for row in db.execute(
+            f"SELECT {_RECORD_COLS} FROM records ORDER BY episode, seq")])
+
+    async def record_by_digest(self, episode: str, digest: str) -> IndexedRecord | None:
+        return await self._db.read(_record_where, "episode = ? AND digest = ?", (episode, digest))
+
+    async def record_by_key(self, key: str) -> IndexedRecord | None:
+        return await self._db.read(_record_where, "idempotency_key = ?", (key,))
+
+    async def add_blobs(self, blobs: list[Blob]) -> None:
+        """Index attachments (files and the directories around them) under their patient. A CID
+        already indexed keeps its first patient: identical bytes are not re-assigned."""
+        await self._db.write(_add_blobs, blobs)
+
+    async def blob(self, cid: str) -> Blob | None:
+        return await self._db.read(_blob, cid)
+
+
+# --- tokens ------------------------------------------------------------------------------------
+
+TOKENS_FILE = "tokens.sqlite3"
+
+TOKENS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tokens (
+    id           TEXT PRIMARY KEY,
+    name         TEXT NOT NULL,
+    token_hash   TEXT NOT NULL UNIQUE,
+    role         TEXT NOT NULL,
+    patients     TEXT,             -- JSON list, NULL = no restriction
+    episodes     TEXT,             -- JSON list, NULL = no restriction
+    created_at   REAL NOT NULL,    -- Unix seconds
+    expires_at   REAL,
+    revoked_at   REAL,
+    last_used_at REAL
+);
+-- A name names one live token; a revoked token's name may be given to its replacement.
+CREATE UNIQUE INDEX IF NOT EXISTS tokens_live_name ON tokens(name) WHERE revoked_at IS NULL;
+"""
+_TOKEN_COLS = "id, name, role, patients, episodes, created_at, expires_at, revoked_at, last_used_at"
+
+
+def _dt(ts: float | None) -> datetime | None:
+    return None if ts is None else datetime.fromtimestamp(ts, tz=timezone.utc)
+
+
+def _token_info(row: tuple) -> TokenInfo:
+    tid, name, role, patients, episodes, created, expires, revoked, used = row
+    load = lambda s: None if s is None else tuple(json.loads(s))  # noqa: E731
+    return TokenInfo(tid, name, role, load(patients), load(episodes), _dt(created), _dt(expires),
+                     _dt(revoked), _dt(used))
+
+
+def _insert_token(db: sqlite3.Connection, new: NewToken, token_hash: str, now: float) -> TokenInfo:
+    expires_at = None if new.expires_in is None else now + new.expires_in.total_seconds()
+    for _ in range(5):
+        token_id = new_token_id()
+        try:
+            db.execute("INSERT INTO tokens (id, name, token_hash, role, patients, episodes, created_at,"
+                       " expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       (token_id, new.name, token_hash, new.role,
+                        None if new.patients is None else json.dumps(list(new.patients)),
+                        None if new.episodes is None else json.dumps(list(new.episodes)), now, expires_at))
+        except sqlite3.IntegrityError:
+            if db.execute("SELECT 1 FROM tokens WHERE name = ? AND revoked_at IS NULL", (new.name,)).fetchone():
+                raise TokenError(f"a live token named {new.name!r} exists; revoke it first") from None
+            continue  # an id collision (1 in 4 billion): draw another
+        return TokenInfo(token_id, new.name, new.role, new.patients, new.episodes, _dt(now),
+                         _dt(expires_at), None, None)
+    raise TokenError("could not allocate a token id")
+
+
+def _token_by_hash(db: sqlite3.Connection, digest: str) -> tuple[TokenInfo, str] | None:
+    row = db.execute(f"SELECT {_TOKEN_COLS}, token_hash FROM tokens WHERE token_hash = ?", (digest,)).fetchone()
+    return None if row is None else (_token_info(row[:-1]), row[-1])
+
+
+class SQLiteTokenStore:
+    """Tokens as SHA-256 hashes, one indexed lookup per request; nothing cached, so a revocation
+    by the CLI in another process is refused on the very next request."""
+
+    def __init__(self, db: SQLiteDatabase, *, clock: Callable[[], float] = time.time) -> None:
+        self._db = db
+        self._clock = clock
+
+    async def create(self, name: str, role: str, patients: Iterable[str] | None = None,
+                     episodes: Iterable[str] | None = None,
+                     expires_in: timedelta | None = None) -> tuple[str, TokenInfo]:
+        """Create a token; return ``(plaintext, info)``. The plaintext is kept nowhere: this is
+        the only time it is seen."""
+        new = NewToken.checked(name, role, patients, episodes, expires_in)
+        token = generate_token()
+        return token, await self._db.write(_insert_token, new, hash_token(token), self._clock())
+
+    async def list(self, *, include_revoked: bool = True) -> list[TokenInfo]:
+        """Every token's public description, oldest first. Never the secret nor its hash."""
+        where = "" if include_revoked else " WHERE revoked_at IS NULL"
+        return await self._db.read(lambda db: [_token_info(row) for row in db.execute(
+            f"SELECT {_TOKEN_COLS} FROM tokens{where} ORDER BY created_at, id")])
+
+    async def get(self, name_or_id: str) -> TokenInfo | None:
+        """The token with this id, or the live token with this name."""
+        row = await self._db.read(lambda db: db.execute(
+            f"SELECT {_TOKEN_COLS} FROM tokens WHERE id = ? OR (name = ? AND revoked_at IS NULL)"
+            " ORDER BY id = ? DESC LIMIT 1", (name_or_id, name_or_id, name_or_id)).fetchone())
+        return None if row is None else _token_info(row)
+
+    async def revoke(self, name_or_id: str) -> bool:
+        """Revoke the token with this id, or the live token with this name. True if one was
+        revoked now; False if none matched or it was revoked already."""
+        now = self._clock()
+        return await self._db.write(lambda db: db.execute(
+            "UPDATE tokens SET revoked_at = ? WHERE revoked_at IS NULL AND (id = ? OR name = ?)",
+            (now, name_or_id, name_or_id)).rowcount > 0)
+
+    async def check(self, token: str) -> AuthResult:
+        """Check ``token``: one indexed SELECT on its hash. Never raises for a bad token."""
+        if not isinstance(token, str) or decode_token(token) is None:
+            return AuthResult(None, "malformed")
+        digest = hash_token(token)
+        found = await self._db.read(_token_by_hash, digest)
+        if found is not None and not hmac.compare_digest(found[1], digest):
+            found = None
+        now = self._clock()
+        result = judge(None if found is None else found[0], now)
+        if result.principal is not None:
+            await self._touch(found[0], now)
+        return result
+
+    async def _touch(self, info: TokenInfo, now: float) -> None:
+        last = None if info.last_used_at is None else info.last_used_at.timestamp()
+        if last is not None and now - last < LAST_USED_GRANULARITY:
+            return
+        try:
+            await self._db.write(lambda db: db.execute(
+                "UPDATE tokens SET last_used_at = ? WHERE id = ?", (now, info.id)))
+        except (StorageFull, Unavailable):
+            pass  # bookkeeping only: never fail a request on it
+
+
+# --- the audit log -----------------------------------------------------------------------------
+
+AUDIT_SCHEMA = """
+CREATE TABLE IF NOT EXISTS audit (seq INTEGER PRIMARY KEY, event TEXT NOT NULL,
+                                  prev TEXT NOT NULL, hash TEXT NOT NULL);
+"""
+GENESIS = "0" * 64
+AUDIT_FIELDS = ("time", "request_id", "principal", "role", "action", "resource", "decision", "path")
+# Hashed when present (refused credentials): entries without them hash as they always did.
+AUDIT_OPTIONAL_FIELDS = ("reason",)
+
+
+def audit_hash(prev: str, event: dict) -> str:
+    """The hash of an entry: its fields (sorted) after the hash of the one before."""
+    hashed = {k: event.get(k) for k in AUDIT_FIELDS} | {k: event[k] for k in AUDIT_OPTIONAL_FIELDS if k in event}
+    body = json.dumps(hashed, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(prev.encode() + b"\n" + body.encode()).hexdigest()
+
+
+def _append_event(db: sqlite3.Connection, event: dict) -> None:
+    # The last hash is read inside the write transaction (after the batch's earlier events).
+    row = db.execute("SELECT hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+    prev = row[0] if row else GENESIS
+    db.execute("INSERT INTO audit (event, prev, hash) VALUES (?, ?, ?)",
+               (json.dumps(event, sort_keys=True), prev, audit_hash(prev, event)))
+
+
+def _audit_page(db: sqlite3.Connection, after: int, limit: int) -> list[dict]:
+    rows = db.execute("SELECT seq, event, prev, hash FROM audit WHERE seq > ? ORDER BY seq LIMIT ?",
+                      (after, limit))
+    return [{"seq": seq, **json.loads(event), "prev": prev, "hash": h} for seq, event, prev, h in rows]
+
+
+def _audit_verify(db: sqlite3.Connection) -> dict:
+    prev, count = GENESIS, 0
+    for seq, event, stored_prev, stored_hash in db.execute("SELECT seq, event, prev, hash FROM audit ORDER BY seq"):
+        if stored_prev != prev or audit_hash(prev, json.loads(event)) != stored_hash:
+            return {"ok": False, "entries": count, "break": {"seq": seq}, "head": None}
+        prev, count = stored_hash, count + 1
+    return {"ok": True, "entries": count, "break": None, "head": prev}
+
+
+class SQLiteAuditStore:
+    """Each entry carries the SHA-256 of the one before, so deleting, reordering or editing an
+    entry breaks the chain from there on. Events of concurrent requests share a commit."""
+
+    def __init__(self, db: SQLiteDatabase) -> None:
+        self._db = db
+
+    async def append(self, event: dict[str, Any]) -> None:
+        await self._db.write(_append_event, event)
+
+    async def page(self, after: int, limit: int) -> list[dict[str, Any]]:
+        return await self._db.read(_audit_page, after, limit)
+
+    async def verify(self) -> dict[str, Any]:
+        return await self._db.read(_audit_verify)
+
+
+async def open_sqlite_storage(data_dir: Path) -> Storage:
+    heads = await SQLiteDatabase.open(data_dir / "heads.sqlite3", HEADS_SCHEMA, name="head")
+    tokens = await SQLiteDatabase.open(data_dir / TOKENS_FILE, TOKENS_SCHEMA, name="token")
+    audit = await SQLiteDatabase.open(data_dir / "audit.sqlite3", AUDIT_SCHEMA, name="audit")
+    return Storage(heads=SQLiteHeadStore(heads), tokens=SQLiteTokenStore(tokens),
+                   audit=SQLiteAuditStore(audit), closers=[heads.close, tokens.close, audit.close])
