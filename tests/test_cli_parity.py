@@ -122,8 +122,11 @@ def test_get_compressed_file_same_bytes(kubo, gateway, added, tree, tmp_path):
 
 
 def test_get_output_dir_same_tree(kubo, gateway, added, tree, tmp_path):
-    both(kubo, gateway, "get", "-o", str(tmp_path / "gw"), added["study"])
-    ipfs_cli(kubo, "get", "-o", str(tmp_path / "direct"), added["study"])
+    """Each into its own destination (one command for both would let the second overwrite)."""
+    via_gw = ipfs_cli(gateway, "get", "-o", str(tmp_path / "gw"), added["study"])
+    direct = ipfs_cli(kubo, "get", "-o", str(tmp_path / "direct"), added["study"])
+    assert direct.returncode == 0, direct.stderr.decode()
+    assert via_gw.returncode == 0, via_gw.stderr.decode()
     assert files_under(tmp_path / "gw") == files_under(tmp_path / "direct") == files_under(tree)
 
 
