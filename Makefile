@@ -3,9 +3,15 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup test dev kubo clean bench chaos
+JS_DIR := tests/js
 
-setup: $(BIN)/medicon-gateway kubo
+.PHONY: setup test dev kubo system-deps clean bench chaos
+
+# System packages first (PostgreSQL, Chromium, chromedriver; needs root when one is missing).
+setup: system-deps $(BIN)/medicon-gateway kubo $(JS_DIR)/node_modules/.medicon-installed
+
+system-deps:
+	scripts/install-system-deps.sh
 
 $(BIN)/medicon-gateway: pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "Python >= 3.11 is required")'
@@ -16,6 +22,11 @@ $(BIN)/medicon-gateway: pyproject.toml
 
 kubo:
 	scripts/install-kubo.sh
+
+# The JS clients the tests drive (kubo-rpc-client), exactly as package-lock.json pins them.
+$(JS_DIR)/node_modules/.medicon-installed: $(JS_DIR)/package.json $(JS_DIR)/package-lock.json
+	npm ci --prefix $(JS_DIR) --no-audit --no-fund
+	touch $@
 
 test:
 	$(BIN)/python -m pytest
@@ -45,4 +56,4 @@ chaos:
 	 grep -q '^chaos: acknowledged [1-9][0-9]*, .*, lost 0, forks 0, 5xx 0$$' $(CHAOS_LOG)
 
 clean:
-	rm -rf $(VENV) .tools .medicon-dev $(CHAOS_LOG)
+	rm -rf $(VENV) .tools .medicon-dev $(CHAOS_LOG) $(JS_DIR)/node_modules

@@ -22,6 +22,7 @@ import pytest
 
 from gateway.config import load_config
 from gateway.kubo.node import INSTALL_HINT, KuboError, KuboNode, find_binary
+from realparts import PartMissing, PostgresServer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,6 +44,23 @@ def kubo(tmp_path_factory: pytest.TempPathFactory):
     node.start()
     yield node
     node.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """The session's PostgreSQL server (real, throwaway); a missing PostgreSQL fails the run."""
+    try:
+        server = PostgresServer().start()
+    except PartMissing as exc:
+        pytest.fail(f"POSTGRESQL IS REQUIRED: {exc}", pytrace=False)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_db(postgres) -> str:
+    """A fresh, empty database of the session's PostgreSQL for this test; its DSN."""
+    return postgres.create_database(f"test_{uuid.uuid4().hex}")
 
 
 @pytest.fixture
