@@ -1,5 +1,7 @@
 """Built-in authorization: roles, each with the actions it may take, within its patient and
-episode scope. Deny by default: an action not listed for a role is never allowed."""
+episode scope. Deny by default: an action not listed for a role is never allowed, and a scoped
+principal never reaches what lies outside its scope (raw node data and the audit log included,
+which name no patient)."""
 
 from __future__ import annotations
 
@@ -16,17 +18,8 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "auditor": frozenset({"chain:read", "verify", "audit:read", "node:info"}),
     "replicator": frozenset({"chain:read", "raw:read", "raw:write", "node:info"}),
 }
-
-
-def in_scope(principal, resource) -> bool:
-    """A scoped principal reaches only its patients (and episodes); a resource that names no
-    patient is outside every patient scope."""
-    patient, episode = resource.get("patient"), resource.get("episode")
-    if principal.patients is not None and patient not in principal.patients:
-        return False
-    if principal.episodes is not None and episode is not None and episode not in principal.episodes:
-        return False
-    return True
+# Actions on the node as a whole rather than on a patient's data.
+NODE_WIDE = frozenset({"raw:read", "raw:write", "audit:read", "admin"})
 
 
 @hookimpl
@@ -34,6 +27,8 @@ def medicon_authorize(principal, action, resource):
     allowed = PERMISSIONS.get(principal.role, frozenset())
     if "*" not in allowed and action not in allowed:
         return False
-    if action in ("node:info", "raw:read", "raw:write", "audit:read", "admin"):
+    if action == "node:info":
         return True
-    return in_scope(principal, resource)
+    if action in NODE_WIDE:
+        return not principal.scoped
+    return principal.sees(resource)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ipfs_cli
-from known_gateway_bugs import GET_CUT_OFF, QUERY_DECODED_TWICE, GatewayOnlyFailure
+from known_gateway_bugs import GatewayOnlyFailure
 
 
 def both(kubo, gateway, *args):
@@ -73,13 +73,11 @@ def test_add_recursive_same_cids_for_every_entry(added, tree):
     assert set(added) == expected
 
 
-@pytest.mark.xfail(strict=True, raises=GatewayOnlyFailure, reason=QUERY_DECODED_TWICE)
 def test_cat_path_with_a_space_same_bytes(kubo, gateway, added, tree):
     gw, direct = both(kubo, gateway, "cat", f"/ipfs/{added['study']}/lab report.txt")
     assert gw == direct == (tree / "lab report.txt").read_bytes()
 
 
-@pytest.mark.xfail(strict=True, raises=GatewayOnlyFailure, reason=GET_CUT_OFF)
 def test_get_archive_same_tar(kubo, gateway, added, tree, tmp_path):
     root = added["study"]
     gw_tar, direct_tar = tmp_path / "gw.tar", tmp_path / "direct.tar"
@@ -93,7 +91,6 @@ def test_get_archive_same_tar(kubo, gateway, added, tree, tmp_path):
     assert tar_members(gw_tar.read_bytes()) == expected
 
 
-@pytest.mark.xfail(strict=True, raises=GatewayOnlyFailure, reason=GET_CUT_OFF)
 def test_get_archive_compressed_same_tar(kubo, gateway, added, tree, tmp_path):
     root = added["study"]
     gw_gz, direct_gz = tmp_path / "gw.tar.gz", tmp_path / "direct.tar.gz"
@@ -107,7 +104,6 @@ def test_get_archive_compressed_same_tar(kubo, gateway, added, tree, tmp_path):
     assert tar_members(gzip.decompress(gw_gz.read_bytes())) == expected
 
 
-@pytest.mark.xfail(strict=True, raises=GatewayOnlyFailure, reason=GET_CUT_OFF)
 def test_get_compressed_file_same_bytes(kubo, gateway, added, tree, tmp_path):
     cid = added["study/images/2024/scan.bin"]
     gw_gz, direct_gz = tmp_path / "gw.gz", tmp_path / "direct.gz"

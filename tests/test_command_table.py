@@ -8,7 +8,9 @@ import pytest
 
 from gateway.http.commands import COMMANDS, Action, resolve
 from gateway.kubo.node import find_binary
-from gateway.http.proxy import upstream_query
+from gateway.errors import Invalid
+from gateway.http.commands import COMMANDS as TABLE
+from gateway.http.rpccall import parse_call
 from conftest import app_client, gateway_config
 
 
@@ -54,10 +56,71 @@ def test_resolve(raw, command, action, arg):
     assert (got.command, got.entry.action, got.path_arg) == (command, action, arg)
 
 
-def test_query_passes_unchanged_but_credentials():
-    q = "arg=a&arg=b&cid-version=1&wrap-with-directory=True&api-auth=bearer%3Asecret&pin=false"
-    assert upstream_query(q, None) == "arg=a&arg=b&cid-version=1&wrap-with-directory=True&pin=false"
-    assert upstream_query("arg=b&p=true", "a b/c") == "arg=a%20b%2Fc&arg=b&p=true"
+def call(command: str, query: str, path_arg: str | None = None):
+    return parse_call(command, TABLE[command], path_arg, query)
+
+
+def test_upstream_query_is_rebuilt_from_what_was_parsed():
+    """Canonical names, normalised values, the path argument first, credentials and CLI-only
+    options dropped: Kubo never sees the client's query string as sent."""
+    parsed = call("add", "w=True&api-auth=bearer%3Asecret&cid-version=0x1&pin=FALSE&r=true&Q")
+    assert parsed.upstream_query() == "wrap-with-directory=true&cid-version=1&pin=false"
+    assert call("cat", "arg=b&p=true&o=010", "a b/c").upstream_query() == (
+        "arg=a%20b%2Fc&arg=b&progress=true&offset=8")  # Go reads a leading 0 as octal
+    assert call("cat", "arg=%2Fipfs%2Fx%2Flab+report.txt").args == ["/ipfs/x/lab report.txt"]
+
+
+@pytest.mark.parametrize("command, query, why", [
+    ("add", "to-files=%2Fname", "unknown option 'to-files'"),
+    ("add", "nocopy=true", "only false is accepted"),
+    ("add", "fscache=1", "only false is accepted"),
+    ("add", "fast-provide-root=true", "only false is accepted"),
+    ("pin/add", "arg=x&fast-provide-dag", "only false is accepted"),
+    ("cat", "headers=%5Bobject+Object%5D", "unknown option 'headers'"),
+    ("cat", "Offset=1", "unknown option 'Offset'"),          # names are case-sensitive, as in Kubo
+    ("cat", "arg=x&offset=1.5", "int64"),
+    ("cat", "arg=x&offset=9223372036854775808", "int64"),
+    ("cat", "arg=x&offset=1&o=2", "given twice"),            # Kubo would pick one at random
+    ("cat", "arg=x&offset=1&offset=2", "given 2 times"),
+    ("cat", "arg=x&progress=yes", "boolean"),
+    ("cat", "arg=x&timeout=soon", "duration"),
+    ("cat", "arg=x&timeout=0s", "duration"),                 # Kubo: an empty 200
+    ("cat", "arg=x&encoding=xml", "one of json"),
+    ("cat", "arg=%zz", "percent-encoding"),
+    ("cat", "arg=%ff", "not UTF-8"),
+    ("cat", "", "needs an argument"),
+    ("get", "arg=a&arg=b", "takes one argument"),
+    ("version", "arg=a", "takes no arguments"),
+    ("add", "arg=a", "takes no arguments"),
+    ("pin/update", "arg=a", "needs 2 arguments"),
+])
+def test_options_and_arguments_outside_the_table_are_refused(command, query, why):
+    with pytest.raises(Invalid, match=why):
+        call(command, query)
+
+
+# Options kubo-rpc-client sends that Kubo ignores: accepted (typed) and dropped.
+CLIENT_EXTRAS = {"block/get": {"path", "localResolve"}, "dag/resolve": {"path"}, "pin/add": {"stream", "metadata"},
+                 "pin/ls": {"paths"}}
+
+
+def test_every_option_in_the_table_is_one_kubo_documents(kubo_commands):
+    """An option in the table that this Kubo does not know would be a typo passed on silently:
+    each name and alias must appear in the command's own ``--help``."""
+    binary = str(find_binary())
+    for name, entry in TABLE.items():
+        if entry.action is Action.REFUSE:
+            continue
+        assert name in kubo_commands, name
+        words = name.split("/")  # options of a parent command apply to its subcommands too
+        text = "".join(subprocess.run([binary, *words[:n], "--help"], capture_output=True, text=True).stdout
+                       for n in range(1, len(words) + 1))
+        for option in entry.options.values():
+            if name in CLIENT_EXTRAS and option.name in CLIENT_EXTRAS[name]:
+                continue
+            for spelled in (option.name, *option.aliases):
+                dashes = "--" if len(spelled) > 1 else "-"
+                assert f"{dashes}{spelled}" in text, f"{name}: {spelled}"
 
 
 REFUSED = sorted(name for name, rule in COMMANDS.items() if rule.action is Action.REFUSE)

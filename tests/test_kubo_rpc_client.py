@@ -19,7 +19,7 @@ import tarfile
 import pytest
 
 from conftest import ROOT
-from known_gateway_bugs import GET_CUT_OFF, QUERY_DECODED_TWICE, GatewayOnlyFailure
+from known_gateway_bugs import GatewayOnlyFailure
 
 JS_DIR = ROOT / "tests" / "js"
 PARITY_SCRIPT = JS_DIR / "parity.mjs"
@@ -112,14 +112,12 @@ def test_cat_same_bytes(results, spec):
     assert gw == direct == spec["blob"]
 
 
-@pytest.mark.xfail(strict=True, raises=GatewayOnlyFailure, reason=QUERY_DECODED_TWICE)
 def test_cat_path_with_a_space_same_bytes(results, spec):
     gw, direct = both_ok(results, "cat-path-with-space")
     assert base64.b64decode(gw) == spec["contents"]["tree/lab report.txt"]
     assert gw == direct
 
 
-@pytest.mark.xfail(strict=True, raises=GatewayOnlyFailure, reason=GET_CUT_OFF)
 def test_get_same_tar_entries(results, spec):
     gw, direct = both_ok(results, "get")
     root = next(e["cid"] for e in results["kubo"]["add-directory"]["result"] if e["path"] == "tree")

@@ -246,8 +246,8 @@ async def test_trickling_client_is_cut_off(aiohttp_client, kubo):
     host, port = c.server.host, c.server.port
     t0 = time.monotonic()
     answer = await trickle_body(host, port, f"POST /api/v0/block/put HTTP/1.1\r\nHost: x\r\n"
-                                f"Authorization: Bearer {c.token}\r\nContent-Type: application/octet-stream\r\n",
-                                b"", 100)
+                                f"Authorization: Bearer {c.token}\r\nContent-Type: multipart/form-data; boundary=b\r\n",
+                                b"--b\r\n", 100)
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
     assert time.monotonic() - t0 < 6
 

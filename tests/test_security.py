@@ -83,8 +83,9 @@ def test_token_never_in_logs(kubo, tmp_path):
 
 @pytest.fixture
 async def two_patients(aiohttp_client, kubo, tmp_path):
-    """Patients A and B, each with an episode, a record and a sealed attachment (also in a
-    directory); an admin client and a clinician scoped to A."""
+    """Patients A and B, each with an episode, a record and a sealed attachment, and a directory
+    made on Kubo itself (never indexed by the gateway) that links to the attachment; an admin
+    client and a clinician scoped to A."""
     cfg = gateway_config(kubo)
     admin = await app_client(aiohttp_client, cfg)
     out = {"admin": admin, "cfg": cfg}
@@ -94,30 +95,35 @@ async def two_patients(aiohttp_client, kubo, tmp_path):
         r = await admin.post(f"/medicon/v1/episodes/{episode}/records", json=encounter(patient, episode))
         record = (await r.json())["cid"]
         form = aiohttp.FormData()
-        form.add_field("file", b"", filename="dir", content_type="application/x-directory")
-        form.add_field("file", f"scan of {name}".encode(), filename="dir/scan.txt", content_type="text/plain")
+        form.add_field("file", f"scan of {name}".encode(), filename="scan.txt", content_type="text/plain")
         r = await admin.post("/api/v0/add", data=form, headers={"X-Medicon-Patient": patient})
         text = await r.text()
-        lines = {item["Name"]: item["Hash"] for item in map(json.loads, text.splitlines())}
-        assert "dir/scan.txt" in lines, text
-        out[name] = {"patient": patient, "episode": episode, "record": record,
-                     "blob": lines["dir/scan.txt"], "dir": lines["dir"]}
+        [item] = map(json.loads, text.splitlines())
+        assert item["Name"] == "scan.txt", text
+        out[name] = {"patient": patient, "episode": episode, "record": record, "blob": item["Hash"],
+                     "dir": _directory_linking(kubo, item["Hash"], "scan.txt")}
     out["token"] = make_token(cfg, role="clinician", patients=[out["A"]["patient"]])
     return out
 
 
+def _directory_linking(kubo, cid: str, name: str) -> str:
+    """A directory made on Kubo directly (bypassing the gateway) with ``cid`` under ``name``."""
+    folder = f"/dir-{uid('d')}"
+    kubo.ipfs("files", "mkdir", folder)
+    kubo.ipfs("files", "cp", f"/ipfs/{cid}", f"{folder}/{name}")
+    return kubo.ipfs("files", "stat", "--hash", folder).stdout.decode().strip()
+
+
 def _read_paths(x):
-    rec, blob, d = x["record"], x["blob"], x["dir"]
+    rec, blob = x["record"], x["blob"]
     return [
-        ("POST", f"/api/v0/cat?arg={rec}"), ("POST", f"/api/v0/cat?arg={blob}"),
-        ("POST", f"/api/v0/cat?arg=/ipfs/{d}/scan.txt"), ("POST", f"/api/v0/cat/{blob}"),
-        ("POST", f"/api/v0/ls?arg={d}"), ("POST", f"/api/v0/refs?arg={rec}&recursive=true"),
+        ("POST", f"/api/v0/cat?arg={rec}"), ("POST", f"/api/v0/cat?arg={blob}"), ("POST", f"/api/v0/cat/{blob}"),
+        ("POST", f"/api/v0/refs?arg={rec}&recursive=true"),
         ("POST", f"/api/v0/block/get?arg={rec}"), ("POST", f"/api/v0/block/stat?arg={blob}"),
         ("POST", f"/api/v0/dag/get?arg={rec}"), ("POST", f"/api/v0/dag/get?arg={rec}/prev"),
         ("POST", f"/api/v0/dag/export?arg={rec}"), ("POST", f"/api/v0/dag/resolve?arg={rec}/prev"),
-        ("POST", f"/api/v0/dag/stat?arg={rec}"), ("POST", f"/api/v0/resolve?arg=/ipfs/{d}/scan.txt"),
-        ("POST", f"/api/v0/pin/ls?arg={rec}"),
-        ("GET", f"/ipfs/{rec}"), ("GET", f"/ipfs/{blob}"), ("GET", f"/ipfs/{d}/scan.txt"),
+        ("POST", f"/api/v0/dag/stat?arg={rec}"), ("POST", f"/api/v0/pin/ls?arg={rec}"),
+        ("GET", f"/ipfs/{rec}"), ("GET", f"/ipfs/{blob}"),
         ("GET", f"/ipfs/{rec}?format=raw"), ("GET", f"/ipfs/{rec}?format=car"),
         ("GET", f"/ipfs/{blob}?format=raw"),
         ("GET", f"/medicon/v1/records/{rec}"), ("GET", f"/medicon/v1/episodes/{x['episode']}"),
@@ -126,13 +132,26 @@ def _read_paths(x):
     ]
 
 
+# Reads by id of what lies outside the caller's scope are not found, as if unknown.
+NOT_FOUND_OUTSIDE = ("/medicon/v1/records/", "/medicon/v1/episodes/")
+
+
 async def test_clinician_of_a_is_refused_b_on_every_read_path(two_patients):
     admin, a, b = two_patients["admin"], two_patients["A"], two_patients["B"]
     base = str(admin.make_url(""))
     async with aiohttp.ClientSession(headers=bearer(two_patients["token"])) as clinician:
         for method, path in _read_paths(b):
             async with clinician.request(method, base + path) as r:
-                assert r.status == 403, (path, r.status, await r.text())
+                expected = 404 if path.startswith(NOT_FOUND_OUTSIDE) else 403
+                assert r.status == expected, (path, r.status, await r.text())
+        # through a directory the gateway never indexed, to A's and to B's attachment alike:
+        # the directory is raw node data, which a clinician may not read
+        for x in (a, b):
+            for method, path in [("POST", f"/api/v0/cat?arg=/ipfs/{x['dir']}/scan.txt"),
+                                 ("GET", f"/ipfs/{x['dir']}/scan.txt"), ("POST", f"/api/v0/ls?arg={x['dir']}"),
+                                 ("POST", f"/api/v0/resolve?arg=/ipfs/{x['dir']}/scan.txt")]:
+                async with clinician.request(method, base + path) as r:
+                    assert r.status == 403, (path, r.status, await r.text())
         for accept in ("application/vnd.ipld.raw", "application/vnd.ipld.car", "application/vnd.ipld.dag-json"):
             async with clinician.get(base + f"/ipfs/{b['record']}", headers={"Accept": accept}) as r:
                 assert r.status == 403, accept
@@ -150,7 +169,7 @@ async def test_clinician_of_a_cannot_write_b(two_patients):
     async with aiohttp.ClientSession(headers=bearer(two_patients["token"])) as clinician:
         async with clinician.post(base + f"/medicon/v1/episodes/{b['episode']}/records",
                                   json=encounter(b["patient"], b["episode"])) as r:
-            assert r.status == 403
+            assert r.status == 404  # outside its scope: as if it did not exist
         form = aiohttp.FormData()
         form.add_field("file", json.dumps(encounter(b["patient"], b["episode"])).encode(), filename="r.json")
         async with clinician.post(base + "/api/v0/dag/put", data=form) as r:
@@ -183,7 +202,7 @@ async def test_roles(two_patients, aiohttp_client):
                        ("GET", "/medicon/v1/audit", 403)],
         "patient": [("GET", f"/medicon/v1/records/{a['record']}", 200), ("POST", f"/api/v0/cat?arg={a['blob']}", 200),
                     ("POST", f"/medicon/v1/episodes/{a['episode']}/records", 403),
-                    ("GET", f"/medicon/v1/records/{two_patients['B']['record']}", 403)],
+                    ("GET", f"/medicon/v1/records/{two_patients['B']['record']}", 404)],
     }
     for role, expectations in checks.items():
         token = make_token(cfg, role=role, patients=[a["patient"]] if role == "patient" else None)

@@ -36,17 +36,20 @@ def link(record: dict[str, Any], episode: Episode | None, policy: Policy) -> dic
     stands; ``ChainConflict`` if it does not fit."""
     opening = record["schema"] == EPISODE_OPENED
     given_prev = record.get("prev")
+    # An episode of another patient is none of this writer's business: it learns no more than
+    # that the id is taken (opening) or not there (appending), never whose it is or its state.
+    foreign = episode is not None and record["patient"] != episode.patient
     if opening:
+        if foreign:
+            raise ChainConflict(f"episode id {record['episode']!r} is taken; choose another", None)
         if episode is not None:
             raise ChainConflict(f"episode {record['episode']!r} already exists", episode)
         prev, seq, last = None, 0, None
     else:
-        if episode is None:
+        if episode is None or foreign:
             raise ChainConflict(f"episode {record['episode']!r} does not exist; open it first", None)
         if episode.status != "open":
             raise ChainConflict(f"episode {record['episode']!r} is closed", episode)
-        if record["patient"] != episode.patient:
-            raise ChainConflict(f"episode {record['episode']!r} belongs to another patient", None)
         prev = _apply(policy, given_prev, episode)
         seq, last = episode.length, episode.last_recorded_at
     if "seq" in record and record["seq"] != seq:

@@ -17,14 +17,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import asynccontextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, AsyncIterator
 
 import pluggy
 
 from ..config import Config, ConfigError
-from ..errors import Erased, IdempotencyKeyReused, Invalid, MediconError, NotFound, Unavailable
+from ..errors import Erased, Forbidden, IdempotencyKeyReused, Invalid, MediconError, NotFound, Unavailable
 from ..kubo.cids import canonical, parse_cid
 from ..kubo.client import KuboClient
 from ..security.keys import KeyProvider
@@ -42,6 +42,17 @@ log = logging.getLogger(__name__)
 
 CONTENT = "content"      # plaintext of what an argument names (cat, get, /ipfs/<cid>)
 STRUCTURE = "structure"  # blocks, links and DAGs (dag/get, block/get, refs, ?format=car)
+
+
+@dataclass(frozen=True)
+class ReadTarget:
+    """An argument of a read, and what the gateway knows of its root and of the node its path
+    ends at (``end`` is ``root`` when there is no path below the root)."""
+
+    arg: str
+    root: dict[str, Any]
+    end: dict[str, Any]
+    end_cid: str | None
 
 
 class RecordService:
@@ -107,23 +118,38 @@ class RecordService:
             return {"kind": "blob", "cid": key, "patient": blob.patient}
         return {"kind": "raw", "cid": cid}
 
-    async def authorize_read(self, caller: Caller, access: str, args: list[str]) -> list[dict[str, Any]]:
-        """Authorize a read of every argument (``CONTENT`` or ``STRUCTURE``); a path below an
-        allowed root is resolved in Kubo and its target, when the gateway knows it, must be
-        allowed too."""
-        resources = []
+    async def target_of(self, arg: str) -> "ReadTarget":
+        """What an argument (``<cid>``, ``/ipfs/<cid>/a/b``, ``/ipns/<name>``) names: its root
+        and, when a path goes below the root, what the path ends at, resolved in Kubo."""
+        cid, has_path = root_of(arg)
+        root = await self.resource_of(cid)
+        if not has_path or cid is None:
+            return ReadTarget(arg, root, root, cid)
+        end = await self.kubo.resolve_path(arg if arg.startswith("/") else "/ipfs/" + arg)
+        return ReadTarget(arg, root, await self.resource_of(end) if end else {"kind": "raw"}, end)
+
+    async def authorize_read(self, caller: Caller, access: str, args: list[str]) -> list["ReadTarget"]:
+        """Authorize a read of every argument (``CONTENT`` or ``STRUCTURE``): its root, and what
+        a path below the root ends at, whatever the root is — a directory or node the gateway
+        never indexed can link to a record or an attachment, and the caller must be allowed that
+        target itself. Nothing is read (or decrypted) for the caller before this."""
+        targets = []
         for arg in args:
-            cid, has_path = root_of(arg)
-            resource = await self.resource_of(cid)
-            await self.authorize(caller, _read_action(access, resource), resource)
-            if has_path and cid is not None and resource["kind"] != "raw":
-                target = await self.kubo.resolve_path(arg if arg.startswith("/") else "/ipfs/" + arg)
-                if target is not None and target != cid:
-                    inner = await self.resource_of(target)
-                    if inner["kind"] != "raw":
-                        await self.authorize(caller, _read_action(access, inner), inner)
-            resources.append(resource)
-        return resources
+            target = await self.target_of(arg)
+            await self.authorize(caller, _read_action(access, target.root), target.root)
+            if target.end is not target.root and target.end["kind"] != "raw":
+                await self.authorize(caller, _read_action(access, target.end), target.end)
+            targets.append(target)
+        return targets
+
+    async def protect_pins(self, args: list[str]) -> None:
+        """Pins of records and attachments belong to the gateway: an acknowledged record must
+        never become collectable. Refuse removing (or moving) one."""
+        for arg in args:
+            target = await self.target_of(arg)
+            if "record" in (target.root["kind"], target.end["kind"]) or "blob" in (target.root["kind"], target.end["kind"]):
+                raise Forbidden(f"{arg[:100]!r} is pinned by the gateway (a record or an attachment): "
+                                "its pin cannot be removed through the RPC API")
 
     # --- writing records -------------------------------------------------------------------------
 
@@ -151,6 +177,17 @@ class RecordService:
             raise RecordInvalid(["/: a record is a JSON object"])
         await self.authorize(caller, "record:write", claimed_resource(doc))
         return await self._append(normalise(doc), caller.principal.id, idempotency_key)
+
+    async def append_to(self, caller: Caller, episode_id: str, doc: dict[str, Any],
+                        idempotency_key: str | None = None) -> Appended:
+        """Append ``doc`` to an existing episode named by id (its patient and episode are the
+        episode's). ``NotFound`` if the episode is unknown or outside the caller's scope."""
+        episode = await self.episode_for(caller, episode_id, "record:write")
+        for key, value in (("patient", episode.patient), ("episode", episode.id)):
+            if key in doc and doc[key] != value:
+                raise Invalid(f"the record's {key} does not match the episode")
+        return await self._append(normalise({**doc, "patient": episode.patient, "episode": episode.id}),
+                                  caller.principal.id, idempotency_key)
 
     async def append_all(self, docs: list[tuple[str, Any]], caller: Caller,
                          idempotency_key: str | None = None) -> list[Appended]:
@@ -248,24 +285,40 @@ class RecordService:
     # --- reading records -------------------------------------------------------------------------
 
     async def episode_for(self, caller: Caller, episode_id: str, action: str) -> Episode:
-        """The episode, once the caller may ``action`` it; ``NotFound`` if unknown."""
+        """The episode, once the caller may ``action`` it. ``NotFound`` if unknown, and also if
+        it lies outside the caller's scope: a caller learns nothing of what it may not see, not
+        even that it exists."""
         episode = await self.storage.heads.get_episode(episode_id)
+        unknown = NotFound(f"episode {episode_id!r} is unknown")
         if episode is None:
-            raise NotFound(f"episode {episode_id!r} is unknown")
-        await self.authorize(caller, action, {"kind": "episode", "patient": episode.patient, "episode": episode.id})
+            raise unknown
+        await self._authorize_visible(caller, action, {"kind": "episode", "patient": episode.patient,
+                                                       "episode": episode.id}, unknown)
         return episode
+
+    async def _authorize_visible(self, caller: Caller, action: str, resource: dict[str, Any],
+                                 unknown: NotFound) -> None:
+        try:
+            await self.authorize(caller, action, resource)
+        except Forbidden:
+            if not caller.principal.sees(resource):
+                raise unknown from None
+            raise
 
     async def episodes_of(self, caller: Caller, patient: str, status: str | None = None) -> list[Episode]:
         await self.authorize(caller, "chain:read", {"kind": "patient", "patient": patient})
         return await self.storage.heads.list_episodes(patient, status)
 
     async def record_for(self, caller: Caller, cid: str) -> tuple[IndexedRecord, dict[str, Any]]:
-        """A record written through this gateway, once the caller may read it."""
+        """A record written through this gateway, once the caller may read it (``NotFound``
+        if unknown or outside the caller's scope)."""
         indexed = await self.storage.heads.record(canonical(cid) or cid)
+        unknown = NotFound(f"no record {cid!r} was written through this gateway")
         if indexed is None:
-            raise NotFound(f"no record {cid!r} was written through this gateway")
-        await self.authorize(caller, "record:read", {"kind": "record", "cid": indexed.cid,
-                                                      "patient": indexed.patient, "episode": indexed.episode})
+            raise unknown
+        await self._authorize_visible(caller, "record:read", {"kind": "record", "cid": indexed.cid,
+                                                               "patient": indexed.patient,
+                                                               "episode": indexed.episode}, unknown)
         return indexed, await self.read_indexed(indexed.cid)
 
     async def history(self, caller: Caller, episode_id: str, after_seq: int, limit: int

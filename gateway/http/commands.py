@@ -1,15 +1,24 @@
-"""The gateway's whole RPC surface in one table: for every Kubo command, whether the gateway
-serves it and how (forwarded, intercepted, or refused with a reason), the access it needs, and
-its handler.
+"""The gateway's whole RPC surface in one table.
 
-Anything not listed is refused: a new Kubo release adding a command does not open a door.
-A refused entry covers its whole subtree (``key`` refuses ``key/gen``, ``key/rm``, ...).
+For every Kubo command: whether the gateway serves it (forwarded, intercepted) or refuses it
+with a reason; the access it needs; the options it allows, with their types; how many
+arguments it takes (arguments come only from the path and the ``arg`` query parameter); whether
+it takes a body (only commands that read files do, and their multipart body is re-framed part
+by part); and its handler. The request Kubo gets is rebuilt from this entry and what was parsed
+against it (``rpccall``). Anything not in the table is refused: a new Kubo release adding a
+command or an option does not open a door.
+
+Options are Kubo v0.42's own (names, aliases and types read from ``core/commands``), less
+those that write outside the record chains or reach the host or the network on a caller's
+behalf: ``add``'s ``to-files`` (MFS) is refused outright; ``nocopy``/``fscache`` (filestore and
+urlstore references to node-local files and URLs) and every ``fast-provide-*`` (announcing to
+the DHT) are accepted only as ``false``, which clients send by default.
 """
 
 from __future__ import annotations
 
 import posixpath
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Awaitable, Callable
 
@@ -17,13 +26,13 @@ from aiohttp import web
 
 from . import intercepts
 from .proxy import forward_rpc
-from .rpccall import Resolved
+from .rpccall import Args, Body, Call, Option, options
 
-Handler = Callable[[web.Request, Resolved], Awaitable[web.StreamResponse]]
+Handler = Callable[[web.Request, Call], Awaitable[web.StreamResponse]]
 
 
 class Action(Enum):
-    FORWARD = "forward"      # streamed to Kubo as parsed
+    FORWARD = "forward"      # sent to Kubo as parsed, answer streamed back
     INTERCEPT = "intercept"  # handled by the gateway (record semantics hook in here)
     REFUSE = "refuse"        # 403, never reaches Kubo
 
@@ -41,20 +50,65 @@ class Access(Enum):
     NONE = "none"            # refused: never reaches an authorization
 
 
+# Options every command accepts (go-ipfs-cmds' root options). Those only the CLI reads are
+# checked and dropped; ``api-auth`` (the CLI may send its credential here) is never passed on.
+GLOBAL: dict[str, Option] = {
+    "encoding": Option("encoding", "string", ("enc",), choices=("json",)),
+    "stream-channels": Option("stream-channels", "bool"),
+    "timeout": Option("timeout", "duration"),
+    "offline": Option("offline", "bool"),
+    "local": Option("local", "bool", ("L",)),
+    "cid-base": Option("cid-base", "string"),
+    "upgrade-cidv0-in-output": Option("upgrade-cidv0-in-output", "bool"),
+    **options("api-auth:string", "debug:bool/D", "help:bool", "h:bool", "config:string/c",
+              "config-file:string", "repo-dir:string", forward=False),
+}
+
+
 @dataclass(frozen=True)
 class Command:
     action: Action
     why: str
     access: Access = Access.NONE
     handler: Handler | None = None
+    options: dict[str, Option] = field(default_factory=dict)
+    args: Args = field(default_factory=Args)
+    body: Body = Body.NONE
+    # Kubo's X-Content-Length is the exact length of the body (cat), so a shorter stream is a
+    # failure it could only report in a trailer; for ``get`` it is the content's size instead.
+    exact_length: bool = False
+
+    def option(self, name: str) -> Option | None:
+        """The option ``name`` (a name or an alias, case-sensitive as in Kubo), or None."""
+        return _lookup(self.options, name) or _lookup(GLOBAL, name)
 
 
-def _fwd(access: Access, why: str) -> Command:
-    return Command(Action.FORWARD, why, access, forward_rpc)
+def _lookup(table: dict[str, Option], name: str) -> Option | None:
+    found = table.get(name)
+    if found is not None:
+        return found
+    return next((o for o in table.values() if name in o.aliases), None)
 
 
-def _intercept(access: Access, handler: Handler, why: str) -> Command:
-    return Command(Action.INTERCEPT, why, access, handler)
+def _serve(action: Action, access: Access, why: str, handler: Handler, *specs: str, cli: tuple[str, ...] = (),
+           off: tuple[str, ...] = (), args: Args = Args(), body: Body = Body.NONE,
+           exact_length: bool = False) -> Command:
+    """``specs``: options passed on; ``cli``: read only by a client (the Kubo CLI, or sent by
+    kubo-rpc-client and ignored by Kubo), checked and dropped; ``off``: booleans accepted only
+    as false."""
+    return Command(action, why, access, handler, {**options(*specs), **options(*cli, forward=False),
+                                                  **options(*off, only=False)}, args, body, exact_length)
+
+
+PROVIDE = ("fast-provide-root:bool", "fast-provide-dag:bool", "fast-provide-wait:bool")
+
+
+def _fwd(access: Access, why: str, *specs: str, **kw) -> Command:
+    return _serve(Action.FORWARD, access, why, forward_rpc, *specs, **kw)
+
+
+def _intercept(access: Access, handler: Handler, why: str, *specs: str, **kw) -> Command:
+    return _serve(Action.INTERCEPT, access, why, handler, *specs, **kw)
 
 
 def _refuse(why: str) -> Command:
@@ -67,43 +121,73 @@ INFO = "node information"
 PURE = "pure function of its arguments"
 NODE, CONTENT, STRUCTURE = Access.NODE, Access.CONTENT, Access.STRUCTURE
 RAW_READ, RAW_WRITE, PER_PART = Access.RAW_READ, Access.RAW_WRITE, Access.PER_PART
+NONE_, ONE, SOME, ANY = Args(0, 0), Args(1, 1), Args(1, None), Args(0, None)
+FILES = Body.FILES
+VERSION = ("number:bool/n", "commit:bool", "repo:bool", "all:bool")
 
 COMMANDS: dict[str, Command] = {
     # --- served: the everyday commands IPFS clients use ---
-    "version": _fwd(NODE, INFO + " (every Kubo CLI call starts with it)"),
-    "version/deps": _fwd(NODE, INFO),
-    "id": _fwd(NODE, INFO),
-    "add": _intercept(PER_PART, intercepts.add, "records are appended to their episode; other files pass as blobs"),
-    "cat": _intercept(CONTENT, intercepts.cat, "a record CID reads back as the record's JSON"),
-    "get": _intercept(CONTENT, intercepts.get, "a tar of ciphertext is useless: sealed attachments are refused"),
-    "ls": _fwd(STRUCTURE, READ),
-    "refs": _fwd(STRUCTURE, READ),
-    "resolve": _fwd(STRUCTURE, READ),
-    "block/get": _fwd(STRUCTURE, READ),
-    "block/stat": _fwd(STRUCTURE, READ),
-    "block/put": _fwd(RAW_WRITE, WRITE),
-    "dag/get": _fwd(STRUCTURE, READ),
-    "dag/resolve": _fwd(STRUCTURE, READ),
-    "dag/stat": _fwd(STRUCTURE, READ),
-    "dag/export": _fwd(STRUCTURE, READ),
-    "dag/put": _intercept(PER_PART, intercepts.dag_put, "a record is appended to its episode; other nodes pass"),
-    "dag/import": _fwd(RAW_WRITE, WRITE),
-    "pin/add": _fwd(RAW_WRITE, WRITE),
-    "pin/ls": _fwd(STRUCTURE, READ),
-    "pin/rm": _fwd(RAW_WRITE, WRITE),
-    "pin/update": _fwd(RAW_WRITE, WRITE),
-    "pin/verify": _fwd(RAW_READ, READ),
-    "name/resolve": _fwd(RAW_READ, READ),
-    "cid/format": _fwd(NODE, PURE),
-    "cid/base32": _fwd(NODE, PURE),
-    "cid/bases": _fwd(NODE, PURE),
-    "cid/codecs": _fwd(NODE, PURE),
-    "cid/hashes": _fwd(NODE, PURE),
-    "cid/inspect": _fwd(NODE, PURE),
-    "multibase/encode": _fwd(NODE, PURE),
-    "multibase/decode": _fwd(NODE, PURE),
-    "multibase/transcode": _fwd(NODE, PURE),
-    "multibase/list": _fwd(NODE, PURE),
+    "version": _fwd(NODE, INFO + " (every Kubo CLI call starts with it)", *VERSION),
+    "version/deps": _fwd(NODE, INFO, *VERSION),
+    "id": _fwd(NODE, INFO + " (this node only: looking up other peers reaches the network)",
+               "format:string/f", "peerid-base:string"),
+    "add": _intercept(PER_PART, intercepts.add, "records are appended to their episode; other files pass as blobs",
+                      "empty-dirs:bool/E", "silent:bool", "progress:bool/p", "only-hash:bool/n",
+                      "wrap-with-directory:bool/w", "pin:bool", "pin-name:string", "cid-version:int",
+                      "hash:string", "raw-leaves:bool", "chunker:string/s", "trickle:bool/t",
+                      "max-file-links:int", "max-directory-links:int", "max-hamt-fanout:int", "inline:bool",
+                      "inline-limit:int", "preserve-mode:bool", "preserve-mtime:bool", "mode:uint",
+                      "mtime:int64", "mtime-nsecs:uint",
+                      cli=("recursive:bool/r", "dereference-args:bool", "stdin-name:string", "hidden:bool/H",
+                           "ignore:strings", "ignore-rules-path:string", "dereference-symlinks:bool",
+                           "quiet:bool/q", "quieter:bool/Q"),
+                      off=("nocopy:bool", "fscache:bool", *PROVIDE), body=FILES),
+    "cat": _intercept(CONTENT, intercepts.cat, "a record CID reads back as the record's JSON, an attachment as "
+                      "its plaintext", "offset:int64/o", "length:int64/l", "progress:bool/p", args=SOME,
+                      exact_length=True),
+    "get": _intercept(CONTENT, intercepts.get, "a tar of ciphertext is useless: sealed attachments are refused",
+                      "archive:bool/a", "compress:bool/C", "compression-level:int/l", "progress:bool/p",
+                      cli=("output:string/o",), args=ONE),
+    "ls": _fwd(STRUCTURE, READ, "headers:bool/v", "resolve-type:bool", "size:bool", "stream:bool/s", "long:bool/l",
+               args=SOME),
+    "refs": _fwd(STRUCTURE, READ, "format:string", "edges:bool/e", "unique:bool/u", "recursive:bool/r",
+                 "max-depth:int", args=SOME),
+    "resolve": _fwd(STRUCTURE, READ, "recursive:bool/r", "dht-record-count:int/dhtrc", "dht-timeout:string/dhtt",
+                    args=ONE),
+    "block/get": _fwd(STRUCTURE, READ, cli=("path:string", "localResolve:bool"), args=ONE),
+    "block/stat": _fwd(STRUCTURE, READ, args=ONE),
+    "block/put": _fwd(RAW_WRITE, WRITE, "cid-codec:string", "mhtype:string", "mhlen:int", "pin:bool",
+                      "allow-big-block:bool", "format:string/f", body=FILES),
+    "dag/get": _fwd(STRUCTURE, READ, "output-codec:string", args=ONE),
+    "dag/resolve": _fwd(STRUCTURE, READ, cli=("path:string",), args=ONE),
+    "dag/stat": _fwd(STRUCTURE, READ, "progress:bool/p", args=SOME),
+    "dag/export": _fwd(STRUCTURE, READ, "progress:bool/p", "local-only:bool", args=ONE),
+    "dag/put": _intercept(PER_PART, intercepts.dag_put, "a record is appended to its episode; other nodes pass",
+                          "store-codec:string", "input-codec:string", "pin:bool", "hash:string",
+                          "allow-big-block:bool", body=FILES),
+    "dag/import": _fwd(RAW_WRITE, WRITE, "pin-roots:bool", "local-only:bool", "silent:bool", "stats:bool",
+                       "allow-big-block:bool", off=PROVIDE, body=FILES),
+    "pin/add": _fwd(RAW_WRITE, WRITE, "recursive:bool/r", "name:string/n", "progress:bool", off=PROVIDE,
+                    cli=("stream:bool", "metadata:string"), args=SOME),
+    "pin/ls": _fwd(STRUCTURE, READ, "type:string/t", "quiet:bool/q", "name:string/n", "stream:bool/s",
+                   "names:bool", cli=("paths:strings",), args=ANY),
+    "pin/rm": _intercept(RAW_WRITE, intercepts.pin_rm, "pins of records and attachments belong to the gateway",
+                         "recursive:bool/r", args=SOME),
+    "pin/update": _intercept(RAW_WRITE, intercepts.pin_update, "pins of records and attachments belong to the "
+                             "gateway", "unpin:bool", off=PROVIDE, args=Args(2, 2)),
+    "pin/verify": _fwd(RAW_READ, READ, "verbose:bool", "quiet:bool/q"),
+    "name/resolve": _fwd(RAW_READ, READ, "recursive:bool/r", "nocache:bool/n", "dht-record-count:uint/dhtrc",
+                         "dht-timeout:string/dhtt", "stream:bool/s", args=Args(0, 1)),
+    "cid/format": _fwd(NODE, PURE, "f:string", "v:string", "mc:string", "b:string", args=SOME),
+    "cid/base32": _fwd(NODE, PURE, args=SOME),
+    "cid/bases": _fwd(NODE, PURE, "prefix:bool", "numeric:bool"),
+    "cid/codecs": _fwd(NODE, PURE, "numeric:bool/n", "supported:bool/s"),
+    "cid/hashes": _fwd(NODE, PURE, "numeric:bool/n", "supported:bool/s"),
+    "cid/inspect": _fwd(NODE, PURE, args=ONE),
+    "multibase/encode": _fwd(NODE, PURE, "b:string", body=FILES),
+    "multibase/decode": _fwd(NODE, PURE, body=FILES),
+    "multibase/transcode": _fwd(NODE, PURE, "b:string", body=FILES),
+    "multibase/list": _fwd(NODE, PURE, "prefix:bool", "numeric:bool"),
     # --- refused: administration, networking, mutable state outside record chains ---
     "config": _refuse("node configuration is administration, not an API for clients"),
     "shutdown": _refuse("stops the node"),
@@ -146,6 +230,15 @@ COMMANDS: dict[str, Command] = {
 _UNKNOWN = _refuse("not a command this gateway serves")
 
 
+@dataclass(frozen=True)
+class Resolved:
+    """A request path resolved against ``COMMANDS``."""
+
+    command: str           # canonical command path, e.g. "dag/get"; the raw path if unknown
+    entry: Command
+    path_arg: str | None   # a trailing argument given in the path (``/api/v0/cat/<cid>``)
+
+
 def resolve(raw: str) -> Resolved:
     """Classify the (already decoded) part of a path after ``/api/v0/`` the way Kubo routes it.
 
@@ -168,3 +261,17 @@ def resolve(raw: str) -> Resolved:
         if parent in COMMANDS:
             return Resolved(parent, COMMANDS[parent], parts[-1])
     return Resolved(key, _UNKNOWN, None)
+
+
+def describe() -> list[dict]:
+    """The table as data (``GET /medicon/v1/commands``): what a client may send, and why not."""
+    out = []
+    for name, entry in sorted(COMMANDS.items()):
+        item = {"command": name, "action": entry.action.value, "why": entry.why}
+        if entry.action is not Action.REFUSE:
+            item |= {"access": entry.access.value, "body": entry.body.value,
+                     "arguments": {"least": entry.args.least, "most": entry.args.most},
+                     "options": [{"name": o.name, "aliases": list(o.aliases), "type": o.kind}
+                                 for o in entry.options.values() if o.forward]}
+        out.append(item)
+    return out

@@ -9,6 +9,8 @@ from ..security.principal import Principal
 
 REQUEST_ID = web.RequestKey("request_id", str)
 CALLER = web.RequestKey("caller", Caller)
+# What the arguments of a read command name, as authorized (``rpc.authorize_call``).
+READ_TARGETS = web.RequestKey("read_targets", list)
 
 
 def surface_of(request: web.Request) -> str:

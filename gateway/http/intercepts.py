@@ -1,9 +1,10 @@
 """Where records enter and leave through Kubo's own API: the intercepted ``add``, ``dag/put``,
-``cat`` and ``get``.
+``cat``, ``get``, and the pin commands that must not unpin what the gateway pinned.
 
-A JSON document that claims to be a record (an object naming a ``schema`` and an episode or
-patient) is appended by the record service and never reaches Kubo as a file; anything else
-passes to Kubo as a blob, streamed (sealed first when it belongs to a patient).
+A JSON (or CBOR) document that claims to be a record (an object naming a ``schema`` and an
+episode or patient) is appended by the record service and never reaches Kubo as data; anything
+else passes to Kubo, re-framed part by part (``multipart``), and an attachment of a patient is
+sealed on its way, its file names replaced so that no patient-supplied string reaches Kubo.
 """
 
 from __future__ import annotations
@@ -11,37 +12,33 @@ from __future__ import annotations
 import json
 import re
 from typing import Any, AsyncIterator
-from urllib.parse import unquote_plus
 
 import aiohttp
+import cbor2
 from aiohttp import web
-from aiohttp.helpers import parse_mimetype
-from aiohttp.http_exceptions import HttpProcessingError
-from multidict import CIMultiDictProxy
+from multiformats import CID
 
 from ..core import strictjson
 from ..core.records import is_record_candidate
-from ..core.service import root_of
 from ..errors import Invalid, MediconError, TooLarge
 from ..security import crypto
 from ..storage.model import Blob
 from . import attachments, proxy
 from .appkeys import CONFIG, SERVICE
-from .body import CHUNK, body_read
-from .context import caller
-from .rpccall import Resolved, flag
-from .rpccall import options as parse_options
+from .context import READ_TARGETS, caller
+from .multipart import (DIRECTORY, FILE, PartInfo, closing, new_boundary, next_part, open_multipart,
+                        part_bytes, part_head, part_info, read_chunk)
+from .rpccall import Call
 
 PEEK = 64 * 1024
-MIXED = ("records and other files cannot be added together: add attachments in a separate request")
-# What aiohttp's multipart reader raises on broken framing (no or bad boundary, a body cut
-# short, part headers too long or malformed): the client's fault, so a 400, never a 500.
-_FRAMING_ERRORS = (ValueError, AssertionError, RuntimeError, LookupError, HttpProcessingError)
-_INT64 = re.compile(r"[+-]?[0-9]{1,19}")
+MIXED = "records and other files cannot be added together: add attachments in a separate request"
 # An Idempotency-Key is a structured-field string: printable ASCII (and kept to a sane length)
 _IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,255}")
 # The identifier grammar of records (schemas/record/common-v1.json#/$defs/identifier).
 _IDENTIFIER = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# dag/put input codecs the gateway reads (by name or number, as Kubo takes them).
+_CODECS = {"dag-json": "dag-json", "0x0129": "dag-json", "json": "json", "0x0200": "json",
+           "dag-cbor": "dag-cbor", "0x71": "dag-cbor", "cbor": "cbor", "0x51": "cbor", "raw": "raw", "0x55": "raw"}
 
 
 def idempotency_key(request: web.Request) -> str | None:
@@ -53,51 +50,9 @@ def idempotency_key(request: web.Request) -> str | None:
     return key
 
 
-def _malformed(exc: BaseException) -> Invalid:
-    why = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-    return Invalid(f"malformed multipart body: {why}")
+# --- what is a record ----------------------------------------------------------------------------
 
-
-async def _open_multipart(request: web.Request) -> tuple[aiohttp.MultipartReader, str]:
-    """The body's multipart reader and its boundary; 400 if the Content-Type has none usable."""
-    try:
-        reader = await request.multipart()
-        return reader, _boundary(request)
-    except _FRAMING_ERRORS as exc:
-        raise _malformed(exc) from None
-
-
-async def _next_part(request: web.Request, reader: aiohttp.MultipartReader) -> aiohttp.BodyPartReader | None:
-    """The next part, or None after the last; 400 for broken framing or a nested multipart."""
-    try:
-        part = await body_read(request, reader.next())
-    except _FRAMING_ERRORS as exc:
-        raise _malformed(exc) from None
-    if part is not None and not isinstance(part, aiohttp.BodyPartReader):
-        raise Invalid("malformed multipart body: nested multipart parts are not supported")
-    return part
-
-
-async def _require_form(request: web.Request, resolved: Resolved) -> None:
-    """Kubo reads files only from a multipart/form-data body: refuse anything else here, in
-    Kubo's error shape, rather than relay Kubo's plain-text refusal."""
-    if request.content_type != "multipart/form-data":
-        await request.app[SERVICE].authorize(caller(request), "raw:write", {"kind": "raw"})
-        raise Invalid(f"{resolved.command} takes a multipart/form-data body, not {request.content_type[:100]!r}")
-
-
-async def _read_chunk(request: web.Request, part: aiohttp.BodyPartReader, size: int) -> bytes:
-    try:
-        return await body_read(request, part.read_chunk(size))
-    except _FRAMING_ERRORS as exc:
-        raise _malformed(exc) from None
-
-
-def options(request: web.Request, resolved: Resolved) -> dict[str, list[str]]:
-    return parse_options(request.query_string, resolved.path_arg)
-
-
-def _json_record(data: bytes) -> Any:
+def json_record(data: bytes) -> Any:
     """The document if ``data`` is JSON claiming to be a record, else None (a blob).
 
     JSON that claims to be a record but is ambiguous (duplicate keys, NaN, overflowing numbers,
@@ -110,36 +65,61 @@ def _json_record(data: bytes) -> Any:
         try:
             lenient = json.loads(data)
         except (ValueError, RecursionError):  # not UTF-8, too deep, or not JSON at all
-            keys = strictjson.top_level_keys(data)
-            lenient = dict.fromkeys(keys)
+            lenient = dict.fromkeys(strictjson.top_level_keys(data))
         if is_record_candidate(lenient):
             raise Invalid(f"invalid record: {bad}") from None
         return None
     return doc if is_record_candidate(doc) else None
 
 
+def _from_cbor(value: Any, depth: int = 0) -> Any:
+    """A CBOR value in JSON's data model: a record holds no bytes and no tags but its ``prev``
+    link (tag 42), which becomes ``{"/": cid}`` as in dag-json."""
+    if depth > strictjson.MAX_DEPTH:
+        raise Invalid(f"invalid record: nested deeper than {strictjson.MAX_DEPTH} levels")
+    if isinstance(value, dict):
+        if not all(isinstance(k, str) for k in value):
+            raise Invalid("invalid record: a CBOR map key that is not a string")
+        return {k: _from_cbor(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_from_cbor(v, depth + 1) for v in value]
+    if isinstance(value, cbor2.CBORTag) and value.tag == 42 and isinstance(value.value, bytes):
+        try:
+            cid = CID.decode(value.value[1:]) if value.value[:1] == b"\x00" else None
+        except Exception:
+            cid = None
+        if cid is None:
+            raise Invalid("invalid record: a link that is not a CID")
+        return {"/": str(cid.set(base="base32"))}
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    raise Invalid(f"invalid record: a CBOR {type(value).__name__} has no place in a record")
+
+
+def cbor_record(data: bytes) -> Any:
+    """The document if ``data`` is CBOR claiming to be a record, else None."""
+    try:
+        value = cbor2.loads(data)
+    except Exception:
+        return None  # not CBOR: Kubo will say so
+    if not (isinstance(value, dict) and is_record_candidate({k: None for k in value if isinstance(k, str)})):
+        return None
+    doc = _from_cbor(value)
+    try:  # the same strict rules as JSON records (64-bit integers, finite numbers, strings)
+        return strictjson.loads(json.dumps(doc, allow_nan=False))
+    except (strictjson.BadJSON, ValueError) as bad:
+        raise Invalid(f"invalid record: {bad}") from None
+
+
 def _record_in(head: bytes, complete: bool, limit: int) -> Any:
     """The record a part holds, or None for a blob. A part too big to be read whole (over
     ``limit``) whose start claims to be a record is refused (413), never stored as a blob."""
     if complete:
-        return _json_record(head)
+        return json_record(head)
     if strictjson.looks_like_json_object(head) and is_record_candidate(
             dict.fromkeys(strictjson.top_level_keys(head))):
         raise TooLarge(f"a record is at most {limit} bytes of JSON")
     return None
-
-
-def _part_head(headers: CIMultiDictProxy[str]) -> bytes:
-    return b"".join(f"{k}: {v}\r\n".encode("utf-8", "surrogateescape") for k, v in headers.items()) + b"\r\n"
-
-
-def _is_directory(part: aiohttp.BodyPartReader) -> bool:
-    return part.headers.get("Content-Type", "").startswith("application/x-directory")
-
-
-def _is_structural(part: aiohttp.BodyPartReader) -> bool:
-    """Directories and symlinks: their bodies are structure, not content to seal."""
-    return _is_directory(part) or part.headers.get("Content-Type", "").startswith("application/symlink")
 
 
 async def _peek(request: web.Request, part: aiohttp.BodyPartReader, limit: int) -> tuple[bytes, bool]:
@@ -147,7 +127,7 @@ async def _peek(request: web.Request, part: aiohttp.BodyPartReader, limit: int) 
     ``limit`` bytes), else just enough to know it is not. Returns (bytes, complete)."""
     buf = bytearray()
     while True:
-        chunk = await _read_chunk(request, part, PEEK)
+        chunk = await read_chunk(request, part, PEEK)
         if not chunk:
             return bytes(buf), True
         buf += chunk
@@ -170,56 +150,48 @@ def attachment_patient(request: web.Request) -> str | None:
     return None
 
 
-def _boundary(request: web.Request) -> str:
-    return parse_mimetype(request.headers["Content-Type"]).parameters["boundary"]
+# --- add -----------------------------------------------------------------------------------------
 
-
-def _filename(part: aiohttp.BodyPartReader) -> str:
-    return unquote_plus(part.filename or part.name or "")
-
-
-# --- add -------------------------------------------------------------------------------------
-
-async def add(request: web.Request, resolved: Resolved) -> web.StreamResponse:
+async def add(request: web.Request, call: Call) -> web.StreamResponse:
     """``add``: records are appended (all validated before any is); other files stream to Kubo."""
-    await _require_form(request, resolved)
+    reader = await open_multipart(request, "add")
     limit = request.app[CONFIG].records.max_record_size
-    # same framing as the client's, so its Content-Type stays valid
-    reader, boundary = await _open_multipart(request)
-    held: list[aiohttp.BodyPartReader] = []  # directory parts seen before the first file
+    held: list[PartInfo] = []  # directory parts seen before the first file
     while True:
-        part = await _next_part(request, reader)
+        part = await next_part(request, reader)
         if part is None:
             if not held:
                 raise Invalid("add needs at least one file part in the multipart body")
-            # only directories: Kubo answers that as it would
-            return await _forward_parts(request, resolved, reader, boundary, held, None, b"", True)
-        if _is_directory(part):
-            held.append(part)
+            return await _add_files(request, call, reader, held, None, None, b"", True)
+        info = part_info(part)
+        if info.kind == DIRECTORY:
+            held.append(info)
             continue
         head, complete = await _peek(request, part, limit)
-        doc = _record_in(head, complete, limit)
+        doc = _record_in(head, complete, limit) if info.kind == FILE else None
         if doc is None:
-            return await _forward_parts(request, resolved, reader, boundary, held, part, head, complete)
-        return await _add_records(request, resolved, reader, [(_filename(part), doc, len(head))])
+            return await _add_files(request, call, reader, held, part, info, head, complete)
+        return await _add_records(request, call, reader, [(info.filename, doc, len(head))])
 
 
-async def _add_records(request: web.Request, resolved: Resolved, reader: aiohttp.MultipartReader,
+async def _add_records(request: web.Request, call: Call, reader: aiohttp.MultipartReader,
                        docs: list[tuple[str, Any, int]]) -> web.StreamResponse:
-    opts = options(request, resolved)
-    if flag(opts, "only-hash"):
+    if call.flag("only-hash"):
         raise Invalid("records cannot be hashed without being appended (only-hash)")
-    if flag(opts, "wrap-with-directory"):
+    if call.flag("wrap-with-directory"):
         raise Invalid("records are not wrapped in a directory (wrap-with-directory)")
+    if "pin-name" in call.options or call.options.get("pin") is False:
+        raise Invalid("records are pinned by the gateway (pin, pin-name)")
     cfg = request.app[CONFIG].records
-    while (part := await _next_part(request, reader)) is not None:
-        if _is_directory(part):
+    while (part := await next_part(request, reader)) is not None:
+        info = part_info(part)
+        if info.kind == DIRECTORY:
             continue
         head, complete = await _peek(request, part, cfg.max_record_size)
-        doc = _record_in(head, complete, cfg.max_record_size)
+        doc = _record_in(head, complete, cfg.max_record_size) if info.kind == FILE else None
         if doc is None:
             raise Invalid(MIXED)
-        docs.append((_filename(part), doc, len(head)))
+        docs.append((info.filename, doc, len(head)))
         if len(docs) > cfg.max_parts:
             raise Invalid(f"at most {cfg.max_parts} records in one add")
     appended = await request.app[SERVICE].append_all([(name, doc) for name, doc, _ in docs], caller(request),
@@ -230,49 +202,72 @@ async def _add_records(request: web.Request, resolved: Resolved, reader: aiohttp
     return web.Response(text=body, content_type="application/json", headers={"X-Chunked-Output": "1"})
 
 
-async def _forward_parts(request: web.Request, resolved: Resolved, reader: aiohttp.MultipartReader,
-                         boundary: str, held: list, first: aiohttp.BodyPartReader | None,
-                         head: bytes, complete: bool) -> web.StreamResponse:
-    """Stream a blob add to Kubo, re-framing the parts as they are read; a record found among
-    the files stops the upload before its bytes are sent."""
-    limit = request.app[CONFIG].records.max_record_size
-    failed: list[MediconError] = []
-    delimiter = f"--{boundary}\r\n".encode()
-    patient = attachment_patient(request)
+class _Names:
+    """Kubo's NDJSON answer to an ``add``: every (Name, Hash) it added, and — for a sealed
+    attachment, whose parts reached Kubo under neutral names — the client's names put back."""
+
+    def __init__(self, names: dict[str, str]) -> None:
+        self._names = names
+        self._tapped = bytearray()
+        self._pending = bytearray()
+        self.added: list[tuple[str, str]] = []
+
+    def tap(self, chunk: bytes) -> None:
+        self._tapped.extend(chunk)
+        *lines, rest = bytes(self._tapped).split(b"\n")
+        self._tapped[:] = rest
+        for line in lines:
+            item = _json_line(line)
+            if isinstance(item, dict) and isinstance(item.get("Hash"), str):
+                self.added.append((str(item.get("Name", "")), item["Hash"]))
+
+    def __call__(self, chunk: bytes) -> bytes:
+        self._pending.extend(chunk)
+        *lines, rest = bytes(self._pending).split(b"\n")
+        self._pending[:] = rest
+        return b"".join(self._renamed(line) + b"\n" for line in lines)
+
+    def flush(self) -> bytes:
+        rest, self._pending = bytes(self._pending), bytearray()
+        return self._renamed(rest) if rest else b""
+
+    def _renamed(self, line: bytes) -> bytes:
+        item = _json_line(line)
+        if isinstance(item, dict) and item.get("Name") in self._names:
+            item["Name"] = self._names[item["Name"]]
+            return json.dumps(item).encode()
+        return line
+
+
+def _json_line(line: bytes) -> Any:
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
+
+
+async def _add_files(request: web.Request, call: Call, reader: aiohttp.MultipartReader, held: list[PartInfo],
+                     first: aiohttp.BodyPartReader | None, first_info: PartInfo | None, head: bytes,
+                     complete: bool) -> web.StreamResponse:
+    """Stream a file add to Kubo, re-framing the parts as they are read; a record found among
+    the files stops the upload before its bytes are sent. An attachment of a patient is
+    sealed, and its file name replaced by its position (Kubo's answer gets the names back)."""
     service = request.app[SERVICE]
+    limit = request.app[CONFIG].records.max_record_size
+    patient = attachment_patient(request)
     if patient is None:
         await service.authorize(caller(request), "raw:write", {"kind": "raw"})
     else:
         await service.authorize(caller(request), "blob:write", {"kind": "blob", "patient": patient})
     sealing = patient is not None and request.app[CONFIG].security.encrypt
     if sealing:
+        _refuse_clear_names(call, held, first_info)
         dek_id, dek = await service.keys.data_key_for_patient(patient)
-    added: list[tuple[str, str]] = []  # (Name, Hash) of every file and directory Kubo added
-    types: dict[str, str] = {}         # Name -> the client's Content-Type of that file
-    pending = bytearray()
-
-    def tap(chunk: bytes) -> None:  # Kubo's NDJSON answer: collect every CID it added
-        pending.extend(chunk)
-        *lines, rest = bytes(pending).split(b"\n")
-        pending[:] = rest
-        for line in lines:
-            try:
-                item = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(item, dict) and isinstance(item.get("Hash"), str):
-                added.append((str(item.get("Name", "")), item["Hash"]))
-
-    async def finish() -> None:
-        if patient is not None and added and not flag(options(request, resolved), "only-hash"):
-            await service.add_attachments([Blob(cid, patient, sealing, types.get(name)) for name, cid in added])
-
-    async def content(part: aiohttp.BodyPartReader, start: bytes, whole: bool) -> AsyncIterator[bytes]:
-        if start:
-            yield start
-        if not whole:
-            while chunk := await _read_chunk(request, part, CHUNK):
-                yield chunk
+    failed: list[MediconError] = []
+    boundary = new_boundary()
+    names: dict[str, str] = {}   # the neutral name a sealed part reached Kubo under -> the client's
+    types: dict[str, str] = {}   # the name Kubo answers with -> the client's content type
+    answer = _Names(names)
 
     async def body() -> AsyncIterator[bytes]:
         try:
@@ -283,133 +278,179 @@ async def _forward_parts(request: web.Request, resolved: Resolved, reader: aioht
                 failed.append(err)
             raise
 
+    async def content(part: aiohttp.BodyPartReader, start: bytes, whole: bool) -> AsyncIterator[bytes]:
+        if start:
+            yield start
+        if not whole:
+            async for chunk in part_bytes(request, part):
+                yield chunk
+
     async def reframed() -> AsyncIterator[bytes]:
-        for part in held:
-            yield delimiter + _part_head(part.headers) + b"\r\n"
-        part, start, whole = first, head, complete
+        for info in held:
+            yield part_head(boundary, info) + b"\r\n"
+        part, info, start, whole = first, first_info, head, complete
         while part is not None:
-            yield delimiter + _part_head(part.headers)
             stream = content(part, start, whole)
-            if sealing and not _is_structural(part):
-                types[_filename(part)] = part.headers.get("Content-Type", "application/octet-stream")
+            shown = None
+            if sealing:
+                shown = str(len(names))
+                names[shown] = info.filename
+                types[shown] = part.headers.get("Content-Type", FILE).split(";")[0].strip()[:200] or FILE
                 stream = crypto.encrypt_stream(stream, dek, dek_id)
+            yield part_head(boundary, info, filename=shown)
             async for chunk in stream:
                 yield chunk
             yield b"\r\n"
-            while (part := await _next_part(request, reader)) is not None and _is_structural(part):
-                yield delimiter + _part_head(part.headers) + b"\r\n"
+            part, info = await next_part(request, reader), None
+            while part is not None:
+                info = part_info(part)
+                if sealing:
+                    _refuse_clear_names(call, [], info)
+                if info.kind != DIRECTORY:
+                    break
+                yield part_head(boundary, info) + b"\r\n"
+                part = await next_part(request, reader)
             if part is not None:
                 start, whole = await _peek(request, part, limit)
-                if _record_in(start, whole, limit) is not None:
+                if info.kind == FILE and _record_in(start, whole, limit) is not None:
                     failed.append(Invalid(MIXED))
                     raise failed[0]
-        yield f"--{boundary}--\r\n".encode()
+        yield closing(boundary)
 
-    return await proxy.forward_rpc(request, resolved, body=body(), failed_body=failed, tap=tap, finish=finish)
+    async def finish() -> None:
+        if patient is not None and answer.added and not call.flag("only-hash"):
+            await service.add_attachments([Blob(cid, patient, sealing and name in types, types.get(name))
+                                           for name, cid in answer.added])
+
+    return await proxy.forward_rpc(request, call, body=body(), headers={
+        "Content-Type": f"multipart/form-data; boundary={boundary}"}, failed_body=failed, tap=answer.tap,
+        transform=answer if sealing else None, finish=finish)
 
 
-# --- dag/put ---------------------------------------------------------------------------------
+def _refuse_clear_names(call: Call, held: list[PartInfo], info: PartInfo | None) -> None:
+    """A sealed attachment's bytes are encrypted, but directory names, symlink targets, the
+    wrapping directory and pin names would reach Kubo in clear: refused, with what works."""
+    if call.flag("wrap-with-directory") or "pin-name" in call.options:
+        raise Invalid("a patient's attachments are added without wrap-with-directory or pin-name: "
+                      "names would reach IPFS in clear")
+    if held or (info is not None and (info.kind != FILE or "/" in info.filename.strip("/"))):
+        raise Invalid("a patient's attachments are added one file at a time, not as directories or "
+                      "symlinks: their names would reach IPFS in clear")
 
-async def dag_put(request: web.Request, resolved: Resolved) -> web.StreamResponse:
-    """``dag/put``: a record is appended (answer ``{"Cid": {"/": cid}}``); other nodes go to Kubo."""
-    await _require_form(request, resolved)
-    opts = options(request, resolved)
-    codec = (opts.get("input-codec") or ["dag-json"])[0]
+
+# --- dag/put -------------------------------------------------------------------------------------
+
+async def dag_put(request: web.Request, call: Call) -> web.StreamResponse:
+    """``dag/put``: a record (as dag-json, json, dag-cbor or cbor) is appended (answer
+    ``{"Cid": {"/": cid}}``); other nodes go to Kubo, re-framed."""
+    given = call.options.get("input-codec", "dag-json")
+    codec = _CODECS.get(given.lower())
+    if codec is None:
+        raise Invalid(f"input codec {given[:40]!r} is not accepted through the gateway "
+                      f"(use dag-json, json, dag-cbor, cbor or raw)")
+    reader = await open_multipart(request, "dag/put")
     limit = request.app[CONFIG].records.max_record_size
-    reader, boundary = await _open_multipart(request)
-    parts: list[tuple[CIMultiDictProxy[str], bytes]] = []
+    parts: list[tuple[PartInfo, bytes]] = []
     total = 0
-    while (part := await _next_part(request, reader)) is not None:
+    while (part := await next_part(request, reader)) is not None:
         data = bytearray()
-        while chunk := await _read_chunk(request, part, PEEK):
+        while chunk := await read_chunk(request, part, PEEK):
             data += chunk
             total += len(chunk)
             if total > 4 * limit:
                 raise TooLarge(f"dag/put bodies through the gateway are limited to {4 * limit} bytes")
-        parts.append((part.headers, bytes(data)))
+        parts.append((part_info(part), bytes(data)))
     if not parts:
         raise Invalid("dag/put needs a part in the multipart body: the node to put")
-    if len(parts) == 1 and codec in ("dag-json", "json"):
-        doc = _json_record(parts[0][1])
-        if doc is not None:
-            if len(parts[0][1]) > limit:
-                raise TooLarge(f"a record is at most {limit} bytes of JSON")
-            appended = await request.app[SERVICE].append(doc, caller(request), idempotency_key(request))
-            return web.Response(text=json.dumps({"Cid": {"/": appended.cid}}) + "\n",
-                                content_type="application/json", headers={"X-Chunked-Output": "1"})
-    if any(_json_record(data) is not None for _, data in parts):
-        raise Invalid("put one record per dag/put, encoded as dag-json")
+    docs = [_node_record(codec, data) for _, data in parts]
+    if any(doc is not None for doc in docs):
+        if len(parts) != 1:
+            raise Invalid("put one record per dag/put")
+        if (_CODECS.get(call.options.get("store-codec", "dag-cbor").lower()) != "dag-cbor"
+                or call.options.get("hash", "sha2-256").lower() != "sha2-256" or call.options.get("pin") is False):
+            raise Invalid("a record is stored as the gateway stores records (dag-cbor, sha2-256, pinned): "
+                          "leave out store-codec, hash and pin")
+        if len(parts[0][1]) > limit:
+            raise TooLarge(f"a record is at most {limit} bytes")
+        appended = await request.app[SERVICE].append(docs[0], caller(request), idempotency_key(request))
+        return web.Response(text=json.dumps({"Cid": {"/": appended.cid}}) + "\n",
+                            content_type="application/json", headers={"X-Chunked-Output": "1"})
     await request.app[SERVICE].authorize(caller(request), "raw:write", {"kind": "raw"})
-    delimiter = f"--{boundary}\r\n".encode()
-    body = b"".join(delimiter + _part_head(h) + data + b"\r\n" for h, data in parts)
-    return await proxy.forward_rpc(request, resolved, body=body + f"--{boundary}--\r\n".encode())
+    boundary = new_boundary()
+    body = b"".join(part_head(boundary, info) + data + b"\r\n" for info, data in parts) + closing(boundary)
+    return await proxy.forward_rpc(request, call, body=body,
+                                   headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
 
 
-# --- reads -----------------------------------------------------------------------------------
+def _node_record(codec: str, data: bytes) -> Any:
+    if codec in ("dag-json", "json"):
+        return json_record(data)
+    if codec in ("dag-cbor", "cbor"):
+        return cbor_record(data)
+    if json_record(data) is not None or cbor_record(data) is not None:  # raw bytes of a record
+        raise Invalid("a record is put with input-codec dag-json or dag-cbor, not as raw bytes")
+    return None
 
-async def sealed_blob(request: web.Request, arg: str) -> Blob | None:
-    """The sealed attachment an argument (``<cid>``, ``/ipfs/<cid>/path``) ends at, if any."""
-    service = request.app[SERVICE]
-    root, has_path = root_of(arg)
-    if root is None:
+
+# --- reads ---------------------------------------------------------------------------------------
+
+async def sealed_blob(request: web.Request, resource: dict[str, Any]) -> Blob | None:
+    if resource["kind"] != "blob":
         return None
-    cid = root
-    if has_path:
-        cid = await service.kubo.resolve_path(arg if arg.startswith("/") else "/ipfs/" + arg)
-        if cid is None:
-            return None
-    blob = await service.attachment(cid)
+    blob = await request.app[SERVICE].attachment(resource["cid"])
     return blob if blob is not None and blob.encrypted else None
 
 
-async def get(request: web.Request, resolved: Resolved) -> web.StreamResponse:
-    """``get``: Kubo's tar of what the arguments name; a sealed attachment would be a tar of
+async def get(request: web.Request, call: Call) -> web.StreamResponse:
+    """``get``: Kubo's tar of what the argument names; a sealed attachment would be a tar of
     ciphertext, so it is refused with what works instead."""
-    for arg in options(request, resolved).get("arg", []):
-        if await sealed_blob(request, arg) is not None:
+    for target in request[READ_TARGETS]:
+        if await sealed_blob(request, target.end) is not None:
             raise Invalid("a sealed attachment is read with `cat` or /ipfs/<cid>, not `get`")
-    return await proxy.forward_rpc(request, resolved)
+    return await proxy.forward_rpc(request, call)
 
 
-def bare_cid(arg: str) -> str | None:
-    path = arg.removeprefix("/ipfs/").strip("/")
-    return path if path and "/" not in path else None
-
-
-async def record_bytes(request: web.Request, cid: str | None) -> bytes | None:
-    """The JSON of the record ``cid`` names (the caller was authorized), or None if the
-    gateway did not write it."""
-    if cid is None:
+async def record_bytes(request: web.Request, resource: dict[str, Any]) -> bytes | None:
+    """The JSON of the record ``resource`` names (the caller was authorized for it)."""
+    if resource["kind"] != "record":
         return None
-    record = await request.app[SERVICE].read(cid)
+    record = await request.app[SERVICE].read(resource["cid"])
     if record is None:
         return None
     return json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-async def cat(request: web.Request, resolved: Resolved) -> web.StreamResponse:
-    """``cat`` of a record CID returns the record as JSON (it is stored as dag-cbor, which
-    Kubo's ``cat`` cannot read); a sealed attachment its plaintext; everything else is Kubo's."""
-    opts = options(request, resolved)
-    args = opts.get("arg") or []
-    # read as Kubo reads them (Go's ParseInt into an int64), so what is checked is what is run
-    given = {name: (opts.get(name) or [None])[0] for name in ("offset", "length")}
-    if any(v is not None and not _INT64.fullmatch(v) for v in given.values()):
-        raise Invalid("offset and length must be integers")
-    offset, length = int(given["offset"] or 0), int(given["length"] or -1)
-    if not (-(2**63) <= offset < 2**63 and -(2**63) <= length < 2**63):
-        raise Invalid("offset and length must fit in 64 bits")
+async def cat(request: web.Request, call: Call) -> web.StreamResponse:
+    """``cat`` of a record returns the record as JSON (it is stored as dag-cbor, which Kubo's
+    ``cat`` cannot read); of a sealed attachment, its plaintext; anything else is Kubo's."""
+    offset, length = call.options.get("offset", 0), call.options.get("length")
     if offset < 0:
         raise Invalid("offset must be >= 0")
-    if given["length"] is not None and length < 0:
+    if length is not None and length < 0:
         raise Invalid("length must be >= 0")
-    if len(args) == 1:
-        blob = await sealed_blob(request, args[0])
+    targets = request[READ_TARGETS]
+    if len(targets) == 1:
+        blob = await sealed_blob(request, targets[0].end)
         if blob is not None:
-            return await attachments.serve(request, blob, rpc_cat=True, offset=offset, length=length)
-    data = await record_bytes(request, bare_cid(args[0])) if len(args) == 1 else None
-    if data is None:
-        return await proxy.forward_rpc(request, resolved)
-    data = data[offset:] if length < 0 else data[offset:offset + length]
-    return web.Response(body=data, content_type="text/plain",
-                        headers={"X-Stream-Output": "1", "X-Content-Length": str(len(data))})
+            return await attachments.serve(request, blob, rpc_cat=True, offset=offset,
+                                           length=-1 if length is None else length)
+        data = await record_bytes(request, targets[0].end)
+        if data is not None:
+            data = data[offset:] if length is None else data[offset:offset + length]
+            return web.Response(body=data, content_type="text/plain",
+                                headers={"X-Stream-Output": "1", "X-Content-Length": str(len(data))})
+    return await proxy.forward_rpc(request, call)
+
+
+# --- pins ----------------------------------------------------------------------------------------
+
+async def pin_rm(request: web.Request, call: Call) -> web.StreamResponse:
+    await request.app[SERVICE].protect_pins(call.args)
+    return await proxy.forward_rpc(request, call)
+
+
+async def pin_update(request: web.Request, call: Call) -> web.StreamResponse:
+    """``pin/update`` unpins its first argument unless ``unpin=false``."""
+    if call.options.get("unpin", True):
+        await request.app[SERVICE].protect_pins(call.args[:1])
+    return await proxy.forward_rpc(request, call)

@@ -1,8 +1,14 @@
 """``/ipfs/…`` and ``/ipns/…``: Kubo's HTTP gateway, read-only, authorized like ``cat`` (or like
-``dag/get`` for raw blocks and CARs). A record CID reads back as the record's JSON and a sealed
-attachment as its plaintext, unless raw blocks or CARs are asked for."""
+``dag/get`` for raw blocks and CARs). A record reads back as its JSON and a sealed attachment
+as its plaintext, unless raw blocks or CARs are asked for.
+
+Only what the gateway understood goes on to Kubo: the path, the query parameters of the
+gateway specification (each checked), and the request headers that select a representation.
+"""
 
 from __future__ import annotations
+
+import re
 
 from aiohttp import web
 from yarl import URL
@@ -13,8 +19,23 @@ from . import attachments
 from .appkeys import CONFIG, SERVICE
 from .context import caller
 from .errors import HTTPError
-from .intercepts import bare_cid, record_bytes, sealed_blob
+from .intercepts import sealed_blob, record_bytes
 from .proxy import forward
+from .rpccall import raw_query_pairs
+
+# The query parameters of the IPFS HTTP gateway specification, and what each may be.
+QUERY = {
+    "format": re.compile(r"raw|car|tar|dag-json|dag-cbor|json|cbor|ipns-record"),
+    "filename": re.compile(r"[^\x00-\x1f\x7f]{1,255}"),
+    "download": re.compile(r"true|false"),
+    "dag-scope": re.compile(r"block|entity|all"),
+    "entity-bytes": re.compile(r"-?[0-9]{1,19}:(\*|-?[0-9]{1,19})"),
+    "car-version": re.compile(r"1|2"),
+    "car-order": re.compile(r"dfs|unk"),
+    "car-dups": re.compile(r"y|n"),
+}
+# Request headers that select what Kubo sends; nothing else of the client's goes on.
+HEADERS = ("Accept", "Range", "If-Range", "If-None-Match", "If-Match", "If-Modified-Since", "Cache-Control")
 
 
 def check_gateway_request(request: web.Request) -> None:
@@ -23,6 +44,12 @@ def check_gateway_request(request: web.Request) -> None:
                         headers={"Allow": "GET, HEAD, OPTIONS"})
     if any(seg in (".", "..") for seg in request.path.split("/")):
         raise Invalid("dot segments are not allowed in gateway paths")
+    for key, value in raw_query_pairs(request.rel_url.raw_query_string):
+        pattern = QUERY.get(key)
+        if pattern is None:
+            raise Invalid(f"unknown gateway query parameter {key[:40]!r} (known: {', '.join(QUERY)})")
+        if not pattern.fullmatch(value):
+            raise Invalid(f"gateway query parameter {key!r} cannot be {value[:40]!r}")
 
 
 def wants_ipld(request: web.Request) -> bool:
@@ -30,40 +57,30 @@ def wants_ipld(request: web.Request) -> bool:
     return "format" in request.query or "application/vnd.ipld" in request.headers.get("Accept", "")
 
 
-async def authorize_gateway(request: web.Request) -> dict:
-    """What an ``/ipfs`` or ``/ipns`` path names, once the caller may read it."""
-    service = request.app[SERVICE]
-    if request.path.startswith("/ipns/"):
-        await service.authorize(caller(request), "raw:read", {"kind": "raw"})
-        return {"kind": "raw"}
-    access = STRUCTURE if wants_ipld(request) else CONTENT
-    return (await service.authorize_read(caller(request), access, [request.path]))[0]
-
-
 async def to_http_gateway(request: web.Request) -> web.StreamResponse:
     base = request.app[CONFIG].kubo.gateway_url.rstrip("/")
-    return await forward(request, URL(base + request.raw_path, encoded=True))
+    headers = {name: request.headers[name] for name in HEADERS if name in request.headers}
+    return await forward(request, URL(base + request.rel_url.raw_path_qs, encoded=True), headers=headers)
 
 
 async def ipns_path(request: web.Request) -> web.StreamResponse:
     check_gateway_request(request)
-    await authorize_gateway(request)
+    await request.app[SERVICE].authorize(caller(request), "raw:read", {"kind": "raw"})
     return await to_http_gateway(request)
 
 
 async def ipfs_path(request: web.Request) -> web.StreamResponse:
-    """``/ipfs/<cid>`` of a record returns it as JSON unless raw blocks or CARs are asked for."""
+    """``/ipfs/<cid>[/path]``: authorized for its root and for what the path ends at."""
     check_gateway_request(request)
-    resource = await authorize_gateway(request)
-    deserialized = request.method in ("GET", "HEAD") and not wants_ipld(request)
-    if deserialized and resource["kind"] == "blob":
-        blob = await sealed_blob(request, request.path)
+    access = STRUCTURE if wants_ipld(request) else CONTENT
+    [target] = await request.app[SERVICE].authorize_read(caller(request), access, [request.path])
+    if request.method in ("GET", "HEAD") and access == CONTENT:
+        blob = await sealed_blob(request, target.end)
         if blob is not None:
             return await attachments.serve(request, blob, rpc_cat=False)
-    cid = bare_cid(request.path)
-    if deserialized and resource["kind"] == "record":
-        data = await record_bytes(request, cid)
+        data = await record_bytes(request, target.end)
         if data is not None:
+            cid = target.end["cid"]
             etag = f'"{cid}.json"'
             headers = {"ETag": etag, "X-Ipfs-Path": f"/ipfs/{cid}", "Cache-Control": "private, no-store"}
             if request.headers.get("If-None-Match") == etag:

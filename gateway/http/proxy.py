@@ -1,9 +1,10 @@
 """Streaming relay to Kubo's RPC API (``/api/v0``) and HTTP gateway (``/ipfs``, ``/ipns``).
 
-Bodies are never held in memory: the upload is pumped to Kubo while Kubo's answer is pumped
-back, chunk by chunk, with backpressure on both sides. What is sent was decided before it gets
-here (``rpc`` and the intercepts build the URL and the body); this module only moves bytes and
-turns Kubo's failures into answers.
+What is sent was decided before it gets here: the URL, the few headers and the body are built
+by ``rpc``, the intercepts and ``ipfs_gateway`` from what they parsed; nothing of the client's
+request is copied. Bodies are never held in memory: the upload is pumped to Kubo while Kubo's
+answer is pumped back, chunk by chunk, with backpressure on both sides. This module only moves
+bytes and turns Kubo's failures into answers.
 """
 
 from __future__ import annotations
@@ -11,19 +12,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import AsyncIterator
-from urllib.parse import quote, unquote_plus, urlsplit
+from typing import AsyncIterator, Callable, Mapping
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
 from yarl import URL
 
 from ..errors import Forbidden, Invalid, MediconError, TimedOut, Unavailable
 from .appkeys import CONFIG, SERVICE
-from .body import CHUNK, check_body_size, read_body_chunk
 from .errors import kubo_error
-from .rpccall import Resolved
+from .multipart import reframed_files
+from .rpccall import Body, Call
 
 log = logging.getLogger(__name__)
 
@@ -31,27 +31,17 @@ HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
     "trailer", "trailers", "transfer-encoding", "upgrade",
 })
-# Request headers the gateway consumes or that would mislead Kubo: the gateway's own
-# credentials, cookies, and the CSRF headers that Kubo checks against *its* port (the
-# gateway checks them itself, see ``check_origin``).
-DROP_REQUEST = HOP_BY_HOP | {
-    "host", "authorization", "cookie", "origin", "referer", "user-agent", "expect",
-    "forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-real-ip",
-}
 # ``Content-Length`` is set from the streamed body; the trailer Kubo announces cannot be
 # relayed by aiohttp (errors after the headers abort the connection instead).
 DROP_RESPONSE = HOP_BY_HOP | {"content-length", "server", "set-cookie"}
-# Query parameters never forwarded: the Kubo CLI may send its credentials as ``api-auth``.
-DROP_QUERY = frozenset({"api-auth"})
-
 USER_AGENT = "medicon-gateway"
 
 
 def check_origin(request: web.Request) -> None:
     """Kubo's CSRF rule, applied for the gateway's own port.
 
-    Kubo only trusts origins on its own API port, so the gateway strips ``Origin`` and
-    ``Referer`` before forwarding and must do the check itself.
+    Kubo only trusts origins on its own API port, and the gateway never passes ``Origin`` or
+    ``Referer`` on, so it must do the check itself.
     """
     allowed = request.app[CONFIG].server.allowed_origins
     origin = request.headers.get("Origin")
@@ -65,39 +55,6 @@ def check_origin(request: web.Request) -> None:
             raise Forbidden("referer is not an allowed origin for the RPC API")
     elif "mozilla" in request.headers.get("User-Agent", "").lower():
         raise Forbidden("browser requests to the RPC API must carry an allowed Origin")
-
-
-def upstream_query(query_string: str, path_arg: str | None) -> str:
-    """The client's query string, unchanged but for dropped credentials and a path argument.
-
-    Kubo appends an argument given in the path before the ``arg`` parameters; moving it
-    into the query keeps that order and leaves one canonical command path.
-    """
-    pairs = [p for p in query_string.split("&") if p]
-    kept = [p for p in pairs if unquote_plus(p.partition("=")[0]) not in DROP_QUERY]
-    if path_arg is not None:
-        kept.insert(0, "arg=" + quote(path_arg, safe=""))
-    return "&".join(kept)
-
-
-def upstream_headers(request: web.Request) -> CIMultiDict[str]:
-    headers = CIMultiDict(
-        (k, v) for k, v in request.headers.items() if k.lower() not in DROP_REQUEST
-    )
-    if "Transfer-Encoding" in request.headers:
-        headers.popall("Content-Length", None)
-    if "Content-Encoding" in request.headers:
-        # aiohttp has decoded a gzip/deflate body already: Kubo gets the decoded bytes, so
-        # neither the encoding nor the encoded length may go with them.
-        headers.popall("Content-Encoding", None)
-        headers.popall("Content-Length", None)
-    headers["User-Agent"] = USER_AGENT
-    return headers
-
-
-async def _body(request: web.Request) -> AsyncIterator[bytes]:
-    while chunk := await read_body_chunk(request):
-        yield chunk
 
 
 async def _guarded(body: AsyncIterator[bytes], failed: list,
@@ -132,37 +89,36 @@ def upstream_error(request: web.Request, exc: Exception) -> Exception:
 def abort(request: web.Request, why: str) -> None:
     """Close the client connection without the final chunk, so a truncated stream is seen
     as a failed transfer and never as a complete one."""
-    log.warning("aborting response to %s %s: %s", request.method, request.path, why)
+    log.warning("aborting response to %s %s: %s", request.method, request.path.split("/", 3)[1:2], why)
     transport = request.transport
     if transport is not None:
         transport.abort()
 
 
-async def forward(request: web.Request, url: URL, *, body=None,
-                  failed_body: list | None = None, tap=None, finish=None) -> web.StreamResponse:
-    """Send the request to Kubo at ``url`` and stream Kubo's answer back.
+async def forward(request: web.Request, url: URL, *, method: str | None = None,
+                  headers: Mapping[str, str] | None = None, body=None, failed_body: list | None = None,
+                  tap: Callable[[bytes], None] | None = None,
+                  transform: Callable[[bytes], bytes] | None = None,
+                  finish=None, exact_length: bool = False) -> web.StreamResponse:
+    """Send ``method url`` (the client's method by default) to Kubo with ``headers`` and
+    ``body`` (bytes or an async iterator the caller built), and stream Kubo's answer back.
 
-    ``body`` replaces the client's body (bytes or an async iterator, e.g. a re-encoded
-    multipart); a ``MediconError`` put in ``failed_body`` by that iterator before Kubo answered
-    is the answer instead. ``tap(chunk)`` sees every chunk of Kubo's answer; ``await finish()``
-    runs after Kubo's last byte and before the client's, so what it records (the attachment
-    index) is in place when the client sees the answer complete.
+    A ``MediconError`` put in ``failed_body`` by the body iterator before Kubo answered is the
+    answer instead. ``tap(chunk)`` sees every chunk of Kubo's answer, ``transform(chunk)``
+    rewrites it; ``await finish()`` runs after Kubo's last byte and before the client's, so
+    what it records (the attachment index) is in place when the client sees the answer
+    complete. With ``exact_length``, Kubo's ``X-Content-Length`` is the body's length, and a
+    shorter stream (a failure Kubo reports only in a trailer) aborts the client's.
     """
     session = request.app[SERVICE].kubo.session
-    headers = upstream_headers(request)
+    sent_headers = {"User-Agent": USER_AGENT, **(headers or {})}
     failed_body = [] if failed_body is None else failed_body
     answering: list[aiohttp.ClientResponse] = []
-    if body is not None:
-        headers.popall("Content-Length", None)  # computed again for the new body
-    elif request.body_exists:
-        check_body_size(request)
-        body = _body(request)
     if body is not None and not isinstance(body, (bytes, bytearray)):
         body = _guarded(body, failed_body, answering)
     try:
-        upstream = await session.request(
-            request.method, url, headers=headers, data=body, allow_redirects=False,
-        )
+        upstream = await session.request(method or request.method, url, headers=sent_headers, data=body,
+                                         allow_redirects=False)
     except Exception as exc:
         if failed_body:
             raise failed_body[0] from None
@@ -170,7 +126,7 @@ async def forward(request: web.Request, url: URL, *, body=None,
     answering.append(upstream)
     async with upstream:
         try:
-            return await _relay(request, upstream, tap, finish, failed_body)
+            return await _relay(request, upstream, tap, transform, finish, failed_body, exact_length)
         finally:
             if failed_body:
                 upstream.close()  # never back to the pool: Kubo has half a request
@@ -179,7 +135,7 @@ async def forward(request: web.Request, url: URL, *, body=None,
 ERROR_BODY_LIMIT = 64 * 1024
 
 
-async def _kubo_error(request: web.Request, upstream: aiohttp.ClientResponse) -> web.Response:
+async def _kubo_error(upstream: aiohttp.ClientResponse) -> web.Response:
     """Kubo's error answer, in Kubo's JSON shape and with a status that says whose fault it is.
 
     Kubo's RPC answers every command error with 500 (its ``Code`` 0 means an ordinary error:
@@ -200,23 +156,21 @@ async def _kubo_error(request: web.Request, upstream: aiohttp.ClientResponse) ->
     return kubo_error(status, message[:2000], code=code if code is not None and status != 400 else None)
 
 
-async def _relay(request: web.Request, upstream: aiohttp.ClientResponse, tap=None,
-                 finish=None, failed_body: list = ()) -> web.StreamResponse:
+async def _relay(request: web.Request, upstream: aiohttp.ClientResponse, tap, transform, finish,
+                 failed_body: list, exact_length: bool) -> web.StreamResponse:
     if failed_body:  # the body failed before Kubo's headers were read: that is the answer
         raise failed_body[0]
     if upstream.status >= 400 and upstream.status not in (416,):
-        return await _kubo_error(request, upstream)
+        return await _kubo_error(upstream)
     resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
     for key, value in upstream.headers.items():
         if key.lower() not in DROP_RESPONSE:
             resp.headers.add(key, value)
     length = upstream.headers.get("Content-Length")
-    if length is not None and length.isdigit():
+    if length is not None and length.isdigit() and transform is None:
         resp.content_length = int(length)
-    # Readers such as `cat` announce their size; a shorter stream means Kubo failed after
-    # its headers and reported it only in a trailer we cannot relay.
     expected = None
-    if upstream.headers.get("X-Stream-Output") == "1":
+    if exact_length and upstream.headers.get("X-Stream-Output") == "1":
         announced = upstream.headers.get("X-Content-Length", "")
         expected = int(announced) if announced.isdigit() else None
     await resp.prepare(request)
@@ -228,10 +182,12 @@ async def _relay(request: web.Request, upstream: aiohttp.ClientResponse, tap=Non
         # Whatever Kubo has sent so far, as it comes: no waiting to fill (and copying into) a
         # chunk of a set size; aiohttp's read buffer (read_bufsize) still bounds the memory.
         async for chunk in upstream.content.iter_any():
+            sent += len(chunk)
             if tap is not None:
                 tap(chunk)
+            if transform is not None:
+                chunk = transform(chunk)
             await resp.write(chunk)
-            sent += len(chunk)
     except (aiohttp.ClientError, asyncio.TimeoutError, MediconError) as exc:
         abort(request, f"Kubo stream failed after {sent} bytes: {type(exc).__name__}")
         return resp
@@ -241,6 +197,8 @@ async def _relay(request: web.Request, upstream: aiohttp.ClientResponse, tap=Non
     if expected is not None and sent != expected:
         abort(request, f"Kubo stream ended after {sent} of {expected} bytes")
         return resp
+    if transform is not None and hasattr(transform, "flush"):
+        await resp.write(transform.flush())
     if finish is not None:
         try:
             await finish()
@@ -251,17 +209,19 @@ async def _relay(request: web.Request, upstream: aiohttp.ClientResponse, tap=Non
     return resp
 
 
-
-
-def rpc_url(request: web.Request, resolved: Resolved) -> URL:
-    """Kubo's URL for a classified command: canonical path, the client's query."""
+def rpc_url(request: web.Request, call: Call, *, args: list[str] | None = None) -> URL:
+    """Kubo's URL for a parsed call: the canonical command path and the rebuilt query."""
     base = URL(request.app[CONFIG].kubo.api_url)
-    query = upstream_query(request.query_string, resolved.path_arg)
-    path = "/api/v0/" + quote(resolved.command)
-    url = base.with_path(path, encoded=True).with_query(None)
+    query = call.upstream_query(args=args)
+    url = base.with_path("/api/v0/" + quote(call.command), encoded=True).with_query(None)
     return URL(str(url) + ("?" + query if query else ""), encoded=True)
 
 
-async def forward_rpc(request: web.Request, resolved: Resolved, **kw) -> web.StreamResponse:
-    """A served command, streamed to Kubo and back."""
-    return await forward(request, rpc_url(request, resolved), **kw)
+async def forward_rpc(request: web.Request, call: Call, **kw) -> web.StreamResponse:
+    """A served command: the rebuilt request to Kubo, its answer streamed back. A command that
+    reads files gets the client's multipart body re-framed part by part (``multipart``)."""
+    if call.entry.body is Body.FILES and "body" not in kw:
+        kw["body"], content_type = await reframed_files(request, call.command)
+        kw["headers"] = {"Content-Type": content_type}
+    return await forward(request, rpc_url(request, call), method="POST",
+                         exact_length=call.entry.exact_length, **kw)

@@ -18,6 +18,7 @@ from ..core import strictjson
 from ..core.records import EPISODE_OPENED, ChainConflict
 from ..errors import Invalid, NotFound, TooLarge
 from ..storage.model import Episode
+from . import commands
 from .appkeys import CONFIG, SERVICE
 from .body import body_read
 from .context import caller
@@ -61,6 +62,10 @@ async def _append(request: web.Request, doc: dict[str, Any]) -> web.Response:
         if err.episode is not None:
             err.details["current"] = _episode(err.episode)
         raise
+    return _appended(appended)
+
+
+def _appended(appended) -> web.Response:
     body = {"cid": appended.cid, "seq": appended.seq, "episode": _episode(appended.episode),
             "record": appended.record}
     return web.json_response(body, status=201 if appended.created else 200)
@@ -90,15 +95,15 @@ async def list_episodes(request: web.Request) -> web.Response:
 @routes.post(PREFIX + "/episodes/{episode}/records")
 async def append_record(request: web.Request) -> web.Response:
     """Append a record (encounter, amendment, episode-closed) to an episode."""
-    episode = await request.app[SERVICE].storage.heads.get_episode(request.match_info["episode"])
-    if episode is None:
-        raise NotFound(f"episode {request.match_info['episode']!r} is unknown")
     doc = await _json_body(request)
-    for key in ("patient", "episode"):
-        if key in doc and doc[key] != getattr(episode, "patient" if key == "patient" else "id"):
-            raise Invalid(f"the record's {key} does not match the episode")
-    doc["patient"], doc["episode"] = episode.patient, episode.id
-    return await _append(request, doc)
+    try:
+        appended = await request.app[SERVICE].append_to(caller(request), request.match_info["episode"], doc,
+                                                        idempotency_key(request))
+    except ChainConflict as err:
+        if err.episode is not None:
+            err.details["current"] = _episode(err.episode)
+        raise
+    return _appended(appended)
 
 
 @routes.get(PREFIX + "/episodes/{episode}")
@@ -150,6 +155,14 @@ async def loaded_plugins(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     await service.authorize(caller(request), "node:info")
     return web.json_response({"plugins": service.plugins.describe()})
+
+
+@routes.get(PREFIX + "/commands")
+async def rpc_commands(request: web.Request) -> web.Response:
+    """The RPC command table: what the gateway forwards, intercepts or refuses, and the options
+    and arguments it takes from a client."""
+    await request.app[SERVICE].authorize(caller(request), "node:info")
+    return web.json_response({"commands": commands.describe()})
 
 
 @routes.get(PREFIX + "/openapi.json")
