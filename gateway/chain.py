@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 
 EPISODE_OPENED = "https://medicon.example/schemas/episode-opened/v1"
 EPISODE_CLOSED = "https://medicon.example/schemas/episode-closed/v1"
+# Every version of the kinds that open and close an episode (v2: FHIR-shaped bodies).
+OPENING_KINDS = frozenset({EPISODE_OPENED, "https://medicon.example/schemas/episode-opened/v2"})
+CLOSING_KINDS = frozenset({EPISODE_CLOSED, "https://medicon.example/schemas/episode-closed/v2"})
 
 
 class RecordInvalid(GatewayError):
@@ -194,7 +197,7 @@ async def append(app: web.Application, doc: Any, signer: str,
                 moved = await store.create_episode(indexed)
             else:
                 moved = await store.append(indexed, expected_head=episode.head,
-                                           closes=record["schema"] == EPISODE_CLOSED)
+                                           closes=record["schema"] in CLOSING_KINDS)
         except StoreConflict as conflict:
             if await store.record(cid) is None:  # never unpin an acknowledged record
                 await kubo.pin_rm(cid)
@@ -206,7 +209,7 @@ async def append(app: web.Application, doc: Any, signer: str,
 
 def _chain(app: web.Application, record: dict[str, Any], episode: Episode | None) -> dict[str, Any]:
     """Decide ``prev``, ``seq`` and ``recorded_at`` against the episode as it stands."""
-    opening = record["schema"] == EPISODE_OPENED
+    opening = record["schema"] in OPENING_KINDS
     given_prev = record.get("prev")
     if opening:
         if episode is not None:
@@ -327,7 +330,7 @@ async def verify(app: web.Application, episode_id: str, head: str | None = None)
         prev = prev.get("/") if isinstance(prev, dict) else prev
         if (expected_seq == 0) != (prev is None):
             return report("prev must be null exactly at seq 0")
-        if expected_seq == 0 and node.get("schema") != EPISODE_OPENED:
+        if expected_seq == 0 and node.get("schema") not in OPENING_KINDS:
             return report("the first record of an episode must open it")
         try:
             record, _ = await protect.from_node(app, node)

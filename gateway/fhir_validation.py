@@ -36,7 +36,6 @@ import gzip
 import json
 import math
 import re
-from datetime import date
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
@@ -46,6 +45,8 @@ from jsonschema import Draft6Validator, ValidationError
 from jsonschema.validators import extend
 from referencing import Registry
 from referencing.jsonschema import DRAFT6
+
+from .schemas import is_calendar_date, whole_pattern
 
 DATA_DIR = Path(__file__).resolve().parent / "fhir_r4"
 SCHEMA_ID = "http://hl7.org/fhir/json-schema/4.0"
@@ -60,7 +61,6 @@ _REFERENCE = re.compile(
 )
 _LOCAL = re.compile(rf"#(?:{_ID})?")
 _URN = re.compile(r"urn:uuid:[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}|urn:oid:[0-2](?:\.(?:0|[1-9][0-9]*))+")
-_FULL_DATE = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})")
 _SHORT = 64
 
 
@@ -82,6 +82,7 @@ class FhirR4Validator:
         # validated, and its errors are the ones reported.
         definitions["ResourceList"] = {"fhirResource": True}
         schema.pop("oneOf", None)
+        schema.pop("$schema", None)  # else jsonschema may swap in its stock draft-06 class
         schema["$ref"] = "#/definitions/ResourceList"
         for name, rules in structure["definitions"].items():
             definitions[name]["fhirRules"] = rules
@@ -104,7 +105,7 @@ class FhirR4Validator:
         validator_class = extend(
             Draft6Validator,
             {
-                "pattern": _whole_pattern,
+                "pattern": whole_pattern,
                 "fhirResource": self._resource,
                 "fhirRules": self._rules,
                 "fhirInteger": _integer,
@@ -262,20 +263,6 @@ def validate_embedded(document: Any, pointer: str = "") -> list[Problem]:
 # --- keywords ---------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=None)
-def _compiled(pattern: str) -> re.Pattern:
-    # JSON Schema patterns are ECMA-262, where a final "$" is the end of the string; in Python
-    # it also matches before a final newline, so "2024-01-01\n" would pass as a date.
-    if pattern.endswith("$") and not pattern.endswith("\\$"):
-        pattern = pattern[:-1] + r"\Z"
-    return re.compile(pattern)
-
-
-def _whole_pattern(_validator, pattern, instance, _schema) -> Iterator[ValidationError]:
-    if isinstance(instance, str) and not _compiled(pattern).search(instance):
-        yield ValidationError("does not match the required format")
-
-
 def _integer(_validator, kind, instance, _schema) -> Iterator[ValidationError]:
     if isinstance(instance, bool) or not isinstance(instance, (int, float, Decimal)):
         return  # the type keyword reports it
@@ -297,22 +284,6 @@ def _decimal(_validator, _value, instance, _schema) -> Iterator[ValidationError]
 
 
 # --- helpers ----------------------------------------------------------------------------------
-
-
-def is_calendar_date(value: object) -> bool:
-    """True unless ``value`` is a string whose date part names a day that does not exist
-    (2023-02-29). FHIR: "Dates SHALL be valid dates"; its regexes allow 31 days in every month.
-    Partial dates (2024, 2024-05) and non-strings are left to the FHIR regexes."""
-    if not isinstance(value, str):
-        return True
-    match = _FULL_DATE.match(value)
-    if match is None:
-        return True
-    try:
-        date(int(match[1]), int(match[2]), int(match[3]))
-    except ValueError:
-        return False
-    return True
 
 
 def _calendar(_validator, _value, instance, _schema) -> Iterator[ValidationError]:
