@@ -244,6 +244,17 @@ class SchemaRegistry:
             name = next((n for n in missing if error.message == f"{n!r} is a required property"), None)
             if name is not None:
                 path += (name,)
+        elif keyword == "dependentRequired" and isinstance(error.instance, dict):
+            # "'system' is a dependency of 'code'": point at the missing property.
+            needed = {n for names in error.validator_value.values() for n in names}
+            name = next((n for n in needed if error.message.startswith(f"{n!r} is a dependency of ")), None)
+            if name is not None:
+                path += (name,)
+        elif keyword == "not" and error.validator_value == {} and path:
+            # {"not": {}} forbids a property where it stands, e.g. a second value[x].
+            message = f"{_short_repr(path[-1])} is not allowed together with another property present"
+            yield path, Violation(_pointer(path), message, schema_id, keyword)
+            return
         elif keyword == "additionalProperties" and error.validator_value is False:
             for name in _extra_properties(error.schema, error.instance):
                 message = f"{_short_repr(name)} was unexpected (additional properties are not allowed)"
