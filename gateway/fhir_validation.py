@@ -87,6 +87,11 @@ class FhirR4Validator:
         for name, rules in structure["definitions"].items():
             definitions[name]["fhirRules"] = rules
         definitions["Reference"]["fhirReference"] = True
+        for definition in definitions.values():
+            if "properties" in definition:
+                # The schema leaves "type" out of complex types: a string would pass as a
+                # CodeableConcept, and an array as a Reference.
+                definition["type"] = "object"
         self._names = {id(d): name for name, d in definitions.items()}
         self._primitive_of_pattern = {
             d["pattern"]: name for name, d in definitions.items() if name[:1].islower() and "pattern" in d
@@ -105,7 +110,7 @@ class FhirR4Validator:
         validator_class = extend(
             Draft6Validator,
             {
-                "pattern": whole_pattern,
+                "pattern": _string_pattern,
                 "fhirResource": self._resource,
                 "fhirRules": self._rules,
                 "fhirInteger": _integer,
@@ -119,9 +124,9 @@ class FhirR4Validator:
 
     def validate(self, resource: Any) -> list[Problem]:
         """Every problem of ``resource`` as (JSON pointer inside the resource, message)."""
-        pairs = [(tuple(e.absolute_path), p) for e in self._validator.iter_errors(resource) for p in self._problems(e)]
-        pairs.sort(key=lambda pair: (_path_key(pair[0]), pair[1]))
-        return [problem for _, problem in pairs]
+        found = [problem for error in self._validator.iter_errors(resource) for problem in self._problems(error)]
+        found.sort(key=lambda problem: (_path_key(problem[0]), problem[1]))
+        return [(_pointer(path), message) for path, message in found]
 
     def _resource(self, validator, _value, instance, _schema) -> Iterator[ValidationError]:
         if not isinstance(instance, dict):
@@ -181,7 +186,7 @@ class FhirR4Validator:
                         f"{match['type']} is not allowed here; FHIR R4 allows {', '.join(targets)}", path=where
                     )
 
-    def _problems(self, error: ValidationError) -> Iterator[Problem]:
+    def _problems(self, error: ValidationError) -> Iterator[tuple[list, str]]:
         path = list(error.absolute_path)
         keyword = str(error.validator)
         where = self._names.get(id(error.schema), "element")
@@ -189,15 +194,15 @@ class FhirR4Validator:
             known = error.schema.get("properties", {})
             for name in error.instance:
                 if name not in known:
-                    yield _pointer(path + [name]), f"unknown element: FHIR R4 {where} has no {_short(name)}"
+                    yield path + [name], f"unknown element: FHIR R4 {where} has no {_short(name)}"
             return
         if keyword == "required":
             missing = [n for n in error.validator_value if n not in error.instance]
             name = next((n for n in missing if error.message.startswith(repr(n))), None)
             if name is not None:
-                yield _pointer(path + [name]), f"required by FHIR R4 {where}"
+                yield path + [name], f"required by FHIR R4 {where}"
                 return
-        yield _pointer(path), self._message(error, keyword)
+        yield path, self._message(error, keyword)
 
     def _message(self, error: ValidationError, keyword: str) -> str:
         instance = error.instance
@@ -261,6 +266,12 @@ def validate_embedded(document: Any, pointer: str = "") -> list[Problem]:
 
 
 # --- keywords ---------------------------------------------------------------------------------
+
+
+def _string_pattern(validator, pattern, instance, schema) -> Iterator[ValidationError]:
+    # The schema gives patterns to booleans and numbers too; those are the type's business.
+    if schema.get("type", "string") == "string":
+        yield from whole_pattern(validator, pattern, instance, schema)
 
 
 def _integer(_validator, kind, instance, _schema) -> Iterator[ValidationError]:
