@@ -27,6 +27,8 @@ OPENED = BASE + "episode-opened/v1"
 ENCOUNTER = BASE + "encounter/v1"
 CLOSED = BASE + "episode-closed/v1"
 AMENDMENT = BASE + "amendment/v1"
+# The FHIR-shaped v2 kinds load beside v1 (tests/test_schemas_v2.py tests them).
+V2_KINDS = [BASE + kind + "/v2" for kind in ("episode-opened", "encounter", "episode-closed", "amendment")]
 
 EXAMPLES = DEFAULT_SCHEMA_DIR / "examples"
 CID_V0 = "QmYwAPJzv5CZsnA625s3Xf2nemtYgPpHdWEz79ojWnPbdG"
@@ -58,8 +60,8 @@ def no_network(monkeypatch):
 # --- the built-in kinds ---------------------------------------------------------------------
 
 
-def test_kinds_are_the_four_record_kinds(registry):
-    assert registry.kinds() == sorted([OPENED, ENCOUNTER, CLOSED, AMENDMENT])
+def test_kinds_are_the_four_record_kinds_in_v1_and_v2(registry):
+    assert registry.kinds() == sorted([OPENED, ENCOUNTER, CLOSED, AMENDMENT, *V2_KINDS])
     for abstract in (ENVELOPE, COMMON):
         assert abstract in registry
         assert not registry.is_record_kind(abstract)
@@ -304,7 +306,7 @@ def test_an_institution_folder_extends_the_built_in_kinds(tmp_path):
     write(tmp_path / "lab" / "lab-order-v1.json", lab_order_schema())
     write(tmp_path / "examples" / "lab-order.json", {"not": "a schema"})  # examples/ is skipped
     registry = SchemaRegistry.load(DEFAULT_SCHEMA_DIR, tmp_path)
-    assert registry.kinds() == sorted([OPENED, ENCOUNTER, CLOSED, AMENDMENT, LAB_ORDER])
+    assert registry.kinds() == sorted([OPENED, ENCOUNTER, CLOSED, AMENDMENT, *V2_KINDS, LAB_ORDER])
 
     doc = {
         "schema": LAB_ORDER,
@@ -386,3 +388,12 @@ def test_a_bad_schema_file_is_named(tmp_path, content, reason):
 def test_a_missing_folder_is_an_error(tmp_path):
     with pytest.raises(SchemaError, match="not a schema folder"):
         SchemaRegistry.load(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("field", ["/patient", "/episode", "/prev"])
+def test_a_pattern_must_match_up_to_the_end_not_before_a_final_newline(registry, field):
+    # JSON Schema patterns are ECMA-262: "$" is the end of the string. Python's "$" also
+    # matches before a final "\n", which let "patient-0042\n" pass as an identifier.
+    doc = example("encounter")
+    _set(field, doc[field.strip("/")] + "\n")(doc)
+    assert found(registry.validate(doc)) == [(field, COMMON, "pattern")]

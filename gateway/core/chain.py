@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 from ..errors import Conflict, Internal, MediconError
 from ..storage.model import Episode
-from .records import EPISODE_OPENED, ChainConflict, now, timestamp
+from .records import OPENING_KINDS, ChainConflict, now, timestamp
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class EpisodeLocks:
 def link(record: dict[str, Any], episode: Episode | None, policy: Policy) -> dict[str, Any]:
     """``record`` with ``prev``, ``seq`` and ``recorded_at`` decided against the episode as it
     stands; ``ChainConflict`` if it does not fit."""
-    opening = record["schema"] == EPISODE_OPENED
+    opening = record["schema"] in OPENING_KINDS
     given_prev = record.get("prev")
     # An episode of another patient is none of this writer's business: it learns no more than
     # that the id is taken (opening) or not there (appending), never whose it is or its state.

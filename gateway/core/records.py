@@ -15,6 +15,9 @@ from ..storage.model import Episode
 
 EPISODE_OPENED = "https://medicon.example/schemas/episode-opened/v1"
 EPISODE_CLOSED = "https://medicon.example/schemas/episode-closed/v1"
+# Every version of the kinds that open and close an episode (v2: FHIR-shaped bodies).
+OPENING_KINDS = frozenset({EPISODE_OPENED, "https://medicon.example/schemas/episode-opened/v2"})
+CLOSING_KINDS = frozenset({EPISODE_CLOSED, "https://medicon.example/schemas/episode-closed/v2"})
 
 
 class RecordInvalid(Invalid):

@@ -15,7 +15,8 @@ import copy
 import json
 import re
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 from urllib.parse import urljoin
@@ -23,6 +24,7 @@ from urllib.parse import urljoin
 import referencing.exceptions
 from jsonschema import Draft202012Validator, FormatChecker, ValidationError
 from jsonschema.exceptions import SchemaError as _JsonSchemaError
+from jsonschema.validators import extend
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
@@ -76,16 +78,56 @@ def is_rfc3339_datetime(value: object) -> bool:
     return True
 
 
+_FULL_DATE = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})")
+
+
+def is_calendar_date(value: object) -> bool:
+    """False for a string whose date part names a day that does not exist (2023-02-29).
+
+    Format ``fhir-date`` of the v2 schemas: FHIR says "Dates SHALL be valid dates" but its
+    regexes allow 31 days in every month. Partial dates (2024, 2024-05) pass: the FHIR regex
+    beside this format decides what shapes are allowed."""
+    if not isinstance(value, str):
+        return True
+    match = _FULL_DATE.match(value)
+    if match is None:
+        return True
+    try:
+        date(int(match[1]), int(match[2]), int(match[3]))
+    except ValueError:
+        return False
+    return True
+
+
 def _format_checker() -> FormatChecker:
     # Our own date-time check, whether or not rfc3339-validator is installed: jsonschema
     # silently skips formats it has no checker for, and the behaviour must not depend on it.
     checker = FormatChecker(formats=())
     checker.checkers = dict(Draft202012Validator.FORMAT_CHECKER.checkers)
     checker.checks("date-time")(is_rfc3339_datetime)
+    checker.checks("fhir-date")(is_calendar_date)
     return checker
 
 
 FORMAT_CHECKER = _format_checker()
+
+
+@lru_cache(maxsize=None)
+def compiled_pattern(pattern: str) -> re.Pattern:
+    """``pattern`` with ECMA-262 semantics for a final ``$`` (the end of the string): in Python
+    ``$`` also matches before a final newline, so "id\\n" would pass ``^[a-z]+$``."""
+    if pattern.endswith("$") and not pattern.endswith("\\$"):
+        pattern = pattern[:-1] + r"\Z"
+    return re.compile(pattern)
+
+
+def whole_pattern(_validator, pattern, instance, _schema) -> Iterator[ValidationError]:
+    """The ``pattern`` keyword, with ``compiled_pattern``."""
+    if isinstance(instance, str) and not compiled_pattern(pattern).search(instance):
+        yield ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+_RecordValidator = extend(Draft202012Validator, {"pattern": whole_pattern})
 
 
 # --- the registry --------------------------------------------------------------------------
@@ -100,18 +142,20 @@ class SchemaRegistry:
 
     def __init__(self, schemas: dict[str, dict], files: dict[str, Path]) -> None:
         self._schemas = schemas
+        # Every file is 2020-12 (checked at load). A "$schema" in a $ref'd file would make
+        # jsonschema switch to its stock validator for that dialect, without our pattern
+        # keyword: validate with shallow copies that leave it out.
+        runnable = {sid: {k: v for k, v in s.items() if k != "$schema"} for sid, s in schemas.items()}
         self._registry = Registry(retrieve=_refuse_retrieval).with_resources(
-            (sid, DRAFT202012.create_resource(s)) for sid, s in schemas.items()
+            (sid, DRAFT202012.create_resource(s)) for sid, s in runnable.items()
         ).crawl()
         # id(subschema dict) -> $id of its schema resource, to name the schema of a violation.
         self._owner: dict[int, str] = {}
-        for sid, schema in schemas.items():
+        for sid, schema in runnable.items():
             self._index(DRAFT202012.create_resource(schema), sid, files[sid])
         self._validators = {
-            sid: Draft202012Validator(
-                schema, registry=self._registry, format_checker=FORMAT_CHECKER
-            )
-            for sid, schema in schemas.items()
+            sid: _RecordValidator(schema, registry=self._registry, format_checker=FORMAT_CHECKER)
+            for sid, schema in runnable.items()
             if not schema.get(ABSTRACT)
         }
 
@@ -200,6 +244,17 @@ class SchemaRegistry:
             name = next((n for n in missing if error.message == f"{n!r} is a required property"), None)
             if name is not None:
                 path += (name,)
+        elif keyword == "dependentRequired" and isinstance(error.instance, dict):
+            # "'system' is a dependency of 'code'": point at the missing property.
+            needed = {n for names in error.validator_value.values() for n in names}
+            name = next((n for n in needed if error.message.startswith(f"{n!r} is a dependency of ")), None)
+            if name is not None:
+                path += (name,)
+        elif keyword == "not" and error.validator_value == {} and path:
+            # {"not": {}} forbids a property where it stands, e.g. a second value[x].
+            message = f"{_short_repr(path[-1])} is not allowed together with another property present"
+            yield path, Violation(_pointer(path), message, schema_id, keyword)
+            return
         elif keyword == "additionalProperties" and error.validator_value is False:
             for name in _extra_properties(error.schema, error.instance):
                 message = f"{_short_repr(name)} was unexpected (additional properties are not allowed)"

@@ -33,7 +33,7 @@ from ..storage.model import Blob, Episode, IndexedRecord, StoreConflict
 from . import chain
 from .access import Authorizer, Caller
 from .plugins import PluginHost, PluginLoadError, make_manager
-from .records import (EPISODE_CLOSED, EPISODE_OPENED, Appended, ChainConflict, RecordInvalid,
+from .records import (CLOSING_KINDS, OPENING_KINDS, Appended, ChainConflict, RecordInvalid,
                       claimed_resource, dag_json_problems, normalise, request_digest, timestamp)
 from .schemas import DEFAULT_SCHEMA_DIR, SchemaError, SchemaRegistry
 from .sealing import Sealer
@@ -243,7 +243,7 @@ class RecordService:
                     moved = await heads.create_episode(indexed)
                 else:
                     moved = await heads.append(indexed, expected_head=episode.head,
-                                               closes=record["schema"] == EPISODE_CLOSED)
+                                               closes=record["schema"] in CLOSING_KINDS)
             except StoreConflict as conflict:
                 if await heads.record(cid) is None:  # never unpin an acknowledged record
                     await self.kubo.pin_rm(cid)
@@ -407,7 +407,7 @@ class RecordService:
             prev = prev.get("/") if isinstance(prev, dict) else prev
             if (expected_seq == 0) != (prev is None):
                 return report("prev must be null exactly at seq 0")
-            if expected_seq == 0 and node.get("schema") != EPISODE_OPENED:
+            if expected_seq == 0 and node.get("schema") not in OPENING_KINDS:
                 return report("the first record of an episode must open it")
             try:
                 record, _ = await self.sealer.from_node(node)
