@@ -157,8 +157,30 @@ async def verify(request: web.Request) -> web.Response:
 
 @routes.get(PREFIX + "/schemas")
 async def schemas(request: web.Request) -> web.Response:
+    """The record kinds; with ``full=1`` also every loaded schema document by ``$id`` (the
+    abstract ones too, so a client can resolve the kinds' ``$ref``s, e.g. to build a form)."""
     await auth.authorize(request, "node:info")
-    return web.json_response({"kinds": request.app[SCHEMAS].kinds()})
+    full = request.query.get("full", "0")
+    if full not in ("0", "1"):
+        raise GatewayError(400, "full must be 0 or 1")
+    registry = request.app[SCHEMAS]
+    body: dict[str, Any] = {"kinds": registry.kinds()}
+    if full == "1":
+        body["schemas"] = registry.documents()
+    return web.json_response(body)
+
+
+@routes.get(PREFIX + "/whoami")
+async def whoami(request: web.Request) -> web.Response:
+    """The caller as the gateway sees it (principal id, role, scope), so a client such as the
+    timeline UI knows what to show; never the credential itself."""
+    await auth.authorize(request, "node:info")
+    who = auth.principal(request)
+    return web.json_response({
+        "principal": who.id, "role": who.role,
+        "patients": None if who.patients is None else sorted(who.patients),
+        "episodes": None if who.episodes is None else sorted(who.episodes),
+    })
 
 
 @routes.get(PREFIX + "/plugins")
