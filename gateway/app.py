@@ -9,7 +9,7 @@ from typing import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from . import api, auth, chain, plugins, proxy, records
+from . import api, auth, chain, plugins, proxy, records, ui
 from .appkeys import CONFIG, INTERCEPTORS, KEYRING, KUBO, KUBO_SESSION, PLUGINS, SCHEMAS, STORE
 from .commands import COMMANDS, Action
 from .config import Config, ConfigError
@@ -147,6 +147,7 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.extend([keyring, kubo_session, head_store, record_kinds])
     app.router.add_get("/healthz", healthz, allow_head=True)
     app.router.add_get("/readyz", readyz, allow_head=True)
+    ui.add_ui_routes(app)
     app.router.add_route("*", "/api/v0/{command:.*}", proxy.rpc)
     app.router.add_route("*", "/ipfs/{path:.*}", records.ipfs_path)
     app.router.add_route("*", "/ipns/{path:.*}", proxy.http_gateway)

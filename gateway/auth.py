@@ -28,6 +28,10 @@ from .errors import GatewayError
 from .principal import Principal
 
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+# Routes, by name, served without a credential: the timeline UI's static files (gateway/ui.py),
+# the sign-in page and its code. They hold no data; the UI reads everything through /medicon/v1
+# with the bearer token the user types in.
+PUBLIC_ROUTES = frozenset({"medicon-ui", "medicon-ui-asset"})
 PRINCIPAL = "medicon.principal"
 REQUEST_ID = "medicon.request_id"
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="medicon-gateway", Basic realm="medicon-gateway"'}
@@ -145,7 +149,7 @@ async def auth_middleware(request: web.Request, handler):
     """No principal, no service: 401 everywhere but the health probes. A refusal is audited
     before it is answered, whichever plugin refused and why."""
     request[REQUEST_ID] = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex
-    if request.path in PUBLIC_PATHS:
+    if request.path in PUBLIC_PATHS or request.match_info.route.name in PUBLIC_ROUTES:
         return await handler(request)
     try:
         found = await plugins.call(request.app[PLUGINS], "medicon_authenticate", request=request)
