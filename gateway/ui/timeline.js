@@ -106,6 +106,9 @@ function timelineRows(lanes, filters) {
   return rows;
 }
 
+const TIME_COLUMN = 86;
+const MIN_LANE = 280;
+
 export function renderTimeline(container, state, ctx) {
   const lanes = state.lanes.filter((lane) => state.filters.episodes === null || state.filters.episodes.has(lane.episode.id));
   if (!state.lanes.length) {
@@ -147,6 +150,8 @@ export function renderTimeline(container, state, ctx) {
     table.append(h('tbody', {}, h('tr', {}, h('td', { colspan: String(lanes.length + 1), class: 'empty' },
       lanes.every((l) => l.error) ? 'No records can be shown.' : 'No records match the filters.'))));
   }
+  // Equal lanes, never narrower than a record card: more episodes scroll sideways.
+  table.style.minWidth = `${TIME_COLUMN + lanes.length * MIN_LANE}px`;
   table.addEventListener('keydown', (event) => moveFocus(table, event));
   container.replaceChildren(h('div', { class: 'timeline-scroll' }, table));
   return { shown: rows.length, total: countAll(lanes) };
