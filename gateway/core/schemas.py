@@ -215,6 +215,10 @@ class SchemaRegistry:
         """A copy of the schema with this ``$id`` (KeyError if none)."""
         return copy.deepcopy(self._schemas[schema_id])
 
+    def documents(self) -> dict[str, dict]:
+        """A copy of every loaded schema, abstract ones included, by ``$id``."""
+        return copy.deepcopy(self._schemas)
+
     def validate(self, document: Any) -> list[Violation]:
         """Every violation of ``document`` against the kind it names, sorted by pointer."""
         if not isinstance(document, dict):

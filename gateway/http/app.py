@@ -12,7 +12,7 @@ from ..config import Config, ConfigError
 from ..core.plugins import PluginHost, PluginLoadError, make_manager
 from ..core.service import RecordService
 from ..errors import Busy, MediconError
-from . import rest
+from . import rest, ui
 from .appkeys import CONFIG, SERVICE
 from .auth import PUBLIC_PATHS, auth_middleware
 from .errors import error_middleware
@@ -89,6 +89,7 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(record_service)
     app.router.add_get("/healthz", healthz, allow_head=True)
     app.router.add_get("/readyz", readyz, allow_head=True)
+    ui.add_ui_routes(app)
     app.router.add_route("*", "/api/v0/{command:.*}", rpc)
     app.router.add_route("*", "/ipfs/{path:.*}", ipfs_path)
     app.router.add_route("*", "/ipns/{path:.*}", ipns_path)

@@ -18,6 +18,10 @@ from .appkeys import SERVICE
 from .context import CALLER, REQUEST_ID, caller_for, surface_of
 
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+# Routes, by name, served without a credential: the timeline UI's static files (``ui``), the
+# sign-in page and its code. They hold no data; the UI reads everything through /medicon/v1 with
+# the bearer token the user types in.
+PUBLIC_ROUTES = frozenset({"medicon-ui", "medicon-ui-asset"})
 
 
 @web.middleware
@@ -25,7 +29,7 @@ async def auth_middleware(request: web.Request, handler):
     """No principal, no service: 401 everywhere but the health probes. A refusal is audited
     before it is answered, whichever plugin refused and why."""
     request[REQUEST_ID] = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex
-    if request.path in PUBLIC_PATHS:
+    if request.path in PUBLIC_PATHS or request.match_info.route.name in PUBLIC_ROUTES:
         return await handler(request)
     service = request.app[SERVICE]
     try:

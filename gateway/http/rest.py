@@ -145,9 +145,30 @@ async def verify(request: web.Request) -> web.Response:
 
 @routes.get(PREFIX + "/schemas")
 async def schemas(request: web.Request) -> web.Response:
+    """The record kinds; with ``full=1`` also every loaded schema document by ``$id`` (the
+    abstract ones too, so a client can resolve the kinds' ``$ref``s, e.g. to build a form)."""
     service = request.app[SERVICE]
     await service.authorize(caller(request), "node:info")
-    return web.json_response({"kinds": service.schemas.kinds()})
+    full = request.query.get("full", "0")
+    if full not in ("0", "1"):
+        raise Invalid("full must be 0 or 1")
+    body: dict[str, Any] = {"kinds": service.schemas.kinds()}
+    if full == "1":
+        body["schemas"] = service.schemas.documents()
+    return web.json_response(body)
+
+
+@routes.get(PREFIX + "/whoami")
+async def whoami(request: web.Request) -> web.Response:
+    """The caller as the gateway sees it (principal id, role, scope), so a client such as the
+    timeline UI knows what to show; never the credential itself."""
+    await request.app[SERVICE].authorize(caller(request), "node:info")
+    who = caller(request).principal
+    return web.json_response({
+        "principal": who.id, "role": who.role,
+        "patients": None if who.patients is None else sorted(who.patients),
+        "episodes": None if who.episodes is None else sorted(who.episodes),
+    })
 
 
 @routes.get(PREFIX + "/plugins")
