@@ -191,16 +191,21 @@ class GatewayProcess:
 
 
 def start_gateway(node: KuboNode, *args: str, env: dict | None = None,
-                  data_dir: str | None = None) -> GatewayProcess:
+                  data_dir: str | None = None, log: Path | None = None,
+                  log_level: str = "WARNING") -> GatewayProcess:
+    """The gateway as a process; its log (stderr) goes to ``log`` when given, else to ours."""
     data_dir = data_dir or new_data_dir()
     token = make_token(data_dir)
     full_env = {**os.environ, "MEDICON_KUBO_API_URL": node.api_url,
                 "MEDICON_KUBO_GATEWAY_URL": node.gateway_url,
-                "MEDICON_RECORDS_DATA_DIR": data_dir, **(env or {})}
+                "MEDICON_RECORDS_DATA_DIR": data_dir, "PYTHONUNBUFFERED": "1", **(env or {})}
+    stderr = open(log, "ab") if log is not None else None
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "--log-level", "WARNING", "serve", "--port", "0", *args],
-        env=full_env, stdout=subprocess.PIPE, stderr=None, text=True, cwd=ROOT,
+        [sys.executable, "-m", "gateway", "--log-level", log_level, "serve", "--port", "0", *args],
+        env=full_env, stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=ROOT,
     )
+    if stderr is not None:
+        stderr.close()
     line = proc.stdout.readline()
     if not line.startswith("MEDICON_GATEWAY_URL="):
         proc.kill()

@@ -64,19 +64,75 @@ def test_kubo_cli_with_api_auth_bearer_and_basic(gateway):
 
 
 def test_token_never_in_logs(kubo, tmp_path):
+    """The gateway's own log (its stderr, at DEBUG) and its audit log hold no part of a token,
+    whatever carried it: the CLI's header, the ``api-auth`` query, a wrong token."""
     from conftest import start_gateway
-    gw = start_gateway(kubo, env={"PYTHONUNBUFFERED": "1"})
+    log = tmp_path / "gateway.log"
+    gw = start_gateway(kubo, log=log, log_level="DEBUG")
     try:
-        ipfs_cli(gw, "add", "-Q", input=b"log test")
+        assert ipfs_cli(gw, "add", "-Q", input=b"log test").returncode == 0
         import requests
         requests.post(f"{gw.url}/api/v0/version?api-auth=bearer:{gw.token}")
         requests.post(f"{gw.url}/api/v0/version", headers=bearer(gw.token + "x"))
+        requests.post(f"{gw.url}/api/v0/cat?arg=bafkqaaa&api-auth={gw.token}", headers=bearer(gw.token))
     finally:
         gw.stop()
-    # the gateway ran with its stderr to ours; the audit log is its durable record
+    text = log.read_text()
+    assert "medicon" in text  # the log was written (DEBUG lines of the gateway's own)
     db = sqlite3.connect(os.path.join(gw.data_dir, "audit.sqlite3"))
     dump = "\n".join(row[0] for row in db.execute("SELECT event FROM audit"))
-    assert gw.token not in dump and gw.token[4:20] not in dump
+    for where in (text, dump):
+        assert gw.token not in where and gw.token[4:20] not in where and gw.token[-16:] not in where
+
+
+def _raw_exchange(port: int, data: bytes) -> bytes:
+    import socket
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(data)
+        answer = b""
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except (ConnectionResetError, TimeoutError):
+            pass
+    return answer
+
+
+def test_malformed_requests_never_echo_or_log_a_credential(kubo, tmp_path):
+    """aiohttp answers a request it cannot parse with the offending bytes, and logs them: with
+    a folded, bare-LF, over-long or otherwise malformed header that is the credential. Every such
+    request gets Kubo's error shape with a fixed message, and the log (at DEBUG) holds no byte
+    of the token."""
+    from conftest import start_gateway
+    log = tmp_path / "gateway.log"
+    gw = start_gateway(kubo, log=log, log_level="DEBUG")
+    token = gw.token.encode()
+    cases = {
+        "folded header": b"POST /api/v0/version HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer\r\n " + token + b"\r\n\r\n",
+        "bare LF": b"POST /api/v0/version HTTP/1.1\nHost: x\nAuthorization: Bearer " + token + b"\n\n",
+        "over-long header": b"POST /api/v0/version HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + token
+                            + b"A" * 20000 + b"\r\n\r\n",
+        "control byte": b"POST /api/v0/version HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + token
+                        + b"\x00\x01\r\n\r\n",
+        "token as a header name": b"POST /api/v0/version HTTP/1.1\r\nHost: x\r\n" + token + b" x: y\r\n\r\n",
+        "over-long request line": b"POST /api/v0/version?api-auth=bearer:" + token + b"&x=" + b"A" * 20000
+                                  + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        "bad method": b"P\x01ST /api/v0/version?api-auth=" + token + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        "bad version": b"POST /api/v0/version?api-auth=" + token + b" HTTP/9.9x\r\nHost: x\r\n\r\n",
+    }
+    try:
+        for name, data in cases.items():
+            answer = _raw_exchange(gw.port, data)
+            assert answer[:10] in (b"HTTP/1.1 4", b"HTTP/1.0 4"), (name, answer[:200])
+            assert b'"Type": "error"' in answer, (name, answer[:300])
+            for fragment in (token, token[4:20], token[-16:]):
+                assert fragment not in answer, name
+    finally:
+        gw.stop()
+    logged = log.read_bytes()
+    assert b"refused a malformed request" in logged  # the log was written, and said what happened
+    for fragment in (token, token[4:20], token[-16:]):
+        assert fragment not in logged
 
 
 # --- per-patient access on every read path ------------------------------------------------------

@@ -35,6 +35,10 @@ def _timeout_response(header_timeout: float) -> bytes:
             b"Connection: close\r\n\r\n" + body)
 
 
+_MALFORMED = {400: "malformed HTTP request", 413: "request too large", 414: "request line too long",
+              431: "request header fields too large"}
+
+
 class HeaderTimeoutHandler(RequestHandler):
     """aiohttp's connection protocol with a deadline for each request head.
 
@@ -51,6 +55,21 @@ class HeaderTimeoutHandler(RequestHandler):
         self._header_timeout = header_timeout
         self._header_deadline: asyncio.TimerHandle | None = None
         self._last_payload = None  # body of the newest parsed request; None before the first
+
+    def handle_error(self, request, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        """A request aiohttp could not parse (or a failure before any handler ran). aiohttp's
+        own answer echoes the offending bytes, and its log line carries them: with a folded,
+        over-long or malformed ``Authorization`` header that is the credential. Answer in
+        Kubo's error shape with a fixed message, and log only the kind of failure."""
+        log.info("refused a malformed request: %d %s", status, type(exc).__name__ if exc else "")
+        if request.writer.output_size > 0:
+            raise ConnectionError("the response has started; the connection is closed instead")
+        text = _MALFORMED.get(status, "the request could not be handled")
+        body = json.dumps({"Message": text, "Code": 1 if status < 500 else 2, "Type": "error"})
+        resp = web.Response(status=status, text=body + "\n", content_type="application/json")
+        resp.force_close()
+        return resp
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
