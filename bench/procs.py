@@ -130,7 +130,7 @@ class Procs:
     def gateway_env(self) -> dict[str, str]:
         assert self.kubo is not None
         return {**os.environ, "MEDICON_KUBO_API_URL": self.kubo.api_url,
-                "MEDICON_KUBO_GATEWAY_URL": self.kubo.gateway_url,
+                "MEDICON_KUBO_GATEWAY_URL": self.kubo.gateway_url, "MEDICON_KUBO_API_AUTH": self.kubo.api_secret,
                 "MEDICON_RECORDS_DATA_DIR": str(self.records_dir)}
 
     def create_token(self) -> Auth:

@@ -94,13 +94,15 @@ class Ctx:
 
     def stream_targets(self) -> list[dict]:
         kubo, gw = self.procs.kubo, self.procs.ensure_gateway()
-        return [{"name": "direct", "api": kubo.api_url, "gw": kubo.gateway_url},
-                {"name": "nginx", "api": self.procs.nginx_url, "gw": self.procs.nginx_url},
+        # Kubo's RPC takes only callers with its secret (API.Authorizations), through nginx too
+        return [{"name": "direct", "api": kubo.api_url, "gw": kubo.gateway_url, "headers": kubo.rpc_headers},
+                {"name": "nginx", "api": self.procs.nginx_url, "gw": self.procs.nginx_url, "headers": kubo.rpc_headers},
                 {"name": "gateway", "api": gw.url, "gw": gw.url, "headers": self.procs.auth.headers}]
 
     def raw_targets(self) -> list[dict]:
-        return [{"name": "direct", "kind": "raw_add", "url": self.procs.kubo.api_url},
-                {"name": "nginx", "kind": "raw_add", "url": self.procs.nginx_url}]
+        headers = self.procs.kubo.rpc_headers
+        return [{"name": "direct", "kind": "raw_add", "url": self.procs.kubo.api_url, "headers": headers},
+                {"name": "nginx", "kind": "raw_add", "url": self.procs.nginx_url, "headers": headers}]
 
     def gateway_target(self) -> dict:
         gw = self.procs.ensure_gateway()

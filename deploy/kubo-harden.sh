@@ -3,13 +3,18 @@
 #
 # Kubo's RPC API (5001) is a full admin interface with no authentication by default, so it
 # must listen on loopback only; the gateway, running beside Kubo (same host, same pod, or
-# the same container network namespace), is the only door to it.
+# the same container network namespace), is the only door to it. Loopback alone still lets
+# any process on the host (or in the pod) in, so the API also takes only callers presenting
+# a secret (Kubo's API.Authorizations), which the gateway reads from the same file
+# (kubo.api_auth_file / MEDICON_KUBO_API_AUTH_FILE).
 #
 # Usage:  IPFS_PATH=/path/to/repo [IPFS_BIN=ipfs] kubo-harden.sh
 #   KUBO_API_PORT         RPC API port on 127.0.0.1        (default 5001)
 #   KUBO_GATEWAY_PORT     HTTP gateway port on 127.0.0.1   (default 8080)
 #   KUBO_GATEWAY_NOFETCH  true: the gateway serves local blocks only; false: it may fetch
 #                         from the network (production nodes that should fetch) (default true)
+#   KUBO_API_SECRET_FILE  the RPC secret, shared with the gateway (default
+#                         $IPFS_PATH/medicon-api-secret, created 0600 when missing)
 #   IPFS_PROFILE          profile(s) for the first `ipfs init` only, e.g. "server"
 #
 # Idempotent: it creates the repo only when missing and sets the same values on every run,
@@ -24,6 +29,7 @@ IPFS_BIN="${IPFS_BIN:-ipfs}"                              # allow a binary outsi
 API_PORT="${KUBO_API_PORT:-5001}"                         # must match the gateway's kubo.api_url
 GATEWAY_PORT="${KUBO_GATEWAY_PORT:-8080}"                 # must match the gateway's kubo.gateway_url
 NOFETCH="${KUBO_GATEWAY_NOFETCH:-true}"                   # safe default: the HTTP gateway never triggers network fetches
+SECRET_FILE="${KUBO_API_SECRET_FILE:-$IPFS_PATH/medicon-api-secret}"  # the RPC secret the gateway presents
 
 for port in "$API_PORT" "$GATEWAY_PORT"; do               # a typo here would produce an invalid multiaddr
   case "$port" in ''|*[!0-9]*) echo "kubo-harden: invalid port: '$port'" >&2; exit 2 ;; esac  # digits only
@@ -42,7 +48,12 @@ fi
 "$IPFS_BIN" config --json Gateway.PublicGateways null                        # drop any hostname-specific gateway rules; Kubo's built-in defaults apply
 "$IPFS_BIN" config --json Swarm.DisableNatPortMap true                       # do not ask the router (UPnP/NAT-PMP) to open ports on the host
 "$IPFS_BIN" config --json Discovery.MDNS.Enabled false                       # do not announce the node on, or scan, the local network
-# API.Authorizations is deliberately left alone: an operator may have set RPC auth secrets.
+if [ ! -s "$SECRET_FILE" ]; then                          # first start: make the secret (a mounted secret file is never overwritten)
+  (umask 077 && head -c 32 /dev/urandom | base64 | tr -d '=+/\n' > "$SECRET_FILE")  # 0600, URL-safe characters only
+fi
+secret="$(tr -d ' \n\r' < "$SECRET_FILE")"                 # read it back (a mounted file may end with a newline)
+[ "${#secret}" -ge 16 ] || { echo "kubo-harden: $SECRET_FILE holds no usable secret" >&2; exit 2; }
+"$IPFS_BIN" config --json API.Authorizations "{\"medicon-gateway\": {\"AuthSecret\": \"bearer:$secret\", \"AllowedPaths\": [\"/api/v0\"]}}"  # only the gateway may call the RPC API
 
 api="$("$IPFS_BIN" config Addresses.API)"                                    # read back what Kubo will actually use
 gw="$("$IPFS_BIN" config Addresses.Gateway)"                                 # same for the gateway listener
@@ -50,4 +61,4 @@ if [ "$api" != "/ip4/127.0.0.1/tcp/$API_PORT" ] || [ "$gw" != "/ip4/127.0.0.1/tc
   echo "kubo-harden: refusing to start: API=$api Gateway=$gw" >&2                                  # say what is wrong
   exit 1                                                                                            # non-zero stops the daemon from starting
 fi
-echo "kubo-harden: API=$api Gateway=$gw NoFetch=$NOFETCH"                   # one line summary for the service log
+echo "kubo-harden: API=$api Gateway=$gw NoFetch=$NOFETCH RPC secret from $SECRET_FILE"  # one line summary for the service log (never the secret)

@@ -106,6 +106,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
           file=sys.stderr, flush=True)
     try:
         overrides = {"kubo.api_url": node.api_url, "kubo.gateway_url": node.gateway_url,
+                     "kubo.api_auth": node.api_secret,
                      "records.data_dir": str(data_dir / "records"), **_overrides(args)}
         config = load_config(args.config, overrides=overrides)
         ring = keyring_path(config)

@@ -84,8 +84,25 @@ class KuboConfig(Section):
     # past it the client gets 504, or the stream is aborted.
     read_timeout: Seconds = 120.0
     max_connections: Count = 100
+    # The secret of Kubo's API.Authorizations entry for the gateway: sent as
+    # "Authorization: Bearer <secret>" on every RPC call, so no other process on the host can
+    # use Kubo's RPC. Empty: Kubo's RPC is open (only for a Kubo nobody else can reach).
+    api_auth: str = ""
+    # ... or a file holding it (a Docker/Kubernetes secret, a systemd credential).
+    api_auth_file: str = ""
     # The `ipfs` binary of a node the gateway manages (`dev`); empty: .tools/bin/ipfs, then PATH.
     bin: str = ""
+
+
+    def rpc_secret(self) -> str:
+        """The secret of Kubo's API.Authorizations, from ``api_auth`` or ``api_auth_file``."""
+        if not self.api_auth_file:
+            return self.api_auth
+        try:
+            return Path(self.api_auth_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"config key 'kubo.api_auth_file': cannot read {self.api_auth_file}: "
+                              f"{exc.strerror}") from None
 
 
 class RecordsConfig(Section):

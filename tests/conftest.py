@@ -147,7 +147,7 @@ def new_data_dir() -> str:
 def gateway_config(node: KuboNode, **overrides):
     """A config for ``node`` with a data dir of its own (fresh chains, tokens and keys)."""
     return load_config(env={}, overrides={
-        "kubo.api_url": node.api_url, "kubo.gateway_url": node.gateway_url,
+        "kubo.api_url": node.api_url, "kubo.gateway_url": node.gateway_url, "kubo.api_auth": node.api_secret,
         "records.data_dir": new_data_dir(), **overrides,
     })
 
@@ -197,7 +197,7 @@ def start_gateway(node: KuboNode, *args: str, env: dict | None = None,
     data_dir = data_dir or new_data_dir()
     token = make_token(data_dir)
     full_env = {**os.environ, "MEDICON_KUBO_API_URL": node.api_url,
-                "MEDICON_KUBO_GATEWAY_URL": node.gateway_url,
+                "MEDICON_KUBO_GATEWAY_URL": node.gateway_url, "MEDICON_KUBO_API_AUTH": node.api_secret,
                 "MEDICON_RECORDS_DATA_DIR": data_dir, "PYTHONUNBUFFERED": "1", **(env or {})}
     stderr = open(log, "ab") if log is not None else None
     proc = subprocess.Popen(
@@ -235,7 +235,7 @@ def ipfs_cli(target, *args: str, input: bytes | None = None, cwd: Path | None = 
     if isinstance(target, GatewayProcess):
         api, token = target.multiaddr, token or target.token
     elif isinstance(target, KuboNode):
-        api = target.api_multiaddr
+        api, token = target.api_multiaddr, token or target.api_secret
     else:
         api = target
     auth = ("--api-auth", f"bearer:{token}") if token else ()

@@ -453,7 +453,8 @@ def test_harden_script_binds_kubo_to_loopback():
     assert calls["API.HTTPHeaders"] == (True, "{}")
     assert calls["Swarm.DisableNatPortMap"] == (True, "true")
     assert calls["Discovery.MDNS.Enabled"] == (True, "false")
-    assert "API.Authorizations" not in calls
+    as_json, value = calls["API.Authorizations"]  # only the gateway's secret opens the RPC API
+    assert as_json and '"medicon-gateway"' in value and '"AllowedPaths": ["/api/v0"]' in value
     assert "0.0.0.0" not in " ".join(v for _, v in calls.values())
 
 
@@ -484,9 +485,15 @@ def test_harden_script_on_real_kubo(tmp_path):
     assert not cfg["Gateway"].get("PublicGateways")
     peer_id = cfg["Identity"]["PeerID"]
 
+    secret = (repo / "medicon-api-secret").read_text().strip()
+    assert len(secret) >= 32 and (repo / "medicon-api-secret").stat().st_mode & 0o077 == 0
+    gateway_only = {"medicon-gateway": {"AuthSecret": f"bearer:{secret}", "AllowedPaths": ["/api/v0"]}}
+    assert cfg["API"]["Authorizations"] == gateway_only
+    assert secret not in result.stdout + result.stderr
+
     # 2. What the Docker image's first-run init leaves behind (API on 0.0.0.0) plus CORS and
-    # an RPC secret: re-running puts the listeners back on loopback, keeps the identity
-    # (no re-init) and leaves API.Authorizations alone.
+    # another caller's RPC secret: re-running puts the listeners back on loopback, keeps the
+    # identity (no re-init) and the gateway's secret, and lets no other caller in.
     cfg["Addresses"]["API"] = ["/ip4/0.0.0.0/tcp/5001", "/ip6/::/tcp/5001"]
     cfg["Addresses"]["Gateway"] = "/ip4/0.0.0.0/tcp/8080"
     cfg["API"]["HTTPHeaders"] = {"Access-Control-Allow-Origin": ["*"]}
@@ -500,8 +507,13 @@ def test_harden_script_on_real_kubo(tmp_path):
     assert cfg["Addresses"]["API"] == "/ip4/127.0.0.1/tcp/15001"
     assert cfg["Addresses"]["Gateway"] == "/ip4/127.0.0.1/tcp/8080"
     assert cfg["API"]["HTTPHeaders"] == {}
-    assert cfg["API"]["Authorizations"] == auth
+    assert cfg["API"]["Authorizations"] == gateway_only
     assert cfg["Gateway"]["NoFetch"] is False
+    # a secret mounted from elsewhere (a Docker or Kubernetes secret) is used as it is
+    mounted = tmp_path / "mounted-secret"
+    mounted.write_text("m" * 40 + "\n")
+    assert run(KUBO_API_SECRET_FILE=str(mounted)).returncode == 0
+    assert config()["API"]["Authorizations"]["medicon-gateway"]["AuthSecret"] == "bearer:" + "m" * 40
 
     # 3. Bad input stops the start instead of producing a half-hardened repo.
     assert run(KUBO_GATEWAY_NOFETCH="maybe").returncode != 0

@@ -850,10 +850,11 @@ def test_bad_authorization_is_401(gw, data):
         header += b"Authorization: Bearer " + gw.token.encode() + b"\r\n"
     answer = gw.raw_request("POST" if path.startswith("/api/") else "GET", path.encode(), header, auth=False)
     assert answer is not None
-    if answer.status == 400 and not answer.headers.get("content-type", "").startswith("application/json"):
-        # a byte HTTP forbids in a header value (NUL, other controls): refused by aiohttp's
-        # parser before any handler runs, so in aiohttp's text form
+    if answer.status == 400 and b"malformed HTTP request" in answer.body:
+        # a byte HTTP forbids in a header value (NUL, other controls): refused by the HTTP
+        # parser before any handler runs, with a fixed message that echoes none of it
         assert any(b < 32 and b != 9 or b == 127 for b in scheme + value), str(answer)
+        answer.check_error(kubo_shape=True)
         return
     assert answer.status == 401, str(answer)
     answer.check_error(kubo_shape=not path.startswith("/medicon/"))

@@ -70,7 +70,7 @@ def results(kubo, gateway, spec) -> dict[str, dict[str, dict]]:
     """Through the gateway first, so its writes are not answered by content Kubo already had."""
     wire = {k: v for k, v in spec.items() if k != "contents"}
     return {"gateway": run_parity(gateway.url, f"Bearer {gateway.token}", wire),
-            "kubo": run_parity(kubo.api_url, None, wire)}
+            "kubo": run_parity(kubo.api_url, kubo.rpc_headers.get("Authorization"), wire)}
 
 
 def both_ok(results, op: str):

@@ -85,6 +85,18 @@ def test_token_never_in_logs(kubo, tmp_path):
         assert gw.token not in where and gw.token[4:20] not in where and gw.token[-16:] not in where
 
 
+def test_kubo_rpc_takes_only_the_gateway(kubo, gateway):
+    """A process beside Kubo cannot use its RPC API: the managed node (as `dev` and the tests
+    run it) takes only callers presenting its secret, which the gateway holds."""
+    import requests
+    for path in ("/api/v0/version", "/api/v0/id", "/api/v0/pin/ls", "/api/v0/config/show", "/api/v0/repo/gc"):
+        for headers in ({}, bearer("not-the-secret"), {"Authorization": "Basic Og=="}):
+            assert requests.post(kubo.api_url + path, headers=headers, timeout=10).status_code == 403, path
+    assert requests.post(kubo.api_url + "/api/v0/version", headers=kubo.rpc_headers, timeout=10).status_code == 200
+    assert requests.post(gateway.url + "/api/v0/version", headers=gateway.headers, timeout=10).status_code == 200
+    assert kubo.api_secret not in requests.post(gateway.url + "/api/v0/version", headers=gateway.headers).text
+
+
 def _raw_exchange(port: int, data: bytes) -> bytes:
     import socket
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:

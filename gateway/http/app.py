@@ -59,10 +59,11 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     """Kubo answers its version: the gateway can serve requests."""
     cfg = request.app[CONFIG].kubo
-    session = request.app[SERVICE].kubo.session
+    kubo = request.app[SERVICE].kubo
     timeout = aiohttp.ClientTimeout(total=min(5.0, cfg.connect_timeout + cfg.read_timeout))
     try:
-        async with session.post(cfg.api_url.rstrip("/") + "/api/v0/version", timeout=timeout) as resp:
+        async with kubo.session.post(cfg.api_url.rstrip("/") + "/api/v0/version", timeout=timeout,
+                                     headers=kubo.rpc_headers) as resp:
             if resp.status == 200:
                 version = (await resp.json()).get("Version")
                 return web.json_response({"status": "ready", "kubo": version})

@@ -223,5 +223,6 @@ async def forward_rpc(request: web.Request, call: Call, **kw) -> web.StreamRespo
     if call.entry.body is Body.FILES and "body" not in kw:
         kw["body"], content_type = await reframed_files(request, call.command)
         kw["headers"] = {"Content-Type": content_type}
+    kw["headers"] = {**request.app[SERVICE].kubo.rpc_headers, **kw.get("headers", {})}
     return await forward(request, rpc_url(request, call), method="POST",
                          exact_length=call.entry.exact_length, **kw)

@@ -36,6 +36,9 @@ class KuboClient:
         self.session = session
         self.config = config
         self._api = config.api_url.rstrip("/") + "/api/v0/"
+        # Sent with every RPC call (never to Kubo's HTTP gateway port, which takes none).
+        secret = config.rpc_secret()
+        self.rpc_headers = {"Authorization": f"Bearer {secret}"} if secret else {}
 
     @classmethod
     def open(cls, config: KuboConfig) -> "KuboClient":
@@ -61,9 +64,10 @@ class KuboClient:
 
     async def call(self, command: str, params: list[tuple[str, str]], *,
                    data: bytes | None = None) -> bytes:
-        headers = None
+        headers = dict(self.rpc_headers)
         if data is not None:
-            data, headers = one_file_form(data)
+            data, form_headers = one_file_form(data)
+            headers.update(form_headers)
         try:
             async with self.session.post(self.rpc_url(command, params), data=data, headers=headers) as resp:
                 body = await resp.read()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -21,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+API_USER = "medicon-gateway"
+SECRET_FILE = "medicon-api-secret"  # in the repo, 0600: the secret of Kubo's API.Authorizations
 INSTALL_HINT = "run `make setup` (or `scripts/install-kubo.sh`) to build the pinned Kubo into .tools/bin/ipfs"
 
 
@@ -52,17 +55,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def harden(config: dict, *, api_port: int, gateway_port: int, offline: bool) -> dict:
+def harden(config: dict, *, api_port: int, gateway_port: int, offline: bool, api_secret: str = "") -> dict:
     """Make a Kubo config safe to sit behind the gateway.
 
-    The RPC API and the HTTP gateway listen on loopback only (the gateway is the only door);
-    the gateway never fetches from the network on a reader's behalf; no CORS headers.
-    ``deploy/kubo-harden.sh`` applies the same settings to a production repo.
+    The RPC API and the HTTP gateway listen on loopback only (the gateway is the only door),
+    and with ``api_secret`` the RPC API takes only callers that present it (Kubo's
+    ``API.Authorizations``), so no other process on the host can use it; the gateway never
+    fetches from the network on a reader's behalf; no CORS headers. ``deploy/kubo-harden.sh``
+    applies the same settings to a production repo.
     """
     addresses = config.setdefault("Addresses", {})
     addresses["API"] = f"/ip4/127.0.0.1/tcp/{api_port}"
     addresses["Gateway"] = f"/ip4/127.0.0.1/tcp/{gateway_port}"
-    config.setdefault("API", {})["HTTPHeaders"] = {}
+    api = config.setdefault("API", {})
+    api["HTTPHeaders"] = {}
+    if api_secret:
+        api["Authorizations"] = {API_USER: {"AuthSecret": f"bearer:{api_secret}", "AllowedPaths": ["/api/v0"]}}
     gateway = config.setdefault("Gateway", {})
     gateway["NoFetch"] = True
     gateway["HTTPHeaders"] = {}
@@ -85,6 +93,7 @@ class KuboNode:
     api_port: int = 0
     gateway_port: int = 0
     process: subprocess.Popen | None = None
+    api_secret: str = ""
 
     @property
     def api_url(self) -> str:
@@ -116,11 +125,26 @@ class KuboNode:
                 raise KuboError(f"`ipfs init` failed: {result.stderr.strip()}")
         self.api_port = self.api_port or free_port()
         self.gateway_port = self.gateway_port or free_port()
+        self.api_secret = self._secret()
         config = json.loads(config_file.read_text())
-        harden(config, api_port=self.api_port, gateway_port=self.gateway_port, offline=self.offline)
+        harden(config, api_port=self.api_port, gateway_port=self.gateway_port, offline=self.offline,
+               api_secret=self.api_secret)
         tmp = config_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(config, indent=2))
         tmp.replace(config_file)
+
+    def _secret(self) -> str:
+        """The repo's RPC secret, made once (0600) and kept across restarts."""
+        path = self.repo / SECRET_FILE
+        if not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(32))
+        return path.read_text().strip()
+
+    @property
+    def rpc_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_secret}"} if self.api_secret else {}
 
     def start(self, timeout: float = 60.0) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -148,7 +172,7 @@ class KuboNode:
 
     def version(self) -> str | None:
         """Kubo's version if its API answers, else None."""
-        req = urllib.request.Request(self.api_url + "/api/v0/version", method="POST")
+        req = urllib.request.Request(self.api_url + "/api/v0/version", method="POST", headers=self.rpc_headers)
         try:
             with urllib.request.urlopen(req, timeout=2) as resp:
                 return json.load(resp)["Version"]
@@ -175,7 +199,8 @@ class KuboNode:
 
     def ipfs(self, *args: str, input: bytes | None = None, check: bool = True) -> subprocess.CompletedProcess:
         """Run the Kubo CLI directly against this node (bypassing the gateway)."""
-        result = subprocess.run([str(self.binary), "--api", self.api_multiaddr, *args],
+        auth = ("--api-auth", f"bearer:{self.api_secret}") if self.api_secret else ()
+        result = subprocess.run([str(self.binary), "--api", self.api_multiaddr, *auth, *args],
                                 env=self.env, input=input, capture_output=True)
         if check and result.returncode != 0:
             raise KuboError(f"ipfs {' '.join(args)} failed: {result.stderr.decode(errors='replace')}")
