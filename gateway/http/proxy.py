@@ -128,7 +128,8 @@ async def forward(request: web.Request, url: URL, *, method: str | None = None,
         failure = upstream_error(request, exc)
         kubo.observe(_kubo_label(url), started, _failure_kind(failure))
         raise failure from None
-    kubo.observe(_kubo_label(url), started, "refused" if upstream.status >= 400 and upstream.status != 416 else None)
+    refused = upstream.status >= 400 and upstream.status != 416
+    kubo.observe(_kubo_label(url), started, "refused" if refused else None)
     answering.append(upstream)
     async with upstream:
         try:
@@ -147,8 +148,11 @@ def _kubo_label(url: URL) -> str:
     return "gateway:" + ("ipns" if path.startswith("/ipns/") else "ipfs")
 
 
-def _failure_kind(failure: Exception) -> str:
-    return "timeout" if isinstance(failure, TimedOut) else "unreachable"
+def _failure_kind(failure: Exception) -> str | None:
+    """How the call failed, for the metrics; None if it was not Kubo's failure."""
+    if isinstance(failure, TimedOut):
+        return "timeout"
+    return "unreachable" if isinstance(failure, Unavailable) else None
 
 
 ERROR_BODY_LIMIT = 64 * 1024
