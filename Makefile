@@ -4,11 +4,16 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 
 JS_DIR := tests/js
+# The plugin author's example: pip-installed (not editable: as an institution installs it), then
+# its own tests run against the gateway it is loaded into.
+EXAMPLE       := examples/medicon-example-plugin
+EXAMPLE_STAMP := $(VENV)/.medicon-example-plugin-installed
+EXAMPLE_FILES := $(shell find $(EXAMPLE) -type f \( -name '*.py' -o -name '*.json' -o -name '*.toml' \) -not -path '*/build/*')
 
 .PHONY: setup test dev kubo system-deps clean bench chaos
 
 # System packages first (PostgreSQL, Chromium, chromedriver; needs root when one is missing).
-setup: system-deps $(BIN)/medicon-gateway kubo $(JS_DIR)/node_modules/.medicon-installed
+setup: system-deps $(BIN)/medicon-gateway kubo $(JS_DIR)/node_modules/.medicon-installed $(EXAMPLE_STAMP)
 
 system-deps:
 	scripts/install-system-deps.sh
@@ -28,8 +33,13 @@ $(JS_DIR)/node_modules/.medicon-installed: $(JS_DIR)/package.json $(JS_DIR)/pack
 	npm ci --prefix $(JS_DIR) --no-audit --no-fund
 	touch $@
 
-test:
+$(EXAMPLE_STAMP): $(BIN)/medicon-gateway $(EXAMPLE_FILES)
+	$(BIN)/python -m pip install --quiet './$(EXAMPLE)[test]'
+	touch $@
+
+test: $(EXAMPLE_STAMP)
 	$(BIN)/python -m pytest
+	cd $(EXAMPLE) && $(abspath $(BIN))/python -m pytest
 
 dev:
 	$(BIN)/medicon-gateway dev
@@ -56,4 +66,4 @@ chaos:
 	 grep -q '^chaos: acknowledged [1-9][0-9]*, .*, lost 0, forks 0, 5xx 0$$' $(CHAOS_LOG)
 
 clean:
-	rm -rf $(VENV) .tools .medicon-dev $(CHAOS_LOG) $(JS_DIR)/node_modules
+	rm -rf $(VENV) .tools .medicon-dev $(CHAOS_LOG) $(JS_DIR)/node_modules $(EXAMPLE)/build

@@ -16,11 +16,13 @@ from typing import Any, Coroutine, TypeVar
 
 from aiohttp import web
 
+from . import logs
 from .config import Config, ConfigError, keyring_path, load_config
 from .errors import MediconError
 from .http.app import INFLIGHT, create_app
 from .http.server import GatewayRunner
 from .kubo.node import KuboError, KuboNode, find_binary
+from .progress import ProgressReport
 from .security.keyring import KeyringError, LocalKeyring
 from .security.principal import ROLES
 from .security.tokens import TokenError, parse_duration
@@ -212,7 +214,9 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from .core.check import check
     overrides = {"records.data_dir": args.data_dir} if args.data_dir else {}
-    report = asyncio.run(check(load_config(args.config, overrides=overrides), repair=args.repair))
+    with ProgressReport("check") as progress:
+        report = asyncio.run(check(load_config(args.config, overrides=overrides), repair=args.repair,
+                                   progress=progress))
     print(json.dumps(report, indent=2))
     return 0 if report["clean"] else 1
 
@@ -235,7 +239,8 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
 
 def cmd_keys_rotate(args: argparse.Namespace) -> int:
     ring = LocalKeyring.load(_keyring_file(args))
-    kek = ring.rotate()
+    with ProgressReport("keys rotate") as progress:
+        kek = ring.rotate(progress=progress)
     print(f"new key-encryption key {kek}: every data key re-wrapped; stored data unchanged and readable",
           file=sys.stderr)
     return 0
@@ -261,6 +266,8 @@ def _overrides(args: argparse.Namespace) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medicon-gateway", description=__doc__)
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-format", choices=logs.FORMATS, default="text",
+                        help="text (the default) or json: one JSON object a line, for log pipelines")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
@@ -327,8 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(args.log_level, args.log_format, sys.stderr)
     if getattr(args, "config", None) is None:
         args.config = os.environ.get("MEDICON_CONFIG")
     try:

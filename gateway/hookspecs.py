@@ -101,7 +101,7 @@ def medicon_authenticate(request, service):
 def medicon_authorize(principal, action, resource):
     """Return True to allow, False to deny, None to abstain, for ``action`` (``record:write``,
     ``record:read``, ``blob:write``, ``blob:read``, ``chain:read``, ``verify``, ``audit:read``,
-    ``raw:read``, ``raw:write``, ``node:info``, ``admin``) on ``resource`` (a mapping:
+    ``raw:read``, ``raw:write``, ``node:info``, ``metrics:read``, ``admin``) on ``resource`` (a mapping:
     ``kind``, ``patient``, ``episode``, ``cid``…). Every plugin is asked; any False denies;
     without at least one True the answer is no (deny by default). Built in: ``rbac``."""
 

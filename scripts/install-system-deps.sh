@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Installs the system packages the tests run for real: PostgreSQL (server for the storage
-# tests), Chromium and its driver (browser tests), and checks for Node.js/npm (the JS client
-# suite). Idempotent: when everything is present it only asks dpkg, and returns in well under
+# tests), Chromium and its driver (browser tests), Prometheus and promtool (a real scrape of
+# /metrics, the Grafana dashboard's queries), and checks for Node.js/npm (the JS client suite). Idempotent: when everything is present it only asks dpkg, and returns in well under
 # a second. Debian 12 packages; as a non-root user it prints the command to run instead.
 set -euo pipefail
 
-PACKAGES=(postgresql chromium chromium-driver)
+PACKAGES=(postgresql chromium chromium-driver prometheus)
 NODE_MAJOR_MIN=20
 
 installed() {
@@ -46,7 +46,8 @@ bindir="$(pg_config --bindir 2>/dev/null || true)"
 if [ ! -x "$bindir/initdb" ]; then
     bindir="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)"
 fi
-for binary in "$bindir/initdb" "$bindir/pg_ctl" /usr/bin/chromium /usr/bin/chromedriver; do
+for binary in "$bindir/initdb" "$bindir/pg_ctl" /usr/bin/chromium /usr/bin/chromedriver \
+              /usr/bin/prometheus /usr/bin/promtool; do
     if [ ! -x "$binary" ]; then
         echo "error: $binary is missing although its package is installed;" >&2
         echo "       reinstall as root: apt-get install -y --reinstall ${PACKAGES[*]}" >&2

@@ -1,6 +1,7 @@
 """The OpenAPI document served at ``/medicon/v1/openapi.json``: valid OpenAPI 3.1, every ``$ref``
 resolvable, and in step with the routes the gateway really registers under ``/medicon/v1`` —
-``gateway.http.rest``'s and the built-in plugins' (the audit log) — (no Kubo needed)."""
+``gateway.http.rest``'s and the built-in plugins' (the audit log) — and ``/metrics`` (no Kubo
+needed)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ def _api_routes() -> set[tuple[str, str]]:
     from gateway.config import load_config
     app = create_app(load_config(env={}))
     return {(route.method.upper(), route.resource.canonical) for route in app.router.routes()
-            if route.resource is not None and route.resource.canonical.startswith(api.PREFIX + "/")
+            if route.resource is not None
+            and (route.resource.canonical.startswith(api.PREFIX + "/") or route.resource.canonical == "/metrics")
             and "{tail" not in route.resource.canonical and route.method != "HEAD"}
 
 
@@ -68,7 +70,7 @@ def test_authentication_is_documented_on_every_operation(doc):
 def test_every_route_is_documented_and_nothing_else(doc):
     routes = _api_routes()
     assert routes, "the app registers no API routes"
-    assert {("GET", "/medicon/v1/audit"), ("GET", "/medicon/v1/audit/verify")} <= routes
+    assert {("GET", "/medicon/v1/audit"), ("GET", "/medicon/v1/audit/verify"), ("GET", "/metrics")} <= routes
     assert all(method != "*" for method, _ in routes), "a catch-all route besides {tail:.*}?"
     documented = _documented(doc)
     assert routes - documented == set(), "routes missing from gateway/http/openapi.json"

@@ -140,17 +140,17 @@ async def test_sigkill_mid_burst_never_loses_an_acknowledged_append(own_kubo):
 
     report = subprocess.run([sys.executable, "-m", "gateway", "check", "--data-dir", data_dir],
                             capture_output=True, text=True, env={**os.environ,
-                            "MEDICON_KUBO_API_URL": own_kubo.api_url, "MEDICON_KUBO_GATEWAY_URL": own_kubo.gateway_url})
+                            "MEDICON_KUBO_API_URL": own_kubo.api_url, "MEDICON_KUBO_GATEWAY_URL": own_kubo.gateway_url, "MEDICON_KUBO_API_AUTH": own_kubo.api_secret})
     assert report.returncode == 0, report.stdout + report.stderr
     result = json.loads(report.stdout)
     assert result["missing"] == [] and result["broken"] == [] and result["unpinned"] == []
     repaired = subprocess.run([sys.executable, "-m", "gateway", "check", "--repair", "--data-dir", data_dir],
                               capture_output=True, text=True, env={**os.environ,
-                              "MEDICON_KUBO_API_URL": own_kubo.api_url, "MEDICON_KUBO_GATEWAY_URL": own_kubo.gateway_url})
+                              "MEDICON_KUBO_API_URL": own_kubo.api_url, "MEDICON_KUBO_GATEWAY_URL": own_kubo.gateway_url, "MEDICON_KUBO_API_AUTH": own_kubo.api_secret})
     after = json.loads(subprocess.run([sys.executable, "-m", "gateway", "check", "--data-dir", data_dir],
                                       capture_output=True, text=True, env={**os.environ,
                                       "MEDICON_KUBO_API_URL": own_kubo.api_url,
-                                      "MEDICON_KUBO_GATEWAY_URL": own_kubo.gateway_url}).stdout)
+                                      "MEDICON_KUBO_GATEWAY_URL": own_kubo.gateway_url, "MEDICON_KUBO_API_AUTH": own_kubo.api_secret}).stdout)
     assert repaired.returncode == 0 and after["orphans"] == [] and after["unpinned"] == []
 
 

@@ -15,6 +15,7 @@ policy, under the episode's lock) → seal and sign → store and pin in Kubo �
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -24,9 +25,10 @@ from typing import Any, AsyncIterator
 import pluggy
 
 from ..config import Config, ConfigError
-from ..errors import Erased, Forbidden, IdempotencyKeyReused, Invalid, MediconError, NotFound, Unavailable
+from ..errors import Conflict, Erased, Forbidden, IdempotencyKeyReused, Invalid, MediconError, NotFound, Unavailable
 from ..kubo.cids import canonical, parse_cid
 from ..kubo.client import KuboClient
+from ..metrics import Metrics
 from ..security.keys import KeyProvider
 from ..storage import Storage, open_storage
 from ..storage.model import Blob, Episode, IndexedRecord, StoreConflict
@@ -44,6 +46,21 @@ CONTENT = "content"      # plaintext of what an argument names (cat, get, /ipfs/
 STRUCTURE = "structure"  # blocks, links and DAGs (dag/get, block/get, refs, ?format=car)
 
 
+def _counted(append):
+    """Count an append method's outcomes on the service's metrics: records created or replayed,
+    and conflicts (wherever in the append they are raised)."""
+    @functools.wraps(append)
+    async def counted(self: "RecordService", *args: Any, **kwargs: Any) -> Appended:
+        try:
+            appended = await append(self, *args, **kwargs)
+        except Conflict:
+            self.metrics.record_conflict()
+            raise
+        self.metrics.record_appended(appended.created)
+        return appended
+    return counted
+
+
 @dataclass(frozen=True)
 class ReadTarget:
     """An argument of a read, and what the gateway knows of its root and of the node its path
@@ -57,8 +74,10 @@ class ReadTarget:
 
 class RecordService:
     def __init__(self, config: Config, storage: Storage, kubo: KuboClient, keys: KeyProvider,
-                 plugins: PluginHost, schemas: SchemaRegistry, policies: dict[str, chain.Policy]) -> None:
+                 plugins: PluginHost, schemas: SchemaRegistry, policies: dict[str, chain.Policy],
+                 metrics: Metrics | None = None) -> None:
         self.config = config
+        self.metrics = metrics if metrics is not None else Metrics()
         self.storage = storage
         self.kubo = kubo
         self.keys = keys
@@ -75,10 +94,13 @@ class RecordService:
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, config: Config, pm: pluggy.PluginManager | None = None) -> AsyncIterator["RecordService"]:
+    async def open(cls, config: Config, pm: pluggy.PluginManager | None = None,
+                   metrics: Metrics | None = None) -> AsyncIterator["RecordService"]:
         """Load plugins, keys, schemas and policies, open storage and the Kubo client, run the
         plugins' start-up hooks; undo it all on exit. A configuration that cannot work raises
-        ``ConfigError`` here, before anything is served."""
+        ``ConfigError`` here, before anything is served. Storage, Kubo client and service
+        report to ``metrics`` (a fresh ``Metrics`` if not given)."""
+        metrics = metrics if metrics is not None else Metrics()
         try:
             plugins = PluginHost(pm or make_manager(config.plugins.modules, trace=config.plugins.trace_hooks))
         except PluginLoadError as exc:
@@ -86,9 +108,9 @@ class RecordService:
         keys = _key_provider(plugins, config)
         schemas = _schemas(plugins, config)
         policies = _policies(plugins, config)
-        storage = await open_storage(config)
-        kubo = KuboClient.open(config.kubo)
-        service = cls(config, storage, kubo, keys, plugins, schemas, policies)
+        storage = await open_storage(config, metrics)
+        kubo = KuboClient.open(config.kubo, observer=metrics)
+        service = cls(config, storage, kubo, keys, plugins, schemas, policies, metrics)
         try:
             await plugins.call("medicon_startup", service=service)
             try:
@@ -218,6 +240,7 @@ class RecordService:
                 raise
         return done
 
+    @_counted
     async def _append(self, record: dict[str, Any], signer: str, idempotency_key: str | None) -> Appended:
         # Schema checks that do not depend on the episode come first, before any lock is taken.
         await self.validate(record, None, with_plugins=False)

@@ -12,11 +12,13 @@ from ..config import Config, ConfigError
 from ..core.plugins import PluginHost, PluginLoadError, make_manager
 from ..core.service import RecordService
 from ..errors import Busy, MediconError
+from ..metrics import Metrics
 from . import rest, ui
 from .appkeys import CONFIG, SERVICE
 from .auth import PUBLIC_PATHS, auth_middleware
 from .errors import error_middleware
 from .ipfs_gateway import ipfs_path, ipns_path
+from .metrics import add_metrics, observe_middleware
 from .rpc import rpc
 
 
@@ -74,8 +76,11 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 def create_app(config: Config) -> web.Application:
-    app = web.Application(middlewares=[error_middleware, inflight_middleware, auth_middleware])
+    app = web.Application(middlewares=[observe_middleware, error_middleware, inflight_middleware,
+                                       auth_middleware])
     app[CONFIG] = config
+    metrics = Metrics()  # the app's own registry: apps in one process never share numbers
+    add_metrics(app, metrics)
     app[INFLIGHT] = InFlight(config.server.max_concurrent_requests)
     try:
         pm = make_manager(config.plugins.modules, trace=config.plugins.trace_hooks)
@@ -83,7 +88,7 @@ def create_app(config: Config) -> web.Application:
         raise ConfigError(str(exc)) from None
 
     async def record_service(app: web.Application) -> AsyncIterator[None]:
-        async with RecordService.open(config, pm) as service:
+        async with RecordService.open(config, pm, metrics) as service:
             app[SERVICE] = service
             yield
 

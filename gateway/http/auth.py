@@ -28,7 +28,8 @@ PUBLIC_ROUTES = frozenset({"medicon-ui", "medicon-ui-asset"})
 async def auth_middleware(request: web.Request, handler):
     """No principal, no service: 401 everywhere but the health probes. A refusal is audited
     before it is answered, whichever plugin refused and why."""
-    request[REQUEST_ID] = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex
+    if REQUEST_ID not in request:  # the observing middleware names it first, for its access log
+        request[REQUEST_ID] = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex
     if request.path in PUBLIC_PATHS or request.match_info.route.name in PUBLIC_ROUTES:
         return await handler(request)
     service = request.app[SERVICE]

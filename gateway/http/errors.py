@@ -45,6 +45,7 @@ _CODE_FOR_STATUS = {400: CODE_CLIENT, 403: CODE_FORBIDDEN, 429: CODE_RATE_LIMITE
                     500: CODE_IMPLEMENTATION, 507: CODE_IMPLEMENTATION}
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="medicon-gateway", Basic realm="medicon-gateway"'}
 API_PREFIX = "/medicon/"
+API_PATHS = frozenset({"/metrics"})  # the gateway's own, outside the prefix
 
 
 class HTTPError(errors.MediconError):
@@ -91,7 +92,7 @@ def api_error(err: errors.MediconError) -> web.Response:
 
 
 def render(request: web.Request, err: errors.MediconError) -> web.Response:
-    if request.path.startswith(API_PREFIX):
+    if request.path.startswith(API_PREFIX) or request.path in API_PATHS:
         return api_error(err)
     code = err.code if isinstance(err, HTTPError) else None
     return kubo_error(status_of(err), err.message, code=code, headers=headers_of(err))
@@ -113,5 +114,7 @@ async def error_middleware(request: web.Request, handler):
         headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
         return render(request, HTTPError(exc.status, exc.reason, headers=headers))
     except Exception:
-        log.exception("internal error on %s %s", request.method, request.path.split("?")[0][:64])
+        resource = request.match_info.route.resource  # the route's template: a path names patients
+        log.exception("internal error on %s %s", request.method,
+                      resource.canonical if resource is not None else "(no route)")
         return render(request, errors.Internal("internal gateway error"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from typing import AsyncIterator, Callable, Mapping
 from urllib.parse import quote, urlsplit
 
@@ -110,19 +111,25 @@ async def forward(request: web.Request, url: URL, *, method: str | None = None,
     complete. With ``exact_length``, Kubo's ``X-Content-Length`` is the body's length, and a
     shorter stream (a failure Kubo reports only in a trailer) aborts the client's.
     """
-    session = request.app[SERVICE].kubo.session
+    kubo = request.app[SERVICE].kubo
     sent_headers = {"User-Agent": USER_AGENT, **(headers or {})}
     failed_body = [] if failed_body is None else failed_body
     answering: list[aiohttp.ClientResponse] = []
     if body is not None and not isinstance(body, (bytes, bytearray)):
         body = _guarded(body, failed_body, answering)
+    started = time.perf_counter()
     try:
-        upstream = await session.request(method or request.method, url, headers=sent_headers, data=body,
-                                         allow_redirects=False)
+        upstream = await kubo.session.request(method or request.method, url, headers=sent_headers, data=body,
+                                              allow_redirects=False)
     except Exception as exc:
         if failed_body:
+            kubo.observe(_kubo_label(url), started)
             raise failed_body[0] from None
-        raise upstream_error(request, exc) from None
+        failure = upstream_error(request, exc)
+        kubo.observe(_kubo_label(url), started, _failure_kind(failure))
+        raise failure from None
+    refused = upstream.status >= 400 and upstream.status != 416
+    kubo.observe(_kubo_label(url), started, "refused" if refused else None)
     answering.append(upstream)
     async with upstream:
         try:
@@ -130,6 +137,22 @@ async def forward(request: web.Request, url: URL, *, method: str | None = None,
         finally:
             if failed_body:
                 upstream.close()  # never back to the pool: Kubo has half a request
+
+
+def _kubo_label(url: URL) -> str:
+    """The metrics label of a relayed call: the command (the table's name, which ``rpc_url``
+    put in the path) or which HTTP gateway namespace; never the rest of the path."""
+    path = url.path
+    if path.startswith("/api/v0/"):
+        return path[len("/api/v0/"):]
+    return "gateway:" + ("ipns" if path.startswith("/ipns/") else "ipfs")
+
+
+def _failure_kind(failure: Exception) -> str | None:
+    """How the call failed, for the metrics; None if it was not Kubo's failure."""
+    if isinstance(failure, TimedOut):
+        return "timeout"
+    return "unreachable" if isinstance(failure, Unavailable) else None
 
 
 ERROR_BODY_LIMIT = 64 * 1024

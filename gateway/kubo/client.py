@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-from typing import Any
+import time
+from typing import Any, Protocol
 from urllib.parse import quote, urlencode
 
 import aiohttp
@@ -31,17 +32,32 @@ class KuboAnswer(Unavailable):
         self.kubo_status = status
 
 
+class KuboObserver(Protocol):
+    """Told of every Kubo call (``gateway.metrics.Metrics`` is one): ``command`` is a command
+    name or a fixed label, never a path; ``error`` is ``refused``, ``timeout`` or ``unreachable``."""
+
+    def kubo_call(self, command: str, seconds: float, error: str | None = None) -> None: ...
+
+
 class KuboClient:
-    def __init__(self, session: aiohttp.ClientSession, config: KuboConfig) -> None:
+    def __init__(self, session: aiohttp.ClientSession, config: KuboConfig,
+                 observer: KuboObserver | None = None) -> None:
         self.session = session
         self.config = config
+        self.observer = observer
         self._api = config.api_url.rstrip("/") + "/api/v0/"
         # Sent with every RPC call (never to Kubo's HTTP gateway port, which takes none).
         secret = config.rpc_secret()
         self.rpc_headers = {"Authorization": f"Bearer {secret}"} if secret else {}
 
+    def observe(self, command: str, started: float, error: str | None = None) -> None:
+        """Report a call begun at ``started`` (``time.perf_counter()``) to the observer, if any;
+        the HTTP layer's streaming relay reports its calls through here too."""
+        if self.observer is not None:
+            self.observer.kubo_call(command, time.perf_counter() - started, error)
+
     @classmethod
-    def open(cls, config: KuboConfig) -> "KuboClient":
+    def open(cls, config: KuboConfig, observer: KuboObserver | None = None) -> "KuboClient":
         """A client with its own session; ``close`` it when done."""
         connector = aiohttp.TCPConnector(limit=config.max_connections, keepalive_timeout=30)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout,
@@ -53,7 +69,7 @@ class KuboClient:
             cookie_jar=aiohttp.DummyCookieJar(),  # never share cookies between clients
             read_bufsize=CHUNK,
         )
-        return cls(session, config)
+        return cls(session, config, observer)
 
     async def close(self) -> None:
         await self.session.close()
@@ -68,10 +84,12 @@ class KuboClient:
         if data is not None:
             data, form_headers = one_file_form(data)
             headers.update(form_headers)
+        started, error = time.perf_counter(), None
         try:
             async with self.session.post(self.rpc_url(command, params), data=data, headers=headers) as resp:
                 body = await resp.read()
                 if resp.status != 200:
+                    error = "refused"
                     try:
                         message = json.loads(body)["Message"]
                     except (ValueError, KeyError, TypeError):
@@ -79,9 +97,13 @@ class KuboClient:
                     raise KuboAnswer(resp.status, message)
                 return body
         except asyncio.TimeoutError:
+            error = "timeout"
             raise TimedOut("Kubo did not answer in time") from None
         except aiohttp.ClientError as exc:
+            error = "unreachable"
             raise Unavailable(f"Kubo is not reachable ({type(exc).__name__})") from None
+        finally:
+            self.observe(command, started, error)
 
     async def version(self) -> str:
         return json.loads(await self.call("version", []))["Version"]

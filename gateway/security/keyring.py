@@ -30,7 +30,7 @@ import stat
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -196,16 +196,21 @@ class LocalKeyring:
                 raise KeyError(f"unknown data key {dek_id}")
             return self._unwrap(ps, self._doc["deks"][ps])
 
-    def rotate(self) -> str:
+    def rotate(self, progress: Callable[[str, int, int], None] | None = None) -> str:
         """Make a new active KEK, re-wrap every DEK with it and drop the old KEKs. The DEKs — and
-        so all stored data — are unchanged. Returns the new KEK id."""
+        so all stored data — are unchanged. Returns the new KEK id. ``progress("data keys",
+        done, total)`` is told of each re-wrapped key (the CLI's progress bar)."""
         with self._lock:
             deks = {ps: (e["dek_id"], self._unwrap(ps, e)) for ps, e in self._doc["deks"].items()}
             kek = _new_kek()
             kek_key = _unb64(kek["key"])
             doc = _copy(self._doc)
             doc["keks"] = [kek]
-            doc["deks"] = {ps: self._wrap(i, ps, dek, kek["id"], kek_key) for ps, (i, dek) in deks.items()}
+            doc["deks"] = {}
+            for done, (ps, (i, dek)) in enumerate(deks.items(), 1):
+                doc["deks"][ps] = self._wrap(i, ps, dek, kek["id"], kek_key)
+                if progress is not None:
+                    progress("data keys", done, len(deks))
             self._commit(doc)
             return kek["id"]
 

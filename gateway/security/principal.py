@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-ROLES = ("admin", "clinician", "lab", "pharmacy", "patient", "auditor", "replicator")
+ROLES = ("admin", "clinician", "lab", "pharmacy", "patient", "auditor", "replicator", "monitor")
 
 
 @dataclass(frozen=True)

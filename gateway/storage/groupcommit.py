@@ -23,11 +23,13 @@ class GroupCommit(Generic[Item]):
     """``commit(items)`` runs in a thread of its own, on as many queued items as are waiting (up
     to ``batch``) and returns one outcome per item; if it raises, every item of the batch fails
     with that error. The thread starts with the first write and ends after ``idle`` seconds
-    without one (or at ``close``)."""
+    without one (or at ``close``). ``on_batch(size)``, if given, is told each batch's size from
+    the writer thread (the metrics' batch-size histogram)."""
 
     def __init__(self, commit: Callable[[list[Item]], list[Outcome]], *, name: str, batch: int,
-                 idle: float = 5.0) -> None:
+                 idle: float = 5.0, on_batch: Callable[[int], None] | None = None) -> None:
         self._commit = commit
+        self._on_batch = on_batch
         self._name = name
         self._batch = batch
         self._idle = idle
@@ -80,6 +82,8 @@ class GroupCommit(Generic[Item]):
                 if not stop:
                     batch.append(item)
             if batch:
+                if self._on_batch is not None:
+                    self._on_batch(len(batch))
                 try:
                     outcomes = self._commit([item for item, _ in batch])
                 except Exception as exc:

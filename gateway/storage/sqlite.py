@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
 
 from ..errors import StorageFull, Unavailable
+from ..metrics import Metrics
 from ..security.tokens import (LAST_USED_GRANULARITY, AuthResult, NewToken, TokenError, TokenInfo,
                                decode_token, generate_token, hash_token, judge, new_token_id)
 from .base import Storage
@@ -48,13 +49,16 @@ class SQLiteDatabase:
 
     BATCH = 128
 
-    def __init__(self, path: Path, schema: str, *, readers: int = 2, name: str = "sqlite") -> None:
+    def __init__(self, path: Path, schema: str, *, readers: int = 2, name: str = "sqlite",
+                 metrics: Metrics | None = None) -> None:
         self.path = path
         self._schema = schema
         self._name = name
+        self._metrics = metrics
         self._writer_db = self._connect()
         self._writer_db.executescript(schema)
-        self._group = GroupCommit(self._commit, name=f"{name}-writer", batch=self.BATCH)
+        self._group = GroupCommit(self._commit, name=f"{name}-writer", batch=self.BATCH,
+                                  on_batch=metrics.commit_batch_observer(name) if metrics else None)
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = [self._writer_db]
         self._connections_lock = threading.Lock()
@@ -102,6 +106,8 @@ class SQLiteDatabase:
             raise self._failure(exc, "write") from None
 
     def _failure(self, exc: sqlite3.Error, what: str) -> Exception:
+        if self._metrics is not None:
+            self._metrics.storage_error(self._name, what, "full" if _is_disk_full(exc) else "failed")
         if _is_disk_full(exc):
             return StorageFull(f"the gateway's data volume is full: its {self._name} store cannot {what}")
         return Unavailable(f"the gateway's {self._name} store failed to {what} ({type(exc).__name__})")
@@ -465,9 +471,9 @@ class SQLiteAuditStore:
         return await self._db.read(_audit_verify)
 
 
-async def open_sqlite_storage(data_dir: Path) -> Storage:
-    heads = await SQLiteDatabase.open(data_dir / "heads.sqlite3", HEADS_SCHEMA, name="head")
-    tokens = await SQLiteDatabase.open(data_dir / TOKENS_FILE, TOKENS_SCHEMA, name="token")
-    audit = await SQLiteDatabase.open(data_dir / "audit.sqlite3", AUDIT_SCHEMA, name="audit")
+async def open_sqlite_storage(data_dir: Path, metrics: Metrics | None = None) -> Storage:
+    heads = await SQLiteDatabase.open(data_dir / "heads.sqlite3", HEADS_SCHEMA, name="head", metrics=metrics)
+    tokens = await SQLiteDatabase.open(data_dir / TOKENS_FILE, TOKENS_SCHEMA, name="token", metrics=metrics)
+    audit = await SQLiteDatabase.open(data_dir / "audit.sqlite3", AUDIT_SCHEMA, name="audit", metrics=metrics)
     return Storage(heads=SQLiteHeadStore(heads), tokens=SQLiteTokenStore(tokens),
                    audit=SQLiteAuditStore(audit), closers=[heads.close, tokens.close, audit.close])
