@@ -18,76 +18,11 @@ the DHT) are accepted only as ``false``, which clients send by default.
 from __future__ import annotations
 
 import posixpath
-from dataclasses import dataclass, field
-from enum import Enum
-from typing import Awaitable, Callable
-
-from aiohttp import web
+from dataclasses import dataclass
 
 from . import intercepts
 from .proxy import forward_rpc
-from .rpccall import Args, Body, Call, Option, options
-
-Handler = Callable[[web.Request, Call], Awaitable[web.StreamResponse]]
-
-
-class Action(Enum):
-    FORWARD = "forward"      # sent to Kubo as parsed, answer streamed back
-    INTERCEPT = "intercept"  # handled by the gateway (record semantics hook in here)
-    REFUSE = "refuse"        # 403, never reaches Kubo
-
-
-class Access(Enum):
-    """What a command reaches, and so what the caller must be allowed."""
-
-    NODE = "node"            # node information, pure functions: any authenticated caller
-    CONTENT = "content"      # plaintext of what its arguments name (cat, get, /ipfs/<cid>)
-    STRUCTURE = "structure"  # blocks, links and DAGs (dag/get, block/get, refs, ?format=car)
-    PER_PART = "per part"    # add, dag/put: each part authorized by its handler as a record
-                             # (record:write), an attachment (blob:write) or raw data (raw:write)
-    RAW_READ = "raw_read"    # the node's whole state, not tied to the gateway's index
-    RAW_WRITE = "raw_write"  # blocks, CARs and pins outside the record chains
-    NONE = "none"            # refused: never reaches an authorization
-
-
-# Options every command accepts (go-ipfs-cmds' root options). Those only the CLI reads are
-# checked and dropped; ``api-auth`` (the CLI may send its credential here) is never passed on.
-GLOBAL: dict[str, Option] = {
-    "encoding": Option("encoding", "string", ("enc",), choices=("json",)),
-    "stream-channels": Option("stream-channels", "bool"),
-    "timeout": Option("timeout", "duration"),
-    "offline": Option("offline", "bool"),
-    "local": Option("local", "bool", ("L",)),
-    "cid-base": Option("cid-base", "string"),
-    "upgrade-cidv0-in-output": Option("upgrade-cidv0-in-output", "bool"),
-    **options("api-auth:string", "debug:bool/D", "help:bool", "h:bool", "config:string/c",
-              "config-file:string", "repo-dir:string", forward=False),
-}
-
-
-@dataclass(frozen=True)
-class Command:
-    action: Action
-    why: str
-    access: Access = Access.NONE
-    handler: Handler | None = None
-    options: dict[str, Option] = field(default_factory=dict)
-    args: Args = field(default_factory=Args)
-    body: Body = Body.NONE
-    # Kubo's X-Content-Length is the exact length of the body (cat), so a shorter stream is a
-    # failure it could only report in a trailer; for ``get`` it is the content's size instead.
-    exact_length: bool = False
-
-    def option(self, name: str) -> Option | None:
-        """The option ``name`` (a name or an alias, case-sensitive as in Kubo), or None."""
-        return _lookup(self.options, name) or _lookup(GLOBAL, name)
-
-
-def _lookup(table: dict[str, Option], name: str) -> Option | None:
-    found = table.get(name)
-    if found is not None:
-        return found
-    return next((o for o in table.values() if name in o.aliases), None)
+from .rpccall import Access, Action, Args, Body, Command, Handler, options
 
 
 def _serve(action: Action, access: Access, why: str, handler: Handler, *specs: str, cli: tuple[str, ...] = (),

@@ -1,4 +1,6 @@
-"""An RPC call as the gateway understood it, and the one request to Kubo rebuilt from it.
+"""The vocabulary of the RPC command table (``Command``: action, access, options, arguments,
+body policy, handler), an RPC call as the gateway understood it, and the one request to Kubo
+rebuilt from it.
 
 Kubo reads options by any alias, ignores unknown ones, picks between a name and its alias at
 random, parses integers in any base, and takes arguments from the path, the query and the body.
@@ -13,13 +15,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import Any, Awaitable, Callable
 from urllib.parse import quote, unquote_to_bytes
 
-from ..errors import Invalid
+from aiohttp import web
 
-if TYPE_CHECKING:
-    from .commands import Command
+from ..errors import Invalid
 
 # Go's strconv.ParseInt/ParseUint with base 0: sign, 0x/0o/0b prefixes, leading-0 octal, "_".
 _GO_INT = re.compile(r"[+-]?(0[xX][0-9a-fA-F_]+|0[oO][0-7_]+|0[bB][01_]+|[0-9][0-9_]*)")
@@ -125,13 +126,75 @@ class Args:
             raise Invalid(f"{command} takes {allowed}, not {len(given)}")
 
 
+class Action(Enum):
+    FORWARD = "forward"      # sent to Kubo as parsed, answer streamed back
+    INTERCEPT = "intercept"  # handled by the gateway (record semantics hook in here)
+    REFUSE = "refuse"        # 403, never reaches Kubo
+
+
+class Access(Enum):
+    """What a command reaches, and so what the caller must be allowed."""
+
+    NODE = "node"            # node information, pure functions: any authenticated caller
+    CONTENT = "content"      # plaintext of what its arguments name (cat, get, /ipfs/<cid>)
+    STRUCTURE = "structure"  # blocks, links and DAGs (dag/get, block/get, refs, ?format=car)
+    PER_PART = "per part"    # add, dag/put: each part authorized by its handler as a record
+                             # (record:write), an attachment (blob:write) or raw data (raw:write)
+    RAW_READ = "raw_read"    # the node's whole state, not tied to the gateway's index
+    RAW_WRITE = "raw_write"  # blocks, CARs and pins outside the record chains
+    NONE = "none"            # refused: never reaches an authorization
+
+
+# Options every command accepts (go-ipfs-cmds' root options). Those only the CLI reads are
+# checked and dropped; ``api-auth`` (the CLI may send its credential here) is never passed on.
+GLOBAL: dict[str, Option] = {
+    "encoding": Option("encoding", "string", ("enc",), choices=("json",)),
+    "stream-channels": Option("stream-channels", "bool"),
+    "timeout": Option("timeout", "duration"),
+    "offline": Option("offline", "bool"),
+    "local": Option("local", "bool", ("L",)),
+    "cid-base": Option("cid-base", "string"),
+    "upgrade-cidv0-in-output": Option("upgrade-cidv0-in-output", "bool"),
+    **options("api-auth:string", "debug:bool/D", "help:bool", "h:bool", "config:string/c",
+              "config-file:string", "repo-dir:string", forward=False),
+}
+
+
+Handler = Callable[[web.Request, "Call"], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class Command:
+    action: Action
+    why: str
+    access: Access = Access.NONE
+    handler: Handler | None = None
+    options: dict[str, Option] = field(default_factory=dict)
+    args: Args = field(default_factory=Args)
+    body: Body = Body.NONE
+    # Kubo's X-Content-Length is the exact length of the body (cat), so a shorter stream is a
+    # failure it could only report in a trailer; for ``get`` it is the content's size instead.
+    exact_length: bool = False
+
+    def option(self, name: str) -> Option | None:
+        """The option ``name`` (a name or an alias, case-sensitive as in Kubo), or None."""
+        return _lookup(self.options, name) or _lookup(GLOBAL, name)
+
+
+def _lookup(table: dict[str, Option], name: str) -> Option | None:
+    found = table.get(name)
+    if found is not None:
+        return found
+    return next((o for o in table.values() if name in o.aliases), None)
+
+
 @dataclass(frozen=True)
 class Call:
     """A request the gateway understood: the command, its arguments (from the path and the
     query; never from a body) and its options, parsed and typed."""
 
     command: str
-    entry: "Command"
+    entry: Command
     args: list[str]
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -169,7 +232,7 @@ def _decode(text: str) -> str:
         raise Invalid("the query is not UTF-8") from None
 
 
-def parse_call(command: str, entry: "Command", path_arg: str | None, raw_query: str) -> Call:
+def parse_call(command: str, entry: Command, path_arg: str | None, raw_query: str) -> Call:
     """Read a request's arguments and options exactly once, against the command's allow-list."""
     args = [] if path_arg is None else [path_arg]
     given: dict[str, tuple[str, list[str]]] = {}  # canonical name -> (name as given, values)
