@@ -285,7 +285,7 @@ class RecordService:
     async def read_indexed(self, cid: str) -> dict[str, Any]:
         """The record stored as ``cid``, which the caller found in the index."""
         node = await self.kubo.record_node(cid)
-        _require_signed(cid, self.sealer.signature_ok(node))
+        _require_signed(cid, await self.sealer.verified(node))
         return (await self.sealer.from_node(node))[0]
 
     async def read_many(self, cids: list[str], concurrency: int = 16) -> list[dict[str, Any]]:
@@ -298,12 +298,13 @@ class RecordService:
             async with gate:
                 return await self.kubo.record_node(cid)
         nodes = list(await asyncio.gather(*(fetch(cid) for cid in cids)))
+        signers = [await self.sealer.signer_key(node) for node in nodes]  # known after the first
 
-        def check(part: list[dict[str, Any]]) -> list[bool]:
-            return [self.sealer.signature_ok(node) for node in part]
-        half = (len(nodes) + 1) // 2
-        verdicts = [ok for part in await asyncio.gather(asyncio.to_thread(check, nodes[:half]),
-                                                        asyncio.to_thread(check, nodes[half:])) for ok in part]
+        def check(part: list[tuple[dict[str, Any], Any]]) -> list[bool]:
+            return [self.sealer.signature_ok(node, key) for node, key in part]
+        pairs, half = list(zip(nodes, signers)), (len(nodes) + 1) // 2
+        verdicts = [ok for part in await asyncio.gather(asyncio.to_thread(check, pairs[:half]),
+                                                        asyncio.to_thread(check, pairs[half:])) for ok in part]
         for cid, ok in zip(cids, verdicts):
             _require_signed(cid, ok)
         return [(await self.sealer.from_node(node))[0] for node in nodes]
@@ -339,8 +340,9 @@ class RecordService:
                 node = await self.kubo.dag_get(cid)
             except MediconError as err:
                 return report(f"the block cannot be read from Kubo: {err.message}")
-            if not self.sealer.signature_ok(node):
-                return report("the signature does not verify: the block was not written by this gateway")
+            if not await self.sealer.verified(node):
+                return report("the signature does not verify: the block was not written by a gateway "
+                              "of this deployment")
             if expected_seq is None:
                 expected_seq = node.get("seq")
             if node.get("seq") != expected_seq or not isinstance(expected_seq, int):
