@@ -25,6 +25,7 @@ from .plugins import PluginHost
 
 NODE_VERSION = 1
 PSEUDONYM_EPISODE = "episode"
+_KNOWN = object()  # signature_ok's default: the signer's key if already known
 
 
 def clear_part(node: dict[str, Any]) -> dict[str, Any]:
@@ -97,10 +98,10 @@ class Sealer:
         kid = node.get("key") if isinstance(node, dict) else None
         return await lookup(kid) if lookup is not None and isinstance(kid, str) else None
 
-    def signature_ok(self, node: dict[str, Any], key: Ed25519PublicKey | None | str = "known") -> bool:
+    def signature_ok(self, node: dict[str, Any], key: Any = _KNOWN) -> bool:
         """Synchronous check against ``key`` (from ``signer_key``; None never verifies), or by
         default against the keys already known (this gateway's, and signers met before)."""
-        if key == "known":
+        if key is _KNOWN:
             kid = node.get("key")
             key = self._signers.get(kid) if isinstance(kid, str) else self.keys.verify_key
         sig = node.get("sig")

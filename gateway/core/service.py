@@ -329,11 +329,12 @@ class RecordService:
         cid = head or episode.head
         checked, erased, expected_seq, later_time = 0, False, None, None
         pseudonym = self.sealer.episode_pseudonym(episode.id)
+        signers: dict[str, int] = {}  # which gateway (site) signed how many of the checked records
 
         def report(problem: str | None) -> dict[str, Any]:
             brk = None if problem is None else {"cid": cid, "seq": expected_seq, "problem": problem}
             return {"episode": episode.id, "ok": problem is None, "length": episode.length,
-                    "checked": checked, "erased": erased, "break": brk}
+                    "checked": checked, "erased": erased, "break": brk, "signers": signers}
 
         while cid is not None:
             try:
@@ -343,6 +344,7 @@ class RecordService:
             if not await self.sealer.verified(node):
                 return report("the signature does not verify: the block was not written by a gateway "
                               "of this deployment")
+            signer = await self.sealer.signed_by(node) or str(node.get("key"))
             if expected_seq is None:
                 expected_seq = node.get("seq")
             if node.get("seq") != expected_seq or not isinstance(expected_seq, int):
@@ -378,6 +380,7 @@ class RecordService:
                     return report("recorded_at goes backwards")
                 later_time = stamp
             checked += 1
+            signers[signer] = signers.get(signer, 0) + 1
             cid, expected_seq = prev, expected_seq - 1
         if head is not None and checked and expected_seq != -1:
             return report("the chain does not reach the episode's first record")
