@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 
 JS_DIR := tests/js
 
-.PHONY: setup test dev kubo system-deps clean bench chaos
+.PHONY: setup test test-sqlite test-postgres dev kubo system-deps clean bench bench-keys chaos
 
 # System packages first (PostgreSQL, Chromium, chromedriver; needs root when one is missing).
 setup: system-deps $(BIN)/medicon-gateway kubo $(JS_DIR)/node_modules/.medicon-installed
@@ -28,8 +28,15 @@ $(JS_DIR)/node_modules/.medicon-installed: $(JS_DIR)/package.json $(JS_DIR)/pack
 	npm ci --prefix $(JS_DIR) --no-audit --no-fund
 	touch $@
 
-test:
-	$(BIN)/python -m pytest
+# The whole suite twice: on the embedded SQLite stores, then with every gateway it starts on a
+# real PostgreSQL server (a throwaway cluster the fixtures start; Debian's postgresql).
+test: test-sqlite test-postgres
+
+test-sqlite:
+	MEDICON_TEST_STORAGE=sqlite $(BIN)/python -m pytest
+
+test-postgres:
+	MEDICON_TEST_STORAGE=postgres $(BIN)/python -m pytest
 
 dev:
 	$(BIN)/medicon-gateway dev
@@ -38,6 +45,11 @@ dev:
 bench: $(BIN)/medicon-gateway kubo
 	bench/setup.sh
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# The cost of a new patient at 10^3, 10^5 and 10^6 patients, SQLite and PostgreSQL (not part of
+# `test`; KEYS_ARGS="--sizes 1000,100000" for a shorter run).
+bench-keys: $(BIN)/medicon-gateway
+	$(BIN)/python -m bench.keys_scale --rotate $(KEYS_ARGS)
 
 # The long variants of the fault, race and fuzz tests (not part of `test`): CHAOS_SCALE multiplies
 # the SIGKILL rounds and the concurrent writers, CHAOS_EXAMPLES is the fuzz examples per test

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -45,7 +46,7 @@ async def backend(request, tmp_path):
             import sqlite3
             db = sqlite3.connect(tmp_path / "stores" / "keys.sqlite3")
             try:
-                rows = db.execute(query.replace("$1", "?").replace("$2", "?"), args).fetchall()
+                rows = db.execute(re.sub(r"\$\d+", "?", query), args).fetchall()
                 db.commit()
                 return rows
             finally:
@@ -435,3 +436,26 @@ async def test_the_key_state_is_set_by_the_first_gateway(path: Path, key_store) 
     ring = LocalKeyring.init(path)
     await gateway(path, key_store)
     assert await key_store.state() == KeyState(ring.active_kek_id, pseudonym_check(ring.pseudonym_key))
+
+
+async def test_a_signing_key_written_into_the_database_by_hand_is_not_trusted(tmp_path: Path, backend) -> None:
+    """Who can write the database but holds no key file cannot make its own signatures pass:
+    a registration counts only with a MAC under the deployment's shared secret."""
+    name, storage, sql = backend
+    LocalKeyring.init(tmp_path / "a.json")
+    a = await gateway(tmp_path / "a.json", storage.keys)
+    intruder = Ed25519PrivateKey.generate()
+    public = crypto.public_key_to_bytes(intruder.public_key())
+    from gateway.security.keyring import key_id_of, registration_mac
+    kid = key_id_of(intruder.public_key())
+    other_secret = LocalKeyring.init(tmp_path / "other.json").pseudonym_key
+    for mac in (b"", b"\0" * 32, registration_mac(other_secret, kid, "rogue", public)):
+        await sql("DELETE FROM gateway_keys WHERE key_id = $1", kid)
+        if name == "sqlite":
+            await sql("INSERT INTO gateway_keys VALUES ($1, 'rogue', $2, '[]', '2026-01-01', $3)", kid, public, mac)
+        else:
+            await sql("INSERT INTO gateway_keys (key_id, gateway_id, public_key, kek_ids, mac)"
+                      " VALUES ($1, 'rogue', $2, '{}', $3)", kid, public, mac)
+        fresh = await gateway(tmp_path / "a.json", storage.keys)
+        assert await fresh.verify_key_for(kid) is None and await fresh.gateway_of(kid) is None
+    assert await a.verify_key_for(a.key_id) is not None

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import json
 import os
 import secrets
@@ -79,6 +80,13 @@ def wrap_aad(dek_id: str, pseudonym: str) -> bytes:
 def key_id_of(public_key: Ed25519PublicKey) -> str:
     """The id a record node names its signer's key by (``key``)."""
     return hashlib.sha256(crypto.public_key_to_bytes(public_key)).hexdigest()[:16]
+
+
+def registration_mac(pseudonym_key: bytes, key_id: str, gateway_id: str, public_key: bytes) -> bytes:
+    """What proves a gateway registration was made by a holder of the deployment's shared
+    secret (the pseudonym key, which the database never sees)."""
+    mac_key = hmac.new(pseudonym_key, b"medicon/gateway-registration/v1", hashlib.sha256).digest()
+    return hmac.new(mac_key, crypto.canonical_json([key_id, gateway_id, b64(public_key)]), hashlib.sha256).digest()
 
 
 def pseudonym_check(pseudonym_key: bytes) -> str:

@@ -20,6 +20,7 @@ active KEK) refuses to start instead of writing keys no other gateway can read.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import secrets
 import time
@@ -34,7 +35,7 @@ from ..storage.base import KeyStore
 from ..storage.model import GatewayKey, KeyConflict, KeyState, PatientKey
 from . import crypto
 from .keyring import (PATIENT, KeyringError, KeyShredded, LocalKeyring, key_id_of, pseudonym_check,
-                      unb64)
+                      registration_mac, unb64)
 
 log = logging.getLogger(__name__)
 
@@ -154,10 +155,11 @@ class KeyringProvider:
 
     async def register(self) -> GatewayKey:
         """Register (or refresh) this gateway's public key and the KEKs its file holds."""
+        public = crypto.public_key_to_bytes(self.verify_key)
         try:
             return await self.store.register_gateway(GatewayKey(
-                self.key_id, self.gateway_id, crypto.public_key_to_bytes(self.verify_key),
-                tuple(sorted(self.ring.keks))))
+                self.key_id, self.gateway_id, public, tuple(sorted(self.ring.keks)),
+                mac=registration_mac(self._pseudonym_key, self.key_id, self.gateway_id, public)))
         except KeyConflict as exc:
             raise KeyringError(f"{exc}; this key file's gateway id is {self.gateway_id!r}") from None
 
@@ -227,8 +229,8 @@ class KeyringProvider:
 
     async def verify_key_for(self, key_id: str) -> Ed25519PublicKey | None:
         """The public key of the registered gateway whose key id a record names; None if no
-        gateway of this database registered it. Registrations are never withdrawn, so a key
-        found once is kept."""
+        gateway of this deployment registered it (a row without a valid ``mac`` was not written
+        by one). Registrations are never withdrawn, so a key found once is kept."""
         found = await self._verifier(key_id)
         return None if found is None else found[0]
 
@@ -241,11 +243,21 @@ class KeyringProvider:
         found = self._verifiers.get(key_id)
         if found is None and self._store is not None and isinstance(key_id, str):
             row = await self._store.gateway_key(key_id)
-            if row is not None:
-                public = crypto.public_key_from_bytes(row.public_key)
-                if key_id_of(public) == key_id:  # the row must be the key it is named by
-                    found = self._verifiers[key_id] = (public, row.gateway_id)
+            if row is not None and self._genuine(row):
+                found = self._verifiers[key_id] = (crypto.public_key_from_bytes(row.public_key), row.gateway_id)
         return found
+
+    def _genuine(self, row: GatewayKey) -> bool:
+        expected = registration_mac(self._pseudonym_key, row.key_id, row.gateway_id, row.public_key)
+        try:
+            named = key_id_of(crypto.public_key_from_bytes(row.public_key)) == row.key_id
+        except ValueError:
+            named = False
+        if named and hmac.compare_digest(expected, row.mac):
+            return True
+        log.warning("the key store holds a registration of key %s that no gateway of this deployment made; "
+                    "its signatures are not accepted", row.key_id)
+        return False
 
     # --- operations (the ``keys`` CLI) ---------------------------------------------------------
 
@@ -266,8 +278,7 @@ class KeyringProvider:
         says which do not, unless ``force``): the first run prepares it, ``keys export`` and
         ``keys join --update`` carry it to them, the next run rotates."""
         ring, state = self.ring, await self.store.state()
-        retired = [k for k in ring.keks if k != ring.active_kek_id]
-        if state.active_kek == ring.active_kek_id and retired and ring.prepared_kek() is None:
+        if state.active_kek == ring.active_kek_id and ring.retired and ring.prepared_kek() is None:
             target = state.active_kek  # an interrupted rotation: finish it
         else:
             target = ring.prepared_kek()

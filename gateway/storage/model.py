@@ -79,13 +79,16 @@ class KeyState:
 class GatewayKey:
     """A gateway's Ed25519 public key, registered so every gateway can check its signatures;
     ``key_id`` is what a record node carries in ``key``. ``kek_ids`` are the key-encryption
-    keys its key file held when it last registered (rotation waits for every gateway)."""
+    keys its key file held when it last registered (rotation waits for every gateway). ``mac``
+    binds key id, gateway id and public key to the deployment's shared secret, so a row written
+    into the database by anyone without a key file is not taken for a gateway's key."""
 
     key_id: str
     gateway_id: str
     public_key: bytes
     kek_ids: tuple[str, ...] = ()
     registered_at: str = ""
+    mac: bytes = b""
 
 
 class KeyConflict(Exception):

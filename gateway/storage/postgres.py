@@ -563,7 +563,7 @@ def _verify_page(prev: str, rows: list[asyncpg.Record]) -> tuple[str, int, int |
 # --- keys ----------------------------------------------------------------------------------------
 
 _KEY_COLS = "pseudonym, dek_id, kek_id, wrapped"
-_GATEWAY_COLS = "key_id, gateway_id, public_key, kek_ids, registered_at"
+_GATEWAY_COLS = "key_id, gateway_id, public_key, kek_ids, registered_at, mac"
 
 
 def _patient_key(row: asyncpg.Record | None) -> PatientKey | None:
@@ -574,7 +574,7 @@ def _gateway_key(row: asyncpg.Record | None) -> GatewayKey | None:
     if row is None:
         return None
     return GatewayKey(row["key_id"], row["gateway_id"], row["public_key"], tuple(row["kek_ids"]),
-                      row["registered_at"].isoformat(timespec="seconds"))
+                      row["registered_at"].isoformat(timespec="seconds"), row["mac"])
 
 
 class PostgresKeyStore:
@@ -704,11 +704,11 @@ class PostgresKeyStore:
     async def register_gateway(self, key: GatewayKey) -> GatewayKey:
         async def register(conn: asyncpg.Connection) -> GatewayKey:
             row = await conn.fetchrow(
-                "INSERT INTO gateway_keys (key_id, gateway_id, public_key, kek_ids) VALUES ($1, $2, $3, $4)"
-                " ON CONFLICT (key_id) DO UPDATE SET kek_ids = excluded.kek_ids"
+                "INSERT INTO gateway_keys (key_id, gateway_id, public_key, kek_ids, mac) VALUES ($1, $2, $3, $4, $5)"
+                " ON CONFLICT (key_id) DO UPDATE SET kek_ids = excluded.kek_ids, mac = excluded.mac"
                 " WHERE gateway_keys.gateway_id = excluded.gateway_id"
                 " AND gateway_keys.public_key = excluded.public_key"
-                f" RETURNING {_GATEWAY_COLS}", key.key_id, key.gateway_id, key.public_key, list(key.kek_ids))
+                f" RETURNING {_GATEWAY_COLS}", key.key_id, key.gateway_id, key.public_key, list(key.kek_ids), key.mac)
             if row is None:
                 standing = await conn.fetchval("SELECT gateway_id FROM gateway_keys WHERE key_id = $1", key.key_id)
                 raise KeyConflict(f"signing key {key.key_id} is registered to gateway {standing!r}", None)

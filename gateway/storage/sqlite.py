@@ -492,11 +492,12 @@ CREATE TABLE IF NOT EXISTS gateway_keys (
     gateway_id TEXT NOT NULL,
     public_key BLOB NOT NULL,
     kek_ids TEXT NOT NULL,          -- JSON list
-    registered_at TEXT NOT NULL
+    registered_at TEXT NOT NULL,
+    mac BLOB NOT NULL
 );
 """
 _KEY_COLS = "pseudonym, dek_id, kek_id, wrapped"
-_GATEWAY_COLS = "key_id, gateway_id, public_key, kek_ids, registered_at"
+_GATEWAY_COLS = "key_id, gateway_id, public_key, kek_ids, registered_at, mac"
 
 
 def _utc() -> str:
@@ -510,8 +511,8 @@ def _patient_key(row: tuple | None) -> PatientKey | None:
 def _gateway_key(row: tuple | None) -> GatewayKey | None:
     if row is None:
         return None
-    key_id, gateway_id, public_key, kek_ids, at = row
-    return GatewayKey(key_id, gateway_id, bytes(public_key), tuple(json.loads(kek_ids)), at)
+    key_id, gateway_id, public_key, kek_ids, at, mac = row
+    return GatewayKey(key_id, gateway_id, bytes(public_key), tuple(json.loads(kek_ids)), at, bytes(mac))
 
 
 def _key_state(db: sqlite3.Connection) -> KeyState | None:
@@ -600,9 +601,9 @@ def _register_gateway(db: sqlite3.Connection, key: GatewayKey) -> GatewayKey:
                                        (key.key_id,)).fetchone())
     if standing is not None and (standing.gateway_id, standing.public_key) != (key.gateway_id, key.public_key):
         raise KeyConflict(f"signing key {key.key_id} is registered to gateway {standing.gateway_id!r}", None)
-    db.execute("INSERT INTO gateway_keys VALUES (?, ?, ?, ?, ?) ON CONFLICT (key_id) DO UPDATE SET kek_ids ="
-               " excluded.kek_ids", (key.key_id, key.gateway_id, key.public_key, json.dumps(list(key.kek_ids)),
-                                     _utc()))
+    db.execute(f"INSERT INTO gateway_keys ({_GATEWAY_COLS}) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (key_id)"
+               " DO UPDATE SET kek_ids = excluded.kek_ids, mac = excluded.mac",
+               (key.key_id, key.gateway_id, key.public_key, json.dumps(list(key.kek_ids)), _utc(), key.mac))
     return _gateway_key(db.execute(f"SELECT {_GATEWAY_COLS} FROM gateway_keys WHERE key_id = ?",
                                    (key.key_id,)).fetchone())
 

@@ -85,5 +85,6 @@ CREATE TABLE gateway_keys (
     gateway_id    text NOT NULL,
     public_key    bytea NOT NULL,
     kek_ids       text[] NOT NULL,
-    registered_at timestamptz NOT NULL DEFAULT now()
+    registered_at timestamptz NOT NULL DEFAULT now(),
+    mac           bytea NOT NULL  -- HMAC under the deployment's shared secret (see GatewayKey)
 );
