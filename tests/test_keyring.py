@@ -9,7 +9,10 @@ import asyncio
 import json
 import os
 import re
+import sqlite3
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import asyncpg
@@ -18,10 +21,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gateway.errors import Unavailable
 from gateway.security import crypto
-from gateway.security.keyring import (KeyringError, KeyShredded, LocalKeyring, b64, pseudonym_check,
-                                      wrap_aad)
+from gateway.security.keyring import (KeyringError, KeyShredded, LocalKeyring, b64, key_id_of,
+                                      pseudonym_check, registration_mac, wrap_aad)
 from gateway.security.provider import KeyringProvider, RotationBlocked
 from gateway.storage.model import KeyState
+from gateway.storage.postgres import open_postgres_storage
+from gateway.storage.sqlite import open_sqlite_storage
 
 PATIENTS = ["patient-0042-Smith", "Jöns Ünicode-Ærø", "P-777"]
 
@@ -39,11 +44,9 @@ def path(tmp_path: Path) -> Path:
 async def backend(request, tmp_path):
     """(name, storage, raw SQL runner) of a fresh key store on each backend."""
     if request.param == "sqlite":
-        from gateway.storage.sqlite import open_sqlite_storage
         storage = await open_sqlite_storage(tmp_path / "stores")
 
         async def sql(query: str, *args):
-            import sqlite3
             db = sqlite3.connect(tmp_path / "stores" / "keys.sqlite3")
             try:
                 rows = db.execute(re.sub(r"\$\d+", "?", query), args).fetchall()
@@ -52,7 +55,6 @@ async def backend(request, tmp_path):
             finally:
                 db.close()
     else:
-        from gateway.storage.postgres import open_postgres_storage
         url = request.getfixturevalue("postgres_db")
         storage = await open_postgres_storage(url)
 
@@ -446,7 +448,6 @@ async def test_a_signing_key_written_into_the_database_by_hand_is_not_trusted(tm
     a = await gateway(tmp_path / "a.json", storage.keys)
     intruder = Ed25519PrivateKey.generate()
     public = crypto.public_key_to_bytes(intruder.public_key())
-    from gateway.security.keyring import key_id_of, registration_mac
     kid = key_id_of(intruder.public_key())
     other_secret = LocalKeyring.init(tmp_path / "other.json").pseudonym_key
     for mac in (b"", b"\0" * 32, registration_mac(other_secret, kid, "rogue", public)):
@@ -459,3 +460,18 @@ async def test_a_signing_key_written_into_the_database_by_hand_is_not_trusted(tm
         fresh = await gateway(tmp_path / "a.json", storage.keys)
         assert await fresh.verify_key_for(kid) is None and await fresh.gateway_of(kid) is None
     assert await a.verify_key_for(a.key_id) is not None
+
+
+def test_migrate_moves_a_version_1_keyring_into_the_key_store(tmp_path: Path) -> None:
+    made = write_v1_keyring(tmp_path / "keyring.json", PATIENTS, shredded=["gone"])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDICON_")}
+    done = subprocess.run([sys.executable, "-m", "gateway", "migrate", "--data-dir", str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=60,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    assert "3 data key(s) and 1 tombstone(s) moved into the key store" in done.stderr
+    doc = json.loads((tmp_path / "keyring.json").read_text())
+    assert doc["version"] == 2 and "deks" not in doc
+    stored = dict(sqlite3.connect(tmp_path / "keys.sqlite3").execute("SELECT dek_id, kek_id FROM patient_keys"))
+    assert {dek_id for dek_id, _ in made.values()} | {"dek-gone-0"} == set(stored)
+    assert stored["dek-gone-0"] is None

@@ -16,7 +16,7 @@ What makes several gateways safe together is in the database, never in a gateway
   and one WAL flush for every event waiting), which is where batching pays: the lock is held
   across a commit. Head moves and token writes are single statements on their own pooled
   connections; PostgreSQL already shares a WAL flush between concurrent commits, and an
-  application-level batch measured no faster (see the report of ``bench/keys_scale.py``).
+  application-level batch of head moves measured no faster (``bench/pg_commit.py``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from importlib import resources
 from typing import Any, Awaitable, Callable, Iterable, TypeVar
 from urllib.parse import unquote, urlsplit
@@ -41,7 +41,7 @@ from ..security.tokens import (LAST_USED_GRANULARITY, AuthResult, NewToken, Toke
 from .base import Storage
 from .model import (Blob, Episode, GatewayKey, IndexedRecord, KeyConflict, KeyState, PatientKey,
                     StoreConflict)
-from .sqlite import GENESIS, _dt, audit_hash
+from .sqlite import GENESIS, audit_hash
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -390,6 +390,10 @@ class PostgresHeadStore:
 # --- tokens --------------------------------------------------------------------------------------
 
 _TOKEN_COLS = "id, name, role, patients, episodes, created_at, expires_at, revoked_at, last_used_at"
+
+
+def _dt(ts: float | None) -> datetime | None:
+    return None if ts is None else datetime.fromtimestamp(ts, tz=timezone.utc)
 
 
 def _token_info(row: asyncpg.Record) -> TokenInfo:
