@@ -24,7 +24,7 @@ import asyncpg
 import pytest
 
 from conftest import ROOT, STORAGE_URLS, bearer, start_gateway
-from gateway.errors import StorageFull, Unavailable
+from gateway.errors import Invalid, StorageFull, Unavailable
 from gateway.security.keyring import KeyShredded, LocalKeyring
 from gateway.security.provider import KeyringProvider
 from gateway.storage.model import Blob, IndexedRecord, StoreConflict
@@ -183,6 +183,39 @@ async def test_blobs_keep_their_first_patient(two):
     await b.heads.add_blobs([Blob("bafy-1", "p-3", False), Blob("bafy-2", "p-3", False)])
     assert await a.heads.blob("bafy-1") == Blob("bafy-1", "p-1", True, "text/plain")
     assert (await a.heads.blob("bafy-2")).patient == "p-3"
+
+
+async def test_what_postgresql_cannot_store_is_never_found_nor_a_server_error(two):
+    """PostgreSQL text holds no NUL (SQLite does): such identifiers are looked up as absent,
+    and stored nowhere with a 4xx error, never a 5xx."""
+    a, _ = two
+    for odd in ("a\x00b", "\ud800", "\x00"):
+        assert await a.heads.get_episode(odd) is None
+        assert await a.heads.list_episodes(odd) == [] and await a.heads.history(odd, -1, 10) == []
+        assert await a.heads.record(odd) is None and await a.heads.record_by_key(odd) is None
+        assert await a.heads.record_by_digest(odd, odd) is None and await a.heads.blob(odd) is None
+        assert await a.tokens.get(odd) is None and await a.tokens.revoke(odd) is False
+        assert await a.keys.key_by_id(odd) is None and await a.keys.gateway_key(odd) is None
+        with pytest.raises(Invalid, match="cannot store"):
+            await a.heads.create_episode(record(odd, 0))
+    episode = uid("e")
+    await a.heads.create_episode(record(episode, 0))
+    assert await a.heads.history(episode, 10**17, 10) == []  # past any seq, not out of range
+    assert len(await a.heads.history(episode, -1, 10**12)) == 1
+    assert await a.audit.page(2**63 - 1, 1000) == []
+
+
+async def test_hostile_identifiers_are_answered_as_on_sqlite(aiohttp_client, kubo, postgres_db):
+    from conftest import app_client, gateway_config
+    await migrate_database(postgres_db)
+    cfg = gateway_config(kubo, **{"storage.url": postgres_db})
+    STORAGE_URLS[cfg.records.data_dir] = postgres_db  # its admin token goes to that database
+    c = await app_client(aiohttp_client, cfg)
+    for path, status in [("/medicon/v1/episodes/a%00b", 404), ("/medicon/v1/episodes/a%00b/verify", 404),
+                         ("/medicon/v1/episodes/a%00b/history", 404), ("/medicon/v1/patients/a%00b/episodes", 200),
+                         ("/medicon/v1/episodes/x/history?cursor=999999999999999999", 404)]:
+        r = await c.get(path)
+        assert r.status == status, (path, await r.text())
 
 
 # --- tokens and keys: a change on one gateway, refused by the other ----------------------------

@@ -35,7 +35,7 @@ from urllib.parse import unquote, urlsplit
 
 import asyncpg
 
-from ..errors import MediconError, StorageFull, Unavailable
+from ..errors import Invalid, MediconError, StorageFull, Unavailable
 from ..security.tokens import (LAST_USED_GRANULARITY, AuthResult, NewToken, TokenError, TokenInfo,
                                decode_token, generate_token, hash_token, judge, new_token_id)
 from .base import Storage
@@ -51,6 +51,20 @@ MIGRATION_LOCK = int.from_bytes(b"medicon", "big")
 _CONNECTION_ERRORS = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError,
                       asyncio.TimeoutError, asyncpg.CannotConnectNowError, asyncpg.AdminShutdownError,
                       asyncpg.CrashShutdownError, asyncpg.TooManyConnectionsError)
+
+
+def storable(*values: str | None) -> bool:
+    """PostgreSQL text holds no NUL character (nor anything that is not UTF-8): a value with
+    one was never stored, so a lookup of it finds nothing without asking the database."""
+    return not any(value is not None and ("\x00" in value or _unencodable(value)) for value in values)
+
+
+def _unencodable(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def describe_url(url: str) -> str:
@@ -106,6 +120,10 @@ class PostgresDatabase:
                 return await fn(conn)
         except MediconError:
             raise
+        except (asyncpg.CharacterNotInRepertoireError, asyncpg.UntranslatableCharacterError, asyncpg.DataError,
+                UnicodeEncodeError):
+            raise Invalid("a value holds a character the database cannot store (NUL, or text that is "
+                          "not UTF-8)") from None
         except (asyncpg.PostgresError, *_CONNECTION_ERRORS) as exc:
             raise _failure(exc, self.where, name, what) from None
 
@@ -288,6 +306,8 @@ class PostgresHeadStore:
         return self._db.run(what, "head", fn)
 
     async def get_episode(self, episode: str) -> Episode | None:
+        if not storable(episode):
+            return None
         return await self._run("read", lambda c: self._episode(c, episode))
 
     @staticmethod
@@ -295,6 +315,8 @@ class PostgresHeadStore:
         return _episode(await conn.fetchrow(f"SELECT {_EPISODE_COLS} FROM episodes WHERE id = $1", episode))
 
     async def list_episodes(self, patient: str, status: str | None = None) -> list[Episode]:
+        if not storable(patient, status):
+            return []
         return await self._run("read", lambda c: self._list(c, patient, status))
 
     async def episodes(self) -> list[Episode]:
@@ -345,14 +367,18 @@ class PostgresHeadStore:
         return await self._run("write", move)
 
     async def history(self, episode: str, after_seq: int, limit: int) -> list[IndexedRecord]:
+        if not storable(episode):
+            return []
         return await self._run("read", lambda c: self._records(
-            c, "episode = $1 AND seq > $2 ORDER BY seq LIMIT $3", episode, after_seq, limit))
+            c, "episode = $1 AND seq > $2::bigint ORDER BY seq LIMIT $3::bigint", episode, after_seq, limit))
 
     @staticmethod
     async def _records(conn: asyncpg.Connection, where: str, *args: Any) -> list[IndexedRecord]:
         return [IndexedRecord(*r) for r in await conn.fetch(f"SELECT {_RECORD_COLS} FROM records WHERE {where}", *args)]
 
     async def _one(self, where: str, *args: Any) -> IndexedRecord | None:
+        if not storable(*args):
+            return None
         return _record(await self._run("read", lambda c: c.fetchrow(
             f"SELECT {_RECORD_COLS} FROM records WHERE {where}", *args)))
 
@@ -382,6 +408,8 @@ class PostgresHeadStore:
             [b.content_type for b in blobs]))
 
     async def blob(self, cid: str) -> Blob | None:
+        if not storable(cid):
+            return None
         row = await self._run("read", lambda c: c.fetchrow(
             "SELECT cid, patient, encrypted, content_type FROM blobs WHERE cid = $1", cid))
         return None if row is None else Blob(*row)
@@ -447,12 +475,16 @@ class PostgresTokenStore:
         return [_token_info(r) for r in rows]
 
     async def get(self, name_or_id: str) -> TokenInfo | None:
+        if not storable(name_or_id):
+            return None
         row = await self._run("read", lambda c: c.fetchrow(
             f"SELECT {_TOKEN_COLS} FROM tokens WHERE id = $1 OR (name = $1 AND revoked_at IS NULL)"
             " ORDER BY id = $1 DESC LIMIT 1", name_or_id))
         return None if row is None else _token_info(row)
 
     async def revoke(self, name_or_id: str) -> bool:
+        if not storable(name_or_id):
+            return False
         now = self._clock()
         done = await self._run("write", lambda c: c.execute(
             "UPDATE tokens SET revoked_at = $1 WHERE revoked_at IS NULL AND (id = $2 OR name = $2)", now, name_or_id))
@@ -534,7 +566,8 @@ class PostgresAuditStore:
 
     async def page(self, after: int, limit: int) -> list[dict[str, Any]]:
         rows = await self._db.run("read", "audit", lambda c: c.fetch(
-            "SELECT seq, event, prev, hash FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2", after, limit))
+            "SELECT seq, event, prev, hash FROM audit WHERE seq > $1::bigint ORDER BY seq LIMIT $2::bigint",
+            after, limit))
         return [{"seq": r["seq"], **json.loads(r["event"]), "prev": r["prev"], "hash": r["hash"]} for r in rows]
 
     async def verify(self) -> dict[str, Any]:
@@ -623,6 +656,8 @@ class PostgresKeyStore:
             f"SELECT {_KEY_COLS} FROM patient_keys WHERE pseudonym = $1", pseudonym)))
 
     async def key_by_id(self, dek_id: str) -> PatientKey | None:
+        if not storable(dek_id):
+            return None
         return _patient_key(await self._run("read", lambda c: c.fetchrow(
             f"SELECT {_KEY_COLS} FROM patient_keys WHERE dek_id = $1", dek_id)))
 
@@ -720,6 +755,8 @@ class PostgresKeyStore:
         return await self._run("write", register)
 
     async def gateway_key(self, key_id: str) -> GatewayKey | None:
+        if not storable(key_id):
+            return None
         return _gateway_key(await self._run("read", lambda c: c.fetchrow(
             f"SELECT {_GATEWAY_COLS} FROM gateway_keys WHERE key_id = $1", key_id)))
 
