@@ -10,7 +10,7 @@ EXAMPLE       := examples/medicon-example-plugin
 EXAMPLE_STAMP := $(VENV)/.medicon-example-plugin-installed
 EXAMPLE_FILES := $(shell find $(EXAMPLE) -type f \( -name '*.py' -o -name '*.json' -o -name '*.toml' \) -not -path '*/build/*')
 
-.PHONY: setup test dev kubo system-deps clean bench chaos
+.PHONY: setup test test-sqlite test-postgres dev kubo system-deps clean bench bench-keys chaos
 
 # System packages first (PostgreSQL, Chromium, chromedriver; needs root when one is missing).
 setup: system-deps $(BIN)/medicon-gateway kubo $(JS_DIR)/node_modules/.medicon-installed $(EXAMPLE_STAMP)
@@ -37,8 +37,18 @@ $(EXAMPLE_STAMP): $(BIN)/medicon-gateway $(EXAMPLE_FILES)
 	$(BIN)/python -m pip install --quiet './$(EXAMPLE)[test]'
 	touch $@
 
-test: $(EXAMPLE_STAMP)
-	$(BIN)/python -m pytest
+# The whole suite twice: on the embedded SQLite stores, then with every gateway it starts on a
+# real PostgreSQL server (a throwaway cluster the fixtures start; Debian's postgresql); then the
+# example plugin's own tests.
+test: test-sqlite test-postgres test-example
+
+test-sqlite: $(EXAMPLE_STAMP)
+	MEDICON_TEST_STORAGE=sqlite $(BIN)/python -m pytest
+
+test-postgres: $(EXAMPLE_STAMP)
+	MEDICON_TEST_STORAGE=postgres $(BIN)/python -m pytest
+
+test-example: $(EXAMPLE_STAMP)
 	cd $(EXAMPLE) && $(abspath $(BIN))/python -m pytest
 
 dev:
@@ -48,6 +58,11 @@ dev:
 bench: $(BIN)/medicon-gateway kubo
 	bench/setup.sh
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# The cost of a new patient at 10^3, 10^5 and 10^6 patients, SQLite and PostgreSQL (not part of
+# `test`; KEYS_ARGS="--sizes 1000,100000" for a shorter run).
+bench-keys: $(BIN)/medicon-gateway
+	$(BIN)/python -m bench.keys_scale --rotate $(KEYS_ARGS)
 
 # The long variants of the fault, race and fuzz tests (not part of `test`): CHAOS_SCALE multiplies
 # the SIGKILL rounds and the concurrent writers, CHAOS_EXAMPLES is the fuzz examples per test

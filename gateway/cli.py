@@ -1,5 +1,6 @@
-"""``medicon-gateway``: run the gateway (``serve``), a complete local setup (``dev``), or
-manage API tokens (``token create|list|revoke``)."""
+"""``medicon-gateway``: run the gateway (``serve``), a complete local setup (``dev``), manage
+API tokens (``token create|list|revoke``) and keys (``keys init|rotate|shred|export|join|
+gateways``), or bring the database to the current schema (``migrate``)."""
 
 from __future__ import annotations
 
@@ -23,10 +24,11 @@ from .http.app import INFLIGHT, create_app
 from .http.server import GatewayRunner
 from .kubo.node import KuboError, KuboNode, find_binary
 from .progress import ProgressReport
-from .security.keyring import KeyringError, LocalKeyring
+from .security.keyring import KeyringError, LocalKeyring, read_bundle
 from .security.principal import ROLES
+from .core.key_provider import KeyringProvider
 from .security.tokens import TokenError, parse_duration
-from .storage import TokenStore, open_storage
+from .storage import Storage, TokenStore, migrate, open_storage
 
 log = logging.getLogger("medicon_gateway")
 T = TypeVar("T")
@@ -223,34 +225,116 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 # --- keys -----------------------------------------------------------------------------------
 
-def _keyring_file(args: argparse.Namespace) -> Path:
+def _key_config(args: argparse.Namespace) -> Config:
     overrides = {"records.data_dir": args.data_dir} if args.data_dir else {}
-    return keyring_path(load_config(args.config, overrides=overrides))
+    return load_config(args.config, overrides=overrides)
+
+
+async def _with_keys(config: Config, use):
+    """``await use(provider, storage)`` with the key file attached to the configured key store
+    (which moves an old keyring file's data keys into it, and registers this gateway)."""
+    storage = await open_storage(config)
+    try:
+        provider = KeyringProvider(keyring_path(config))
+        await provider.attach(storage.keys)
+        return await use(provider, storage)
+    finally:
+        await storage.close()
 
 
 def cmd_keys_init(args: argparse.Namespace) -> int:
-    path = _keyring_file(args)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    LocalKeyring.init(path)
-    print(f"keyring created: {path} (mode 0600). Back it up: without it nothing sealed can be read.",
-          file=sys.stderr)
+    path = keyring_path(_key_config(args))
+    ring = LocalKeyring.init(path, gateway_id=args.gateway_id)
+    print(f"keyring created: {path} (mode 0600), gateway {ring.gateway_id}, signing key {ring.key_id}. "
+          "Back it up: without it nothing sealed can be read.", file=sys.stderr)
     return 0
 
 
 def cmd_keys_rotate(args: argparse.Namespace) -> int:
-    ring = LocalKeyring.load(_keyring_file(args))
-    with ProgressReport("keys rotate") as progress:
-        kek = ring.rotate(progress=progress)
-    print(f"new key-encryption key {kek}: every data key re-wrapped; stored data unchanged and readable",
-          file=sys.stderr)
+    async def rotate(provider: KeyringProvider, _storage: Storage) -> str:
+        with ProgressReport("keys rotate") as report:
+            return await provider.rotate(batch=args.batch, force=args.force,
+                                         progress=lambda done, total: report("data keys", done, total))
+    kek = asyncio.run(_with_keys(_key_config(args), rotate))
+    print(f"new key-encryption key {kek}: every data key re-wrapped, older KEKs dropped from the key file; "
+          "stored data unchanged and readable", file=sys.stderr)
     return 0
 
 
 def cmd_keys_shred(args: argparse.Namespace) -> int:
-    ring = LocalKeyring.load(_keyring_file(args))
-    destroyed = ring.shred_patient(args.patient)
+    async def shred(provider: KeyringProvider, _storage: Storage) -> int:
+        return await provider.shred_patient(args.patient)
+    destroyed = asyncio.run(_with_keys(_key_config(args), shred))
     print(f"destroyed {destroyed} data key(s): that patient's records and attachments are now "
-          "permanently unreadable (410)", file=sys.stderr)
+          "permanently unreadable (410) on every gateway of this key store", file=sys.stderr)
+    return 0
+
+
+def cmd_keys_export(args: argparse.Namespace) -> int:
+    ring = LocalKeyring.load(keyring_path(_key_config(args)))
+    out = ring.export(args.out)
+    print(f"key bundle written: {out} (mode 0600): the KEKs and the pseudonym key, no signing key. "
+          "Carry it to the other site, run `medicon-gateway keys join` there, then destroy it.",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_keys_join(args: argparse.Namespace) -> int:
+    config = _key_config(args)
+    path = keyring_path(config)
+    if not path.exists():
+        if args.update or args.prune:
+            raise KeyringError(f"no key file at {path} to update: leave out --update to create one")
+        ring = LocalKeyring.join(path, args.bundle, gateway_id=args.gateway_id)
+        print(f"keyring created from {args.bundle}: {path} (mode 0600), gateway {ring.gateway_id}, "
+              f"own signing key {ring.key_id}", file=sys.stderr)
+    elif not args.update:
+        raise KeyringError(f"{path} exists: use --update to take the bundle's key-encryption keys into it")
+    else:
+        LocalKeyring.load(path).merged(args.bundle, prune=False)
+        print(f"keyring {path}: the bundle's key-encryption keys added", file=sys.stderr)
+
+    async def registered(provider: KeyringProvider, _storage: Storage) -> None:
+        if args.prune:
+            state = await provider.store.state()
+            theirs = {k["id"] for k in read_bundle(args.bundle)["keks"]}
+            if state.active_kek not in theirs or await provider.store.count(not_wrapped_by=state.active_kek):
+                raise KeyringError("not pruning: the bundle lacks the active key-encryption key "
+                                   f"{state.active_kek}, or a rotation is still re-wrapping data keys")
+            LocalKeyring.load(path).merged(args.bundle, prune=True)
+            provider.reload()
+            print(f"keyring {path}: only the bundle's key-encryption keys kept", file=sys.stderr)
+        await provider.register()  # the key store learns which KEKs this gateway holds
+    asyncio.run(_with_keys(config, registered))
+    return 0
+
+
+def cmd_keys_gateways(args: argparse.Namespace) -> int:
+    async def listing(provider: KeyringProvider, storage: Storage):
+        return await storage.keys.gateways()
+    rows = asyncio.run(_with_keys(_key_config(args), listing))
+    head = ("GATEWAY", "KEY ID", "KEKS", "REGISTERED")
+    table = [(g.gateway_id, g.key_id, ",".join(g.kek_ids), g.registered_at) for g in rows]
+    widths = [max(len(r[c]) for r in [head, *table]) for c in range(len(head))]
+    for row in [head, *table]:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+    return 0
+
+
+# --- migrate --------------------------------------------------------------------------------
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """The database's schema first (PostgreSQL), then an old keyring file's data keys into the
+    key store (both also happen when the gateway starts)."""
+    config = _key_config(args)
+    where, applied = asyncio.run(migrate(config))
+    print(f"{where}: " + (f"applied {', '.join(applied)}" if applied else "schema up to date"), file=sys.stderr)
+    if keyring_path(config).exists():
+        async def attached(provider: KeyringProvider, _storage: Storage) -> dict:
+            return provider.moved
+        moved = asyncio.run(_with_keys(config, attached))
+        print(f"keyring: {moved['keys']} data key(s) and {moved['tombstones']} tombstone(s) moved into the key store",
+              file=sys.stderr)
     return 0
 
 
@@ -316,19 +400,46 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--repair", action="store_true", help="pin unpinned records, unpin orphans left by crashed appends")
     chk.set_defaults(func=cmd_check)
 
-    keys = sub.add_parser("keys", help="the local keyring: init, rotate, shred")
+    keys = sub.add_parser("keys", help="the keys: init, rotate, shred, export, join, gateways")
     key_opts = argparse.ArgumentParser(add_help=False)
     key_opts.add_argument("--config", default=argparse.SUPPRESS, help="TOML config file")
     key_opts.add_argument("--data-dir", default=None, help="the gateway's records.data_dir")
     key_actions = keys.add_subparsers(dest="action", required=True)
-    key_actions.add_parser("init", parents=[key_opts], help="create the keyring (0600)").set_defaults(
-        func=cmd_keys_init)
-    key_actions.add_parser("rotate", parents=[key_opts],
-                           help="new key-encryption key; data keys re-wrapped").set_defaults(func=cmd_keys_rotate)
+    init = key_actions.add_parser("init", parents=[key_opts], help="create the key file (0600)")
+    init.add_argument("--gateway-id", help="this gateway's name in signatures (default: host name + random)")
+    init.set_defaults(func=cmd_keys_init)
+    rotate = key_actions.add_parser("rotate", parents=[key_opts],
+                                    help="new key-encryption key; data keys re-wrapped in batches")
+    rotate.add_argument("--batch", type=int, default=1000, help="data keys re-wrapped per transaction")
+    rotate.add_argument("--force", action="store_true",
+                        help="rotate even if other registered gateways do not hold the new key yet")
+    rotate.set_defaults(func=cmd_keys_rotate)
     shred = key_actions.add_parser("shred", parents=[key_opts],
                                    help="destroy a patient's data key: crypto-shredding, for erasure")
     shred.add_argument("--patient", required=True)
     shred.set_defaults(func=cmd_keys_shred)
+    export = key_actions.add_parser("export", parents=[key_opts],
+                                    help="write the shared keys (no signing key) for `keys join` at another site")
+    export.add_argument("--out", required=True, help="the bundle file to create (0600)")
+    export.set_defaults(func=cmd_keys_export)
+    join = key_actions.add_parser("join", parents=[key_opts],
+                                  help="create this gateway's key file from a bundle (own signing key), "
+                                       "or --update one with the bundle's key-encryption keys")
+    join.add_argument("bundle", help="a file of `keys export`")
+    join.add_argument("--gateway-id", help="this gateway's name in signatures (default: host name + random)")
+    join.add_argument("--update", action="store_true", help="take the bundle's KEKs into the existing key file")
+    join.add_argument("--prune", action="store_true",
+                      help="with --update: keep only the bundle's KEKs (after a rotation finished)")
+    join.set_defaults(func=cmd_keys_join)
+    key_actions.add_parser("gateways", parents=[key_opts],
+                           help="the gateways registered with the key store (who signs records)"
+                           ).set_defaults(func=cmd_keys_gateways)
+
+    mig = sub.add_parser("migrate", help="bring the database to this version's schema; move keyring "
+                                         "data keys into the key store")
+    mig.add_argument("--config", default=argparse.SUPPRESS, help="TOML config file")
+    mig.add_argument("--data-dir", default=None, help="the gateway's records.data_dir")
+    mig.set_defaults(func=cmd_migrate)
     return parser
 
 

@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping, get_origin
 from urllib.parse import urlsplit
 
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter,
-                      ValidationError)
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, SecretStr,
+                      TypeAdapter, ValidationError)
 
 ENV_PREFIX = "MEDICON_"
 # MEDICON_* variables that are not config keys: the config file's path, what `dev` prints, the
 # deploy scripts' binary path, the test suite's knobs, and plugins' own settings (jwt_auth).
-NOT_CONFIG = frozenset({"CONFIG", "TOKEN", "GATEWAY_URL", "GATEWAY_BIN", "CHAOS", "FUZZ_EXAMPLES"})
+NOT_CONFIG = frozenset({"CONFIG", "TOKEN", "GATEWAY_URL", "GATEWAY_BIN", "CHAOS", "FUZZ_EXAMPLES",
+                        "TEST_STORAGE"})
 NOT_CONFIG_PREFIXES = ("JWT_",)
 # Older names kept working: MEDICON_TRACE_HOOKS is plugins.trace_hooks.
 ENV_ALIASES = {"TRACE_HOOKS": ("plugins", "trace_hooks")}
@@ -120,6 +121,44 @@ class RecordsConfig(Section):
     max_parts: Count = 1000
 
 
+def _database_url(value: SecretStr) -> SecretStr:
+    """A PostgreSQL URL, or empty for the embedded SQLite stores. The error never repeats the
+    value: it may hold a password."""
+    text = value.get_secret_value()
+    if not text:
+        return value
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError:
+        raise ValueError("expected a postgresql://user:password@host:port/database URL "
+                         "(the value given does not parse; it is not repeated here)") from None
+    if parts.scheme not in ("postgresql", "postgres") or not (parts.hostname or "host=" in parts.query):
+        raise ValueError("expected a postgresql://user:password@host:port/database URL, or empty "
+                         "for the embedded SQLite stores (the value given is not repeated here)")
+    return value
+
+
+class StorageConfig(Section):
+    # Where heads, tokens, audit and wrapped keys live: empty for the embedded SQLite files in
+    # records.data_dir (one gateway), or postgresql://user:password@host:port/db for a database
+    # several gateways share. A secret (it may hold a password): never logged nor shown.
+    url: Annotated[SecretStr, AfterValidator(_database_url)] = SecretStr("")
+    # Connections the gateway keeps to PostgreSQL (at least, at most).
+    pool_min: Annotated[int, Field(ge=0)] = 2
+    pool_max: Count = 10
+    # Seconds to connect to PostgreSQL, and for one statement; past it: 503.
+    connect_timeout: Seconds = 10.0
+    command_timeout: Seconds = 30.0
+    # Apply pending schema migrations at start (under an advisory lock, so several gateways
+    # starting together migrate once); false: refuse to start until `medicon-gateway migrate`.
+    migrate_on_start: bool = True
+
+
+# Values never shown in errors (they may carry credentials).
+SECRET_KEYS = frozenset({"storage.url"})
+
+
 class SecurityConfig(Section):
     # The local keyring (`medicon-gateway keys init`); empty: <records.data_dir>/keyring.json.
     keyring: str = ""
@@ -139,6 +178,7 @@ class Config(Section):
     kubo: KuboConfig = Field(default_factory=KuboConfig)
     records: RecordsConfig = Field(default_factory=RecordsConfig)
     security: SecurityConfig = Field(default_factory=SecurityConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
     plugins: PluginsConfig = Field(default_factory=PluginsConfig)
 
 
@@ -178,10 +218,10 @@ def _env_key(name: str) -> tuple[str, str] | None:
     return section, key
 
 
-def _describe(err: ValidationError) -> str:
+def _describe(err: ValidationError, secret: bool = False) -> str:
     first = err.errors()[0]
-    return first["msg"].removeprefix("Value error, ") + (
-        f", got {first['input']!r}" if "input" in first and not isinstance(first["input"], dict) else "")
+    shown = "input" in first and not isinstance(first["input"], dict) and not secret
+    return first["msg"].removeprefix("Value error, ") + (f", got {first['input']!r}" if shown else "")
 
 
 def load_config(
@@ -225,7 +265,8 @@ def load_config(
         try:
             raw[section][key] = _from_env(fields[key].annotation, text)
         except (ValidationError, ValueError) as exc:
-            why = _describe(exc) if isinstance(exc, ValidationError) else str(exc)
+            secret = f"{section}.{key}" in SECRET_KEYS
+            why = _describe(exc, secret) if isinstance(exc, ValidationError) else str(exc)
             raise ConfigError(f"config key '{section}.{key}' ({name}): {why}") from None
         origins[f"{section}.{key}"] = name
 
@@ -246,5 +287,5 @@ def load_config(
         except ValidationError as err:
             key = f"{section}.{err.errors()[0]['loc'][0]}"
             named = f"'{key}'" + (f" ({origins[key]})" if key in origins else "")
-            raise ConfigError(f"config key {named}: {_describe(err)}") from None
+            raise ConfigError(f"config key {named}: {_describe(err, key in SECRET_KEYS)}") from None
     return Config(**built)

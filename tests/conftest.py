@@ -2,6 +2,11 @@
 
 There is no fake IPFS server anywhere in this suite. Without Kubo the run stops at once,
 saying how to install it.
+
+``MEDICON_TEST_STORAGE=postgres`` (``make test-postgres``) runs the same tests with every
+gateway they start on PostgreSQL: each data dir made by ``new_data_dir`` gets a fresh database
+of the session's PostgreSQL server, which ``gateway_config``, ``start_gateway``, ``make_token``
+and ``BlockingTokens`` use. The default is the embedded SQLite stores.
 """
 
 from __future__ import annotations
@@ -20,11 +25,56 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import load_config
+from gateway.config import ConfigError, load_config
 from gateway.kubo.node import INSTALL_HINT, KuboError, KuboNode, find_binary
 from realparts import PartMissing, PostgresServer
 
 ROOT = Path(__file__).resolve().parents[1]
+STORAGE = os.environ.get("MEDICON_TEST_STORAGE", "sqlite")
+if STORAGE not in ("sqlite", "postgres"):
+    raise ConfigError(f"MEDICON_TEST_STORAGE must be sqlite or postgres, not {STORAGE!r}")
+# data dir -> the URL of its database, when the gateways of this run use PostgreSQL
+STORAGE_URLS: dict[str, str] = {}
+_POSTGRES: list[PostgresServer] = []
+
+
+def session_postgres() -> PostgresServer:
+    """The session's PostgreSQL server, started on first use and stopped at the session's end."""
+    if not _POSTGRES:
+        try:
+            _POSTGRES.append(PostgresServer().start())
+        except PartMissing as exc:
+            pytest.exit(f"\n\nPOSTGRESQL IS REQUIRED: {exc}\n", returncode=3)
+    return _POSTGRES[0]
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    while _POSTGRES:
+        _POSTGRES.pop().stop()
+
+
+def run_blocking(coro):
+    """Run ``coro`` to its end on a loop of its own, also from a test's running event loop."""
+    result: list = []
+
+    def run() -> None:
+        try:
+            result.append((True, asyncio.run(coro)))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            result.append((False, exc))
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    ok, value = result[0]
+    if not ok:
+        raise value
+    return value
+
+
+def storage_env(data_dir) -> dict[str, str]:
+    """The environment that points a gateway process or the CLI at ``data_dir``'s stores."""
+    url = STORAGE_URLS.get(str(data_dir))
+    return {"MEDICON_STORAGE_URL": url} if url else {}
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -49,12 +99,7 @@ def kubo(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def postgres():
     """The session's PostgreSQL server (real, throwaway); a missing PostgreSQL fails the run."""
-    try:
-        server = PostgresServer().start()
-    except PartMissing as exc:
-        pytest.fail(f"POSTGRESQL IS REQUIRED: {exc}", pytrace=False)
-    yield server
-    server.stop()
+    return session_postgres()
 
 
 @pytest.fixture
@@ -78,17 +123,24 @@ def token_path(data_dir) -> Path:
 
 
 class BlockingTokens:
-    """The gateway's real token store (the SQLite store the gateway opens), driven from
-    synchronous test code: its coroutines run on an event loop in a thread of its own."""
+    """The gateway's real token store (the one the gateway of that data dir opens: its SQLite
+    file, or its PostgreSQL database), driven from synchronous test code: its coroutines run on
+    an event loop in a thread of its own."""
 
     def __init__(self, path, clock=time.time) -> None:
-        from gateway.storage.sqlite import TOKENS_SCHEMA, SQLiteDatabase, SQLiteTokenStore
         self.path = Path(path)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
-        self._db = self._run(SQLiteDatabase.open(self.path, TOKENS_SCHEMA, name="token"))
-        self._store = SQLiteTokenStore(self._db, clock=clock)
+        url = STORAGE_URLS.get(str(self.path.parent))
+        if url:
+            from gateway.storage.postgres import PostgresDatabase, PostgresTokenStore
+            self._db = self._run(PostgresDatabase.open(url, min_size=1, max_size=2))
+            self._store = PostgresTokenStore(self._db, clock=clock)
+        else:
+            from gateway.storage.sqlite import TOKENS_SCHEMA, SQLiteDatabase, SQLiteTokenStore
+            self._db = self._run(SQLiteDatabase.open(self.path, TOKENS_SCHEMA, name="token"))
+            self._store = SQLiteTokenStore(self._db, clock=clock)
 
     def _run(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
@@ -111,6 +163,45 @@ class BlockingTokens:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _postgres_rows(url: str, query: str, *args) -> list[tuple]:
+    import asyncpg
+
+    async def run() -> list[tuple]:
+        conn = await asyncpg.connect(url)
+        try:
+            return [tuple(r) for r in await conn.fetch(query, *args)]
+        finally:
+            await conn.close()
+    return run_blocking(run())
+
+
+def audit_sql(data_dir, query: str, *args) -> list[tuple]:
+    """Run ``query`` (``$1`` placeholders) on the audit store of ``data_dir``'s gateway, as
+    someone with access to the database would: to read it raw, or to tamper with it."""
+    url = STORAGE_URLS.get(str(data_dir))
+    if url:
+        return _postgres_rows(url, query, *args)
+    import re
+    import sqlite3
+    db = sqlite3.connect(Path(data_dir) / "audit.sqlite3")
+    try:
+        rows = db.execute(re.sub(r"\$\d+", "?", query), args).fetchall()
+        db.commit()
+        return rows
+    finally:
+        db.close()
+
+
+def audit_store_bytes(data_dir) -> bytes:
+    """Everything the audit store of ``data_dir``'s gateway keeps: the SQLite file and its WAL
+    as they stand on disk, or every row of the PostgreSQL table."""
+    url = STORAGE_URLS.get(str(data_dir))
+    if url:
+        return "\n".join("\t".join(map(str, r)) for r in _postgres_rows(url, "SELECT * FROM audit")).encode()
+    base = os.path.join(data_dir, "audit.sqlite3")
+    return b"".join(open(p, "rb").read() for p in (base, base + "-wal") if os.path.exists(p))
 
 
 def make_token(config_or_dir, name: str | None = None, role: str = "admin", patients=None,
@@ -137,18 +228,26 @@ async def app_client(aiohttp_client, config, role: str = "admin", **scope):
 
 
 def new_data_dir() -> str:
-    """A fresh gateway data dir with its keyring (what `medicon-gateway keys init` makes)."""
+    """A fresh gateway data dir with its keyring (what `medicon-gateway keys init` makes), and
+    with PostgreSQL a fresh database for it (migrated, as `medicon-gateway migrate` does)."""
     from gateway.security.keyring import LocalKeyring
     data_dir = tempfile.mkdtemp(prefix="medicon-test-")
     LocalKeyring.init(Path(data_dir) / "keyring.json")
+    if STORAGE == "postgres":
+        url = session_postgres().create_database(f"gw_{uuid.uuid4().hex}")
+        from gateway.storage.postgres import migrate_database
+        run_blocking(migrate_database(url))
+        STORAGE_URLS[data_dir] = url
     return data_dir
 
 
 def gateway_config(node: KuboNode, **overrides):
     """A config for ``node`` with a data dir of its own (fresh chains, tokens and keys)."""
+    data_dir = new_data_dir()
+    url = STORAGE_URLS.get(data_dir)
     return load_config(env={}, overrides={
         "kubo.api_url": node.api_url, "kubo.gateway_url": node.gateway_url, "kubo.api_auth": node.api_secret,
-        "records.data_dir": new_data_dir(), **overrides,
+        "records.data_dir": data_dir, **({"storage.url": url} if url else {}), **overrides,
     })
 
 
@@ -198,7 +297,8 @@ def start_gateway(node: KuboNode, *args: str, env: dict | None = None,
     token = make_token(data_dir)
     full_env = {**os.environ, "MEDICON_KUBO_API_URL": node.api_url,
                 "MEDICON_KUBO_GATEWAY_URL": node.gateway_url, "MEDICON_KUBO_API_AUTH": node.api_secret,
-                "MEDICON_RECORDS_DATA_DIR": data_dir, "PYTHONUNBUFFERED": "1", **(env or {})}
+                "MEDICON_RECORDS_DATA_DIR": data_dir, "PYTHONUNBUFFERED": "1", **storage_env(data_dir),
+                **(env or {})}
     stderr = open(log, "ab") if log is not None else None
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway", "--log-level", log_level, "serve", "--port", "0", *args],

@@ -92,3 +92,26 @@ def test_event_loop_choice_is_checked_and_uvloop_is_used_when_chosen():
 
     assert run_loop(load_config(env={"MEDICON_SERVER_EVENT_LOOP": "uvloop"}), loop_type()).startswith("uvloop")
     assert run_loop(load_config(env={}), loop_type()).startswith("asyncio")
+
+
+def test_storage_is_embedded_sqlite_unless_a_postgresql_url_is_given(tmp_path):
+    assert load_config(env={}).storage.url.get_secret_value() == ""
+    url = "postgresql://medicon:S3cret-pw@db.internal:5432/medicon"
+    f = tmp_path / "gw.toml"
+    f.write_text('[storage]\nurl = "postgresql://other@h/x"\npool_min = 1\npool_max = 4\nmigrate_on_start = false\n')
+    cfg = load_config(f, env={"MEDICON_STORAGE_URL": url, "MEDICON_STORAGE_COMMAND_TIMEOUT": "5"})
+    assert cfg.storage.url.get_secret_value() == url  # the environment wins over the file
+    assert (cfg.storage.pool_min, cfg.storage.pool_max, cfg.storage.migrate_on_start) == (1, 4, False)
+    assert cfg.storage.command_timeout == 5.0
+    assert "S3cret-pw" not in repr(cfg) and "S3cret-pw" not in str(cfg.storage)
+
+
+@pytest.mark.parametrize("value", ["mysql://root:S3cret-pw@db/x", "postgresql://u:S3cret-pw@h:port/x",
+                                   "postgresql://u:S3cret-pw@:5432/x", "S3cret-pw"])
+def test_a_bad_storage_url_is_refused_without_repeating_it(tmp_path, value):
+    f = tmp_path / "gw.toml"
+    f.write_text(f'[storage]\nurl = "{value}"\n')
+    for source in ({"path": f, "env": {}}, {"env": {"MEDICON_STORAGE_URL": value}}):
+        with pytest.raises(ConfigError) as err:
+            load_config(**source)
+        assert "storage.url" in str(err.value) and "S3cret-pw" not in str(err.value)

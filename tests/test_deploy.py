@@ -33,6 +33,8 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
+from dockerfile_parse import DockerfileParser
+from SystemdUnitParser import SystemdUnitParser
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -191,19 +193,10 @@ def test_compose_gateway_config_env_and_healthcheck():
 
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
-    text = (DEPLOY / "Dockerfile").read_text()
-    logical, current = [], ""
-    for line in text.splitlines():
-        if not current and (not line.strip() or line.lstrip().startswith("#")):
-            continue
-        if line.rstrip().endswith("\\"):
-            current += line.rstrip()[:-1] + " "
-            continue
-        current += line
-        keyword, _, args = current.strip().partition(" ")
-        logical.append((keyword.upper(), args.strip()))
-        current = ""
-    return logical
+    """(INSTRUCTION, arguments) in order, comments left out (``dockerfile-parse``)."""
+    parsed = DockerfileParser(path=str(DEPLOY / "Dockerfile"))
+    return [(item["instruction"], " ".join(item["value"].split())) for item in parsed.structure
+            if item["instruction"] != "COMMENT"]
 
 
 def test_dockerfile_runs_gateway_as_non_root():
@@ -341,25 +334,11 @@ def test_k8s_network_policy_allows_only_gateway_port():
 
 
 def parse_unit(path: Path) -> dict[str, dict[str, list[str]]]:
-    """A systemd unit as {section: {key: [values in order]}}; keys may repeat."""
-    sections: dict[str, dict[str, list[str]]] = {}
-    current, pending = None, ""
-    for raw in path.read_text().splitlines():
-        line = raw.strip()
-        if not pending and (not line or line[0] in "#;"):
-            continue
-        if line.endswith("\\"):
-            pending += line[:-1] + " "
-            continue
-        line, pending = pending + line, ""
-        if line.startswith("[") and line.endswith("]"):
-            current = sections.setdefault(line[1:-1], {})
-            continue
-        assert current is not None, f"{path.name}: {line!r} outside a section"
-        key, sep, value = line.partition("=")
-        assert sep, f"{path.name}: not a key=value line: {line!r}"
-        current.setdefault(key.strip(), []).append(value.strip())
-    return sections
+    """A systemd unit as {section: {key: [values in order]}}; keys may repeat (``SystemdUnitParser``)."""
+    parser = SystemdUnitParser()
+    parser.read(path)
+    return {section: {key: list(value) if isinstance(value, tuple) else [value]
+                      for key, value in parser[section].items()} for section in parser.sections()}
 
 
 def last(unit: dict[str, dict[str, list[str]]], section: str, key: str) -> str | None:
@@ -745,11 +724,8 @@ def test_compose_gateway_data_dir_is_a_named_volume():
 
 
 def dockerfile_env(instructions: list[tuple[str, str]]) -> dict[str, str]:
-    env = {}
-    for kw, args in instructions:
-        if kw == "ENV":
-            env.update(item.split("=", 1) for item in shlex.split(args))
-    return env
+    """The image's environment (``dockerfile-parse`` resolves every ``ENV``)."""
+    return DockerfileParser(path=str(DEPLOY / "Dockerfile")).envs
 
 
 def test_dockerfile_entrypoint_and_data_dir():

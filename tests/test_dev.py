@@ -1,50 +1,92 @@
-"""`medicon-gateway dev`: a managed Kubo and the gateway, announced, stopped on Ctrl-C."""
+"""`medicon-gateway dev`: a managed Kubo and the gateway, announced, stopped on Ctrl-C, and
+started again on the same data dir with everything the first run wrote."""
 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 from gateway.kubo.node import KuboNode
+from records_helpers import opened, uid
 
 
-def test_dev_starts_kubo_and_gateway_and_stops_both(tmp_path):
-    data_dir = tmp_path / "dev"
-    proc = subprocess.Popen([sys.executable, "-m", "gateway", "dev", "--port", "0", "--data-dir", str(data_dir)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def call(url: str, path: str, token: str | None = None, body: dict | None = None, method: str = "POST"):
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    data = None if body is None else json.dumps(body).encode()
+    if data is not None:
+        headers["Content-Type"] = "application/json"
+    req = urllib.request.Request(url + path, data=data, method=method, headers=headers)
+    with urllib.request.urlopen(req, timeout=20) as r:
+        return r.status, json.load(r)
+
+
+def status_of(url: str, path: str, token: str | None = None, method: str = "POST") -> int:
     try:
-        line = proc.stdout.readline().strip()
-        assert line.startswith("MEDICON_GATEWAY_URL=http://127.0.0.1:"), line
-        url = line.split("=", 1)[1]
-        token_line = proc.stdout.readline().strip()
+        return call(url, path, token, method=method)[0]
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+class Dev:
+    """One `medicon-gateway dev` run on ``data_dir``."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "dev", "--port", "0", "--data-dir", str(data_dir)],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline().strip()
+        assert line.startswith("MEDICON_GATEWAY_URL=http://127.0.0.1:"), line + self.proc.stderr.read()
+        self.url = line.split("=", 1)[1]
+        token_line = self.proc.stdout.readline().strip()
         assert token_line.startswith("MEDICON_TOKEN=mdc_"), token_line
-        token = token_line.split("=", 1)[1]
-        req = urllib.request.Request(url + "/api/v0/version", method="POST")
-        try:  # no token, no service
-            urllib.request.urlopen(req, timeout=10)
-            raise AssertionError("answered without credentials")
-        except urllib.error.HTTPError as err:
-            assert err.code == 401
-        req = urllib.request.Request(url + "/api/v0/version", method="POST",
-                                     headers={"Authorization": f"Bearer {token}"})
-        with urllib.request.urlopen(req, timeout=10) as r:
-            assert json.load(r)["Version"]
-        with urllib.request.urlopen(url + "/readyz", timeout=10) as r:
-            assert json.load(r)["status"] == "ready"
-        kubo_api = json.loads((data_dir / "kubo" / "config").read_text())["Addresses"]["API"]
-        assert kubo_api.startswith("/ip4/127.0.0.1/tcp/")
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(30) == 0
-        assert "kubo stopped" in proc.stderr.read()
+        self.token = token_line.split("=", 1)[1]
+        config = json.loads((data_dir / "kubo" / "config").read_text())
+        self.kubo_api = config["Addresses"]["API"]
+        self.peer_id = config["Identity"]["PeerID"]
+
+    def stop(self) -> str:
+        self.proc.send_signal(signal.SIGINT)
+        assert self.proc.wait(30) == 0
+        return self.proc.stderr.read()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+
+
+def test_dev_starts_kubo_and_gateway_stops_both_and_starts_again_on_the_same_data(tmp_path):
+    data_dir = tmp_path / "dev"
+    patient, episode = uid("p"), uid("e")
+    first = Dev(data_dir)
+    try:
+        assert status_of(first.url, "/api/v0/version") == 401  # no token, no service
+        assert call(first.url, "/api/v0/version", first.token)[1]["Version"]
+        assert call(first.url, "/readyz", method="GET")[1]["status"] == "ready"
+        assert first.kubo_api.startswith("/ip4/127.0.0.1/tcp/")
+        kubo = KuboNode(data_dir / "kubo", api_port=int(first.kubo_api.rsplit("/", 1)[1]))
+        assert kubo.version() is None  # Kubo's RPC takes only the gateway's secret
+        kubo.api_secret = (data_dir / "kubo" / "medicon-api-secret").read_text().strip()
+        assert kubo.version() is not None
+        status, appended = call(first.url, f"/medicon/v1/patients/{patient}/episodes", first.token,
+                                opened(patient, episode))
+        assert status == 201
+        assert "kubo stopped" in first.stop()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-    node = KuboNode(data_dir / "kubo", api_port=int(kubo_api.rsplit("/", 1)[1]))
-    assert node.version() is None, "Kubo still answers after dev stopped"
-    # the repo survives: a second run starts on it again
-    assert (data_dir / "kubo" / "config").exists() and os.listdir(data_dir / "kubo")
+        first.kill()
+    assert kubo.version() is None, "Kubo still answers after dev stopped"
+
+    second = Dev(data_dir)  # the same repo, keys, tokens and head store
+    try:
+        assert second.peer_id == first.peer_id and second.token != first.token
+        assert status_of(second.url, "/api/v0/version", first.token) == 401  # revoked when dev stopped
+        status, record = call(second.url, f"/medicon/v1/records/{appended['cid']}", second.token, method="GET")
+        assert status == 200 and record["record"]["patient"] == patient
+        status, verdict = call(second.url, f"/medicon/v1/episodes/{episode}/verify", second.token, method="GET")
+        assert verdict["ok"] is True and verdict["length"] == 1
+        second.stop()
+    finally:
+        second.kill()

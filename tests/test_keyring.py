@@ -1,16 +1,32 @@
-"""gateway.security.keyring.LocalKeyring: file safety, DEK lifecycle, KEK rotation, crypto-shredding."""
+"""Keys: the local key file (KEKs, pseudonym key, signing key; 0600) and the patients' wrapped
+data keys in the key store — embedded SQLite and real PostgreSQL alike (``key_store`` runs each
+store test on both): O(1) enrolment, rotation in batches, crypto-shredding seen by every
+gateway, migration of version 1 keyring files, and several gateways sharing one store."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import re
+import sqlite3
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
+import asyncpg
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from gateway.errors import Unavailable
 from gateway.security import crypto
-from gateway.security.keyring import KeyringError, KeyShredded, LocalKeyring
+from gateway.security.keyring import (KeyringError, KeyShredded, LocalKeyring, b64, key_id_of,
+                                      pseudonym_check, registration_mac, wrap_aad)
+from gateway.core.key_provider import KeyringProvider, RotationBlocked
+from gateway.storage.model import KeyState
+from gateway.storage.postgres import open_postgres_storage
+from gateway.storage.sqlite import open_sqlite_storage
 
 PATIENTS = ["patient-0042-Smith", "Jöns Ünicode-Ærø", "P-777"]
 
@@ -24,26 +40,64 @@ def path(tmp_path: Path) -> Path:
     return tmp_path / "keyring.json"
 
 
-@pytest.fixture
-def kr(path: Path) -> LocalKeyring:
-    return LocalKeyring.init(path)
+@pytest.fixture(params=["sqlite", "postgres"])
+async def backend(request, tmp_path):
+    """(name, storage, raw SQL runner) of a fresh key store on each backend."""
+    if request.param == "sqlite":
+        storage = await open_sqlite_storage(tmp_path / "stores")
 
+        async def sql(query: str, *args):
+            db = sqlite3.connect(tmp_path / "stores" / "keys.sqlite3")
+            try:
+                rows = db.execute(re.sub(r"\$\d+", "?", query), args).fetchall()
+                db.commit()
+                return rows
+            finally:
+                db.close()
+    else:
+        url = request.getfixturevalue("postgres_db")
+        storage = await open_postgres_storage(url)
+
+        async def sql(query: str, *args):
+            conn = await asyncpg.connect(url)
+            try:
+                return [tuple(r) for r in await conn.fetch(query, *args)]
+            finally:
+                await conn.close()
+    yield request.param, storage, sql
+    await storage.close()
+
+
+@pytest.fixture
+def key_store(backend):
+    return backend[1].keys
+
+
+async def gateway(path: Path, store) -> KeyringProvider:
+    """A gateway's key provider over ``path``, attached to ``store`` (what start-up does)."""
+    provider = KeyringProvider(path)
+    await provider.attach(store)
+    return provider
+
+
+# --- the key file ------------------------------------------------------------------------------
 
 def test_init_creates_private_file_whatever_the_umask(path: Path) -> None:
     old = os.umask(0)
     try:
-        kr = LocalKeyring.init(path)
+        ring = LocalKeyring.init(path, gateway_id="site-a")
     finally:
         os.umask(old)
     assert mode(path) == 0o600
     doc = json.loads(path.read_bytes())
-    assert [k["id"] for k in doc["keks"]] == [kr.active_kek_id]
-    assert doc["keks"][0]["active"] is True and doc["deks"] == {}
+    assert doc["version"] == 2 and doc["gateway_id"] == "site-a" == ring.gateway_id
+    assert [k["id"] for k in doc["keks"]] == [ring.active_kek_id]
+    assert "deks" not in doc and "shredded" not in doc  # data keys live in the key store
     assert sorted(os.listdir(path.parent)) == ["keyring.json"]  # no temp files left
 
 
-def test_init_refuses_to_overwrite(kr: LocalKeyring, path: Path) -> None:
-    kr.data_key_for_patient("P-1")
+def test_init_refuses_to_overwrite(path: Path) -> None:
+    LocalKeyring.init(path)
     before = path.read_bytes()
     with pytest.raises(KeyringError, match="refusing to overwrite"):
         LocalKeyring.init(path)
@@ -52,7 +106,8 @@ def test_init_refuses_to_overwrite(kr: LocalKeyring, path: Path) -> None:
 
 
 @pytest.mark.parametrize("perm", [0o644, 0o640, 0o604, 0o660, 0o602])
-def test_load_refuses_files_others_can_access(kr: LocalKeyring, path: Path, perm: int) -> None:
+def test_load_refuses_files_others_can_access(path: Path, perm: int) -> None:
+    LocalKeyring.init(path)
     os.chmod(path, perm)
     with pytest.raises(KeyringError, match=r"chmod 600") as info:
         LocalKeyring.load(path)
@@ -66,143 +121,357 @@ def test_load_refuses_files_others_can_access(kr: LocalKeyring, path: Path, perm
 def test_load_reports_missing_and_malformed_files(path: Path) -> None:
     with pytest.raises(KeyringError, match="no keyring"):
         LocalKeyring.load(path)
-    for content in (b"not json", b"[]", b'{"version": 1}', b'{"version": 99}'):
+    for content in (b"not json", b"[]", b'{"version": 1}', b'{"version": 2}', b'{"version": 99}'):
         path.write_bytes(content)
         os.chmod(path, 0o600)
         with pytest.raises(KeyringError):
             LocalKeyring.load(path)
 
 
-def test_file_names_no_patient(kr: LocalKeyring, path: Path) -> None:
-    for p in PATIENTS:
-        kr.data_key_for_patient(p)
-    kr.shred_patient(PATIENTS[0])
-    kr.rotate()
-    raw = path.read_bytes()
-    text = raw.decode("utf-8")
-    for p in PATIENTS:
-        assert p.encode() not in raw
-        assert json.dumps(p)[1:-1] not in text  # nor its JSON-escaped form
-        assert p.lower() not in text.lower()
-    doc = json.loads(raw)
-    expected = {kr.pseudonym("patient", p) for p in PATIENTS}
-    assert set(doc["deks"]) | set(doc["shredded"]) == expected
+def test_invalid_gateway_ids_are_refused(path: Path) -> None:
+    for bad in ("", "has space", "x" * 65, "site/a"):
+        with pytest.raises(KeyringError, match="invalid gateway id"):
+            LocalKeyring.init(path, gateway_id=bad)
+    assert not path.exists()
 
 
-def test_dek_is_created_once_and_stable_across_reload(kr: LocalKeyring, path: Path) -> None:
-    ids = {p: kr.data_key_for_patient(p) for p in PATIENTS}
-    assert len({dek for _, dek in ids.values()}) == len(PATIENTS)
-    assert all(len(dek) == 32 for _, dek in ids.values())
-    assert kr.data_key_for_patient(PATIENTS[0]) == ids[PATIENTS[0]]
-    assert mode(path) == 0o600
-    again = LocalKeyring.load(path)
-    for p, (dek_id, dek) in ids.items():
-        assert again.data_key_for_patient(p, create=False) == (dek_id, dek)
-        assert again.data_key(dek_id) == dek
-    assert again.pseudonym("patient", "x") == kr.pseudonym("patient", "x")
-    assert sorted(os.listdir(path.parent)) == ["keyring.json"]
+# --- data keys in the key store ------------------------------------------------------------------
+
+async def test_a_new_patient_is_one_row_and_never_a_file_rewrite(path: Path, backend) -> None:
+    _, storage, sql = backend
+    LocalKeyring.init(path)
+    before, stamp = path.read_bytes(), path.stat().st_mtime_ns
+    a = await gateway(path, storage.keys)
+    made = {p: await a.data_key_for_patient(p) for p in PATIENTS}
+    made |= {f"bulk-{i}": await a.data_key_for_patient(f"bulk-{i}") for i in range(50)}
+    assert path.read_bytes() == before and path.stat().st_mtime_ns == stamp
+    assert await storage.keys.count() == len(made)
+    assert len({dek for _, dek in made.values()}) == len(made)
+    assert all(len(dek) == 32 for _, dek in made.values())
+    assert await a.data_key_for_patient(PATIENTS[0]) == made[PATIENTS[0]]  # made once
+    again = await gateway(path, storage.keys)  # a restart: nothing cached, everything found
+    for patient, (dek_id, dek) in made.items():
+        assert await again.data_key_for_patient(patient, create=False) == (dek_id, dek)
+        assert await again.data_key(dek_id) == dek
+    rows = await sql("SELECT pseudonym, wrapped FROM patient_keys")
+    dump = repr(rows)
+    for patient in PATIENTS:  # the store names patients only by pseudonym, keys only wrapped
+        assert patient not in dump and json.dumps(patient)[1:-1] not in dump
+        assert made[patient][1] not in b"".join(bytes(w) for _, w in rows)
+    assert {ps for ps, _ in rows} == {a.pseudonym("patient", p) for p in made}
 
 
-def test_unknown_keys_raise_key_error(kr: LocalKeyring, path: Path) -> None:
+async def test_unknown_keys_raise_key_error(path: Path, key_store) -> None:
+    LocalKeyring.init(path)
+    a = await gateway(path, key_store)
     with pytest.raises(KeyError):
-        kr.data_key_for_patient("nobody", create=False)
+        await a.data_key_for_patient("nobody", create=False)
     with pytest.raises(KeyError):
-        kr.data_key("dek-unknown")
-    assert json.loads(path.read_bytes())["deks"] == {}  # create=False wrote nothing
+        await a.data_key("dek-unknown")
+    assert await key_store.count() == 0  # create=False wrote nothing
 
 
-def test_rotate_rewraps_every_dek(kr: LocalKeyring, path: Path) -> None:
-    ids = {p: kr.data_key_for_patient(p) for p in PATIENTS}
-    old_doc = json.loads(path.read_bytes())
-    old_kek = old_doc["keks"][0]
-    new_id = kr.rotate()
-    assert new_id != old_kek["id"] and kr.active_kek_id == new_id
-    raw = path.read_text()
-    assert old_kek["id"] not in raw and old_kek["key"] not in raw
-    doc = json.loads(raw)
-    assert [(k["id"], k["active"]) for k in doc["keks"]] == [(new_id, True)]
-    for ps, entry in doc["deks"].items():
-        assert entry["kek_id"] == new_id
-        assert entry["wrapped"] != old_doc["deks"][ps]["wrapped"]
-    assert mode(path) == 0o600
-    for keyring in (kr, LocalKeyring.load(path)):  # from cache and unwrapped afresh
-        for p, (dek_id, dek) in ids.items():
-            assert keyring.data_key_for_patient(p, create=False) == (dek_id, dek)
-            assert keyring.data_key(dek_id) == dek
-    # New DEKs use the new KEK, and rotating again still works.
-    kr.data_key_for_patient("P-new")
-    third = kr.rotate()
-    assert third not in (new_id, old_kek["id"])
-    again = LocalKeyring.load(path)
-    assert again.active_kek_id == third
-    assert all(again.data_key(i) == d for i, d in ids.values())
+async def test_two_gateways_making_one_patients_key_at_once_agree(path: Path, backend) -> None:
+    _, storage, _ = backend
+    LocalKeyring.init(path)
+    a, b = await gateway(path, storage.keys), await gateway(path, storage.keys)
+    for i in range(20):
+        first, second = await asyncio.gather(a.data_key_for_patient(f"p{i}"), b.data_key_for_patient(f"p{i}"))
+        assert first == second
+    assert await storage.keys.count() == 20
 
 
-def test_rotate_keeps_stored_data_readable(kr: LocalKeyring, path: Path) -> None:
-    dek_id, dek = kr.data_key_for_patient("P-1")
-    sealed = crypto.seal(b"record", dek, b"aad")
-    blob = crypto.encrypt_blob(b"attachment" * 10_000, dek, dek_id, 1024)
-    kr.rotate()
-    again = LocalKeyring.load(path)
-    assert crypto.open_sealed(sealed, again.data_key(dek_id), b"aad") == b"record"
-    assert crypto.decrypt_blob(blob, again.data_key) == b"attachment" * 10_000
+async def test_the_cache_of_unwrapped_keys_is_bounded(path: Path, key_store) -> None:
+    LocalKeyring.init(path)
+    provider = KeyringProvider(path, cache_size=5)
+    await provider.attach(key_store)
+    made = [await provider.data_key_for_patient(f"p{i}") for i in range(12)]
+    assert len(provider._cache) == 5
+    for dek_id, dek in made:  # evicted ones are unwrapped again
+        assert await provider.data_key(dek_id) == dek
+    assert len(provider._cache) == 5
 
 
-def test_shred_patient(kr: LocalKeyring, path: Path) -> None:
-    ids = {p: kr.data_key_for_patient(p) for p in PATIENTS}
-    victim, dek_id = PATIENTS[0], ids[PATIENTS[0]][0]
-    blob = crypto.encrypt_blob(b"scan", ids[victim][1], dek_id)
-    assert kr.shred_patient(victim) == 1
-    assert kr.shred_patient(victim) == 0  # idempotent
-    for keyring in (kr, LocalKeyring.load(path)):
+async def test_wrapped_keys_are_bound_to_their_patient_and_id(path: Path, backend) -> None:
+    """Handing patient A's wrapped key to patient B in the database must not go unnoticed."""
+    _, storage, sql = backend
+    LocalKeyring.init(path)
+    a = await gateway(path, storage.keys)
+    dek_a, _ = await a.data_key_for_patient("A")
+    dek_b, _ = await a.data_key_for_patient("B")
+    [(wrapped_a,)] = await sql("SELECT wrapped FROM patient_keys WHERE dek_id = $1", dek_a)
+    [(wrapped_b,)] = await sql("SELECT wrapped FROM patient_keys WHERE dek_id = $1", dek_b)
+    await sql("UPDATE patient_keys SET wrapped = $1 WHERE dek_id = $2", wrapped_b, dek_a)
+    await sql("UPDATE patient_keys SET wrapped = $1 WHERE dek_id = $2", wrapped_a, dek_b)
+    fresh = await gateway(path, storage.keys)  # nothing unwrapped in memory yet
+    with pytest.raises(Unavailable, match="cannot unwrap"):
+        await fresh.data_key_for_patient("A")
+    with pytest.raises(Unavailable, match="cannot unwrap"):
+        await fresh.data_key(dek_b)
+
+
+# --- crypto-shredding ------------------------------------------------------------------------------
+
+async def test_shredding_on_one_gateway_is_refused_by_another_at_once(path: Path, backend) -> None:
+    _, storage, sql = backend
+    LocalKeyring.init(path)
+    a, b = await gateway(path, storage.keys), await gateway(path, storage.keys)
+    made = {p: await a.data_key_for_patient(p) for p in PATIENTS}
+    victim, (dek_id, dek) = PATIENTS[0], made[PATIENTS[0]]
+    assert await b.data_key(dek_id) == dek  # b has it unwrapped in its cache now
+    assert await a.shred_patient(victim) == 1
+    assert await a.shred_patient(victim) == 0  # idempotent
+    for provider in (b, a, await gateway(path, storage.keys)):
         with pytest.raises(KeyShredded):
-            keyring.data_key_for_patient(victim)  # not even re-created
+            await provider.data_key(dek_id)
         with pytest.raises(KeyShredded):
-            keyring.data_key_for_patient(victim, create=False)
+            await provider.data_key_for_patient(victim)  # not even re-created
         with pytest.raises(KeyShredded):
-            keyring.data_key(dek_id)
-        with pytest.raises(KeyShredded):  # surfaces through decryption, for a 410
-            crypto.decrypt_blob(blob, keyring.data_key)
+            await provider.data_key_for_patient(victim, create=False)
         for p in PATIENTS[1:]:
-            assert keyring.data_key_for_patient(p, create=False) == ids[p]
-            assert keyring.data_key(ids[p][0]) == ids[p][1]
-    doc = json.loads(path.read_bytes())
-    ps = kr.pseudonym("patient", victim)
-    assert ps not in doc["deks"]
-    assert doc["shredded"][ps]["dek_ids"] == [dek_id]
-    assert dek_id not in kr._cache  # nor kept unwrapped in memory
-    # The wrapped DEK is gone from the file, and rotation does not bring it back.
-    kr.rotate()
+            assert await provider.data_key_for_patient(p, create=False) == made[p]
+    assert dek_id not in b._cache  # nor kept unwrapped in memory
+    rows = await sql("SELECT dek_id, kek_id, wrapped FROM patient_keys WHERE pseudonym = $1",
+                     a.pseudonym("patient", victim))
+    assert rows == [(dek_id, None, None)]  # a tombstone: the id stays, the key is gone
+    await a.rotate()  # rotation does not bring it back
     with pytest.raises(KeyShredded):
-        LocalKeyring.load(path).data_key(dek_id)
+        await (await gateway(path, storage.keys)).data_key(dek_id)
 
 
-def test_shredding_a_patient_without_a_dek_blocks_future_keys(kr: LocalKeyring, path: Path) -> None:
-    assert kr.shred_patient("P-never") == 0
+async def test_shredding_a_patient_without_a_key_blocks_future_keys(path: Path, key_store) -> None:
+    LocalKeyring.init(path)
+    a = await gateway(path, key_store)
+    assert await a.shred_patient("P-never") == 0
     with pytest.raises(KeyShredded):
-        LocalKeyring.load(path).data_key_for_patient("P-never")
+        await a.data_key_for_patient("P-never")
+    assert await key_store.count() == 0
 
 
-def test_signing_key_persists(kr: LocalKeyring, path: Path) -> None:
-    sig = crypto.sign(kr.signing_key, {"record": 1})
-    again = LocalKeyring.load(path)
-    assert crypto.verify_signature(again.verify_key, {"record": 1}, sig)
-    assert crypto.public_key_to_bytes(again.verify_key) == crypto.public_key_to_bytes(kr.verify_key)
-    other = LocalKeyring.init(path.with_name("other.json"))
-    assert not crypto.verify_signature(other.verify_key, {"record": 1}, sig)
-    assert other.pseudonym("patient", "x") != kr.pseudonym("patient", "x")
+# --- rotation --------------------------------------------------------------------------------------
+
+async def test_rotate_rewraps_every_key_in_batches_and_drops_the_old_kek(path: Path, backend) -> None:
+    _, storage, sql = backend
+    ring = LocalKeyring.init(path)
+    old_kek, old_key = ring.active_kek_id, b64(ring.keks[ring.active_kek_id])
+    a = await gateway(path, storage.keys)
+    made = {f"p{i}": await a.data_key_for_patient(f"p{i}") for i in range(25)}
+    before = dict(await sql("SELECT dek_id, wrapped FROM patient_keys"))
+    sealed = crypto.seal(b"record", made["p0"][1], b"aad")
+    seen: list[tuple[int, int]] = []
+    new_kek = await a.rotate(batch=10, progress=lambda done, total: seen.append((done, total)))
+    assert new_kek != old_kek
+    assert seen == [(10, 25), (20, 25), (25, 25)]
+    text = path.read_text()
+    assert old_kek not in text and old_key not in text and mode(path) == 0o600
+    assert [k["id"] for k in json.loads(text)["keks"]] == [new_kek]
+    after = await sql("SELECT dek_id, kek_id, wrapped FROM patient_keys")
+    assert {kek for _, kek, _ in after} == {new_kek}
+    assert all(bytes(w) != bytes(before[d]) for d, _, w in after)
+    assert (await storage.keys.state()).active_kek == new_kek
+    fresh = await gateway(path, storage.keys)  # unwrapped afresh, with the new KEK
+    for patient, (dek_id, dek) in made.items():
+        assert await fresh.data_key_for_patient(patient, create=False) == (dek_id, dek)
+    assert crypto.open_sealed(sealed, await fresh.data_key(made["p0"][0]), b"aad") == b"record"
+    await fresh.data_key_for_patient("after-rotation")
+    assert await storage.keys.count(not_wrapped_by=new_kek) == 0
+    assert await fresh.rotate() not in (new_kek, old_kek)  # and again
 
 
-def test_wrapped_deks_are_bound_to_their_patient_and_id(kr: LocalKeyring, path: Path) -> None:
-    """Editing the file to hand patient A's wrapped key to patient B must not go unnoticed."""
-    kr.data_key_for_patient("A")
-    kr.data_key_for_patient("B")
-    doc = json.loads(path.read_bytes())
-    a, b = kr.pseudonym("patient", "A"), kr.pseudonym("patient", "B")
-    doc["deks"][a]["wrapped"], doc["deks"][b]["wrapped"] = doc["deks"][b]["wrapped"], doc["deks"][a]["wrapped"]
-    path.write_text(json.dumps(doc))
-    tampered = LocalKeyring.load(path)
-    with pytest.raises(KeyringError):
-        tampered.data_key_for_patient("A")
-    with pytest.raises(KeyringError):
-        tampered.data_key(doc["deks"][b]["dek_id"])
+async def test_an_interrupted_rotation_is_finished_by_the_next(path: Path, key_store) -> None:
+    LocalKeyring.init(path)
+    a = await gateway(path, key_store)
+    made = {f"p{i}": await a.data_key_for_patient(f"p{i}") for i in range(7)}
+
+    def crash(done: int, total: int) -> None:
+        raise KeyboardInterrupt("operator pressed ^C")
+    with pytest.raises(KeyboardInterrupt):
+        await a.rotate(batch=3, progress=crash)
+    half = LocalKeyring.load(path)
+    target = half.active_kek_id
+    assert len(half.keks) == 2 and (await key_store.state()).active_kek == target
+    assert 0 < await key_store.count(not_wrapped_by=target) < 7
+    b = await gateway(path, key_store)  # meanwhile, keys of both KEKs open and new ones work
+    assert all([await b.data_key(i) == d for i, d in made.values()])
+    await b.data_key_for_patient("during")
+    assert await a.rotate(batch=3) == target
+    assert list(LocalKeyring.load(path).keks) == [target]
+    assert await key_store.count(not_wrapped_by=target) == 0
+
+
+# --- version 1 keyring files ----------------------------------------------------------------------
+
+def write_v1_keyring(path: Path, patients: list[str], shredded: list[str]) -> dict:
+    """A keyring file as versions before the key store wrote it: DEKs and tombstones inside."""
+    kek, pseudo_key = crypto.new_key(), crypto.new_key()
+    signing = crypto.private_key_to_bytes(Ed25519PrivateKey.generate())
+    deks, made = {}, {}
+    for i, patient in enumerate(patients):
+        ps = crypto.pseudonym(pseudo_key, "patient", patient)
+        dek_id, dek = f"dek-v1-{i:04d}", crypto.new_key()
+        deks[ps] = {"dek_id": dek_id, "kek_id": "kek-v1", "wrapped": b64(crypto.seal(dek, kek, wrap_aad(dek_id, ps)))}
+        made[patient] = (dek_id, dek)
+    tombs = {crypto.pseudonym(pseudo_key, "patient", p): {"dek_ids": [f"dek-gone-{i}"], "at": "2025-01-01T00:00:00+00:00"}
+             for i, p in enumerate(shredded)}
+    doc = {"version": 1, "keks": [{"id": "kek-v1", "key": b64(kek), "created": "2025-01-01", "active": True}],
+           "pseudonym_key": b64(pseudo_key), "signing_key": b64(signing), "deks": deks, "shredded": tombs}
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(doc, f)
+    return made
+
+
+async def test_a_version_1_keyring_moves_into_the_key_store_on_start(path: Path, key_store) -> None:
+    made = write_v1_keyring(path, PATIENTS + [f"bulk-{i}" for i in range(30)], shredded=["gone-1", "gone-2"])
+    old = json.loads(path.read_text())
+    a = await gateway(path, key_store)
+    assert a.moved == {"keys": 33, "tombstones": 2}
+    doc = json.loads(path.read_text())
+    assert doc["version"] == 2 and "deks" not in doc and "shredded" not in doc and mode(path) == 0o600
+    for field in ("keks", "pseudonym_key", "signing_key"):
+        assert doc[field] == old[field]  # the file's own secrets are kept as they were
+    assert await key_store.count() == 33
+    fresh = await gateway(path, key_store)
+    assert fresh.moved == {"keys": 0, "tombstones": 0}  # once only
+    for patient, (dek_id, dek) in made.items():
+        assert await fresh.data_key_for_patient(patient, create=False) == (dek_id, dek)
+    for gone in ("gone-1", "gone-2"):
+        with pytest.raises(KeyShredded):
+            await fresh.data_key_for_patient(gone)
+    with pytest.raises(KeyShredded):
+        await fresh.data_key("dek-gone-0")
+    assert a.key_id == fresh.key_id  # the same signing key
+
+
+
+
+# --- several gateways, one key store ---------------------------------------------------------------
+
+async def test_joined_gateways_share_data_keys_but_sign_with_their_own(tmp_path: Path, key_store) -> None:
+    site_a, site_b, bundle = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "bundle.json"
+    LocalKeyring.init(site_a, gateway_id="site-a")
+    a = await gateway(site_a, key_store)
+    dek = await a.data_key_for_patient("P-1")
+    LocalKeyring.load(site_a).export(bundle)
+    assert mode(bundle) == 0o600
+    exported = json.loads(bundle.read_text())
+    assert "signing_key" not in exported and "gateway_id" not in exported
+    LocalKeyring.join(site_b, bundle, gateway_id="site-b")
+    b = await gateway(site_b, key_store)
+    assert await b.data_key_for_patient("P-1") == dek
+    assert b.pseudonym("episode", "E-1") == a.pseudonym("episode", "E-1")
+    assert a.key_id != b.key_id
+    assert {(g.gateway_id, g.key_id) for g in await key_store.gateways()} == {("site-a", a.key_id),
+                                                                              ("site-b", b.key_id)}
+    signed = crypto.sign(b.signing_key, {"record": 1})
+    key = await a.verify_key_for(b.key_id)
+    assert key is not None and crypto.verify_signature(key, {"record": 1}, signed)
+    assert await a.gateway_of(b.key_id) == "site-b" and await b.gateway_of(a.key_id) == "site-a"
+    assert await a.verify_key_for("0123456789abcdef") is None
+
+
+async def test_a_key_file_of_another_deployment_is_refused(tmp_path: Path, key_store) -> None:
+    LocalKeyring.init(tmp_path / "a.json")
+    await gateway(tmp_path / "a.json", key_store)
+    LocalKeyring.init(tmp_path / "other.json")
+    with pytest.raises(KeyringError, match="another deployment"):
+        await gateway(tmp_path / "other.json", key_store)
+    state = await key_store.state()
+    assert state.pseudonym_check == pseudonym_check(LocalKeyring.load(tmp_path / "a.json").pseudonym_key)
+
+
+async def test_rotation_waits_until_every_gateway_holds_the_new_kek(tmp_path: Path, key_store) -> None:
+    site_a, site_b = tmp_path / "a.json", tmp_path / "b.json"
+    LocalKeyring.init(site_a, gateway_id="site-a")
+    a = await gateway(site_a, key_store)
+    made = await a.data_key_for_patient("P-1")
+    LocalKeyring.load(site_a).export(tmp_path / "bundle-1.json")
+    LocalKeyring.join(site_b, tmp_path / "bundle-1.json", gateway_id="site-b")
+    b = await gateway(site_b, key_store)
+    with pytest.raises(RotationBlocked, match="site-b"):
+        await a.rotate()
+    prepared = LocalKeyring.load(site_a).prepared_kek()
+    assert prepared and (await key_store.state()).active_kek != prepared  # nothing switched yet
+    LocalKeyring.load(site_a).export(tmp_path / "bundle-2.json")
+    LocalKeyring.load(site_b).merged(tmp_path / "bundle-2.json", prune=False)
+    b.reload()
+    await b.register()
+    assert await a.rotate() == prepared
+    # b's file still names the old KEK active: its new keys are wrapped by the store's active one
+    made_b = await b.data_key_for_patient("P-2")
+    assert await a.data_key_for_patient("P-2") == made_b
+    assert await b.data_key_for_patient("P-1") == made
+    assert await key_store.count(not_wrapped_by=prepared) == 0
+
+
+async def test_a_gateway_without_the_active_kek_is_refused_until_it_gets_it(tmp_path: Path, key_store) -> None:
+    site_a, site_b = tmp_path / "a.json", tmp_path / "b.json"
+    LocalKeyring.init(site_a, gateway_id="site-a")
+    a = await gateway(site_a, key_store)
+    await a.data_key_for_patient("P-1")
+    LocalKeyring.load(site_a).export(tmp_path / "bundle-1.json")
+    LocalKeyring.join(site_b, tmp_path / "bundle-1.json", gateway_id="site-b")
+    await gateway(site_b, key_store)
+    await a.rotate(force=True)  # site-b is gone, its operator says
+    with pytest.raises(KeyringError, match="lacks the key-encryption key"):
+        await gateway(site_b, key_store)
+    LocalKeyring.load(site_a).export(tmp_path / "bundle-2.json")
+    LocalKeyring.load(site_b).merged(tmp_path / "bundle-2.json", prune=True)
+    b = await gateway(site_b, key_store)
+    assert await b.data_key_for_patient("P-1") == await a.data_key_for_patient("P-1")
+
+
+async def test_a_bundle_of_another_deployment_is_refused(tmp_path: Path) -> None:
+    LocalKeyring.init(tmp_path / "a.json")
+    LocalKeyring.init(tmp_path / "other.json").export(tmp_path / "other-bundle.json")
+    with pytest.raises(KeyringError, match="another deployment"):
+        LocalKeyring.load(tmp_path / "a.json").merged(tmp_path / "other-bundle.json", prune=False)
+    (tmp_path / "not-a-bundle.json").write_text("{}")
+    os.chmod(tmp_path / "not-a-bundle.json", 0o600)
+    with pytest.raises(KeyringError, match="malformed"):
+        LocalKeyring.join(tmp_path / "c.json", tmp_path / "not-a-bundle.json")
+    assert not (tmp_path / "c.json").exists()
+
+
+async def test_the_key_state_is_set_by_the_first_gateway(path: Path, key_store) -> None:
+    assert await key_store.state() is None
+    ring = LocalKeyring.init(path)
+    await gateway(path, key_store)
+    assert await key_store.state() == KeyState(ring.active_kek_id, pseudonym_check(ring.pseudonym_key))
+
+
+async def test_a_signing_key_written_into_the_database_by_hand_is_not_trusted(tmp_path: Path, backend) -> None:
+    """Who can write the database but holds no key file cannot make its own signatures pass:
+    a registration counts only with a MAC under the deployment's shared secret."""
+    name, storage, sql = backend
+    LocalKeyring.init(tmp_path / "a.json")
+    a = await gateway(tmp_path / "a.json", storage.keys)
+    intruder = Ed25519PrivateKey.generate()
+    public = crypto.public_key_to_bytes(intruder.public_key())
+    kid = key_id_of(intruder.public_key())
+    other_secret = LocalKeyring.init(tmp_path / "other.json").pseudonym_key
+    for mac in (b"", b"\0" * 32, registration_mac(other_secret, kid, "rogue", public)):
+        await sql("DELETE FROM gateway_keys WHERE key_id = $1", kid)
+        if name == "sqlite":
+            await sql("INSERT INTO gateway_keys VALUES ($1, 'rogue', $2, '[]', '2026-01-01', $3)", kid, public, mac)
+        else:
+            await sql("INSERT INTO gateway_keys (key_id, gateway_id, public_key, kek_ids, mac)"
+                      " VALUES ($1, 'rogue', $2, '{}', $3)", kid, public, mac)
+        fresh = await gateway(tmp_path / "a.json", storage.keys)
+        assert await fresh.verify_key_for(kid) is None and await fresh.gateway_of(kid) is None
+    assert await a.verify_key_for(a.key_id) is not None
+
+
+def test_migrate_moves_a_version_1_keyring_into_the_key_store(tmp_path: Path) -> None:
+    made = write_v1_keyring(tmp_path / "keyring.json", PATIENTS, shredded=["gone"])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDICON_")}
+    done = subprocess.run([sys.executable, "-m", "gateway", "migrate", "--data-dir", str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=60,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    assert "3 data key(s) and 1 tombstone(s) moved into the key store" in done.stderr
+    doc = json.loads((tmp_path / "keyring.json").read_text())
+    assert doc["version"] == 2 and "deks" not in doc
+    stored = dict(sqlite3.connect(tmp_path / "keys.sqlite3").execute("SELECT dek_id, kek_id FROM patient_keys"))
+    assert {dek_id for dek_id, _ in made.values()} | {"dek-gone-0"} == set(stored)
+    assert stored["dek-gone-0"] is None

@@ -5,6 +5,7 @@ and logs); stdout keeps only the command's result either way."""
 from __future__ import annotations
 
 import fcntl
+import asyncio
 import json
 import os
 import pty
@@ -99,29 +100,50 @@ async def test_check_draws_a_progress_bar_on_a_terminal(aiohttp_client, kubo):
     assert not plain_lines(err, "check")
 
 
+def _with_provider(data_dir: str, use):
+    """``await use(provider, storage)`` with the key file attached to the data dir's key store,
+    as the gateway and the ``keys`` commands open it."""
+    from gateway.config import load_config
+    from gateway.core.key_provider import KeyringProvider
+    from gateway.storage import open_storage
+
+    async def run_it():
+        config = load_config(env={}, overrides={"records.data_dir": data_dir})
+        storage = await open_storage(config)
+        try:
+            provider = KeyringProvider(keyring_path(config))
+            await provider.attach(storage.keys)
+            return await use(provider, storage)
+        finally:
+            await storage.close()
+    return asyncio.run(run_it())
+
+
 def _keyring_with_patients(tmp_path, patients: int) -> tuple[str, dict[str, bytes]]:
     data_dir = tmp_path / "data"
     data_dir.mkdir()
-    ring = LocalKeyring.init(data_dir / "keyring.json")
-    keys = {f"patient-{i}": ring.data_key_for_patient(f"patient-{i}")[1] for i in range(patients)}
-    return str(data_dir), keys
+    LocalKeyring.init(data_dir / "keyring.json")
+
+    async def enrol(provider, _storage):
+        return {f"patient-{i}": (await provider.data_key_for_patient(f"patient-{i}"))[1] for i in range(patients)}
+    return str(data_dir), _with_provider(str(data_dir), enrol)
 
 
 def _still_readable(data_dir: str, keys: dict[str, bytes]) -> str:
-    from gateway.config import load_config
-    ring = LocalKeyring.load(keyring_path(load_config(env={}, overrides={"records.data_dir": data_dir})))
-    assert {p: ring.data_key_for_patient(p, create=False)[1] for p in keys} == keys
-    return ring.active_kek_id
+    async def read(provider, storage):
+        assert {p: (await provider.data_key_for_patient(p, create=False))[1] for p in keys} == keys
+        return (await storage.keys.state()).active_kek
+    return _with_provider(data_dir, read)
 
 
 def test_keys_rotate_plain_lines_when_not_on_a_terminal(tmp_path):
     data_dir, keys = _keyring_with_patients(tmp_path, 30)
     before = _still_readable(data_dir, keys)
-    status, out, err = run(["keys", "rotate", "--data-dir", data_dir], {}, terminal=False)
+    status, out, err = run(["keys", "rotate", "--batch", "3", "--data-dir", data_dir], {}, terminal=False)
     assert status == 0, err
     assert _still_readable(data_dir, keys) != before
     lines = plain_lines(err, "keys rotate")["data keys"]
-    assert lines[0] == (1, 30, 3) and lines[-1] == (30, 30, 100)
+    assert lines[0] == (3, 30, 10) and lines[-1] == (30, 30, 100)  # one line a batch of 3
     assert [pct for _, _, pct in lines] == sorted(pct for _, _, pct in lines)
     assert len(lines) <= 11 and "\r" not in err and out == ""
 

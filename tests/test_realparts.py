@@ -43,15 +43,15 @@ async def test_two_databases_are_isolated(postgres):
 
 async def test_server_runs_as_a_non_root_user(postgres, postgres_db):
     conn = await asyncpg.connect(postgres_db)
-    try:
+    try:  # the backend's process ends with its connection: looked at while it is open
         backend = await conn.fetchval("SELECT pg_backend_pid()")
+        for pid in (postgres.server_pid(), backend):
+            uid = os.stat(f"/proc/{pid}").st_uid
+            assert uid != 0, f"PostgreSQL process {pid} runs as root"
+            if os.geteuid() == 0:
+                assert pwd.getpwuid(uid).pw_name == "postgres"
     finally:
         await conn.close()
-    for pid in (postgres.server_pid(), backend):
-        uid = os.stat(f"/proc/{pid}").st_uid
-        assert uid != 0, f"PostgreSQL process {pid} runs as root"
-        if os.geteuid() == 0:
-            assert pwd.getpwuid(uid).pw_name == "postgres"
 
 
 async def test_a_wrong_password_is_refused(postgres):

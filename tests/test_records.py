@@ -10,6 +10,7 @@ import pytest
 
 from conftest import app_client, gateway_config, ipfs_cli
 from gateway.http.app import create_app
+from gateway.http.appkeys import SERVICE
 from records_helpers import closed, encounter, opened, stamp, uid
 
 
@@ -162,8 +163,9 @@ async def test_rest_flow_patient_episodes_encounters_history(client, kubo):
         for rec in seen:
             assert kubo.ipfs("pin", "ls", rec["cid"], check=False).returncode == 0
         verdict = await (await client.get(f"/medicon/v1/episodes/{ep}/verify")).json()
+        site = client.server.app[SERVICE].keys.gateway_id  # this gateway signed every record
         assert verdict == {"episode": ep, "ok": True, "length": 21, "checked": 21, "erased": False,
-                           "break": None}
+                           "break": None, "signers": {site: 21}}
 
     listing = await (await client.get(f"/medicon/v1/patients/{patient}/episodes?status=open")).json()
     assert sorted(e["id"] for e in listing["episodes"]) == sorted(episodes)

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 
 import aiohttp
 import pytest
 
-from conftest import app_client, bearer, gateway_config, ipfs_cli, make_token
+from conftest import (app_client, audit_sql, audit_store_bytes, bearer, gateway_config, ipfs_cli,
+                      make_token, storage_env)
 from gateway.http.commands import COMMANDS, Access, Action
 from records_helpers import encounter, opened, uid
 
@@ -79,8 +79,8 @@ def test_token_never_in_logs(kubo, tmp_path):
         gw.stop()
     text = log.read_text()
     assert "medicon" in text  # the log was written (DEBUG lines of the gateway's own)
-    db = sqlite3.connect(os.path.join(gw.data_dir, "audit.sqlite3"))
-    dump = "\n".join(row[0] for row in db.execute("SELECT event FROM audit"))
+    dump = "\n".join(row[0] for row in audit_sql(gw.data_dir, "SELECT event FROM audit"))
+    assert dump
     for where in (text, dump):
         assert gw.token not in where and gw.token[4:20] not in where and gw.token[-16:] not in where
 
@@ -362,13 +362,15 @@ async def test_rotation_then_shredding(aiohttp_client, kubo):
         r2 = await c.post("/api/v0/add", data=form, headers={"X-Medicon-Patient": patient})
         made[name] = (patient, (await r.json())["cid"], json.loads(await r2.text())["Hash"])
     cli = [sys.executable, "-m", "gateway", "keys"]
-    rotated = subprocess.run([*cli, "rotate", "--data-dir", cfg.records.data_dir], capture_output=True, text=True)
+    env = {**os.environ, **storage_env(cfg.records.data_dir)}
+    rotated = subprocess.run([*cli, "rotate", "--data-dir", cfg.records.data_dir], capture_output=True, text=True,
+                             env=env)
     assert rotated.returncode == 0, rotated.stderr
     for name, (_, rec, blob) in made.items():
         assert (await c.get(f"/medicon/v1/records/{rec}")).status == 200
         assert await (await c.post(f"/api/v0/cat?arg={blob}")).read() == f"attachment {name}".encode()
     shred = subprocess.run([*cli, "shred", "--patient", made["A"][0], "--data-dir", cfg.records.data_dir],
-                           capture_output=True, text=True)
+                           capture_output=True, text=True, env=env)
     assert shred.returncode == 0, shred.stderr
     _, rec_a, blob_a = made["A"]
     r = await c.get(f"/medicon/v1/records/{rec_a}")
@@ -415,9 +417,7 @@ async def test_audit_chain_one_event_per_decision_and_verifies(aiohttp_client, k
     assert patient not in dump and episode not in dump
     verdict = await (await c.get("/medicon/v1/audit/verify", headers=bearer(auditor))).json()
     assert verdict["ok"] is True and verdict["entries"] == len(entries) + 1
-    db = sqlite3.connect(os.path.join(cfg.records.data_dir, "audit.sqlite3"))
-    db.execute("UPDATE audit SET event = replace(event, 'allow', 'deny') WHERE seq = 2")
-    db.commit()
+    audit_sql(cfg.records.data_dir, "UPDATE audit SET event = replace(event, 'allow', 'deny') WHERE seq = 2")
     verdict = await (await c.get("/medicon/v1/audit/verify", headers=bearer(auditor))).json()
     assert verdict["ok"] is False and verdict["break"]["seq"] == 2
 
@@ -426,12 +426,6 @@ async def _audit_entries(c, auditor: str) -> list[dict]:
     r = await c.get("/medicon/v1/audit?limit=1000", headers=bearer(auditor))
     assert r.status == 200, await r.text()
     return (await r.json())["entries"]
-
-
-def _audit_files(cfg) -> bytes:
-    """Every byte of the audit database as it stands on disk (the main file and its WAL)."""
-    base = os.path.join(cfg.records.data_dir, "audit.sqlite3")
-    return b"".join(open(p, "rb").read() for p in (base, base + "-wal") if os.path.exists(p))
 
 
 async def test_refused_credentials_are_audited_once_without_the_credential(aiohttp_client, kubo, tmp_path,
@@ -508,13 +502,12 @@ async def test_refused_credentials_are_audited_once_without_the_credential(aioht
     verdict = await (await c.get("/medicon/v1/audit/verify", headers=bearer(auditor))).json()
     assert verdict["ok"] is True
     # the reason is part of the chain: editing it breaks verification
-    db = sqlite3.connect(os.path.join(cfg.records.data_dir, "audit.sqlite3"))
-    seq = db.execute("SELECT seq FROM audit WHERE event LIKE '%\"revoked\"%' ORDER BY seq LIMIT 1").fetchone()[0]
-    dump = _audit_files(cfg)
+    data_dir = cfg.records.data_dir
+    [(seq,)] = audit_sql(data_dir, "SELECT seq FROM audit WHERE event LIKE '%\"revoked\"%' ORDER BY seq LIMIT 1")
+    dump = audit_store_bytes(data_dir)
     for secret in secrets_seen:
         for part in (secret, secret[4:20], secret[-16:]):
             assert part.encode() not in dump, f"part of a credential ({part[:4]}…) is in the audit log"
-    db.execute("UPDATE audit SET event = replace(event, '\"revoked\"', '\"expired\"') WHERE seq = ?", (seq,))
-    db.commit()
+    audit_sql(data_dir, "UPDATE audit SET event = replace(event, '\"revoked\"', '\"expired\"') WHERE seq = $1", seq)
     verdict = await (await c.get("/medicon/v1/audit/verify", headers=bearer(auditor))).json()
     assert verdict["ok"] is False and verdict["break"]["seq"] == seq

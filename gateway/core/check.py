@@ -76,4 +76,4 @@ async def _is_record_node(service: RecordService, cid: str) -> bool:
         node = await service.kubo.dag_get(cid)
     except MediconError:
         return False
-    return service.sealer.is_own_record_node(node)
+    return await service.sealer.is_record_node(node)

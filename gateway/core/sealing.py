@@ -3,8 +3,9 @@
 A stored record node (dag-cbor) holds in clear only what ordering and verification need —
 schema id, a keyed pseudonym of the episode, sequence number, the ``prev`` link, the data key
 id — plus the sealed payload (sealed by the ``medicon_encrypt_record`` hook: AES-256-GCM under
-the patient's data key, the clear part as associated data) and the gateway's Ed25519 signature
-over all of it. The payload carries the record and the authenticated principal who wrote it,
+the patient's data key, the clear part as associated data) and the writing gateway's Ed25519
+signature over all of it, with ``key`` naming that gateway's key (several gateways may share
+one database: each checks the others' signatures against their registered keys). The payload carries the record and the authenticated principal who wrote it,
 so the author is signed too. With encryption off, the payload is the record's canonical JSON in
 clear (still signed).
 """
@@ -15,6 +16,8 @@ import hashlib
 import json
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 from ..errors import Internal, Unavailable
 from ..security import crypto
 from ..security.keys import KeyProvider
@@ -22,6 +25,7 @@ from .plugins import PluginHost
 
 NODE_VERSION = 1
 PSEUDONYM_EPISODE = "episode"
+_KNOWN = object()  # signature_ok's default: the signer's key if already known
 
 
 def clear_part(node: dict[str, Any]) -> dict[str, Any]:
@@ -40,6 +44,7 @@ class Sealer:
         self._plugins = plugins
         self._encrypt = encrypt
         self.key_id = hashlib.sha256(crypto.public_key_to_bytes(keys.verify_key)).hexdigest()[:16]
+        self._signers: dict[str, Ed25519PublicKey] = {self.key_id: keys.verify_key}
 
     def episode_pseudonym(self, episode: str) -> str:
         return self.keys.pseudonym(PSEUDONYM_EPISODE, episode)
@@ -68,9 +73,39 @@ class Sealer:
         node["prev"] = {"/": record["prev"]} if record["prev"] else None
         return node
 
-    def signature_ok(self, node: dict[str, Any]) -> bool:
+    async def signer_key(self, node: dict[str, Any]) -> Ed25519PublicKey | None:
+        """The public key of the gateway the node names as its signer (``key``): this one's, or
+        another registered gateway's (asked of the key provider once, then kept); None if no
+        gateway of this deployment has that key."""
+        kid = node.get("key") if isinstance(node, dict) else None
+        if not isinstance(kid, str):
+            return self.keys.verify_key
+        known = self._signers.get(kid)
+        lookup = getattr(self.keys, "verify_key_for", None)
+        if known is None and lookup is not None:
+            known = await lookup(kid)
+            if known is not None:
+                self._signers[kid] = known
+        return known
+
+    async def verified(self, node: dict[str, Any]) -> bool:
+        """The node carries the signature of a gateway of this deployment."""
+        return self.signature_ok(node, await self.signer_key(node))
+
+    async def signed_by(self, node: dict[str, Any]) -> str | None:
+        """The id of the gateway whose key the node names (which site wrote it), if known."""
+        lookup = getattr(self.keys, "gateway_of", None)
+        kid = node.get("key") if isinstance(node, dict) else None
+        return await lookup(kid) if lookup is not None and isinstance(kid, str) else None
+
+    def signature_ok(self, node: dict[str, Any], key: Any = _KNOWN) -> bool:
+        """Synchronous check against ``key`` (from ``signer_key``; None never verifies), or by
+        default against the keys already known (this gateway's, and signers met before)."""
+        if key is _KNOWN:
+            kid = node.get("key")
+            key = self._signers.get(kid) if isinstance(kid, str) else self.keys.verify_key
         sig = node.get("sig")
-        return isinstance(sig, str) and crypto.verify_signature(self.keys.verify_key, clear_part(node), sig)
+        return key is not None and isinstance(sig, str) and crypto.verify_signature(key, clear_part(node), sig)
 
     async def from_node(self, node: dict[str, Any]) -> tuple[dict[str, Any], str]:
         """(record, signer) from a stored node. ``Erased`` after crypto-shredding; a node that
@@ -91,5 +126,6 @@ class Sealer:
         except (ValueError, KeyError, TypeError):
             raise Unavailable("the record payload is malformed") from None
 
-    def is_own_record_node(self, node: Any) -> bool:
-        return isinstance(node, dict) and node.get("v") == NODE_VERSION and self.signature_ok(node)
+    async def is_record_node(self, node: Any) -> bool:
+        """A record node signed by a gateway of this deployment."""
+        return isinstance(node, dict) and node.get("v") == NODE_VERSION and await self.verified(node)

@@ -361,7 +361,7 @@ class RecordService:
     async def read_indexed(self, cid: str) -> dict[str, Any]:
         """The record stored as ``cid``, which the caller found in the index."""
         node = await self.kubo.record_node(cid)
-        _require_signed(cid, self.sealer.signature_ok(node))
+        _require_signed(cid, await self.sealer.verified(node))
         return (await self.sealer.from_node(node))[0]
 
     async def read_many(self, cids: list[str], concurrency: int = 16) -> list[dict[str, Any]]:
@@ -374,12 +374,13 @@ class RecordService:
             async with gate:
                 return await self.kubo.record_node(cid)
         nodes = list(await asyncio.gather(*(fetch(cid) for cid in cids)))
+        signers = [await self.sealer.signer_key(node) for node in nodes]  # known after the first
 
-        def check(part: list[dict[str, Any]]) -> list[bool]:
-            return [self.sealer.signature_ok(node) for node in part]
-        half = (len(nodes) + 1) // 2
-        verdicts = [ok for part in await asyncio.gather(asyncio.to_thread(check, nodes[:half]),
-                                                        asyncio.to_thread(check, nodes[half:])) for ok in part]
+        def check(part: list[tuple[dict[str, Any], Any]]) -> list[bool]:
+            return [self.sealer.signature_ok(node, key) for node, key in part]
+        pairs, half = list(zip(nodes, signers)), (len(nodes) + 1) // 2
+        verdicts = [ok for part in await asyncio.gather(asyncio.to_thread(check, pairs[:half]),
+                                                        asyncio.to_thread(check, pairs[half:])) for ok in part]
         for cid, ok in zip(cids, verdicts):
             _require_signed(cid, ok)
         return [(await self.sealer.from_node(node))[0] for node in nodes]
@@ -404,19 +405,22 @@ class RecordService:
         cid = head or episode.head
         checked, erased, expected_seq, later_time = 0, False, None, None
         pseudonym = self.sealer.episode_pseudonym(episode.id)
+        signers: dict[str, int] = {}  # which gateway (site) signed how many of the checked records
 
         def report(problem: str | None) -> dict[str, Any]:
             brk = None if problem is None else {"cid": cid, "seq": expected_seq, "problem": problem}
             return {"episode": episode.id, "ok": problem is None, "length": episode.length,
-                    "checked": checked, "erased": erased, "break": brk}
+                    "checked": checked, "erased": erased, "break": brk, "signers": signers}
 
         while cid is not None:
             try:
                 node = await self.kubo.dag_get(cid)
             except MediconError as err:
                 return report(f"the block cannot be read from Kubo: {err.message}")
-            if not self.sealer.signature_ok(node):
-                return report("the signature does not verify: the block was not written by this gateway")
+            if not await self.sealer.verified(node):
+                return report("the signature does not verify: the block was not written by a gateway "
+                              "of this deployment")
+            signer = await self.sealer.signed_by(node) or str(node.get("key"))
             if expected_seq is None:
                 expected_seq = node.get("seq")
             if node.get("seq") != expected_seq or not isinstance(expected_seq, int):
@@ -452,6 +456,7 @@ class RecordService:
                     return report("recorded_at goes backwards")
                 later_time = stamp
             checked += 1
+            signers[signer] = signers.get(signer, 0) + 1
             cid, expected_seq = prev, expected_seq - 1
         if head is not None and checked and expected_seq != -1:
             return report("the chain does not reach the episode's first record")

@@ -1,18 +1,18 @@
 """The storage interfaces the core sees, and the choice of backend.
 
 The core only knows these protocols; the embedded SQLite backend (``gateway.storage.sqlite``)
-implements them, and a shared backend for several gateways implements them the same way. Every
-method is a coroutine: no backend blocks the event loop.
+implements them, and PostgreSQL (``gateway.storage.postgres``), shared by several gateways,
+implements them the same way. Every method is a coroutine: no backend blocks the event loop.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Iterable, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 from ..security.tokens import AuthResult, TokenInfo
-from .model import Blob, Episode, IndexedRecord
+from .model import Blob, Episode, GatewayKey, IndexedRecord, KeyState, PatientKey
 
 
 class HeadStore(Protocol):
@@ -53,6 +53,45 @@ class AuditStore(Protocol):
     async def verify(self) -> dict[str, Any]: ...
 
 
+class KeyStore(Protocol):
+    """Patients' data keys, wrapped by a key-encryption key the store never holds, by patient
+    pseudonym; tombstones of shredded patients; the key state every gateway shares; the
+    gateways' registered signing keys. Nothing here opens anything without a gateway's key file.
+
+    A new patient is one insert; a lookup is one indexed read, never cached by the store, so a
+    shredding is seen by every gateway on its next lookup."""
+
+    async def state(self) -> KeyState | None: ...
+    async def init_state(self, state: KeyState) -> KeyState:
+        """Store ``state`` unless one is stored already; the state that stands."""
+    async def set_active_kek(self, kek_id: str, *, expected: str) -> KeyState:
+        """Move the active KEK from ``expected`` to ``kek_id`` (``KeyConflict`` if it moved).
+        Waits for data keys being added under the old one; none is added under it after."""
+    async def patient_key(self, pseudonym: str) -> PatientKey | None: ...
+    async def key_by_id(self, dek_id: str) -> PatientKey | None: ...
+    async def add_patient_key(self, key: PatientKey) -> PatientKey:
+        """Insert ``key`` unless the patient has a key or a tombstone; the row that stands.
+        ``KeyConflict`` if ``key.kek_id`` is not the active KEK (a rotation moved it)."""
+    async def shred(self, pseudonym: str) -> int:
+        """Destroy the patient's wrapped key and leave a tombstone (even if there was no key);
+        how many keys were destroyed (0 or 1)."""
+    async def import_keys(self, keys: list[PatientKey]) -> int:
+        """Migration from key files: add live keys where the patient has no row, tombstones
+        over whatever stands; how many rows changed."""
+    async def rewrap(self, kek_id: str, rewrap: Callable[[list[PatientKey]], list[bytes]], *,
+                     after: str, limit: int) -> tuple[str | None, int]:
+        """One batch of a rotation: the next ``limit`` live keys after pseudonym ``after`` (in
+        order), those not wrapped by ``kek_id`` replaced by ``rewrap(keys)``, in one
+        transaction. (last pseudonym of the batch or None at the end, keys re-wrapped)."""
+    async def count(self, *, not_wrapped_by: str | None = None) -> int:
+        """Live keys (those wrapped by another KEK than ``not_wrapped_by``)."""
+    async def register_gateway(self, key: GatewayKey) -> GatewayKey:
+        """Register a gateway's public key (or update the KEK ids it holds); the row that
+        stands. ``KeyConflict`` if the key id is registered to another gateway id."""
+    async def gateway_key(self, key_id: str) -> GatewayKey | None: ...
+    async def gateways(self) -> list[GatewayKey]: ...
+
+
 @dataclass
 class Storage:
     """Every store of one gateway, opened together and closed together."""
@@ -60,6 +99,7 @@ class Storage:
     heads: HeadStore
     tokens: TokenStore
     audit: AuditStore
+    keys: KeyStore
     closers: list
 
     async def close(self) -> None:

@@ -45,3 +45,55 @@ class StoreConflict(Exception):
     def __init__(self, message: str, current: Episode | None) -> None:
         super().__init__(message)
         self.current = current
+
+
+# --- keys ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PatientKey:
+    """A patient's data key as the key store holds it: wrapped by a key-encryption key the
+    database never sees, named by the patient's pseudonym. A shredded patient keeps a
+    tombstone: ``wrapped`` and ``kek_id`` are gone, ``dek_id`` stays (so data naming it is
+    known to be erased, not unknown); ``dek_id`` is None if the patient never had a key."""
+
+    pseudonym: str
+    dek_id: str | None
+    kek_id: str | None
+    wrapped: bytes | None
+
+    @property
+    def shredded(self) -> bool:
+        return self.wrapped is None
+
+
+@dataclass(frozen=True)
+class KeyState:
+    """What every gateway sharing the key store must agree on: the key-encryption key new data
+    keys are wrapped with, and a check value of the pseudonym key (an HMAC, not the key)."""
+
+    active_kek: str
+    pseudonym_check: str
+
+
+@dataclass(frozen=True)
+class GatewayKey:
+    """A gateway's Ed25519 public key, registered so every gateway can check its signatures;
+    ``key_id`` is what a record node carries in ``key``. ``kek_ids`` are the key-encryption
+    keys its key file held when it last registered (rotation waits for every gateway). ``mac``
+    binds key id, gateway id and public key to the deployment's shared secret, so a row written
+    into the database by anyone without a key file is not taken for a gateway's key."""
+
+    key_id: str
+    gateway_id: str
+    public_key: bytes
+    kek_ids: tuple[str, ...] = ()
+    registered_at: str = ""
+    mac: bytes = b""
+
+
+class KeyConflict(Exception):
+    """A key write did not fit the store's state: ``state`` is that state (another active KEK)."""
+
+    def __init__(self, message: str, state: KeyState | None) -> None:
+        super().__init__(message)
+        self.state = state

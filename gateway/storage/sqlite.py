@@ -7,8 +7,9 @@ fsync per batch (WAL, ``synchronous=FULL``); a write returns only once its batch
 Reads run on a small pool of reader threads, each with its own connection, and never see
 uncommitted writes. The event loop never waits on SQLite.
 
-Each store keeps its own file (``heads.sqlite3``, ``tokens.sqlite3``, ``audit.sqlite3``), so the
-``medicon-gateway token`` CLI in another process can write tokens while the gateway reads them.
+Each store keeps its own file (``heads.sqlite3``, ``tokens.sqlite3``, ``audit.sqlite3``,
+``keys.sqlite3``), so the ``medicon-gateway token`` and ``keys`` CLI in another process can write
+tokens and keys while the gateway reads them.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from ..security.tokens import (LAST_USED_GRANULARITY, AuthResult, NewToken, Toke
                                decode_token, generate_token, hash_token, judge, new_token_id)
 from .base import Storage
 from .groupcommit import GroupCommit, Outcome
-from .model import Blob, Episode, IndexedRecord, StoreConflict
+from .model import (Blob, Episode, GatewayKey, IndexedRecord, KeyConflict, KeyState, PatientKey,
+                    StoreConflict)
 
 T = TypeVar("T")
 Query = Callable[..., T]  # fn(connection, *args) -> T, run on a thread of the database
@@ -471,9 +473,204 @@ class SQLiteAuditStore:
         return await self._db.read(_audit_verify)
 
 
+# --- keys ----------------------------------------------------------------------------------------
+
+KEYS_FILE = "keys.sqlite3"
+
+KEYS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS key_state (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    active_kek TEXT NOT NULL,
+    pseudonym_check TEXT NOT NULL
+);
+-- One row per patient pseudonym: a live wrapped key, or a tombstone (wrapped NULL).
+CREATE TABLE IF NOT EXISTS patient_keys (
+    pseudonym TEXT PRIMARY KEY,
+    dek_id TEXT UNIQUE,
+    kek_id TEXT,
+    wrapped BLOB,
+    created_at TEXT NOT NULL,
+    shredded_at TEXT,
+    CHECK ((wrapped IS NULL) = (kek_id IS NULL))
+);
+CREATE TABLE IF NOT EXISTS gateway_keys (
+    key_id TEXT PRIMARY KEY,
+    gateway_id TEXT NOT NULL,
+    public_key BLOB NOT NULL,
+    kek_ids TEXT NOT NULL,          -- JSON list
+    registered_at TEXT NOT NULL,
+    mac BLOB NOT NULL
+);
+"""
+_KEY_COLS = "pseudonym, dek_id, kek_id, wrapped"
+_GATEWAY_COLS = "key_id, gateway_id, public_key, kek_ids, registered_at, mac"
+
+
+def _utc() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _patient_key(row: tuple | None) -> PatientKey | None:
+    return None if row is None else PatientKey(row[0], row[1], row[2], None if row[3] is None else bytes(row[3]))
+
+
+def _gateway_key(row: tuple | None) -> GatewayKey | None:
+    if row is None:
+        return None
+    key_id, gateway_id, public_key, kek_ids, at, mac = row
+    return GatewayKey(key_id, gateway_id, bytes(public_key), tuple(json.loads(kek_ids)), at, bytes(mac))
+
+
+def _key_state(db: sqlite3.Connection) -> KeyState | None:
+    row = db.execute("SELECT active_kek, pseudonym_check FROM key_state WHERE id = 1").fetchone()
+    return None if row is None else KeyState(*row)
+
+
+def _key_where(db: sqlite3.Connection, column: str, value: str) -> PatientKey | None:
+    return _patient_key(db.execute(f"SELECT {_KEY_COLS} FROM patient_keys WHERE {column} = ?", (value,)).fetchone())
+
+
+def _init_state(db: sqlite3.Connection, state: KeyState) -> KeyState:
+    db.execute("INSERT INTO key_state VALUES (1, ?, ?) ON CONFLICT (id) DO NOTHING",
+               (state.active_kek, state.pseudonym_check))
+    return _key_state(db)
+
+
+def _set_active_kek(db: sqlite3.Connection, kek_id: str, expected: str) -> KeyState:
+    if db.execute("UPDATE key_state SET active_kek = ? WHERE id = 1 AND active_kek = ?",
+                  (kek_id, expected)).rowcount != 1:
+        current = _key_state(db)
+        raise KeyConflict(f"the active key-encryption key is {current and current.active_kek}, "
+                          f"not {expected}", current)
+    return _key_state(db)
+
+
+def _add_patient_key(db: sqlite3.Connection, key: PatientKey) -> PatientKey:
+    # The write transaction holds SQLite's one write lock: the state read here cannot change
+    # before the insert commits.
+    state = _key_state(db)
+    if state is None or state.active_kek != key.kek_id:
+        standing = _key_where(db, "pseudonym", key.pseudonym)
+        if standing is not None:
+            return standing
+        raise KeyConflict(f"data keys are wrapped by {state and state.active_kek} now, not {key.kek_id}", state)
+    db.execute("INSERT INTO patient_keys (pseudonym, dek_id, kek_id, wrapped, created_at) VALUES (?, ?, ?, ?, ?)"
+               " ON CONFLICT (pseudonym) DO NOTHING", (key.pseudonym, key.dek_id, key.kek_id, key.wrapped, _utc()))
+    return _key_where(db, "pseudonym", key.pseudonym)
+
+
+def _shred(db: sqlite3.Connection, pseudonym: str) -> int:
+    standing = _key_where(db, "pseudonym", pseudonym)
+    now = _utc()
+    if standing is None:
+        db.execute("INSERT INTO patient_keys (pseudonym, created_at, shredded_at) VALUES (?, ?, ?)",
+                   (pseudonym, now, now))
+        return 0
+    db.execute("UPDATE patient_keys SET kek_id = NULL, wrapped = NULL, shredded_at = coalesce(shredded_at, ?)"
+               " WHERE pseudonym = ?", (now, pseudonym))
+    return 0 if standing.shredded else 1
+
+
+def _import_keys(db: sqlite3.Connection, keys: list[PatientKey]) -> int:
+    changed = 0
+    for key in keys:
+        if key.shredded:
+            standing = _key_where(db, "pseudonym", key.pseudonym)
+            if standing is None:
+                db.execute("INSERT INTO patient_keys (pseudonym, dek_id, created_at, shredded_at)"
+                           " VALUES (?, ?, ?, ?)", (key.pseudonym, key.dek_id, _utc(), _utc()))
+                changed += 1
+            elif not standing.shredded:
+                _shred(db, key.pseudonym)
+                changed += 1
+        else:
+            changed += db.execute(
+                "INSERT INTO patient_keys (pseudonym, dek_id, kek_id, wrapped, created_at) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT DO NOTHING", (key.pseudonym, key.dek_id, key.kek_id, key.wrapped, _utc())).rowcount
+    return changed
+
+
+def _rewrap(db: sqlite3.Connection, kek_id: str, rewrap: Callable[[list[PatientKey]], list[bytes]],
+            after: str, limit: int) -> tuple[str | None, int]:
+    rows = [_patient_key(r) for r in db.execute(
+        f"SELECT {_KEY_COLS} FROM patient_keys WHERE pseudonym > ? AND wrapped IS NOT NULL"
+        " ORDER BY pseudonym LIMIT ?", (after, limit))]
+    stale = [k for k in rows if k.kek_id != kek_id]
+    if stale:
+        db.executemany("UPDATE patient_keys SET kek_id = ?, wrapped = ? WHERE pseudonym = ?",
+                       [(kek_id, wrapped, k.pseudonym) for k, wrapped in zip(stale, rewrap(stale), strict=True)])
+    return (rows[-1].pseudonym if len(rows) == limit else None), len(stale)
+
+
+def _register_gateway(db: sqlite3.Connection, key: GatewayKey) -> GatewayKey:
+    standing = _gateway_key(db.execute(f"SELECT {_GATEWAY_COLS} FROM gateway_keys WHERE key_id = ?",
+                                       (key.key_id,)).fetchone())
+    if standing is not None and (standing.gateway_id, standing.public_key) != (key.gateway_id, key.public_key):
+        raise KeyConflict(f"signing key {key.key_id} is registered to gateway {standing.gateway_id!r}", None)
+    db.execute(f"INSERT INTO gateway_keys ({_GATEWAY_COLS}) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (key_id)"
+               " DO UPDATE SET kek_ids = excluded.kek_ids, mac = excluded.mac",
+               (key.key_id, key.gateway_id, key.public_key, json.dumps(list(key.kek_ids)), _utc(), key.mac))
+    return _gateway_key(db.execute(f"SELECT {_GATEWAY_COLS} FROM gateway_keys WHERE key_id = ?",
+                                   (key.key_id,)).fetchone())
+
+
+class SQLiteKeyStore:
+    """``base.KeyStore`` in ``keys.sqlite3``: every lookup is one indexed read on a reader
+    thread, every change a group-committed write; the ``keys`` CLI writes the same file."""
+
+    def __init__(self, db: SQLiteDatabase) -> None:
+        self._db = db
+
+    async def state(self) -> KeyState | None:
+        return await self._db.read(_key_state)
+
+    async def init_state(self, state: KeyState) -> KeyState:
+        return await self._db.write(_init_state, state)
+
+    async def set_active_kek(self, kek_id: str, *, expected: str) -> KeyState:
+        return await self._db.write(_set_active_kek, kek_id, expected)
+
+    async def patient_key(self, pseudonym: str) -> PatientKey | None:
+        return await self._db.read(_key_where, "pseudonym", pseudonym)
+
+    async def key_by_id(self, dek_id: str) -> PatientKey | None:
+        return await self._db.read(_key_where, "dek_id", dek_id)
+
+    async def add_patient_key(self, key: PatientKey) -> PatientKey:
+        return await self._db.write(_add_patient_key, key)
+
+    async def shred(self, pseudonym: str) -> int:
+        return await self._db.write(_shred, pseudonym)
+
+    async def import_keys(self, keys: list[PatientKey]) -> int:
+        return await self._db.write(_import_keys, keys)
+
+    async def rewrap(self, kek_id: str, rewrap: Callable[[list[PatientKey]], list[bytes]], *,
+                     after: str, limit: int) -> tuple[str | None, int]:
+        return await self._db.write(_rewrap, kek_id, rewrap, after, limit)
+
+    async def count(self, *, not_wrapped_by: str | None = None) -> int:
+        return await self._db.read(lambda db: db.execute(
+            "SELECT count(*) FROM patient_keys WHERE wrapped IS NOT NULL AND kek_id IS NOT ?",
+            (not_wrapped_by,)).fetchone()[0])
+
+    async def register_gateway(self, key: GatewayKey) -> GatewayKey:
+        return await self._db.write(_register_gateway, key)
+
+    async def gateway_key(self, key_id: str) -> GatewayKey | None:
+        return await self._db.read(lambda db: _gateway_key(db.execute(
+            f"SELECT {_GATEWAY_COLS} FROM gateway_keys WHERE key_id = ?", (key_id,)).fetchone()))
+
+    async def gateways(self) -> list[GatewayKey]:
+        return await self._db.read(lambda db: [_gateway_key(r) for r in db.execute(
+            f"SELECT {_GATEWAY_COLS} FROM gateway_keys ORDER BY registered_at, key_id")])
+
+
 async def open_sqlite_storage(data_dir: Path, metrics: Metrics | None = None) -> Storage:
     heads = await SQLiteDatabase.open(data_dir / "heads.sqlite3", HEADS_SCHEMA, name="head", metrics=metrics)
     tokens = await SQLiteDatabase.open(data_dir / TOKENS_FILE, TOKENS_SCHEMA, name="token", metrics=metrics)
     audit = await SQLiteDatabase.open(data_dir / "audit.sqlite3", AUDIT_SCHEMA, name="audit", metrics=metrics)
+    keys = await SQLiteDatabase.open(data_dir / KEYS_FILE, KEYS_SCHEMA, name="key", metrics=metrics)
     return Storage(heads=SQLiteHeadStore(heads), tokens=SQLiteTokenStore(tokens),
-                   audit=SQLiteAuditStore(audit), closers=[heads.close, tokens.close, audit.close])
+                   audit=SQLiteAuditStore(audit), keys=SQLiteKeyStore(keys),
+                   closers=[heads.close, tokens.close, audit.close, keys.close])
