@@ -4,8 +4,8 @@ and logs); stdout keeps only the command's result either way."""
 
 from __future__ import annotations
 
-import fcntl
 import asyncio
+import fcntl
 import json
 import os
 import pty
@@ -15,7 +15,7 @@ import subprocess
 import sys
 import termios
 
-from conftest import ROOT, app_client, gateway_config
+from conftest import storage_env, ROOT, app_client, gateway_config
 from gateway.config import keyring_path
 from gateway.security.keyring import LocalKeyring
 from records_helpers import encounter, opened, uid
@@ -73,7 +73,7 @@ async def _records(aiohttp_client, kubo, episodes: int = 6) -> tuple[object, int
 
 def _check_env(cfg, kubo) -> dict[str, str]:
     return {"MEDICON_KUBO_API_URL": kubo.api_url, "MEDICON_KUBO_GATEWAY_URL": kubo.gateway_url, "MEDICON_KUBO_API_AUTH": kubo.api_secret,
-            "MEDICON_RECORDS_DATA_DIR": cfg.records.data_dir}
+            "MEDICON_RECORDS_DATA_DIR": cfg.records.data_dir, **storage_env(cfg.records.data_dir)}
 
 
 async def test_check_writes_plain_progress_lines_when_not_on_a_terminal(aiohttp_client, kubo):

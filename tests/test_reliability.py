@@ -253,12 +253,20 @@ async def test_trickling_client_is_cut_off(aiohttp_client, kubo):
 
 
 async def test_over_the_concurrency_limit_503_with_retry_after(aiohttp_client, own_kubo):
+    from gateway.http.app import INFLIGHT
     cfg = gateway_config(own_kubo, **{"server.max_concurrent_requests": 2, "kubo.read_timeout": 3.0})
     c = await app_client(aiohttp_client, cfg)
+    inflight = c.server.app[INFLIGHT]
+
+    async def until(condition) -> None:
+        async with asyncio.timeout(10):
+            while not condition():
+                await asyncio.sleep(0.01)
+
     os.kill(own_kubo.process.pid, signal.SIGSTOP)  # two requests hang on a paused Kubo
     try:
         hanging = [asyncio.create_task(c.post("/api/v0/version")) for _ in range(2)]
-        await asyncio.sleep(0.3)
+        await until(lambda: inflight.count == 2)
         r = await c.post("/api/v0/version")
         assert r.status == 503 and r.headers["Retry-After"] == "1"
         assert (await r.json())["Type"] == "error"
@@ -267,4 +275,5 @@ async def test_over_the_concurrency_limit_503_with_retry_after(aiohttp_client, o
         os.kill(own_kubo.process.pid, signal.SIGCONT)
     for t in hanging:
         await t
+    await until(lambda: inflight.count == 0)  # the two are done on the server's side too
     assert (await c.post("/api/v0/version")).status == 200

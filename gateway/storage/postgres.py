@@ -36,6 +36,7 @@ from urllib.parse import unquote, urlsplit
 import asyncpg
 
 from ..errors import Invalid, MediconError, StorageFull, Unavailable
+from ..metrics import Metrics
 from ..security.tokens import (LAST_USED_GRANULARITY, AuthResult, NewToken, TokenError, TokenInfo,
                                decode_token, generate_token, hash_token, judge, new_token_id)
 from .base import Storage
@@ -88,6 +89,8 @@ class PostgresDatabase:
     disk ``StorageFull``, a lost or refused connection ``Unavailable``, in words that name the
     database's host and name but never its credentials."""
 
+    metrics: Metrics | None = None  # storage errors are counted when set
+
     def __init__(self, pool: asyncpg.Pool, where: str, acquire_timeout: float) -> None:
         self.pool = pool
         self.where = where
@@ -125,6 +128,8 @@ class PostgresDatabase:
             raise Invalid("a value holds a character the database cannot store (NUL, or text that is "
                           "not UTF-8)") from None
         except (asyncpg.PostgresError, *_CONNECTION_ERRORS) as exc:
+            if self.metrics is not None:
+                self.metrics.storage_error(name, what, "full" if isinstance(exc, asyncpg.DiskFullError) else "failed")
             raise _failure(exc, self.where, name, what) from None
 
     async def close(self) -> None:
@@ -234,9 +239,11 @@ class AsyncGroupCommit:
     a time, in a task of the event loop; each ``submit`` waits for its own outcome ((True,
     result) or (False, exception)). If ``commit`` raises, every item of its batch fails."""
 
-    def __init__(self, commit: Callable[[list[Any]], Awaitable[list[tuple[bool, Any]]]], *, batch: int) -> None:
+    def __init__(self, commit: Callable[[list[Any]], Awaitable[list[tuple[bool, Any]]]], *, batch: int,
+                 on_batch: Callable[[int], None] | None = None) -> None:
         self._commit = commit
         self._batch = batch
+        self._on_batch = on_batch
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
         self._closed = False
@@ -262,6 +269,8 @@ class AsyncGroupCommit:
                 if not stop:
                     batch.append(item)
             if batch:
+                if self._on_batch is not None:
+                    self._on_batch(len(batch))
                 try:
                     outcomes = await self._commit([item for item, _ in batch])
                 except Exception as exc:  # noqa: BLE001 - every waiter gets the batch's error
@@ -527,9 +536,10 @@ class PostgresAuditStore:
     BATCH = 256
     VERIFY_PAGE = 5000
 
-    def __init__(self, db: PostgresDatabase) -> None:
+    def __init__(self, db: PostgresDatabase, metrics: Metrics | None = None) -> None:
         self._db = db
-        self._group = AsyncGroupCommit(self._commit, batch=self.BATCH)
+        self._group = AsyncGroupCommit(self._commit, batch=self.BATCH,
+                                       on_batch=metrics.commit_batch_observer("audit") if metrics else None)
 
     async def append(self, event: dict[str, Any]) -> None:
         await self._group.submit(event)
@@ -779,9 +789,10 @@ async def migrate_database(url: str, *, connect_timeout: float = 10.0) -> tuple[
 
 async def open_postgres_storage(url: str, *, pool_min: int = 2, pool_max: int = 10,
                                 connect_timeout: float = 10.0, command_timeout: float = 30.0,
-                                migrate_on_start: bool = True) -> Storage:
+                                migrate_on_start: bool = True, metrics: Metrics | None = None) -> Storage:
     db = await PostgresDatabase.open(url, min_size=pool_min, max_size=pool_max,
                                      connect_timeout=connect_timeout, command_timeout=command_timeout)
+    db.metrics = metrics
     try:
         if migrate_on_start:
             await db.run("migrate", "database", lambda c: migrate(c, db.where))
@@ -790,6 +801,6 @@ async def open_postgres_storage(url: str, *, pool_min: int = 2, pool_max: int = 
     except BaseException:
         await db.close()
         raise
-    audit = PostgresAuditStore(db)
+    audit = PostgresAuditStore(db, metrics)
     return Storage(heads=PostgresHeadStore(db), tokens=PostgresTokenStore(db), audit=audit,
                    keys=PostgresKeyStore(db), closers=[db.close, audit.close])
