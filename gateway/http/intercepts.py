@@ -10,6 +10,7 @@ sealed on its way, its file names replaced so that no patient-supplied string re
 from __future__ import annotations
 
 import json
+import logging
 import re
 from typing import Any, AsyncIterator
 
@@ -20,7 +21,7 @@ from multiformats import CID
 
 from ..core import strictjson
 from ..core.records import is_record_candidate
-from ..errors import Invalid, MediconError, TooLarge
+from ..errors import Invalid, MediconError, TooLarge, Unavailable
 from ..security import crypto
 from ..storage.model import Blob
 from . import attachments, proxy
@@ -29,6 +30,8 @@ from .context import READ_TARGETS, caller
 from .multipart import (DIRECTORY, FILE, PartInfo, closing, new_boundary, next_part, open_multipart,
                         part_bytes, part_head, part_info, read_chunk)
 from .rpccall import Call
+
+log = logging.getLogger(__name__)
 
 PEEK = 64 * 1024
 MIXED = "records and other files cannot be added together: add attachments in a separate request"
@@ -206,8 +209,9 @@ class _Names:
     """Kubo's NDJSON answer to an ``add``: every (Name, Hash) it added, and — for a sealed
     attachment, whose parts reached Kubo under neutral names — the client's names put back."""
 
-    def __init__(self, names: dict[str, str]) -> None:
+    def __init__(self, names: dict[str, str], *, silent: bool = False) -> None:
         self._names = names
+        self._silent = silent  # the client asked for no result lines; Kubo sends them to the gateway
         self._tapped = bytearray()
         self._pending = bytearray()
         self.added: list[tuple[str, str]] = []
@@ -225,18 +229,21 @@ class _Names:
         self._pending.extend(chunk)
         *lines, rest = bytes(self._pending).split(b"\n")
         self._pending[:] = rest
-        return b"".join(self._renamed(line) + b"\n" for line in lines)
+        return b"".join(self._renamed(line) for line in lines)
 
     def flush(self) -> bytes:
         rest, self._pending = bytes(self._pending), bytearray()
         return self._renamed(rest) if rest else b""
 
     def _renamed(self, line: bytes) -> bytes:
+        """A line of Kubo's answer as the client gets it (with its newline), or nothing."""
         item = _json_line(line)
+        if self._silent and isinstance(item, dict) and "Hash" in item:
+            return b""
         if isinstance(item, dict) and item.get("Name") in self._names:
             item["Name"] = self._names[item["Name"]]
-            return json.dumps(item).encode()
-        return line
+            return json.dumps(item).encode() + b"\n"
+        return line + b"\n"
 
 
 def _json_line(line: bytes) -> Any:
@@ -267,7 +274,11 @@ async def _add_files(request: web.Request, call: Call, reader: aiohttp.Multipart
     boundary = new_boundary()
     names: dict[str, str] = {}   # the neutral name a sealed part reached Kubo under -> the client's
     types: dict[str, str] = {}   # the name Kubo answers with -> the client's content type
-    answer = _Names(names)
+    silent = call.flag("silent")
+    if silent:  # the gateway needs Kubo's results to confirm the add; the client does not get them
+        call.options["silent"] = False
+    answer = _Names(names, silent=silent)
+    entries = _TopLevel()
 
     async def body() -> AsyncIterator[bytes]:
         try:
@@ -287,9 +298,11 @@ async def _add_files(request: web.Request, call: Call, reader: aiohttp.Multipart
 
     async def reframed() -> AsyncIterator[bytes]:
         for info in held:
+            entries.count(info)
             yield part_head(boundary, info) + b"\r\n"
         part, info, start, whole = first, first_info, head, complete
         while part is not None:
+            entries.count(info)
             stream = content(part, start, whole)
             shown = None
             if sealing:
@@ -308,6 +321,7 @@ async def _add_files(request: web.Request, call: Call, reader: aiohttp.Multipart
                     _refuse_clear_names(call, [], info)
                 if info.kind != DIRECTORY:
                     break
+                entries.count(info)
                 yield part_head(boundary, info) + b"\r\n"
                 part = await next_part(request, reader)
             if part is not None:
@@ -318,13 +332,61 @@ async def _add_files(request: web.Request, call: Call, reader: aiohttp.Multipart
         yield closing(boundary)
 
     async def finish() -> None:
-        if patient is not None and answer.added and not call.flag("only-hash"):
+        """Before the client's answer completes: what Kubo answered is confirmed stored (and
+        pinned), then indexed. Kubo's 200 came before its work was done, and a failure after
+        it (a full disk) is only in a trailer the gateway cannot read."""
+        if call.flag("only-hash"):
+            return
+        wrapped = call.flag("wrap-with-directory")
+        roots = [cid for name, cid in answer.added if (name == "" if wrapped else "/" not in name)]
+        expected = 1 if wrapped else entries.total
+        try:
+            if len(roots) < expected:
+                raise Unavailable(f"Kubo's answer to add ended after {len(roots)} of {expected} entries: the add "
+                                  "failed after Kubo had answered (its error, such as a full disk, is only in a "
+                                  "trailer); nothing of it is acknowledged")
+            # A root is written after everything under it, so a stored root is a complete DAG.
+            await service.kubo.confirm_stored(roots, roots if call.options.get("pin", True) else [])
+        except MediconError:
+            if sealing:  # sealed bytes are unique to this add: its pins are nobody else's
+                for cid in roots:
+                    await _unpin_quietly(service, cid)
+            raise
+        if patient is not None and answer.added:
             await service.add_attachments([Blob(cid, patient, sealing and name in types, types.get(name))
                                            for name, cid in answer.added])
 
     return await proxy.forward_rpc(request, call, body=body(), headers={
         "Content-Type": f"multipart/form-data; boundary={boundary}"}, failed_body=failed, tap=answer.tap,
-        transform=answer if sealing else None, finish=finish)
+        transform=answer if sealing or silent else None, finish=finish)
+
+
+class _TopLevel:
+    """How many top-level entries an add sends, as Kubo counts them (one result each): a file or
+    directory at the top, a nameless part (stdin), or the first part below a top directory that
+    was not declared (Kubo makes it)."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self._seen: set[str] = set()
+
+    def count(self, info: PartInfo | None) -> None:
+        if info is None:
+            return
+        name = info.filename.strip("/")
+        top = name.split("/")[0]
+        if not name or "/" not in name:
+            self.total += 1
+        elif top not in self._seen:
+            self.total += 1
+        self._seen.add(top)
+
+
+async def _unpin_quietly(service, cid: str) -> None:
+    try:
+        await service.kubo.pin_rm(cid)
+    except MediconError as err:
+        log.warning("attachment %s of a failed add stays pinned (%s)", cid, err.message)
 
 
 def _refuse_clear_names(call: Call, held: list[PartInfo], info: PartInfo | None) -> None:

@@ -20,6 +20,7 @@ from aiohttp import web
 from yarl import URL
 
 from ..errors import Forbidden, Invalid, MediconError, TimedOut, Unavailable
+from ..kubo.client import KUBO_FULL, is_disk_full
 from .appkeys import CONFIG, SERVICE
 from .errors import kubo_error
 from .multipart import reframed_files
@@ -151,6 +152,9 @@ async def _kubo_error(upstream: aiohttp.ClientResponse) -> web.Response:
     except (ValueError, KeyError, TypeError):
         message = raw.decode("utf-8", "replace").strip() or upstream.reason or "error"
         code = None
+    if is_disk_full(message):  # a write refused for want of space: nothing was stored
+        log.warning("Kubo's repository is full: %s", message[:300])
+        return kubo_error(507, f"{KUBO_FULL} ({message[:300]})")
     if status == 500:
         status = 502 if code == 2 else 400
     return kubo_error(status, message[:2000], code=code if code is not None and status != 400 else None)
@@ -202,8 +206,9 @@ async def _relay(request: web.Request, upstream: aiohttp.ClientResponse, tap, tr
     if finish is not None:
         try:
             await finish()
-        except Exception as exc:  # the client must not take an unrecorded write as done
-            abort(request, f"could not record the result: {type(exc).__name__}")
+        except Exception as exc:  # the client must not take an unconfirmed or unrecorded write as done
+            why = exc.message if isinstance(exc, MediconError) else type(exc).__name__
+            abort(request, f"could not confirm or record the result: {why}")
             return resp
     await resp.write_eof()
     return resp
