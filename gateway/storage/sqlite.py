@@ -32,7 +32,7 @@ from ..security.tokens import (LAST_USED_GRANULARITY, AuthResult, NewToken, Toke
                                decode_token, generate_token, hash_token, judge, new_token_id)
 from .base import Storage
 from .groupcommit import GroupCommit, Outcome
-from .model import Blob, Episode, IndexedRecord, StoreConflict
+from .model import Blob, Episode, IndexedRecord, KeyTaken, StoreConflict
 
 T = TypeVar("T")
 Query = Callable[..., T]  # fn(connection, *args) -> T, run on a thread of the database
@@ -187,8 +187,13 @@ def _record_where(db: sqlite3.Connection, where: str, args: tuple) -> IndexedRec
 
 
 def _insert_record(db: sqlite3.Connection, r: IndexedRecord) -> None:
-    db.execute(f"INSERT INTO records ({_RECORD_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-               (r.cid, r.episode, r.patient, r.seq, r.schema, r.recorded_at, r.digest, r.idempotency_key))
+    try:
+        db.execute(f"INSERT INTO records ({_RECORD_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                   (r.cid, r.episode, r.patient, r.seq, r.schema, r.recorded_at, r.digest, r.idempotency_key))
+    except sqlite3.IntegrityError as exc:
+        if r.idempotency_key is not None and "records.idempotency_key" in str(exc):
+            raise KeyTaken(r.idempotency_key) from None
+        raise
 
 
 def _create_episode(db: sqlite3.Connection, record: IndexedRecord) -> Episode:
