@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import hashlib
 import hmac
 import json
+import multiprocessing
 import os
 import sqlite3
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
@@ -30,6 +31,8 @@ from typing import Any, Callable, Iterable, TypeVar
 from ..errors import StorageFull, Unavailable
 from ..security.tokens import (LAST_USED_GRANULARITY, AuthResult, NewToken, TokenError, TokenInfo,
                                decode_token, generate_token, hash_token, judge, new_token_id)
+from . import auditwalk
+from .auditwalk import AUDIT_FIELDS, AUDIT_OPTIONAL_FIELDS, GENESIS, audit_hash  # noqa: F401 (the chain's format)
 from .base import Storage
 from .groupcommit import GroupCommit, Outcome
 from .model import Blob, Episode, IndexedRecord, KeyTaken, StoreConflict
@@ -416,18 +419,9 @@ class SQLiteTokenStore:
 AUDIT_SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit (seq INTEGER PRIMARY KEY, event TEXT NOT NULL,
                                   prev TEXT NOT NULL, hash TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS audit_checkpoints (seq INTEGER PRIMARY KEY, hash TEXT NOT NULL,
+                                              time TEXT NOT NULL, key TEXT NOT NULL, sig TEXT NOT NULL);
 """
-GENESIS = "0" * 64
-AUDIT_FIELDS = ("time", "request_id", "principal", "role", "action", "resource", "decision", "path")
-# Hashed when present (refused credentials): entries without them hash as they always did.
-AUDIT_OPTIONAL_FIELDS = ("reason",)
-
-
-def audit_hash(prev: str, event: dict) -> str:
-    """The hash of an entry: its fields (sorted) after the hash of the one before."""
-    hashed = {k: event.get(k) for k in AUDIT_FIELDS} | {k: event[k] for k in AUDIT_OPTIONAL_FIELDS if k in event}
-    body = json.dumps(hashed, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(prev.encode() + b"\n" + body.encode()).hexdigest()
 
 
 def _append_event(db: sqlite3.Connection, event: dict) -> None:
@@ -444,21 +438,17 @@ def _audit_page(db: sqlite3.Connection, after: int, limit: int) -> list[dict]:
     return [{"seq": seq, **json.loads(event), "prev": prev, "hash": h} for seq, event, prev, h in rows]
 
 
-def _audit_verify(db: sqlite3.Connection) -> dict:
-    prev, count = GENESIS, 0
-    for seq, event, stored_prev, stored_hash in db.execute("SELECT seq, event, prev, hash FROM audit ORDER BY seq"):
-        if stored_prev != prev or audit_hash(prev, json.loads(event)) != stored_hash:
-            return {"ok": False, "entries": count, "break": {"seq": seq}, "head": None}
-        prev, count = stored_hash, count + 1
-    return {"ok": True, "entries": count, "break": None, "head": prev}
+_CHECKPOINT_COLS = ("seq", "hash", "time", "key", "sig")
 
 
 class SQLiteAuditStore:
     """Each entry carries the SHA-256 of the one before, so deleting, reordering or editing an
-    entry breaks the chain from there on. Events of concurrent requests share a commit."""
+    entry breaks the chain from there on. Events of concurrent requests share a commit.
+    Signed checkpoints (``seq``, the entry's ``hash``) are kept beside the chain."""
 
     def __init__(self, db: SQLiteDatabase) -> None:
         self._db = db
+        self._walker: ProcessPoolExecutor | None = None  # started by the first walk
 
     async def append(self, event: dict[str, Any]) -> None:
         await self._db.write(_append_event, event)
@@ -466,13 +456,54 @@ class SQLiteAuditStore:
     async def page(self, after: int, limit: int) -> list[dict[str, Any]]:
         return await self._db.read(_audit_page, after, limit)
 
-    async def verify(self) -> dict[str, Any]:
-        return await self._db.read(_audit_verify)
+    async def last(self) -> tuple[int, str]:
+        row = await self._db.read(lambda db: db.execute(
+            "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone())
+        return (row[0], row[1]) if row else (0, GENESIS)
+
+    async def walk(self, after: int, prev: str, limit: int) -> dict[str, Any]:
+        """A page re-hashed in the walker process (``auditwalk``): never in the gateway's."""
+        if self._walker is None:
+            self._walker = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                               initializer=auditwalk.lower_priority)
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._walker, auditwalk.walk_file, str(self._db.path), after, prev, limit)
+        except sqlite3.Error as exc:
+            raise self._db._failure(exc, "read") from None
+        except BrokenProcessPool:
+            self._walker = None
+            raise Unavailable("the audit log's verification worker died") from None
+
+    async def close(self) -> None:
+        walker, self._walker = self._walker, None
+        if walker is not None:
+            await asyncio.to_thread(walker.shutdown, wait=True, cancel_futures=True)
+        await self._db.close()
+
+    async def hash_at(self, seq: int) -> str | None:
+        row = await self._db.read(lambda db: db.execute("SELECT hash FROM audit WHERE seq = ?", (seq,)).fetchone())
+        return row[0] if row else None
+
+    async def checkpoints(self) -> list[dict[str, Any]]:
+        return await self._db.read(lambda db: [dict(zip(_CHECKPOINT_COLS, row)) for row in db.execute(
+            f"SELECT {', '.join(_CHECKPOINT_COLS)} FROM audit_checkpoints ORDER BY seq")])
+
+    async def latest_checkpoint(self) -> dict[str, Any] | None:
+        row = await self._db.read(lambda db: db.execute(
+            f"SELECT {', '.join(_CHECKPOINT_COLS)} FROM audit_checkpoints ORDER BY seq DESC LIMIT 1").fetchone())
+        return dict(zip(_CHECKPOINT_COLS, row)) if row else None
+
+    async def add_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        await self._db.write(lambda db: db.execute(
+            f"INSERT INTO audit_checkpoints ({', '.join(_CHECKPOINT_COLS)}) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT (seq) DO NOTHING", tuple(checkpoint[c] for c in _CHECKPOINT_COLS)))
 
 
 async def open_sqlite_storage(data_dir: Path) -> Storage:
     heads = await SQLiteDatabase.open(data_dir / "heads.sqlite3", HEADS_SCHEMA, name="head")
     tokens = await SQLiteDatabase.open(data_dir / TOKENS_FILE, TOKENS_SCHEMA, name="token")
     audit = await SQLiteDatabase.open(data_dir / "audit.sqlite3", AUDIT_SCHEMA, name="audit")
+    audit_store = SQLiteAuditStore(audit)
     return Storage(heads=SQLiteHeadStore(heads), tokens=SQLiteTokenStore(tokens),
-                   audit=SQLiteAuditStore(audit), closers=[heads.close, tokens.close, audit.close])
+                   audit=audit_store, closers=[heads.close, tokens.close, audit_store.close])
