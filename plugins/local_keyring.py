@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 
 from gateway.config import keyring_path
-from gateway.errors import Unavailable
+from gateway.errors import StorageFull, Unavailable, is_out_of_space
 from gateway.hookspecs import hookimpl
 from gateway.security.keyring import KeyringError, LocalKeyring
 
@@ -17,15 +18,19 @@ class LocalKeyProvider:
     """``gateway.security.keys.KeyProvider`` over a ``LocalKeyring`` file, re-read whenever the
     file changes on disk (``keys rotate``/``shred`` by the CLI take effect in a running
     gateway). The file is looked at no more often than every ``RECHECK`` seconds; a new
-    patient's key is written (and fsynced) off the event loop."""
+    patient's key is written (and fsynced) off the event loop, one at a time, each time on the
+    keyring as the file holds it then: two keys made on two copies of the keyring (one loaded
+    before the other's write) would each write a file without the other's key, and the records
+    sealed with the lost key could never be read."""
 
     RECHECK = 0.05
 
     def __init__(self, path) -> None:
         self.path = path
         self._ring = LocalKeyring.load(path)
-        self._stamp = os.stat(path).st_mtime_ns
+        self._stamp = _stamp(path)
         self._checked = time.monotonic()
+        self._writing = threading.Lock()
 
     def _current(self) -> LocalKeyring:
         now = time.monotonic()
@@ -33,7 +38,7 @@ class LocalKeyProvider:
             return self._ring
         self._checked = now
         try:
-            stamp = os.stat(self.path).st_mtime_ns
+            stamp = _stamp(self.path)
         except OSError:
             return self._ring
         if stamp != self._stamp:
@@ -58,10 +63,31 @@ class LocalKeyProvider:
         except KeyError:
             if not create:
                 raise
-        return await asyncio.to_thread(ring.data_key_for_patient, patient, True)
+        try:
+            return await asyncio.to_thread(self._new_data_key, patient)
+        except OSError as exc:  # the keyring file could not be rewritten: nothing was stored
+            if is_out_of_space(exc):
+                raise StorageFull("the gateway's data volume is full: the keyring cannot store a new "
+                                  "patient's data key") from None
+            raise Unavailable(f"the keyring cannot store a new patient's data key ({exc.strerror})") from None
+
+    def _new_data_key(self, patient: str) -> tuple[str, bytes]:
+        """(In a worker thread.) The patient's data key, made and written on the newest keyring."""
+        with self._writing:
+            stamp = _stamp(self.path)
+            ring = self._ring if stamp == self._stamp else LocalKeyring.load(self.path)
+            made = ring.data_key_for_patient(patient, True)
+            self._ring, self._stamp = ring, _stamp(self.path)
+            return made
 
     async def data_key(self, dek_id: str) -> bytes:
         return self._current().data_key(dek_id)
+
+
+def _stamp(path) -> tuple[int, int]:
+    """What changes whenever the keyring file is rewritten (always by rename: a new inode)."""
+    st = os.stat(path)
+    return st.st_ino, st.st_mtime_ns
 
 
 @hookimpl
