@@ -21,7 +21,8 @@ from multiformats import CID
 
 from ..core import strictjson
 from ..core.records import is_record_candidate
-from ..errors import Invalid, MediconError, TooLarge, Unavailable
+from ..errors import Invalid, MediconError, StorageFull, TooLarge, Unavailable
+from ..kubo.client import KUBO_FULL
 from ..security import crypto
 from ..storage.model import Blob
 from . import attachments, proxy
@@ -34,6 +35,9 @@ from .rpccall import Call
 log = logging.getLogger(__name__)
 
 PEEK = 64 * 1024
+# Free space on Kubo's disk below which (beyond what an add was sending) a cut-off add is taken
+# as Kubo's disk being full.
+MIN_FREE = 4 * 1024 * 1024
 MIXED = "records and other files cannot be added together: add attachments in a separate request"
 # An Idempotency-Key is a structured-field string: printable ASCII (and kept to a sane length)
 _IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,255}")
@@ -280,9 +284,12 @@ async def _add_files(request: web.Request, call: Call, reader: aiohttp.Multipart
     answer = _Names(names, silent=silent)
     entries = _TopLevel()
 
+    sent = [0]  # bytes on their way to Kubo
+
     async def body() -> AsyncIterator[bytes]:
         try:
             async for chunk in reframed():
+                sent[0] += len(chunk)
                 yield chunk
         except MediconError as err:  # bad framing or a record met mid-stream: the answer
             if not failed:
@@ -356,9 +363,18 @@ async def _add_files(request: web.Request, call: Call, reader: aiohttp.Multipart
             await service.add_attachments([Blob(cid, patient, sealing and name in types, types.get(name))
                                            for name, cid in answer.added])
 
-    return await proxy.forward_rpc(request, call, body=body(), headers={
-        "Content-Type": f"multipart/form-data; boundary={boundary}"}, failed_body=failed, tap=answer.tap,
-        transform=answer if sealing or silent else None, finish=finish)
+    try:
+        return await proxy.forward_rpc(request, call, body=body(), headers={
+            "Content-Type": f"multipart/form-data; boundary={boundary}"}, failed_body=failed, tap=answer.tap,
+            transform=answer if sealing or silent else None, finish=finish)
+    except Unavailable:
+        # Kubo cut the upload off without an answer the gateway could read: say why if its disk
+        # has no room for what was being added (nothing of the add was acknowledged either way).
+        if not failed:
+            free = await service.kubo.disk_free()
+            if free is not None and free < sent[0] + MIN_FREE:
+                raise StorageFull(KUBO_FULL) from None
+        raise
 
 
 class _TopLevel:

@@ -125,12 +125,23 @@ async def forward(request: web.Request, url: URL, *, method: str | None = None,
             raise failed_body[0] from None
         raise upstream_error(request, exc) from None
     answering.append(upstream)
-    async with upstream:
-        try:
-            return await _relay(request, upstream, tap, transform, finish, failed_body, exact_length)
-        finally:
-            if failed_body:
-                upstream.close()  # never back to the pool: Kubo has half a request
+    try:
+        return await _relay(request, upstream, tap, transform, finish, failed_body, exact_length)
+    finally:
+        if failed_body:
+            upstream.close()  # never back to the pool: Kubo has half a request
+        await _released(upstream)
+
+
+async def _released(upstream: aiohttp.ClientResponse) -> None:
+    """What leaving ``async with upstream`` does, except that an upload Kubo stopped reading
+    (it answered early — an error such as a full disk — and closed) does not turn Kubo's
+    answer into a failure of the gateway's own."""
+    upstream.release()
+    try:
+        await upstream.wait_for_close()
+    except (aiohttp.ClientError, OSError):
+        upstream.close()
 
 
 ERROR_BODY_LIMIT = 64 * 1024

@@ -24,7 +24,7 @@ import aiohttp
 from yarl import URL
 
 from ..config import KuboConfig
-from ..errors import StorageFull, TimedOut, Unavailable
+from ..errors import MediconError, StorageFull, TimedOut, Unavailable
 from . import ipld
 from .cids import canonical
 
@@ -181,6 +181,16 @@ class KuboClient:
             except KuboAnswer as err:
                 raise Unavailable(f"Kubo answered a write but did not pin it ({err.kubo_message[:200]})") from None
             _require_all(batch, [key for line in _json_lines(body) for key in line.get("Keys", {})], "pin")
+
+    async def disk_free(self) -> int | None:
+        """Free bytes on the disk of Kubo's repository, as Kubo reports it (``diag/sys``);
+        None if it does not say. For telling why a write failed without a readable answer."""
+        try:
+            info = json.loads(await self.call("diag/sys", []))
+            free = info["diskinfo"]["free_space"]
+        except (MediconError, ValueError, KeyError, TypeError):
+            return None
+        return free if isinstance(free, int) else None
 
     async def is_pinned(self, cid: str) -> bool:
         """Whether ``cid`` is pinned recursively (asked now, for this one CID)."""

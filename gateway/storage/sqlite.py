@@ -14,7 +14,6 @@ Each store keeps its own file (``heads.sqlite3``, ``tokens.sqlite3``, ``audit.sq
 from __future__ import annotations
 
 import asyncio
-import errno
 import hmac
 import json
 import multiprocessing
@@ -28,7 +27,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
 
-from ..errors import StorageFull, Unavailable
+from ..errors import StorageFull, Unavailable, is_out_of_space
 from ..security.tokens import (LAST_USED_GRANULARITY, AuthResult, NewToken, TokenError, TokenInfo,
                                decode_token, generate_token, hash_token, judge, new_token_id)
 from . import auditwalk
@@ -42,8 +41,17 @@ Query = Callable[..., T]  # fn(connection, *args) -> T, run on a thread of the d
 
 
 def _is_disk_full(exc: BaseException) -> bool:
-    return (isinstance(exc, sqlite3.OperationalError) and "full" in str(exc).lower()) or (
-        isinstance(exc, OSError) and exc.errno == errno.ENOSPC)
+    return (isinstance(exc, sqlite3.OperationalError) and "full" in str(exc).lower()) or is_out_of_space(exc)
+
+
+def _volume_full(path: Path) -> bool:
+    """Whether the volume holding ``path`` has (next to) no room left: SQLite reports some
+    writes that fail for want of space as I/O errors, not as SQLITE_FULL."""
+    try:
+        st = os.statvfs(path.parent)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 64 * 1024
 
 
 class SQLiteDatabase:
@@ -105,7 +113,7 @@ class SQLiteDatabase:
             raise self._failure(exc, "write") from None
 
     def _failure(self, exc: sqlite3.Error, what: str) -> Exception:
-        if _is_disk_full(exc):
+        if _is_disk_full(exc) or (what == "write" and _volume_full(self.path)):
             return StorageFull(f"the gateway's data volume is full: its {self._name} store cannot {what}")
         return Unavailable(f"the gateway's {self._name} store failed to {what} ({type(exc).__name__})")
 
