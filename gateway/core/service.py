@@ -247,7 +247,7 @@ class RecordService:
         if earlier is not None:
             return await self._original(earlier)
         episode = await heads.get_episode(record["episode"])
-        record = chain.link(record, episode, self._policy_for(record["schema"]))
+        request, record = record, chain.link(record, episode, self._policy_for(record["schema"]))
         # The schema passed above; link only set prev (a head CID), seq and recorded_at.
         await self.validate(record, episode, schema=False)
         # Stored and pinned (recursively: the record and the chain under it) in one call whose
@@ -263,12 +263,17 @@ class RecordService:
                                            closes=record["schema"] in CLOSING_KINDS)
         except StoreConflict as conflict:
             await self._release(cid)
+            # The head moved under this append: if it was moved by this very request (sent twice
+            # at once to another process), the answer is that request's record.
+            earlier = await self._retried(request, digest, key)
+            if earlier is not None:
+                return await self._original(earlier)
             raise ChainConflict(f"episode {record['episode']!r} changed under this append",
                                 conflict.current) from None
         except KeyTaken:
             # Another request with this key (in another process) committed first.
             await self._release(cid)
-            earlier = await self._retried(record, digest, key)
+            earlier = await self._retried(request, digest, key)
             if earlier is None:
                 raise Unavailable("the Idempotency-Key is held by a record the index cannot show") from None
             return await self._original(earlier)
