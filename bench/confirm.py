@@ -16,9 +16,10 @@ chained by ``prev`` (as an episode is), for each way of storing one:
 
 Each strategy runs with 1 writer and with 8 concurrent writers (a chain each), interleaved
 over ``--repeats`` rounds; the median per-append latency and appends/s are printed and written
-to ``bench/results/confirm.json``.
+to ``bench/results/confirm.json``. Kubo fsyncs its blocks, as the gateway runs it (``--no-sync``:
+Kubo's default).
 
-    .venv/bin/python -m bench.confirm [--appends 300] [--repeats 3]
+    .venv/bin/python -m bench.confirm [--appends 300] [--repeats 3] [--no-sync]
 """
 
 from __future__ import annotations
@@ -143,12 +144,14 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--appends", type=int, default=300, help="appends per strategy and round")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-sync", action="store_true", help="Kubo's default: blocks not fsynced")
     p.add_argument("--out", type=Path, default=RESULTS / "confirm.json")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="medicon-confirm-") as tmp:
-        with KuboNode(Path(tmp) / "repo") as node:
+        with KuboNode(Path(tmp) / "repo", sync=not args.no_sync) as node:
             summary = measure_sync(node.api_url, args.appends, args.repeats)
-    out = {"appends": args.appends, "repeats": args.repeats, "loadavg": os.getloadavg(), "median": summary}
+    out = {"appends": args.appends, "repeats": args.repeats, "blocks_fsynced": not args.no_sync,
+           "loadavg": os.getloadavg(), "median": summary}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     print("| writers | strategy | appends/s | p50 ms | p99 ms |\n| ---: | --- | ---: | ---: | ---: |")

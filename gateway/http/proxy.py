@@ -165,7 +165,7 @@ async def _kubo_error(upstream: aiohttp.ClientResponse) -> web.Response:
         code = None
     if is_disk_full(message):  # a write refused for want of space: nothing was stored
         log.warning("Kubo's repository is full: %s", message[:300])
-        return kubo_error(507, f"{KUBO_FULL} ({message[:300]})")
+        return kubo_error(507, KUBO_FULL)
     if status == 500:
         status = 502 if code == 2 else 400
     return kubo_error(status, message[:2000], code=code if code is not None and status != 400 else None)
