@@ -335,7 +335,7 @@ async def test_data_keys_made_at_once_for_many_new_patients_all_reach_the_keyrin
     data_dir = tempfile.mkdtemp(prefix="medicon-test-")
     LocalKeyring.init(Path(data_dir) / "keyring.json")
     acked: list[str] = []
-    for _round in range(chaos_scale(3)):
+    for _round in range(min(chaos_scale(3), 8)):  # (each new key rewrites the whole keyring file)
         gw = start_gateway(own_kubo, data_dir=data_dir)
         try:
             async with aiohttp.ClientSession(headers=gw.headers) as s:
