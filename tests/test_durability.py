@@ -252,6 +252,28 @@ async def test_an_add_failing_after_kubo_answered_never_completes_for_the_client
             node.stop()
 
 
+async def test_a_dag_put_kubo_failed_after_answering_never_completes_for_the_client(client, kubo):
+    """Two nodes in one dag/put, the second not JSON: Kubo answers 200 with the first's CID,
+    then fails (trailer only) before it commits either. The client's answer is cut off, and
+    the CID it would have been told is indeed not in Kubo; one good node goes through."""
+    def form(*parts: bytes) -> aiohttp.FormData:
+        data = aiohttp.FormData()
+        for n, part in enumerate(parts):
+            data.add_field("file", part, filename=f"node{n}.json", content_type="application/octet-stream")
+        return data
+    first = json.dumps({"unique": uid("n")}).encode()
+    with pytest.raises(aiohttp.ClientPayloadError):
+        r = await client.post("/api/v0/dag/put?pin=true", data=form(first, b"{not json"))
+        assert r.status == 200
+        await r.read()
+    direct = kubo.ipfs("dag", "put", "--input-codec=dag-json", "--store-codec=dag-cbor", "--pin=false",
+                       "--offline", input=first).stdout.decode().strip()  # its CID (now stored, unpinned)
+    assert direct not in recursive_pins(kubo)
+    r = await client.post("/api/v0/dag/put?pin=true", data=form(json.dumps({"unique": uid("n")}).encode()))
+    assert r.status == 200
+    assert json.loads(await r.text())["Cid"]["/"] in recursive_pins(kubo)
+
+
 async def _indexed(c) -> set[str]:
     from gateway.http.appkeys import SERVICE
     return {r.cid for r in await c.server.app[SERVICE].storage.heads.all_records()}

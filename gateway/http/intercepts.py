@@ -358,6 +358,9 @@ async def _add_files(request: web.Request, call: Call, reader: aiohttp.Multipart
             if sealing:  # sealed bytes are unique to this add: its pins are nobody else's
                 for cid in roots:
                     await _unpin_quietly(service, cid)
+            elif roots:  # the same bytes may be pinned by others: an unpin could take their pin
+                log.warning("add failed; %d root(s) it did write stay pinned (content-addressed, so "
+                            "possibly pinned by others too)", len(roots))
             raise
         if patient is not None and answer.added:
             await service.add_attachments([Blob(cid, patient, sealing and name in types, types.get(name))
@@ -453,10 +456,31 @@ async def dag_put(request: web.Request, call: Call) -> web.StreamResponse:
         appended = await request.app[SERVICE].append(docs[0], caller(request), idempotency_key(request))
         return web.Response(text=json.dumps({"Cid": {"/": appended.cid}}) + "\n",
                             content_type="application/json", headers={"X-Chunked-Output": "1"})
-    await request.app[SERVICE].authorize(caller(request), "raw:write", {"kind": "raw"})
+    service = request.app[SERVICE]
+    await service.authorize(caller(request), "raw:write", {"kind": "raw"})
     boundary = new_boundary()
     body = b"".join(part_head(boundary, info) + data + b"\r\n" for info, data in parts) + closing(boundary)
-    return await proxy.forward_rpc(request, call, body=body,
+    answered: list[str] = []
+    pending = bytearray()
+
+    def tap(chunk: bytes) -> None:
+        pending.extend(chunk)
+        *lines, rest = bytes(pending).split(b"\n")
+        pending[:] = rest
+        for line in lines:
+            item = _json_line(line)
+            if isinstance(item, dict) and isinstance(item.get("Cid"), dict) and isinstance(item["Cid"].get("/"), str):
+                answered.append(item["Cid"]["/"])
+
+    async def finish() -> None:
+        """Kubo answers each node's CID before it commits (and pins) them, and a failure after
+        that is only in a trailer: before the client's answer completes, every node is
+        confirmed stored (and pinned, if asked)."""
+        if len(answered) < len(parts):
+            raise Unavailable(f"Kubo's answer to dag/put ended after {len(answered)} of {len(parts)} nodes")
+        await service.kubo.confirm_stored(answered, answered if call.flag("pin") else [])
+
+    return await proxy.forward_rpc(request, call, body=body, tap=tap, finish=finish,
                                    headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
 
 
