@@ -119,6 +119,10 @@ class RecordsConfig(Section):
     max_record_size: Count = 1024 * 1024
     # Most files in one add of records.
     max_parts: Count = 1000
+    # Seconds a record's recorded_at may lie ahead of the gateway's clock (later: 400). An
+    # episode's times never go backwards, so one writer's fast clock would otherwise hold every
+    # other writer's appends off (409) until that time has passed.
+    max_clock_skew: Seconds = 300.0
 
 
 def _database_url(value: SecretStr) -> SecretStr:

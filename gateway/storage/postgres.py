@@ -40,9 +40,12 @@ from ..metrics import Metrics
 from ..security.tokens import (LAST_USED_GRANULARITY, AuthResult, NewToken, TokenError, TokenInfo,
                                decode_token, generate_token, hash_token, judge, new_token_id)
 from .base import Storage
-from .model import (Blob, Episode, GatewayKey, IndexedRecord, KeyConflict, KeyState, PatientKey,
+from . import auditwalk
+from .auditwalk import audit_hash
+from .model import (Blob, Episode, GatewayKey, IndexedRecord, KeyConflict, KeyState, KeyTaken, PatientKey,
                     StoreConflict)
-from .sqlite import GENESIS, audit_hash
+
+_CHECKPOINT_COLS = ("seq", "hash", "time", "key", "sig")
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -303,6 +306,13 @@ def _record(row: asyncpg.Record | None) -> IndexedRecord | None:
     return None if row is None else IndexedRecord(*row)
 
 
+def _key_taken(exc: asyncpg.UniqueViolationError, record: IndexedRecord) -> None:
+    """The unique violation was the record's idempotency key (a concurrent request with the same
+    key committed first): ``KeyTaken``, never the backend's error. The statement wrote nothing."""
+    if record.idempotency_key is not None and "idempotency_key" in (exc.constraint_name or ""):
+        raise KeyTaken(record.idempotency_key) from None
+
+
 class PostgresHeadStore:
     """Heads move only by compare-and-swap, in one statement: the head's conditional UPDATE and
     the record's INSERT succeed together or not at all, and a second gateway's UPDATE waits for
@@ -346,7 +356,8 @@ class PostgresHeadStore:
                     f" INSERT INTO records ({_RECORD_COLS}) SELECT $3, id, $2, 0, $5, $4, $6, $7 FROM made"
                     " RETURNING cid", record.episode, record.patient, record.cid, record.recorded_at,
                     record.schema, record.digest, record.idempotency_key)
-            except asyncpg.UniqueViolationError:  # an idempotency key taken meanwhile
+            except asyncpg.UniqueViolationError as exc:
+                _key_taken(exc, record)
                 made = None
             if made is None:
                 raise StoreConflict(f"episode {record.episode!r} already exists",
@@ -367,7 +378,8 @@ class PostgresHeadStore:
                     " SELECT $1, id, $7, $6, $8, $3, $9, $10 FROM moved RETURNING cid",
                     record.cid, status, record.recorded_at, record.episode, expected_head, record.seq,
                     record.patient, record.schema, record.digest, record.idempotency_key)
-            except asyncpg.UniqueViolationError:  # the same Idempotency-Key won elsewhere
+            except asyncpg.UniqueViolationError as exc:
+                _key_taken(exc, record)
                 moved = None
             if moved is None:
                 raise StoreConflict(f"head of episode {record.episode!r} moved",
@@ -530,11 +542,10 @@ class PostgresAuditStore:
     """One hash chain for every gateway of the database. A batch of this gateway's events is
     appended in one transaction that first locks the chain's head row (``audit_head``), so
     batches from all gateways follow each other and each entry's ``prev`` is the hash of the
-    entry before it, whoever wrote that. Verification reads the chain in pages under one
-    snapshot and hashes each page on a thread."""
+    entry before it, whoever wrote that. Verification (``gateway.core`` drives it from the
+    latest signed checkpoint) reads the chain a page at a time and re-hashes each on a thread."""
 
     BATCH = 256
-    VERIFY_PAGE = 5000
 
     def __init__(self, db: PostgresDatabase, metrics: Metrics | None = None) -> None:
         self._db = db
@@ -580,31 +591,38 @@ class PostgresAuditStore:
             after, limit))
         return [{"seq": r["seq"], **json.loads(r["event"]), "prev": r["prev"], "hash": r["hash"]} for r in rows]
 
-    async def verify(self) -> dict[str, Any]:
-        async def walk(conn: asyncpg.Connection) -> dict[str, Any]:
-            prev, count = GENESIS, 0
-            async with conn.transaction(isolation="repeatable_read", readonly=True):
-                cursor = await conn.cursor("SELECT seq, event, prev, hash FROM audit ORDER BY seq")
-                while rows := await cursor.fetch(self.VERIFY_PAGE):
-                    prev, checked, broken = await asyncio.to_thread(_verify_page, prev, rows)
-                    count += checked
-                    if broken is not None:
-                        return {"ok": False, "entries": count, "break": {"seq": broken}, "head": None}
-            return {"ok": True, "entries": count, "break": None, "head": prev}
-        return await self._db.run("verify the log", "audit", walk)
+    async def last(self) -> tuple[int, str]:
+        row = await self._db.run("read", "audit", lambda c: c.fetchrow("SELECT seq, hash FROM audit_head WHERE id = 1"))
+        return row["seq"], row["hash"]
+
+    async def walk(self, after: int, prev: str, limit: int) -> dict[str, Any]:
+        """A page of the chain re-hashed on a thread (``auditwalk.walk_rows``), after ``after``."""
+        rows = await self._db.run("read", "audit", lambda c: c.fetch(
+            "SELECT seq, event, prev, hash FROM audit WHERE seq > $1::bigint ORDER BY seq LIMIT $2::bigint",
+            after, limit))
+        return await asyncio.to_thread(auditwalk.walk_rows, [tuple(r) for r in rows], after, prev)
+
+    async def hash_at(self, seq: int) -> str | None:
+        return await self._db.run("read", "audit", lambda c: c.fetchval(
+            "SELECT hash FROM audit WHERE seq = $1::bigint", seq))
+
+    async def checkpoints(self) -> list[dict[str, Any]]:
+        rows = await self._db.run("read", "audit", lambda c: c.fetch(
+            f"SELECT {', '.join(_CHECKPOINT_COLS)} FROM audit_checkpoints ORDER BY seq"))
+        return [dict(r) for r in rows]
+
+    async def latest_checkpoint(self) -> dict[str, Any] | None:
+        row = await self._db.run("read", "audit", lambda c: c.fetchrow(
+            f"SELECT {', '.join(_CHECKPOINT_COLS)} FROM audit_checkpoints ORDER BY seq DESC LIMIT 1"))
+        return None if row is None else dict(row)
+
+    async def add_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        await self._db.run("write", "audit", lambda c: c.execute(
+            f"INSERT INTO audit_checkpoints ({', '.join(_CHECKPOINT_COLS)}) VALUES ($1, $2, $3, $4, $5)"
+            " ON CONFLICT (seq) DO NOTHING", *(checkpoint[k] for k in _CHECKPOINT_COLS)))
 
     async def close(self) -> None:
         await self._group.close()
-
-
-def _verify_page(prev: str, rows: list[asyncpg.Record]) -> tuple[str, int, int | None]:
-    """(hash of the last good entry, entries checked, seq of the first bad one or None)."""
-    checked = 0
-    for seq, event, stored_prev, stored_hash in rows:
-        if stored_prev != prev or audit_hash(prev, json.loads(event)) != stored_hash:
-            return prev, checked, seq
-        prev, checked = stored_hash, checked + 1
-    return prev, checked, None
 
 
 # --- keys ----------------------------------------------------------------------------------------
