@@ -123,6 +123,10 @@ class RecordsConfig(Section):
     # episode's times never go backwards, so one writer's fast clock would otherwise hold every
     # other writer's appends off (409) until that time has passed.
     max_clock_skew: Seconds = 300.0
+    # How record blocks are kept in Kubo: "batch" (the records written together in one call
+    # are kept by one pin, a signed node linking them: one pin per batch) or "record" (each
+    # record pinned on its own, as before; Kubo then spends about a pin's cost per record).
+    pin: Literal["batch", "record"] = "batch"
 
 
 def _database_url(value: SecretStr) -> SecretStr:

@@ -21,20 +21,23 @@ import uuid
 from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import pluggy
 
 from ..config import Config, ConfigError
 from ..errors import Conflict, Erased, Forbidden, IdempotencyKeyReused, Invalid, MediconError, NotFound, Unavailable
 from ..kubo.cids import canonical, parse_cid
+from ..kubo import ipld
+from ..kubo.batcher import BlockWriter
 from ..kubo.client import KuboClient
 from ..metrics import Metrics
 from ..security.keys import KeyProvider
 from ..storage import Storage, open_storage
-from ..storage.model import Blob, Episode, IndexedRecord, KeyTaken, StoreConflict
-from . import chain
+from ..storage.model import Blob, Episode, HeadMove, IndexedRecord, KeyTaken, StoreConflict
+from . import chain, pins
 from .access import Authorizer, Caller
+from .pipeline import Pipeline, Superseded
 from .plugins import PluginHost, PluginLoadError, make_manager
 from .records import (CLOSING_KINDS, OPENING_KINDS, Appended, ChainConflict, RecordInvalid,
                       claimed_resource, dag_json_problems, normalise, request_digest, timestamp)
@@ -72,6 +75,10 @@ class ReadTarget:
     end: dict[str, Any]
     end_cid: str | None
 
+    @property
+    def arg_cid(self) -> str | None:
+        return root_of(self.arg)[0]
+
 
 class RecordService:
     def __init__(self, config: Config, storage: Storage, kubo: KuboClient, keys: KeyProvider,
@@ -89,6 +96,15 @@ class RecordService:
         self.key_locks = chain.EpisodeLocks()  # by (principal, Idempotency-Key)
         self.sealer = Sealer(keys, plugins, encrypt=config.security.encrypt)
         self.access = Authorizer(plugins, keys, self)
+        # Record blocks go to Kubo in batches (``replicate``, when set, runs on each batch's CIDs
+        # once Kubo confirmed it and before any of its heads move); appends to an episode are
+        # chained while earlier ones are in flight.
+        self.writer = BlockWriter(
+            kubo, pin_node=(lambda cids: pins.pin_block(self.sealer, cids)) if config.records.pin == "batch" else None,
+            is_committed=self._is_committed, on_batch=self.metrics.commit_batch_observer("kubo"),
+            after_write=self._after_write)
+        self.replicate: Callable[[list[str]], Awaitable[None]] | None = None
+        self.pipeline = Pipeline(storage.heads, self.writer)
         # Plugins' own resources, opened in ``medicon_startup`` (by plugin name).
         self.resources: dict[str, Any] = {}
 
@@ -120,8 +136,19 @@ class RecordService:
             finally:
                 await plugins.call("medicon_shutdown", service=service)
         finally:
+            await service.writer.close()
+            await service.pipeline.close()
             await kubo.close()
             await storage.close()
+
+    async def _is_committed(self, cid: str) -> bool:
+        return await self.storage.heads.record(cid) is not None
+
+    async def _after_write(self, cids: list[str]) -> None:
+        """The seam for replication: once per batch of record blocks Kubo confirmed, before any
+        of their heads moves. A failure fails every record of the batch (503)."""
+        if self.replicate is not None:
+            await self.replicate(cids)
 
     # --- access --------------------------------------------------------------------------------
 
@@ -174,6 +201,19 @@ class RecordService:
             if "record" in (target.root["kind"], target.end["kind"]) or "blob" in (target.root["kind"], target.end["kind"]):
                 raise Forbidden(f"{arg[:100]!r} is pinned by the gateway (a record or an attachment): "
                                 "its pin cannot be removed through the RPC API")
+            for cid in {target.arg_cid, target.end_cid} - {None}:
+                if await self._is_pin_node(cid):
+                    raise Forbidden(f"{arg[:100]!r} is pinned by the gateway (it keeps records): "
+                                    "its pin cannot be removed through the RPC API")
+
+    async def _is_pin_node(self, cid: str) -> bool:
+        """Whether ``cid`` names one of the gateway's pin nodes (``core.pins``)."""
+        try:
+            ipld.sha256_of(cid)
+            node = await self.kubo.record_node(cid) if await self.kubo.has_block(cid) else None
+        except (ipld.Unsupported, MediconError):
+            return False
+        return node is not None and await pins.is_pin_node(self.sealer, node)
 
     # --- writing records -------------------------------------------------------------------------
 
@@ -261,48 +301,60 @@ class RecordService:
         # A key names one request whatever episode it writes to: requests sharing a key queue
         # here (key first, then episode: always in that order), so the second finds the first.
         async with self.key_locks(key) if key else nullcontext():
-            async with self.locks(record["episode"]):
-                return await self._append_locked(record, signer, digest, key)
+            # An append that did not name its position (no prev, no seq) and lost it — another
+            # gateway moved the head first, or the record it was chained on did not commit — is
+            # linked again to the episode as it now stands, a few times.
+            unnamed = "prev" not in record and "seq" not in record
+            for attempt in range(1, RELINKS + 1):
+                try:
+                    return await self._append_once(record, signer, digest, key)
+                except (Superseded, _HeadMoved) as lost:
+                    if not unnamed or attempt == RELINKS:
+                        raise lost.final() if isinstance(lost, _HeadMoved) else lost
+            raise AssertionError("unreachable")
 
-    async def _append_locked(self, record: dict[str, Any], signer: str, digest: str, key: str | None) -> Appended:
+    async def _append_once(self, record: dict[str, Any], signer: str, digest: str, key: str | None) -> Appended:
         heads = self.storage.heads
-        earlier = await self._retried(record, digest, key)
-        if earlier is not None:
-            return await self._original(earlier)
-        episode = await heads.get_episode(record["episode"])
-        request, record = record, chain.link(record, episode, self._policy_for(record["schema"]))
-        # The schema passed above; link only set prev (a head CID), seq and recorded_at.
-        await self.validate(record, episode, schema=False)
-        # Stored and pinned (recursively: the record and the chain under it) in one call whose
-        # answer comes after both, before the head moves: an acknowledged record is in Kubo.
-        cid = await self.kubo.put_node(await self.sealer.to_node(record, signer))
-        indexed = IndexedRecord(cid, record["episode"], record["patient"], record["seq"],
-                                record["schema"], record["recorded_at"], digest, key)
+        async with self.locks(record["episode"]):
+            earlier = await self._retried(record, digest, key)
+            if earlier is not None:
+                return await self._original(earlier)
+            twin = self.pipeline.twin(record["episode"], digest)
+            if twin is None:
+                episode = await self.pipeline.episode(record["episode"], heads.get_episode)
+                request, record = record, chain.link(record, episode, self._policy_for(record["schema"]))
+                # The schema passed above; link only set prev (a head CID), seq and recorded_at.
+                await self.validate(record, episode, schema=False)
+                block = ipld.encode(await self.sealer.to_node(record, signer))
+                cid = ipld.cid_of(block)
+                indexed = IndexedRecord(cid, record["episode"], record["patient"], record["seq"],
+                                        record["schema"], record["recorded_at"], digest, key)
+                closes = record["schema"] in CLOSING_KINDS
+                move = HeadMove(indexed, None if episode is None else episode.head, closes)
+                after = Episode(record["episode"], record["patient"], cid, record["seq"] + 1,
+                                "closed" if closes else "open", record["recorded_at"])
+                # Stored and pinned in Kubo (with the appends queued beside it) before its head
+                # moves, in chain order after the records before it: an acknowledged record is in
+                # Kubo, and no head ever moves past a record Kubo does not hold.
+                pending = self.pipeline.enqueue(indexed, record, move, block, after)
+        if twin is not None:  # the same request, sent again while the first is in flight
+            moved = await asyncio.shield(twin.moved)
+            return Appended(twin.cid, moved, twin.record, created=False)
         try:
-            if episode is None:
-                moved = await heads.create_episode(indexed)
-            else:
-                moved = await heads.append(indexed, expected_head=episode.head,
-                                           closes=record["schema"] in CLOSING_KINDS)
-        except StoreConflict as conflict:
-            await self._release(cid)
+            moved = await asyncio.shield(pending.moved)
+        except (StoreConflict, KeyTaken, Superseded) as lost:
+            # (its block, if written, loses its pin: the pipeline tells the writer)
+            if isinstance(lost, Superseded):
+                raise
             # The head moved under this append: if it was moved by this very request (sent twice
             # at once to another process), the answer is that request's record.
             earlier = await self._retried(request, digest, key)
             if earlier is not None:
                 return await self._original(earlier)
-            raise ChainConflict(f"episode {record['episode']!r} changed under this append",
-                                conflict.current) from None
-        except KeyTaken:
-            # Another request with this key (in another process) committed first.
-            await self._release(cid)
-            earlier = await self._retried(request, digest, key)
-            if earlier is None:
+            if isinstance(lost, KeyTaken):  # another request with this key committed first
                 raise Unavailable("the Idempotency-Key is held by a record the index cannot show") from None
-            return await self._original(earlier)
-        except Exception:
-            await self._release(cid)
-            raise
+            raise _HeadMoved(ChainConflict(f"episode {record['episode']!r} changed under this append",
+                                           lost.current)) from None
         await self._committed(record, cid, moved)
         return Appended(cid, moved, record, created=True)
 
@@ -310,19 +362,6 @@ class RecordService:
         """The answer to a retry: the record appended the first time, as it stands now."""
         current = await self.storage.heads.get_episode(earlier.episode)
         return Appended(earlier.cid, current, await self.read_indexed(earlier.cid), created=False)
-
-    async def _release(self, cid: str) -> None:
-        """Unpin a record node this append stored but did not commit — only once the index
-        surely does not hold it (an identical node may have been committed by another
-        request). If that cannot be known or done now (the index or Kubo failing too), the pin
-        stays and ``check --repair`` removes it: its position in the episode is taken by
-        another record or never will be, which ``check`` can tell."""
-        try:
-            if await self.storage.heads.record(cid) is None:
-                await self.kubo.pin_rm(cid)
-        except MediconError as err:
-            log.warning("record node %s was stored but not committed; left pinned for "
-                        "`medicon-gateway check --repair` (%s)", cid, err.message)
 
     def _policy_for(self, schema_id: str) -> chain.Policy:
         cfg = self.config.records
@@ -510,6 +549,22 @@ class RecordService:
         if head is not None and checked and expected_seq != -1:
             return report("the chain does not reach the episode's first record")
         return report(None)
+
+
+# Times an append that named no position is linked again after losing its position.
+RELINKS = 3
+
+
+class _HeadMoved(Exception):
+    """The head moved under an append (another gateway's append won): linked again if the
+    append named no position, else (or at last) the ``ChainConflict`` it carries."""
+
+    def __init__(self, conflict: ChainConflict) -> None:
+        super().__init__(conflict.message)
+        self.conflict = conflict
+
+    def final(self) -> ChainConflict:
+        return self.conflict
 
 
 def _require_signed(cid: str, signed: bool) -> None:

@@ -101,10 +101,15 @@ class KuboClient:
         return URL(self._api + quote(command) + ("?" + query if query else ""), encoded=True)
 
     async def call(self, command: str, params: list[tuple[str, str]], *,
-                   data: bytes | None = None) -> bytes:
+                   data: bytes | None = None, files: list[bytes] | None = None) -> bytes:
+        """One RPC call; ``data`` is sent as a one-file form, ``files`` as a form of one part
+        each. Kubo's whole answer, or the domain error its status says."""
         headers = dict(self.rpc_headers)
         if data is not None:
             data, form_headers = one_file_form(data)
+            headers.update(form_headers)
+        elif files is not None:
+            data, form_headers = files_form(files)
             headers.update(form_headers)
         started, error = time.perf_counter(), None
         try:
@@ -139,15 +144,20 @@ class KuboClient:
         write; its disk full is ``StorageFull``, and nothing is pinned when it fails."""
         block = ipld.encode(node)
         expected = ipld.cid_of(block)
-        body = await self.call("block/put", [("cid-codec", "dag-cbor"), ("mhtype", "sha2-256"),
-                                             ("pin", "true")], data=block)
-        try:
-            key = json.loads(body)["Key"]
-        except (ValueError, KeyError, TypeError):
-            raise Unavailable("Kubo's answer to block/put is not the block's key") from None
-        if key != expected:
-            raise Unavailable(f"Kubo stored the block as {key[:80]!r}, not as {expected}")
-        return key
+        if await self.put_blocks([block], pin=True) != [expected]:
+            raise Unavailable(f"Kubo did not confirm the block {expected}")
+        return expected
+
+    async def put_blocks(self, blocks: list[bytes], *, pin: bool) -> list[str]:
+        """Store dag-cbor ``blocks`` in one ``block/put`` (one part each), pinned recursively
+        without walking their links if ``pin``; the CIDs Kubo confirmed, in order. Kubo writes
+        (and pins) the parts one after another and answers one line for each as it is done,
+        so a line is that block's write: a failure on the first part is the status (a full disk
+        ``StorageFull``), a failure on a later one ends the answer early (its message is only in
+        a trailer) and the blocks after it are missing from the list."""
+        params = [("cid-codec", "dag-cbor"), ("mhtype", "sha2-256"), ("pin", "true" if pin else "false")]
+        body = await self.call("block/put", params, files=blocks)
+        return [line["Key"] for line in _json_lines(body) if isinstance(line.get("Key"), str)]
 
     async def dag_get(self, cid: str) -> dict[str, Any]:
         body = await self.call("dag/get", [("arg", cid), ("output-codec", "dag-json")])
@@ -277,4 +287,17 @@ def one_file_form(data: bytes) -> tuple[bytes, dict[str, str]]:
     body = b"".join((b"--", boundary.encode(), b'\r\nContent-Disposition: form-data; name="file"; '
                      b'filename="data"\r\nContent-Type: application/octet-stream\r\n\r\n', data,
                      b"\r\n--", boundary.encode(), b"--\r\n"))
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def files_form(files: list[bytes]) -> tuple[bytes, dict[str, str]]:
+    """``files`` as a multipart/form-data body of one part each (``block/put`` of several
+    blocks), with a random boundary no part contains."""
+    boundary = secrets.token_hex(16)
+    while any(boundary.encode() in data for data in files):
+        boundary = secrets.token_hex(16)
+    mark = b"--" + boundary.encode()
+    head = (b'\r\nContent-Disposition: form-data; name="file"; filename="data"\r\n'
+            b"Content-Type: application/octet-stream\r\n\r\n")
+    body = b"".join(part for data in files for part in (mark, head, data, b"\r\n")) + mark + b"--\r\n"
     return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}

@@ -12,7 +12,7 @@ from datetime import timedelta
 from typing import Any, Callable, Iterable, Protocol
 
 from ..security.tokens import AuthResult, TokenInfo
-from .model import Blob, Episode, GatewayKey, IndexedRecord, KeyState, PatientKey
+from .model import Blob, Episode, GatewayKey, HeadMove, IndexedRecord, KeyState, PatientKey
 
 
 class HeadStore(Protocol):
@@ -27,6 +27,11 @@ class HeadStore(Protocol):
     # records): never the backend's own unique-constraint error; nothing is written either way.
     async def create_episode(self, record: IndexedRecord) -> Episode: ...
     async def append(self, record: IndexedRecord, *, expected_head: str, closes: bool) -> Episode: ...
+    # Several moves of one episode's head, in order, in one transaction: each is ``create_episode``
+    # (``expected_head`` None) or ``append``, and its outcome (the episode after it, or the
+    # ``StoreConflict``/``KeyTaken`` it lost with) is returned in its place; after the first
+    # that fails, the rest are not tried (``ChainBroken``). What succeeded is committed.
+    async def append_chain(self, moves: list[HeadMove]) -> list[Episode | Exception]: ...
     async def history(self, episode: str, after_seq: int, limit: int) -> list[IndexedRecord]: ...
     async def record(self, cid: str) -> IndexedRecord | None: ...
     async def all_records(self) -> list[IndexedRecord]: ...

@@ -47,6 +47,22 @@ class StoreConflict(Exception):
         self.current = current
 
 
+class ChainBroken(Exception):
+    """A head move of ``HeadStore.append_chain`` not attempted: an earlier move of the same
+    chain failed, and this one was linked to it."""
+
+
+@dataclass(frozen=True)
+class HeadMove:
+    """One step of ``HeadStore.append_chain``: index ``record`` and move its episode's head to it
+    from ``expected_head`` (None: ``record`` opens the episode), closing the episode if
+    ``closes``."""
+
+    record: IndexedRecord
+    expected_head: str | None
+    closes: bool = False
+
+
 class KeyTaken(Exception):
     """The record's idempotency key is already held by another record (a concurrent request
     with the same key committed first). Raised by ``create_episode`` and ``append`` instead of

@@ -42,7 +42,8 @@ from ..security.tokens import (LAST_USED_GRANULARITY, AuthResult, NewToken, Toke
 from .base import Storage
 from . import auditwalk
 from .auditwalk import audit_hash
-from .model import (Blob, Episode, GatewayKey, IndexedRecord, KeyConflict, KeyState, KeyTaken, PatientKey,
+from .model import (Blob, ChainBroken, Episode, GatewayKey, HeadMove, IndexedRecord, KeyConflict, KeyState,
+                    KeyTaken, PatientKey,
                     StoreConflict)
 
 _CHECKPOINT_COLS = ("seq", "hash", "time", "key", "sig")
@@ -313,6 +314,11 @@ def _key_taken(exc: asyncpg.UniqueViolationError, record: IndexedRecord) -> None
         raise KeyTaken(record.idempotency_key) from None
 
 
+class _Lost(Exception):
+    """A compare-and-swap that lost, before the episode as it stands is read (the statement may
+    have failed, and its transaction with it)."""
+
+
 class PostgresHeadStore:
     """Heads move only by compare-and-swap, in one statement: the head's conditional UPDATE and
     the record's INSERT succeed together or not at all, and a second gateway's UPDATE waits for
@@ -348,44 +354,77 @@ class PostgresHeadStore:
         return [Episode(*r) for r in rows]
 
     async def create_episode(self, record: IndexedRecord) -> Episode:
-        async def create(conn: asyncpg.Connection) -> Episode:
-            try:
-                made = await conn.fetchval(
-                    "WITH made AS (INSERT INTO episodes (id, patient, head, length, status, last_recorded_at)"
-                    " VALUES ($1, $2, $3, 1, 'open', $4) ON CONFLICT (id) DO NOTHING RETURNING id)"
-                    f" INSERT INTO records ({_RECORD_COLS}) SELECT $3, id, $2, 0, $5, $4, $6, $7 FROM made"
-                    " RETURNING cid", record.episode, record.patient, record.cid, record.recorded_at,
-                    record.schema, record.digest, record.idempotency_key)
-            except asyncpg.UniqueViolationError as exc:
-                _key_taken(exc, record)
-                made = None
-            if made is None:
-                raise StoreConflict(f"episode {record.episode!r} already exists",
-                                    await self._episode(conn, record.episode))
-            return Episode(record.episode, record.patient, record.cid, 1, "open", record.recorded_at)
-        return await self._run("write", create)
+        return await self._run("write", lambda c: self._lost_as_conflict(c, record, self._create(c, record)))
+
+    @classmethod
+    async def _lost_as_conflict(cls, conn: asyncpg.Connection, record: IndexedRecord, step: Awaitable[Episode]) -> Episode:
+        try:
+            return await step
+        except _Lost as lost:  # read after the failed statement, outside it
+            raise StoreConflict(str(lost), await cls._episode(conn, record.episode)) from None
+
+    @staticmethod
+    async def _create(conn: asyncpg.Connection, record: IndexedRecord) -> Episode:
+        try:
+            made = await conn.fetchval(
+                "WITH made AS (INSERT INTO episodes (id, patient, head, length, status, last_recorded_at)"
+                " VALUES ($1, $2, $3, 1, 'open', $4) ON CONFLICT (id) DO NOTHING RETURNING id)"
+                f" INSERT INTO records ({_RECORD_COLS}) SELECT $3, id, $2, 0, $5, $4, $6, $7 FROM made"
+                " RETURNING cid", record.episode, record.patient, record.cid, record.recorded_at,
+                record.schema, record.digest, record.idempotency_key)
+        except asyncpg.UniqueViolationError as exc:
+            _key_taken(exc, record)
+            made = None
+        if made is None:
+            raise _Lost(f"episode {record.episode!r} already exists")
+        return Episode(record.episode, record.patient, record.cid, 1, "open", record.recorded_at)
 
     async def append(self, record: IndexedRecord, *, expected_head: str, closes: bool) -> Episode:
         """Move the head from ``expected_head`` to ``record.cid`` iff nobody moved it first."""
-        status = "closed" if closes else "open"
+        return await self._run("write", lambda c: self._lost_as_conflict(
+            c, record, self._move(c, record, expected_head, closes)))
 
-        async def move(conn: asyncpg.Connection) -> Episode:
-            try:
-                moved = await conn.fetchval(
-                    "WITH moved AS (UPDATE episodes SET head = $1, length = length + 1, status = $2,"
-                    " last_recorded_at = $3 WHERE id = $4 AND head = $5 AND length = $6 AND status = 'open'"
-                    f" RETURNING id) INSERT INTO records ({_RECORD_COLS})"
-                    " SELECT $1, id, $7, $6, $8, $3, $9, $10 FROM moved RETURNING cid",
-                    record.cid, status, record.recorded_at, record.episode, expected_head, record.seq,
-                    record.patient, record.schema, record.digest, record.idempotency_key)
-            except asyncpg.UniqueViolationError as exc:
-                _key_taken(exc, record)
-                moved = None
-            if moved is None:
-                raise StoreConflict(f"head of episode {record.episode!r} moved",
-                                    await self._episode(conn, record.episode))
-            return Episode(record.episode, record.patient, record.cid, record.seq + 1, status, record.recorded_at)
-        return await self._run("write", move)
+    @staticmethod
+    async def _move(conn: asyncpg.Connection, record: IndexedRecord, expected_head: str, closes: bool) -> Episode:
+        status = "closed" if closes else "open"
+        try:
+            moved = await conn.fetchval(
+                "WITH moved AS (UPDATE episodes SET head = $1, length = length + 1, status = $2,"
+                " last_recorded_at = $3 WHERE id = $4 AND head = $5 AND length = $6 AND status = 'open'"
+                f" RETURNING id) INSERT INTO records ({_RECORD_COLS})"
+                " SELECT $1, id, $7, $6, $8, $3, $9, $10 FROM moved RETURNING cid",
+                record.cid, status, record.recorded_at, record.episode, expected_head, record.seq,
+                record.patient, record.schema, record.digest, record.idempotency_key)
+        except asyncpg.UniqueViolationError as exc:
+            _key_taken(exc, record)
+            moved = None
+        if moved is None:
+            raise _Lost(f"head of episode {record.episode!r} moved")
+        return Episode(record.episode, record.patient, record.cid, record.seq + 1, status, record.recorded_at)
+
+    async def append_chain(self, moves: list[HeadMove]) -> list[Episode | Exception]:
+        """Several moves of one episode's head in one transaction on one connection (a
+        savepoint each), so each finds the head the one before it set."""
+        async def chain(conn: asyncpg.Connection) -> list[Episode | Exception]:
+            outcomes: list[Episode | Exception] = []
+            async with conn.transaction():
+                for move in moves:
+                    if outcomes and isinstance(outcomes[-1], Exception):
+                        outcomes.append(ChainBroken("an earlier head move of this chain failed"))
+                        continue
+                    try:
+                        async with conn.transaction():
+                            if move.expected_head is None:
+                                outcomes.append(await self._create(conn, move.record))
+                            else:
+                                outcomes.append(await self._move(conn, move.record, move.expected_head,
+                                                                 move.closes))
+                    except _Lost as lost:  # its savepoint is rolled back: the episode can be read
+                        outcomes.append(StoreConflict(str(lost), await self._episode(conn, move.record.episode)))
+                    except KeyTaken as taken:
+                        outcomes.append(taken)
+            return outcomes
+        return await self._run("write", chain)
 
     async def history(self, episode: str, after_seq: int, limit: int) -> list[IndexedRecord]:
         if not storable(episode):

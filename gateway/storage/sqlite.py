@@ -36,8 +36,8 @@ from . import auditwalk
 from .auditwalk import AUDIT_FIELDS, AUDIT_OPTIONAL_FIELDS, GENESIS, audit_hash  # noqa: F401 (the chain's format)
 from .base import Storage
 from .groupcommit import GroupCommit, Outcome
-from .model import (Blob, Episode, GatewayKey, IndexedRecord, KeyConflict, KeyState, KeyTaken, PatientKey,
-                    StoreConflict)
+from .model import (Blob, ChainBroken, Episode, GatewayKey, HeadMove, IndexedRecord, KeyConflict, KeyState,
+                    KeyTaken, PatientKey, StoreConflict)
 
 T = TypeVar("T")
 Query = Callable[..., T]  # fn(connection, *args) -> T, run on a thread of the database
@@ -236,6 +236,25 @@ def _append(db: sqlite3.Connection, record: IndexedRecord, expected_head: str, c
     return Episode(record.episode, record.patient, record.cid, record.seq + 1, status, record.recorded_at)
 
 
+def _append_chain(db: sqlite3.Connection, moves: list[HeadMove]) -> list[Episode | Exception]:
+    outcomes: list[Episode | Exception] = []
+    for move in moves:
+        if outcomes and isinstance(outcomes[-1], Exception):
+            outcomes.append(ChainBroken("an earlier head move of this chain failed"))
+            continue
+        db.execute("SAVEPOINT move")
+        try:
+            if move.expected_head is None:
+                outcomes.append(_create_episode(db, move.record))
+            else:
+                outcomes.append(_append(db, move.record, move.expected_head, move.closes))
+        except (StoreConflict, KeyTaken) as lost:
+            db.execute("ROLLBACK TO move")
+            outcomes.append(lost)
+        db.execute("RELEASE move")
+    return outcomes
+
+
 def _list_episodes(db: sqlite3.Connection, patient: str | None, status: str | None) -> list[Episode]:
     sql, args = f"SELECT {_EPISODE_COLS} FROM episodes WHERE 1 = 1", ()
     if patient is not None:
@@ -283,6 +302,10 @@ class SQLiteHeadStore:
     async def append(self, record: IndexedRecord, *, expected_head: str, closes: bool) -> Episode:
         """Move the head from ``expected_head`` to ``record.cid`` iff nobody moved it first."""
         return await self._db.write(_append, record, expected_head, closes)
+
+    async def append_chain(self, moves: list[HeadMove]) -> list[Episode | Exception]:
+        """Several moves of one episode's head in one savepoint of the writer's next batch."""
+        return await self._db.write(_append_chain, moves)
 
     async def history(self, episode: str, after_seq: int, limit: int) -> list[IndexedRecord]:
         return await self._db.read(_history, episode, after_seq, limit)
