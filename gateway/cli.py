@@ -223,6 +223,35 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if report["clean"] else 1
 
 
+# --- import ---------------------------------------------------------------------------------
+
+def cmd_import(args: argparse.Namespace) -> int:
+    """Records from a file of JSON lines, appended in order, as the local operator (admin)."""
+    import getpass
+    import uuid
+
+    from .core.access import Caller
+    from .core.bulk import import_records
+    from .core.service import RecordService
+    from .security.principal import Principal
+
+    overrides = {"records.data_dir": args.data_dir} if args.data_dir else {}
+    config = load_config(args.config, overrides=overrides)
+    path = Path(args.file)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    caller = Caller(Principal(id=f"cli:{args.as_name or getpass.getuser()}", role="admin", via="cli"),
+                    uuid.uuid4().hex, "cli")
+
+    async def run() -> dict:
+        async with RecordService.open(config) as service:
+            with ProgressReport("import") as progress:
+                return await import_records(service, lines, caller, key_prefix=args.key_prefix or path.name,
+                                            keep_going=args.keep_going, progress=progress)
+    report = asyncio.run(run())
+    print(json.dumps(report, indent=2))
+    return 0 if not report["failed"] else 1
+
+
 # --- keys -----------------------------------------------------------------------------------
 
 def _key_config(args: argparse.Namespace) -> Config:
@@ -399,6 +428,17 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--data-dir", default=None, help="the gateway's records.data_dir")
     chk.add_argument("--repair", action="store_true", help="pin unpinned records, unpin orphans left by crashed appends")
     chk.set_defaults(func=cmd_check)
+
+    imp = sub.add_parser("import", help="append the records of a JSON-lines file, in order, with progress")
+    imp.add_argument("file", help="one record (a JSON object) a line")
+    imp.add_argument("--config", default=argparse.SUPPRESS, help="TOML config file")
+    imp.add_argument("--data-dir", default=None, help="the gateway's records.data_dir")
+    imp.add_argument("--key-prefix", help="idempotency keys are <prefix>:<line> (default: the file's name): "
+                                          "run the same import again to resume it")
+    imp.add_argument("--as", dest="as_name", help="the name the records are signed and audited as (cli:<name>; "
+                                                  "default: the OS user)")
+    imp.add_argument("--keep-going", action="store_true", help="go on after a refused record (report them all)")
+    imp.set_defaults(func=cmd_import)
 
     keys = sub.add_parser("keys", help="the keys: init, rotate, shred, export, join, gateways")
     key_opts = argparse.ArgumentParser(add_help=False)
