@@ -104,3 +104,22 @@ async def test_ipns_path_is_proxied(client, kubo):
     r = await client.get(path)
     assert r.status == 400
     assert await r.json() == {"Message": message, "Code": 1, "Type": "error"}
+
+
+async def test_a_directory_indexed_as_a_sealed_attachment_is_served_as_kubo_serves_it(client, kubo, tmp_path):
+    """Earlier versions indexed the wrapping directory of sealed attachments as a sealed blob;
+    reading it must not be a 5xx: it holds no sealed blob, so Kubo's own answer is given."""
+    from gateway.http.appkeys import SERVICE
+    from gateway.storage.model import Blob
+
+    (tmp_path / "wrapped").mkdir()
+    (tmp_path / "wrapped" / "ciphertext.bin").write_bytes(b"\x00not a sealed blob" * 50)
+    directory = kubo.ipfs("add", "-Q", "-r", "--cid-version=1", str(tmp_path / "wrapped")).stdout.decode().strip()
+    await client.server.app[SERVICE].storage.heads.add_blobs([Blob(directory, "patient-old", True)])
+
+    listing = await client.get(f"/ipfs/{directory}/")
+    assert listing.status == 200, await listing.text()
+    assert "ciphertext.bin" in await listing.text()
+    cat = await client.post(f"/api/v0/cat?arg={directory}")
+    assert cat.status < 500, await cat.text()
+    assert "directory" in (await cat.json())["Message"]

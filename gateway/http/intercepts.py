@@ -534,8 +534,11 @@ async def cat(request: web.Request, call: Call) -> web.StreamResponse:
     if len(targets) == 1:
         blob = await sealed_blob(request, targets[0].end)
         if blob is not None:
-            return await attachments.serve(request, blob, rpc_cat=True, offset=offset,
-                                           length=-1 if length is None else length)
+            try:
+                return await attachments.serve(request, blob, rpc_cat=True, offset=offset,
+                                               length=-1 if length is None else length)
+            except attachments.NotSealed:
+                return await proxy.forward_rpc(request, call)
         data = await record_bytes(request, targets[0].end)
         if data is not None:
             data = data[offset:] if length is None else data[offset:offset + length]

@@ -77,7 +77,10 @@ async def ipfs_path(request: web.Request) -> web.StreamResponse:
     if request.method in ("GET", "HEAD") and access == CONTENT:
         blob = await sealed_blob(request, target.end)
         if blob is not None:
-            return await attachments.serve(request, blob, rpc_cat=False)
+            try:
+                return await attachments.serve(request, blob, rpc_cat=False)
+            except attachments.NotSealed:
+                return await to_http_gateway(request)
         data = await record_bytes(request, target.end)
         if data is not None:
             cid = target.end["cid"]
