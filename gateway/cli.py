@@ -259,7 +259,7 @@ def _key_config(args: argparse.Namespace) -> Config:
     return load_config(args.config, overrides=overrides)
 
 
-async def _with_keys(config: Config, use):
+async def with_key_provider(config: Config, use):
     """``await use(provider, storage)`` with the key file attached to the configured key store
     (which moves an old keyring file's data keys into it, and registers this gateway)."""
     storage = await open_storage(config)
@@ -284,7 +284,7 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
         with ProgressReport("keys rotate") as report:
             return await provider.rotate(batch=args.batch, force=args.force,
                                          progress=lambda done, total: report("data keys", done, total))
-    kek = asyncio.run(_with_keys(_key_config(args), rotate))
+    kek = asyncio.run(with_key_provider(_key_config(args), rotate))
     print(f"new key-encryption key {kek}: every data key re-wrapped, older KEKs dropped from the key file; "
           "stored data unchanged and readable", file=sys.stderr)
     return 0
@@ -293,7 +293,7 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
 def cmd_keys_shred(args: argparse.Namespace) -> int:
     async def shred(provider: KeyringProvider, _storage: Storage) -> int:
         return await provider.shred_patient(args.patient)
-    destroyed = asyncio.run(_with_keys(_key_config(args), shred))
+    destroyed = asyncio.run(with_key_provider(_key_config(args), shred))
     print(f"destroyed {destroyed} data key(s): that patient's records and attachments are now "
           "permanently unreadable (410) on every gateway of this key store", file=sys.stderr)
     return 0
@@ -334,14 +334,14 @@ def cmd_keys_join(args: argparse.Namespace) -> int:
             provider.reload()
             print(f"keyring {path}: only the bundle's key-encryption keys kept", file=sys.stderr)
         await provider.register()  # the key store learns which KEKs this gateway holds
-    asyncio.run(_with_keys(config, registered))
+    asyncio.run(with_key_provider(config, registered))
     return 0
 
 
 def cmd_keys_gateways(args: argparse.Namespace) -> int:
     async def listing(provider: KeyringProvider, storage: Storage):
         return await storage.keys.gateways()
-    rows = asyncio.run(_with_keys(_key_config(args), listing))
+    rows = asyncio.run(with_key_provider(_key_config(args), listing))
     head = ("GATEWAY", "KEY ID", "KEKS", "REGISTERED")
     table = [(g.gateway_id, g.key_id, ",".join(g.kek_ids), g.registered_at) for g in rows]
     widths = [max(len(r[c]) for r in [head, *table]) for c in range(len(head))]
@@ -361,7 +361,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     if keyring_path(config).exists():
         async def attached(provider: KeyringProvider, _storage: Storage) -> dict:
             return provider.moved
-        moved = asyncio.run(_with_keys(config, attached))
+        moved = asyncio.run(with_key_provider(config, attached))
         print(f"keyring: {moved['keys']} data key(s) and {moved['tombstones']} tombstone(s) moved into the key store",
               file=sys.stderr)
     return 0
