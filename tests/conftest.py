@@ -189,13 +189,18 @@ def sqlite_rows(path, query: str, *args) -> list[tuple]:
         db.close()
 
 
-def audit_sql(data_dir, query: str, *args) -> list[tuple]:
-    """Run ``query`` (``$1`` placeholders) on the audit store of ``data_dir``'s gateway, as
-    someone with access to the database would: to read it raw, or to tamper with it."""
+def store_sql(data_dir, store: str, query: str, *args) -> list[tuple]:
+    """Run ``query`` (``$1`` placeholders) on one store (``heads``, ``audit``, ``tokens``,
+    ``keys``) of ``data_dir``'s gateway, as someone with access to the database would: to read
+    it raw, or to tamper with it. PostgreSQL holds every store in one database."""
     url = STORAGE_URLS.get(str(data_dir))
     if url:
         return run_blocking(postgres_rows(url, query, *args))
-    return sqlite_rows(Path(data_dir) / "audit.sqlite3", query, *args)
+    return sqlite_rows(Path(data_dir) / f"{store}.sqlite3", query, *args)
+
+
+def audit_sql(data_dir, query: str, *args) -> list[tuple]:
+    return store_sql(data_dir, "audit", query, *args)
 
 
 def audit_store_bytes(data_dir) -> bytes:

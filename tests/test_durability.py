@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 import tempfile
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from conftest import CHAOS, app_client, bearer, chaos_scale, gateway_config, start_gateway
+from conftest import CHAOS, app_client, bearer, chaos_scale, gateway_config, start_gateway, store_sql
 from gateway.config import load_config
 from gateway.core.check import check
 from gateway.kubo.node import KuboNode
@@ -246,8 +245,8 @@ async def test_an_add_failing_after_kubo_answered_never_completes_for_the_client
                 assert r.status == 200  # Kubo's 200 came with the first file's result
                 await r.read()
             assert recursive_pins(node) == before, "a sealed file of the failed add stays pinned"
-            with contextlib.closing(sqlite3.connect(Path(cfg.records.data_dir) / "heads.sqlite3")) as db:
-                assert db.execute("SELECT COUNT(*) FROM blobs").fetchone()[0] == 0, "a failed add was indexed"
+            assert store_sql(cfg.records.data_dir, "heads", "SELECT COUNT(*) FROM blobs") == [(0,)], \
+                "a failed add was indexed"
         finally:
             node.stop()
 
@@ -282,8 +281,7 @@ async def _indexed(c) -> set[str]:
 # --- 7. the gateway's own data volume fills mid-burst --------------------------------------------
 
 def _indexed_cids(data_dir: Path) -> set[str]:
-    with contextlib.closing(sqlite3.connect(data_dir / "heads.sqlite3")) as db:
-        return {row[0] for row in db.execute("SELECT cid FROM records")}
+    return {row[0] for row in store_sql(data_dir, "heads", "SELECT cid FROM records")}
 
 
 async def test_gateway_data_volume_filling_mid_burst_answers_507_and_recovers_at_once(own_kubo):
