@@ -3,9 +3,10 @@
 Re-hashing is pure Python (JSON and SHA-256 per entry): in a thread of the gateway it would hold
 the GIL, and every request — health probes included — would queue behind it. So the SQLite
 audit store walks the chain in a worker process (``walk_file``), at a lower CPU priority than
-the gateway, a page per call; the PostgreSQL store sends the rows it read to the same kind of
-worker (``walk_rows``). This module imports only the standard library, so the worker starts
-quickly.
+the gateway, a page per call; for the PostgreSQL store the worker reads the page itself on a
+connection of its own (``walk_postgres``), so neither the rows' decoding nor their transfer
+runs on the gateway's event loop. This module imports only the standard library at the top
+(asyncpg only when a PostgreSQL walk asks for it), so the worker starts quickly.
 """
 
 from __future__ import annotations
@@ -62,6 +63,34 @@ def walk_file(path: str, after: int, prev: str, limit: int) -> dict:
         db = _connections[path] = sqlite3.connect(path)
         db.execute("PRAGMA busy_timeout=10000")
     return walk(db, after, prev, limit)
+
+
+_postgres: dict[str, tuple[asyncio.AbstractEventLoop, Any]] = {}
+
+
+def walk_postgres(url: str, after: int, prev: str, limit: int, timeout: float) -> dict:
+    """``walk_rows`` on a page the worker reads from the database at ``url`` (one connection
+    per URL, kept). A failure comes back as ``{"failed": kind}`` — never the driver's words,
+    which may quote the URL."""
+    import asyncpg
+
+    loop, conn = _postgres.get(url, (None, None))
+    try:
+        if conn is None or conn.is_closed():
+            loop = loop or asyncio.new_event_loop()
+            conn = loop.run_until_complete(asyncpg.connect(
+                url, timeout=timeout, command_timeout=timeout,
+                server_settings={"application_name": "medicon-gateway audit walk"}))
+            _postgres[url] = (loop, conn)
+        rows = loop.run_until_complete(conn.fetch(
+            "SELECT seq, event, prev, hash FROM audit WHERE seq > $1::bigint ORDER BY seq LIMIT $2::bigint",
+            after, limit))
+    except (asyncio.TimeoutError, asyncpg.QueryCanceledError):
+        return {"failed": "timeout"}
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        _postgres.pop(url, None)
+        return {"failed": "unreachable"}
+    return walk_rows([tuple(r) for r in rows], after, prev)
 
 
 def lower_priority() -> None:

@@ -94,10 +94,13 @@ class PostgresDatabase:
 
     metrics: Metrics | None = None  # storage errors are counted when set
 
-    def __init__(self, pool: asyncpg.Pool, where: str, acquire_timeout: float) -> None:
+    def __init__(self, pool: asyncpg.Pool, where: str, acquire_timeout: float, url: str = "",
+                 command_timeout: float = 30.0) -> None:
         self.pool = pool
         self.where = where
         self._acquire_timeout = acquire_timeout
+        self.url = url  # for the audit walker's own connection; never in a message
+        self.command_timeout = command_timeout
 
     @classmethod
     async def open(cls, url: str, *, min_size: int = 2, max_size: int = 10, connect_timeout: float = 10.0,
@@ -116,7 +119,7 @@ class PostgresDatabase:
             raise _failure(exc, where, "database", "connect") from None
         except ValueError:  # asyncpg's parser: never repeat its message, it quotes the URL
             raise Unavailable("storage.url is not a PostgreSQL URL asyncpg can use") from None
-        return cls(pool, where, connect_timeout)
+        return cls(pool, where, connect_timeout, url, command_timeout)
 
     async def run(self, what: str, name: str, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
         """``await fn(connection)`` on a pooled connection; the gateway's errors for the
@@ -543,8 +546,8 @@ class PostgresAuditStore:
     appended in one transaction that first locks the chain's head row (``audit_head``), so
     batches from all gateways follow each other and each entry's ``prev`` is the hash of the
     entry before it, whoever wrote that. Verification (``gateway.core`` drives it from the
-    latest signed checkpoint) reads the chain a page at a time and re-hashes each in a worker
-    process (``auditwalk``), so the gateway's event loop never waits on the hashing."""
+    latest signed checkpoint) has a worker process (``auditwalk``) read the chain a page at a
+    time and re-hash it, so the gateway's event loop neither decodes those rows nor hashes them."""
 
     BATCH = 256
 
@@ -598,14 +601,17 @@ class PostgresAuditStore:
         return row["seq"], row["hash"]
 
     async def walk(self, after: int, prev: str, limit: int) -> dict[str, Any]:
-        """A page of the chain after ``after``, re-hashed in the walker process."""
-        rows = await self._db.run("read", "audit", lambda c: c.fetch(
-            "SELECT seq, event, prev, hash FROM audit WHERE seq > $1::bigint ORDER BY seq LIMIT $2::bigint",
-            after, limit))
+        """A page of the chain after ``after``, read and re-hashed by the walker process."""
         try:
-            return await self._walker.run(auditwalk.walk_rows, [tuple(r) for r in rows], after, prev)
+            found = await self._walker.run(auditwalk.walk_postgres, self._db.url, after, prev, limit,
+                                           self._db.command_timeout)
         except auditwalk.WalkerProcess.WorkerDied:
             raise Unavailable("the audit log's verification worker died") from None
+        if "failed" in found:
+            how = "did not answer in time" if found["failed"] == "timeout" else "is unreachable"
+            raise Unavailable(f"the database at {self._db.where} {how}: the gateway's audit store cannot "
+                              "verify the log", retry_after=1)
+        return found
 
     async def hash_at(self, seq: int) -> str | None:
         return await self._db.run("read", "audit", lambda c: c.fetchval(
