@@ -21,9 +21,10 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
 
 ENV_PREFIX = "MEDICON_"
 # MEDICON_* variables that are not config keys: the config file's path, what `dev` prints, the
-# deploy scripts' binary path, the test suite's knobs, and plugins' own settings (jwt_auth).
-NOT_CONFIG = frozenset({"CONFIG", "TOKEN", "GATEWAY_URL", "GATEWAY_BIN", "CHAOS", "FUZZ_EXAMPLES",
-                        "TEST_STORAGE"})
+# deploy scripts' binary path and a joining site's key bundle and name (medicon-entrypoint.sh),
+# the test suite's knobs, and plugins' own settings (jwt_auth).
+NOT_CONFIG = frozenset({"CONFIG", "TOKEN", "GATEWAY_URL", "GATEWAY_BIN", "GATEWAY_ID", "KEY_BUNDLE", "CHAOS",
+                        "FUZZ_EXAMPLES", "TEST_STORAGE"})
 NOT_CONFIG_PREFIXES = ("JWT_", "SITE")  # MEDICON_SITE<n>_URL/_TOKEN: what `dev --sites N` prints
 # Older names kept working: MEDICON_TRACE_HOOKS is plugins.trace_hooks.
 ENV_ALIASES = {"TRACE_HOOKS": ("plugins", "trace_hooks")}
@@ -178,6 +179,8 @@ class StorageConfig(Section):
     # records.data_dir (one gateway), or postgresql://user:password@host:port/db for a database
     # several gateways share. A secret (it may hold a password): never logged nor shown.
     url: Annotated[SecretStr, AfterValidator(_database_url)] = SecretStr("")
+    # ... or a file holding that URL (a Docker/Kubernetes secret, a systemd credential).
+    url_file: str = ""
     # Connections the gateway keeps to PostgreSQL (at least, at most).
     pool_min: Annotated[int, Field(ge=0)] = 2
     pool_max: Count = 10
@@ -187,6 +190,20 @@ class StorageConfig(Section):
     # Apply pending schema migrations at start (under an advisory lock, so several gateways
     # starting together migrate once); false: refuse to start until `medicon-gateway migrate`.
     migrate_on_start: bool = True
+
+    def database_url(self) -> str:
+        """The PostgreSQL URL, from ``url`` or ``url_file``; empty for the SQLite stores."""
+        if not self.url_file:
+            return self.url.get_secret_value()
+        try:
+            text = Path(self.url_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"config key 'storage.url_file': cannot read {self.url_file}: {exc.strerror}") from None
+        try:
+            _database_url(SecretStr(text))
+        except ValueError as exc:
+            raise ConfigError(f"config key 'storage.url_file': {exc}") from None
+        return text
 
 
 # Values never shown in errors (they may carry credentials).
