@@ -345,8 +345,6 @@ class PinningService:
     async def _pin(self, pin: PinRequest) -> None:
         """Pin ``pin.cid`` recursively on the node, fetching what is missing from its origins."""
         async with self._workers:
-            if await self.kubo.is_pinned(pin.cid):
-                return
             await self._connect(pin.origins)
             try:
                 block = await self.kubo.call("block/get", [("arg", pin.cid), ("timeout", FETCH_TIMEOUT)])
