@@ -221,7 +221,7 @@ async def assert_replicated_everywhere(cluster: Cluster, episodes: list[str], ou
             for site in cluster.sites:
                 records, cursor = [], None
                 while True:
-                    query = f"?limit=500" + (f"&cursor={cursor}" if cursor else "")
+                    query = "?limit=500" + (f"&cursor={cursor}" if cursor else "")
                     async with s.get(f"{site.url}/medicon/v1/episodes/{ep}/history{query}") as r:
                         page = await r.json()
                         assert r.status == 200, page
@@ -258,6 +258,27 @@ async def wait_for(condition, seconds: float, what: str) -> None:
 
 
 # --- the tests ---------------------------------------------------------------------------------------
+
+async def test_a_replica_removed_behind_the_gateways_back_is_found_and_repaired_by_check(cluster):
+    cluster.ensure_up()
+    a, b = cluster.sites
+    patient, episodes = await open_episodes(cluster, 1)
+    outcome = await burst(cluster, patient, episodes, writers=2, per_writer=2, outcome=Burst())
+    victim = next(cid for cid, (_, _, site) in outcome.acked.items() if site == "site-a")
+    b.kubo.ipfs("pin", "rm", victim)  # B's replica of a record A wrote, gone
+    report = json.loads(a.cli("check").stdout)
+    under = report["replicas"]["under_replicated"]
+    assert [u["cid"] for u in under] == [victim] and under[0]["pinned_on"] == ["local"], under
+    report_b = json.loads(b.cli("check").stdout)
+    assert report_b["unpinned"] == [victim]  # B sees its own node lacks it
+    repaired = a.cli("check", "--repair")
+    assert repaired.returncode == 0, repaired.stdout + repaired.stderr
+    assert json.loads(repaired.stdout)["replicas"]["repaired"] == {"site-b": [victim]}
+    assert victim in b.pins()
+    for site in (a, b):
+        done = site.cli("check")
+        assert done.returncode == 0 and json.loads(done.stdout)["replicas"]["under_replicated"] == []
+
 
 async def test_writers_at_both_sites_on_the_same_episodes_fork_nothing_lose_nothing_and_pin_on_both(cluster):
     cluster.ensure_up()
@@ -360,27 +381,6 @@ async def test_revocation_and_shredding_at_one_site_are_seen_at_the_other_within
                     break
             assert time.monotonic() - start < WITHIN, "shredding not seen at site B within a second"
             await asyncio.sleep(0.01)
-
-
-async def test_a_replica_removed_behind_the_gateways_back_is_found_and_repaired_by_check(cluster):
-    cluster.ensure_up()
-    a, b = cluster.sites
-    patient, episodes = await open_episodes(cluster, 1)
-    outcome = await burst(cluster, patient, episodes, writers=2, per_writer=2, outcome=Burst())
-    victim = next(cid for cid, (_, _, site) in outcome.acked.items() if site == "site-a")
-    b.kubo.ipfs("pin", "rm", victim)  # B's replica of a record A wrote, gone
-    report = json.loads(a.cli("check").stdout)
-    under = report["replicas"]["under_replicated"]
-    assert [u["cid"] for u in under] == [victim] and under[0]["pinned_on"] == ["local"], under
-    report_b = json.loads(b.cli("check").stdout)
-    assert report_b["unpinned"] == [victim]  # B sees its own node lacks it
-    repaired = a.cli("check", "--repair")
-    assert repaired.returncode == 0, repaired.stdout + repaired.stderr
-    assert json.loads(repaired.stdout)["replicas"]["repaired"] == {"site-b": [victim]}
-    assert victim in b.pins()
-    for site in (a, b):
-        done = site.cli("check")
-        assert done.returncode == 0 and json.loads(done.stdout)["replicas"]["under_replicated"] == []
 
 
 async def test_reads_at_either_site_find_a_record_only_the_other_node_holds(cluster, aiohttp_client):
@@ -513,3 +513,34 @@ async def test_the_pinning_api_answers_as_the_spec_says(cluster):
         async with s.delete(f"{api}/pins/{made[2]['requestid']}", headers=replicator) as r:
             assert r.status == 202 and await r.read() == b""
         assert made[2]["pin"]["cid"] not in b.pins()
+
+
+async def test_a_pin_request_a_killed_gateway_left_unfinished_is_resumed_by_the_next(cluster):
+    """A request still ``pinning`` when its gateway died (here: written into the store as a
+    killed gateway leaves it) is taken up by the next gateway of the same node, and pinned."""
+    from gateway.storage.model import PinRequest
+    from gateway.storage.postgres import open_postgres_storage
+    cluster.ensure_up()
+    a, b = cluster.sites
+    cid = a.kubo.ipfs("block", "put", "--pin=true", input=uuid.uuid4().bytes * 10).stdout.decode().strip()
+    requestid = uuid.uuid4().hex
+    b.kill()
+    storage = await open_postgres_storage(cluster.url, pool_min=1, pool_max=1)
+    try:
+        await storage.pins.add(PinRequest(requestid, b.kubo.peer_id, cid, "pinning", time.time_ns() // 1000,
+                                          "token:replicator-site-a", "left over", (a.kubo.swarm_multiaddr,)))
+    finally:
+        await storage.close()
+    assert cid not in b.pins()
+    b.start()
+    headers = bearer(cluster.replicator_tokens["site-a"])
+    async with aiohttp.ClientSession(headers=headers) as s:
+        deadline = time.monotonic() + 30
+        while True:
+            async with s.get(f"{b.url}/pinning/v1/pins/{requestid}") as r:
+                status = (await r.json())["status"]
+            if status == "pinned":
+                break
+            assert status == "pinning" and time.monotonic() < deadline, status
+            await asyncio.sleep(0.1)
+    assert cid in b.pins()

@@ -33,6 +33,7 @@ import json
 import logging
 import secrets
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -388,7 +389,6 @@ class PinningService:
 
 
 def _with(pin: PinRequest, status: str, details: str | None) -> PinRequest:
-    from dataclasses import replace
     return replace(pin, status=status, details=details)
 
 
