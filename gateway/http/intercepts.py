@@ -30,6 +30,7 @@ from .appkeys import CONFIG, SERVICE
 from .context import READ_TARGETS, caller
 from .multipart import (DIRECTORY, FILE, PartInfo, closing, new_boundary, next_part, open_multipart,
                         part_bytes, part_head, part_info, read_chunk)
+from .raw_writes import JsonLines, link_of
 from .rpccall import Call
 
 log = logging.getLogger(__name__)
@@ -460,27 +461,18 @@ async def dag_put(request: web.Request, call: Call) -> web.StreamResponse:
     await service.authorize(caller(request), "raw:write", {"kind": "raw"})
     boundary = new_boundary()
     body = b"".join(part_head(boundary, info) + data + b"\r\n" for info, data in parts) + closing(boundary)
-    answered: list[str] = []
-    pending = bytearray()
-
-    def tap(chunk: bytes) -> None:
-        pending.extend(chunk)
-        *lines, rest = bytes(pending).split(b"\n")
-        pending[:] = rest
-        for line in lines:
-            item = _json_line(line)
-            if isinstance(item, dict) and isinstance(item.get("Cid"), dict) and isinstance(item["Cid"].get("/"), str):
-                answered.append(item["Cid"]["/"])
+    answer = JsonLines()
 
     async def finish() -> None:
         """Kubo answers each node's CID before it commits (and pins) them, and a failure after
         that is only in a trailer: before the client's answer completes, every node is
         confirmed stored (and pinned, if asked)."""
+        answered = [cid for cid in map(link_of, answer.values("Cid")) if cid]
         if len(answered) < len(parts):
             raise Unavailable(f"Kubo's answer to dag/put ended after {len(answered)} of {len(parts)} nodes")
         await service.kubo.confirm_stored(answered, answered if call.flag("pin") else [])
 
-    return await proxy.forward_rpc(request, call, body=body, tap=tap, finish=finish,
+    return await proxy.forward_rpc(request, call, body=body, tap=answer, finish=finish,
                                    headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
 
 
@@ -534,8 +526,11 @@ async def cat(request: web.Request, call: Call) -> web.StreamResponse:
     if len(targets) == 1:
         blob = await sealed_blob(request, targets[0].end)
         if blob is not None:
-            return await attachments.serve(request, blob, rpc_cat=True, offset=offset,
-                                           length=-1 if length is None else length)
+            try:
+                return await attachments.serve(request, blob, rpc_cat=True, offset=offset,
+                                               length=-1 if length is None else length)
+            except attachments.NotSealed:
+                return await proxy.forward_rpc(request, call)
         data = await record_bytes(request, targets[0].end)
         if data is not None:
             data = data[offset:] if length is None else data[offset:offset + length]

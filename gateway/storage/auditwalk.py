@@ -3,16 +3,22 @@
 Re-hashing is pure Python (JSON and SHA-256 per entry): in a thread of the gateway it would hold
 the GIL, and every request — health probes included — would queue behind it. So the SQLite
 audit store walks the chain in a worker process (``walk_file``), at a lower CPU priority than
-the gateway, a page per call. This module imports only the standard library, so the worker
-starts quickly.
+the gateway, a page per call; the PostgreSQL store sends the rows it read to the same kind of
+worker (``walk_rows``). This module imports only the standard library, so the worker starts
+quickly.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import multiprocessing
 import os
 import sqlite3
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, Callable
 
 GENESIS = "0" * 64
 AUDIT_FIELDS = ("time", "request_id", "principal", "role", "action", "resource", "decision", "path")
@@ -64,3 +70,29 @@ def lower_priority() -> None:
         os.nice(WORKER_NICENESS)
     except OSError:
         pass
+
+
+class WalkerProcess:
+    """The worker process pages of the chain are re-hashed in, started by the first walk (most
+    gateways never verify). ``WorkerDied`` if it was killed: the next walk starts another."""
+
+    class WorkerDied(Exception):
+        pass
+
+    def __init__(self) -> None:
+        self._pool: ProcessPoolExecutor | None = None
+
+    async def run(self, fn: Callable[..., dict], *args: Any) -> dict:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=lower_priority)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        except BrokenProcessPool:
+            self._pool = None
+            raise self.WorkerDied() from None
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)

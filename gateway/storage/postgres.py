@@ -544,7 +544,8 @@ class PostgresAuditStore:
     appended in one transaction that first locks the chain's head row (``audit_head``), so
     batches from all gateways follow each other and each entry's ``prev`` is the hash of the
     entry before it, whoever wrote that. Verification (``gateway.core`` drives it from the
-    latest signed checkpoint) reads the chain a page at a time and re-hashes each on a thread."""
+    latest signed checkpoint) reads the chain a page at a time and re-hashes each in a worker
+    process (``auditwalk``), so the gateway's event loop never waits on the hashing."""
 
     BATCH = 256
 
@@ -552,6 +553,7 @@ class PostgresAuditStore:
         self._db = db
         self._group = AsyncGroupCommit(self._commit, batch=self.BATCH,
                                        on_batch=metrics.commit_batch_observer("audit") if metrics else None)
+        self._walker = auditwalk.WalkerProcess()
 
     async def append(self, event: dict[str, Any]) -> None:
         await self._group.submit(event)
@@ -597,11 +599,14 @@ class PostgresAuditStore:
         return row["seq"], row["hash"]
 
     async def walk(self, after: int, prev: str, limit: int) -> dict[str, Any]:
-        """A page of the chain re-hashed on a thread (``auditwalk.walk_rows``), after ``after``."""
+        """A page of the chain after ``after``, re-hashed in the walker process."""
         rows = await self._db.run("read", "audit", lambda c: c.fetch(
             "SELECT seq, event, prev, hash FROM audit WHERE seq > $1::bigint ORDER BY seq LIMIT $2::bigint",
             after, limit))
-        return await asyncio.to_thread(auditwalk.walk_rows, [tuple(r) for r in rows], after, prev)
+        try:
+            return await self._walker.run(auditwalk.walk_rows, [tuple(r) for r in rows], after, prev)
+        except auditwalk.WalkerProcess.WorkerDied:
+            raise Unavailable("the audit log's verification worker died") from None
 
     async def hash_at(self, seq: int) -> str | None:
         return await self._db.run("read", "audit", lambda c: c.fetchval(
@@ -623,6 +628,7 @@ class PostgresAuditStore:
             " ON CONFLICT (seq) DO NOTHING", *(checkpoint[k] for k in _CHECKPOINT_COLS)))
 
     async def close(self) -> None:
+        await self._walker.close()
         await self._group.close()
 
 

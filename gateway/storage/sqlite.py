@@ -17,13 +17,11 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import multiprocessing
 import os
 import sqlite3
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
@@ -465,7 +463,7 @@ class SQLiteAuditStore:
 
     def __init__(self, db: SQLiteDatabase) -> None:
         self._db = db
-        self._walker: ProcessPoolExecutor | None = None  # started by the first walk
+        self._walker = auditwalk.WalkerProcess()
 
     async def append(self, event: dict[str, Any]) -> None:
         await self._db.write(_append_event, event)
@@ -480,22 +478,15 @@ class SQLiteAuditStore:
 
     async def walk(self, after: int, prev: str, limit: int) -> dict[str, Any]:
         """A page re-hashed in the walker process (``auditwalk``): never in the gateway's."""
-        if self._walker is None:
-            self._walker = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                               initializer=auditwalk.lower_priority)
-        loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._walker, auditwalk.walk_file, str(self._db.path), after, prev, limit)
+            return await self._walker.run(auditwalk.walk_file, str(self._db.path), after, prev, limit)
         except sqlite3.Error as exc:
             raise self._db._failure(exc, "read") from None
-        except BrokenProcessPool:
-            self._walker = None
+        except auditwalk.WalkerProcess.WorkerDied:
             raise Unavailable("the audit log's verification worker died") from None
 
     async def close(self) -> None:
-        walker, self._walker = self._walker, None
-        if walker is not None:
-            await asyncio.to_thread(walker.shutdown, wait=True, cancel_futures=True)
+        await self._walker.close()
         await self._db.close()
 
     async def hash_at(self, seq: int) -> str | None:
