@@ -101,7 +101,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    """A managed local Kubo (offline, loopback, its own repo) with the gateway in front."""
+    """A managed local Kubo (offline, loopback, its own repo) with the gateway in front; with
+    ``--sites N``, N sites on one PostgreSQL (``gateway.devcluster``)."""
+    if args.sites > 1:
+        from .devcluster import run_sites
+        return run_sites(args.sites, Path(args.data_dir), config_path=args.config, host=args.host, port=args.port,
+                         replicas=args.replicas, log_level=args.log_level, log_format=args.log_format)
     data_dir = Path(args.data_dir).resolve()
     node = KuboNode(data_dir / "kubo", binary=find_binary(load_config(args.config).kubo.bin),
                     offline=not args.online)
@@ -396,6 +401,11 @@ def build_parser() -> argparse.ArgumentParser:
     common(dev)
     dev.add_argument("--data-dir", default=".medicon-dev", help="where the dev Kubo repo lives")
     dev.add_argument("--online", action="store_true", help="let the dev Kubo join the IPFS network")
+    dev.add_argument("--sites", type=int, default=1, metavar="N",
+                     help="N sites: PostgreSQL, N Kubo nodes in a private swarm and N gateways replicating "
+                          "to each other (each site's URL and token printed)")
+    dev.add_argument("--replicas", type=int, default=None, metavar="R",
+                     help="with --sites: nodes a record is pinned on before it is acknowledged (default 2)")
     dev.set_defaults(func=cmd_dev)
 
     token = sub.add_parser("token", help="create, list or revoke API tokens")

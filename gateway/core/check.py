@@ -14,6 +14,12 @@ good (heads only move forward, by compare-and-swap). So a node is an orphan only
 episode's record at its ``seq`` is another one, or the episode is closed before it; a node
 whose position is still free (the episode's next one, or an opening whose episode is not there
 yet) is reported as ``pending`` and left alone, to be decided by a later run.
+
+With ``records.replicas`` above 1 (or replica services configured), every indexed record must
+also be pinned on that many nodes: this gateway's own, and the replica services reporting it
+``pinned`` (asked through the Pinning Service API, ten CIDs a query). ``replicas`` in the report
+says what each service holds and which records are under-replicated; ``--repair`` asks the
+services that lack a record to pin it (fetched from whichever node of the swarm has it).
 """
 
 from __future__ import annotations
@@ -87,7 +93,39 @@ async def check_service(service: RecordService, *, repair: bool = False,
         progress("pins", done, len(unindexed))
     report["clean"] = not (report["missing"] or report["broken"]
                            or (report["unpinned"] and not repair))
+    replication = service.replication
+    if replication.replicas > 1 or replication.services:
+        pinned_here = pins | {r["pinned"] for r in report["repaired"] if "pinned" in r}
+        report["replicas"] = await _replicas(service, records, pinned_here, repair, progress)
+        report["clean"] = report["clean"] and not report["replicas"]["under_replicated"]
     return report
+
+
+async def _replicas(service: RecordService, records: list, pinned_here: set[str], repair: bool,
+                    progress: Progress) -> dict[str, Any]:
+    """Which nodes hold each indexed record: this one and the replica services that report it
+    pinned; the records held by fewer than ``records.replicas`` (after ``repair``, if asked)."""
+    replication = service.replication
+    cids = [r.cid for r in records]
+    progress("replicas", 0, len(replication.services))
+    answers = await replication.report(cids)
+    progress("replicas", len(answers), len(replication.services))
+
+    def where(cid: str) -> list[str]:
+        return (["local"] if cid in pinned_here else []) + [n for n, a in answers.items() if cid in a["pinned"]]
+    under = {r.cid: r for r in records if len(where(r.cid)) < replication.replicas}
+    repaired: dict[str, list[str]] = {}
+    if repair and under:
+        for name, answer in answers.items():
+            lacking = [cid for cid in under if cid not in answer["pinned"]]
+            if lacking and await replication.repair(name, lacking) is None:
+                answer["pinned"] |= set(lacking)
+                repaired[name] = lacking
+    services = {name: {"pinned": len(a["pinned"]), "missing": len(cids) - len(a["pinned"]), "error": a["error"]}
+                for name, a in answers.items()}
+    return {"replicas": replication.replicas, "services": services, "repaired": repaired,
+            "under_replicated": [{"cid": cid, "episode": r.episode, "seq": r.seq, "pinned_on": where(cid)}
+                                 for cid, r in under.items() if len(where(cid)) < replication.replicas]}
 
 
 async def _own_record_node(service: RecordService, cid: str) -> dict[str, Any] | None:

@@ -8,8 +8,9 @@ written, and raise the domain errors of ``gateway.errors``; each door (``/api/v0
 ``/medicon/v1``) only translates.
 
 An append runs: authorize → validate (schema, then plugins) → link into the episode (chain
-policy, under the episode's lock) → seal and sign → store and pin in Kubo → move the head
-(compare-and-swap) → ``medicon_record_committed``.
+policy, under the episode's lock) → seal and sign → store and pin in Kubo → pinned on
+``records.replicas`` nodes (``replication.ensure``) → move the head (compare-and-swap) →
+``medicon_record_committed``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from ..storage.model import Blob, Episode, IndexedRecord, KeyTaken, StoreConflic
 from . import chain
 from .access import Authorizer, Caller
 from .plugins import PluginHost, PluginLoadError, make_manager
+from .replication import Replication
 from .records import (CLOSING_KINDS, OPENING_KINDS, Appended, ChainConflict, RecordInvalid,
                       claimed_resource, dag_json_problems, normalise, request_digest, timestamp)
 from .schemas import DEFAULT_SCHEMA_DIR, SchemaError, SchemaRegistry
@@ -91,6 +93,8 @@ class RecordService:
         self.access = Authorizer(plugins, keys, self)
         # Plugins' own resources, opened in ``medicon_startup`` (by plugin name).
         self.resources: dict[str, Any] = {}
+        # records.replicas: set by ``open``; none for a service built by hand.
+        self.replication = Replication.disabled()
 
     # --- life cycle ------------------------------------------------------------------------------
 
@@ -114,12 +118,15 @@ class RecordService:
         kubo = KuboClient.open(config.kubo, observer=metrics)
         service = cls(config, storage, kubo, keys, plugins, schemas, policies, metrics)
         try:
+            # --- replication (records.replicas): the append path calls replication.ensure ---
+            service.replication = Replication(config.records, kubo)
             await plugins.call("medicon_startup", service=service)
             try:
                 yield service
             finally:
                 await plugins.call("medicon_shutdown", service=service)
         finally:
+            await service.replication.close()
             await kubo.close()
             await storage.close()
 
@@ -279,6 +286,9 @@ class RecordService:
         indexed = IndexedRecord(cid, record["episode"], record["patient"], record["seq"],
                                 record["schema"], record["recorded_at"], digest, key)
         try:
+            # --- replication: pinned on records.replicas nodes before the head moves (a failure
+            # here unpins the local copy below: nothing was acknowledged) ---
+            await self.replication.ensure([cid])
             if episode is None:
                 moved = await heads.create_episode(indexed)
             else:

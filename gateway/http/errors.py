@@ -36,6 +36,7 @@ STATUS: dict[type[errors.MediconError], int] = {
     errors.TooLarge: 413,
     errors.IdempotencyKeyReused: 422,
     errors.Internal: 500,
+    errors.NotReplicated: 503,
     errors.Unavailable: 502,
     errors.Busy: 503,
     errors.TimedOut: 504,
@@ -45,6 +46,12 @@ _CODE_FOR_STATUS = {400: CODE_CLIENT, 403: CODE_FORBIDDEN, 429: CODE_RATE_LIMITE
                     500: CODE_IMPLEMENTATION, 507: CODE_IMPLEMENTATION}
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="medicon-gateway", Basic realm="medicon-gateway"'}
 API_PREFIX = "/medicon/"
+PINNING_PREFIX = "/pinning/"  # the IPFS Pinning Service API: the spec's Failure shape
+# Failure.error.reason by status (the spec's examples; others are the status's own name).
+PINNING_REASONS = {400: "BAD_REQUEST", 401: "UNAUTHORIZED", 403: "FORBIDDEN", 404: "NOT_FOUND",
+                   405: "METHOD_NOT_ALLOWED", 408: "REQUEST_TIMEOUT", 409: "INSUFFICIENT_FUNDS",
+                   413: "PAYLOAD_TOO_LARGE", 500: "INTERNAL_SERVER_ERROR", 502: "BAD_GATEWAY",
+                   503: "SERVICE_UNAVAILABLE", 504: "GATEWAY_TIMEOUT", 507: "INSUFFICIENT_STORAGE"}
 API_PATHS = frozenset({"/metrics"})  # the gateway's own, outside the prefix
 
 
@@ -91,7 +98,16 @@ def api_error(err: errors.MediconError) -> web.Response:
     return web.json_response(body, status=status, headers=headers_of(err))
 
 
+def pinning_error(err: errors.MediconError) -> web.Response:
+    """The Pinning Service API's ``Failure``: ``{"error": {"reason", "details"}}``."""
+    status = status_of(err)
+    body = {"error": {"reason": PINNING_REASONS.get(status, "ERROR"), "details": err.message}}
+    return web.json_response(body, status=status, headers=headers_of(err))
+
+
 def render(request: web.Request, err: errors.MediconError) -> web.Response:
+    if request.path.startswith(PINNING_PREFIX):
+        return pinning_error(err)
     if request.path.startswith(API_PREFIX) or request.path in API_PATHS:
         return api_error(err)
     code = err.code if isinstance(err, HTTPError) else None

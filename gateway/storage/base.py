@@ -12,7 +12,7 @@ from datetime import timedelta
 from typing import Any, Callable, Iterable, Protocol
 
 from ..security.tokens import AuthResult, TokenInfo
-from .model import Blob, Episode, GatewayKey, IndexedRecord, KeyState, PatientKey
+from .model import Blob, Episode, GatewayKey, IndexedRecord, KeyState, PatientKey, PinRequest
 
 
 class HeadStore(Protocol):
@@ -107,6 +107,27 @@ class KeyStore(Protocol):
     async def gateways(self) -> list[GatewayKey]: ...
 
 
+class PinStore(Protocol):
+    """The pin objects of the Pinning Service API a gateway serves for its Kubo node (replicas
+    of other sites' records, or anything a replicator asks it to keep). Every call names the
+    node (its peer id): gateways of several nodes share one database, each serves its own."""
+
+    async def add(self, pin: PinRequest) -> None: ...
+    async def get(self, node: str, requestid: str) -> PinRequest | None: ...
+    async def set_status(self, node: str, requestid: str, status: str, details: str | None = None) -> None: ...
+    async def remove(self, node: str, requestid: str) -> PinRequest | None: ...
+    # (how many match, the first ``limit`` of them, newest first). ``name`` matched by ``match``
+    # (exact, iexact, partial, ipartial); ``meta``: every key given must hold its value.
+    async def find(self, node: str, *, cids: list[str] | None = None, name: str | None = None,
+                   match: str = "exact", statuses: tuple[str, ...] = ("pinned",), before_us: int | None = None,
+                   after_us: int | None = None, meta: dict[str, str] | None = None,
+                   limit: int = 10) -> tuple[int, list[PinRequest]]: ...
+    # Requests still queued or pinning (to be resumed after a restart).
+    async def unfinished(self, node: str) -> list[PinRequest]: ...
+    # How many requests on ``node`` hold ``cid`` (whatever their status).
+    async def holders(self, node: str, cid: str) -> int: ...
+
+
 @dataclass
 class Storage:
     """Every store of one gateway, opened together and closed together."""
@@ -116,6 +137,7 @@ class Storage:
     audit: AuditStore
     keys: KeyStore
     closers: list
+    pins: PinStore | None = None
 
     async def close(self) -> None:
         for close in reversed(self.closers):

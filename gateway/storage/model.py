@@ -107,3 +107,24 @@ class KeyConflict(Exception):
     def __init__(self, message: str, state: KeyState | None) -> None:
         super().__init__(message)
         self.state = state
+
+
+PIN_STATUSES = ("queued", "pinning", "pinned", "failed")
+
+
+@dataclass(frozen=True)
+class PinRequest:
+    """A pin object of the Pinning Service API this gateway serves, for the Kubo node ``node``
+    (its peer id): the CID a replicator asked this node to keep, where to fetch it from, and how
+    far it got. ``created_us`` (µs since the epoch) orders and pages the listings."""
+
+    requestid: str
+    node: str
+    cid: str
+    status: str
+    created_us: int
+    owner: str
+    name: str | None = None
+    origins: tuple[str, ...] = ()
+    meta: tuple[tuple[str, str], ...] = ()
+    details: str | None = None

@@ -42,6 +42,7 @@ from ..security.tokens import (LAST_USED_GRANULARITY, AuthResult, NewToken, Toke
 from .base import Storage
 from . import auditwalk
 from .auditwalk import audit_hash
+from .pins import PostgresPinStore
 from .model import (Blob, Episode, GatewayKey, IndexedRecord, KeyConflict, KeyState, KeyTaken, PatientKey,
                     StoreConflict)
 
@@ -833,4 +834,4 @@ async def open_postgres_storage(url: str, *, pool_min: int = 2, pool_max: int = 
         raise
     audit = PostgresAuditStore(db, metrics)
     return Storage(heads=PostgresHeadStore(db), tokens=PostgresTokenStore(db), audit=audit,
-                   keys=PostgresKeyStore(db), closers=[db.close, audit.close])
+                   keys=PostgresKeyStore(db), closers=[db.close, audit.close], pins=PostgresPinStore(db))

@@ -34,6 +34,7 @@ from . import auditwalk
 from .auditwalk import AUDIT_FIELDS, AUDIT_OPTIONAL_FIELDS, GENESIS, audit_hash  # noqa: F401 (the chain's format)
 from .base import Storage
 from .groupcommit import GroupCommit, Outcome
+from .pins import PINS_FILE, PINS_SCHEMA, SQLitePinStore
 from .model import (Blob, Episode, GatewayKey, IndexedRecord, KeyConflict, KeyState, KeyTaken, PatientKey,
                     StoreConflict)
 
@@ -705,7 +706,9 @@ async def open_sqlite_storage(data_dir: Path, metrics: Metrics | None = None) ->
     tokens = await SQLiteDatabase.open(data_dir / TOKENS_FILE, TOKENS_SCHEMA, name="token", metrics=metrics)
     audit = await SQLiteDatabase.open(data_dir / "audit.sqlite3", AUDIT_SCHEMA, name="audit", metrics=metrics)
     keys = await SQLiteDatabase.open(data_dir / KEYS_FILE, KEYS_SCHEMA, name="key", metrics=metrics)
+    pins = await SQLiteDatabase.open(data_dir / PINS_FILE, PINS_SCHEMA, name="pin", metrics=metrics)
     audit_store = SQLiteAuditStore(audit)
     return Storage(heads=SQLiteHeadStore(heads), tokens=SQLiteTokenStore(tokens),
                    audit=audit_store, keys=SQLiteKeyStore(keys),
-                   closers=[heads.close, tokens.close, audit_store.close, keys.close])
+                   closers=[heads.close, tokens.close, audit_store.close, keys.close, pins.close],
+                   pins=SQLitePinStore(pins))
