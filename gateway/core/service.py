@@ -34,6 +34,7 @@ from ..storage import Storage, open_storage
 from ..storage.model import Blob, Episode, IndexedRecord, StoreConflict
 from . import chain
 from .access import Authorizer, Caller
+from .fhir_validation import find_resources, validate_embedded
 from .plugins import PluginHost, PluginLoadError, make_manager
 from .records import (CLOSING_KINDS, ENVELOPE_FIELDS, OPENING_KINDS, Appended, ChainConflict, ClientRecord,
                       RecordInvalid, claimed_resource, dag_json_problems, normalise, request_digest, timestamp)
@@ -177,12 +178,14 @@ class RecordService:
 
     async def validate(self, record: ClientRecord | dict[str, Any], episode: Episode | None, *,
                        schema: bool = True, with_plugins: bool = True) -> None:
-        """JSON Schema first, then every plugin's rules; all problems reported together."""
+        """JSON Schema first, then the embedded FHIR resources (``records.fhir_validation``),
+        then every plugin's rules; all problems reported together."""
         problems = []
         if schema:
             parsed = record.parsed if isinstance(record, ClientRecord) else record
             problems += [str(v) for v in self.schemas.validate(parsed)]
             problems += dag_json_problems(parsed.get("body") if isinstance(parsed, dict) else None, "/body")
+            problems += self._fhir_problems(parsed)
         if not problems and with_plugins:
             for plugin, found in await self.plugins.call_each(
                     "medicon_validate_record", record=record, schema_id=record["schema"], episode=episode):
@@ -191,6 +194,22 @@ class RecordService:
                     problems.append(f"{pointer or '/'}: {message} (plugin {plugin})")
         if problems:
             raise RecordInvalid(problems)
+
+    def _fhir_problems(self, record: Any) -> list[str]:
+        """Problems of the FHIR R4 resources embedded in the body, as ``records.fhir_validation``
+        says: refused (``enforce``), logged and accepted (``warn``), or not looked for (``off``).
+        The log line names no value of the record: counts and resource types only."""
+        mode = self.config.records.fhir_validation
+        if mode == "off" or not isinstance(record, dict):
+            return []
+        found = validate_embedded(record.get("body"), "/body")
+        if found and mode == "warn":
+            kinds = sorted({r.get("resourceType") for _, r in find_resources(record.get("body"), "/body")
+                            if isinstance(r.get("resourceType"), str)})
+            log.warning("record accepted with %d FHIR R4 problem(s) in its embedded %s "
+                        "(records.fhir_validation = warn)", len(found), ", ".join(kinds)[:200])
+            return []
+        return [f"{pointer}: {message}" for pointer, message in found]
 
     async def append(self, doc: Any, caller: Caller, idempotency_key: str | None = None) -> Appended:
         """Authorize, then append one record to its episode, signed as written by the caller.
