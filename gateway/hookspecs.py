@@ -146,7 +146,7 @@ def medicon_record_committed(record, cid, episode, service):
     (``episode`` is the episode after the append): webhooks, indexing, pinning elsewhere.
     ``record`` is a ``ClientRecord`` as in ``medicon_validate_record``, with the envelope
     fields set (``record.text``: what every reader gets back). Errors are logged, never undo
-    the append."""
+    the append. Built in: ``fhir_index`` (the FHIR facade's search index)."""
 
 
 @hookspec
