@@ -177,3 +177,15 @@ def set_members(text: str, fields: dict[str, Any]) -> str:
     for begin, end, replacement in sorted(edits, reverse=True):
         text = text[:begin] + replacement + text[end:]
     return text
+
+
+def insert_member(text: str, after: str, key: str, value: Any) -> str:
+    """The object ``text`` with the member ``key`` added right after the member ``after`` (or
+    first, if there is no ``after``): e.g. a server-assigned ``id`` after ``resourceType``."""
+    start = skip_space(text, 0)
+    at = next((end for name, _, end in items(text, start) if name == after), None)
+    member = json.dumps(key, ensure_ascii=False) + ":" + dumps(value)
+    if at is None:
+        empty = text[skip_space(text, start + 1)] == "}"
+        return text[:start + 1] + member + ("" if empty else ",") + text[start + 1:]
+    return text[:at] + "," + member + text[at:]

@@ -410,6 +410,17 @@ class RecordService:
             _require_signed(cid, ok)
         return [(await self.sealer.from_node(node))[0] for node in nodes]
 
+    async def attachment_for(self, caller: Caller, cid: str) -> Blob:
+        """An attachment indexed by this gateway, once the caller may read it (``NotFound`` if
+        unknown or outside the caller's scope)."""
+        unknown = NotFound(f"no attachment {cid[:100]!r} was added through this gateway")
+        blob = await self.attachment(cid) if parse_cid(cid) is not None else None
+        if blob is None:
+            raise unknown
+        await self._authorize_visible(caller, "blob:read", {"kind": "blob", "cid": canonical(cid) or cid,
+                                                            "patient": blob.patient}, unknown)
+        return blob
+
     async def attachment(self, cid: str) -> Blob | None:
         """The indexed attachment ``cid`` names, in whatever spelling of the CID."""
         key = canonical(cid)
