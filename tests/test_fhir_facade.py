@@ -21,9 +21,13 @@ from fhirclient.models.observation import Observation as FcObservation
 from fhirpy import SyncFHIRClient
 from fhirpy.base.exceptions import ResourceNotFound
 
-from conftest import STORAGE_URLS, _postgres_rows, bearer, make_token, start_gateway, storage_env
+from conftest import (STORAGE_URLS, _postgres_rows, app_client, bearer, gateway_config, make_token, start_gateway,
+                      storage_env)
 from gateway.core import exactjson
+from gateway.core.check import check_service
+from gateway.core.fhir_facade import FhirFacade
 from gateway.core.fhir_validation import validate_resource
+from gateway.http.appkeys import SERVICE
 from records_helpers import uid
 
 LOINC = "http://loinc.org"
@@ -406,3 +410,28 @@ def test_shredding_a_patient_erases_their_index_rows(gateway, kubo):
         assert get(gw, f"/EpisodeOfCare/eoc-{keep}").status_code == 200
     finally:
         assert gw.stop() == 0
+
+
+async def test_check_finds_and_repairs_what_the_index_lacks(aiohttp_client, kubo):
+    """The index is fed after each append, and a failure there never undoes the append:
+    ``check`` reports records whose resources the index lacks, ``check --repair`` indexes them."""
+    client = await app_client(aiohttp_client, gateway_config(kubo))
+    service = client.app[SERVICE]
+    p = uid("p")
+    eoc = ('{"resourceType": "EpisodeOfCare", "id": "eoc-%s", "status": "active", "patient": {"reference": '
+           '"Patient/%s"}}') % (p, p)
+    r = await client.post("/fhir/r4", data=transaction(entry(eoc, "PUT", f"EpisodeOfCare/eoc-{p}")).encode(),
+                          headers={"Content-Type": FHIR_JSON})
+    assert r.status == 200, await r.text()
+    [cid] = [rec.cid for rec in await service.storage.heads.all_records()]
+    assert (await check_service(service))["unindexed"] == []
+    # the index loses the rows (the data key stays: this is no shredding)
+    assert await service.storage.fhir.erase_patient(FhirFacade(service).patient_pseudonym(p)) == 1
+    assert (await client.get(f"/fhir/r4/EpisodeOfCare/eoc-{p}")).status == 404
+    report = await check_service(service)
+    assert report["unindexed"] == [cid] and not report["clean"]
+    report = await check_service(service, repair=True)
+    assert {"indexed": cid} in report["repaired"] and report["clean"]
+    r = await client.get(f"/fhir/r4/EpisodeOfCare/eoc-{p}")
+    assert r.status == 200 and await r.text() == eoc
+    assert (await check_service(service))["unindexed"] == []

@@ -3,7 +3,10 @@
 Every indexed record must be in Kubo and pinned (the gateway pins each record recursively as
 it stores it), every chain verifying. Pins of record nodes the index does not know are
 reported as orphans: a record stored and pinned by an append that crashed before its head
-moved (never acknowledged). ``--repair`` re-pins unpinned records and removes orphan pins.
+moved (never acknowledged). With the ``fhir_index`` plugin loaded, every FHIR resource a
+record embeds must be in the FHIR search index (the plugin indexes on commit, and a failure
+there never undoes the append): records missing from it are ``unindexed``. ``--repair``
+re-pins unpinned records, removes orphan pins and indexes what the FHIR index lacks.
 Runs on the record service alone: no web server.
 """
 
@@ -13,6 +16,7 @@ from typing import Any, Callable
 
 from ..config import Config
 from ..errors import MediconError
+from .fhir_facade import FhirFacade
 from .service import RecordService
 
 
@@ -38,7 +42,7 @@ async def check_service(service: RecordService, *, repair: bool = False,
     records = await heads.all_records()
     pins = await kubo.recursive_pins()
     report: dict[str, Any] = {"episodes": len(episodes), "records": len(records), "missing": [],
-                              "unpinned": [], "broken": [], "orphans": [], "repaired": []}
+                              "unpinned": [], "broken": [], "orphans": [], "unindexed": [], "repaired": []}
     progress("records", 0, len(records))
     for done, record in enumerate(records, 1):
         if not await kubo.has_block(record.cid):
@@ -66,9 +70,33 @@ async def check_service(service: RecordService, *, repair: bool = False,
                 await kubo.pin_rm(pin)
                 report["repaired"].append({"unpinned": pin})
         progress("pins", done, len(unindexed))
+    if service.plugins.pm.get_plugin("fhir_index") is not None:
+        await _check_fhir_index(service, records, report, repair, progress)
     report["clean"] = not (report["missing"] or report["broken"]
-                           or (report["unpinned"] and not repair))
+                           or ((report["unpinned"] or report["unindexed"]) and not repair))
     return report
+
+
+async def _check_fhir_index(service: RecordService, records: list, report: dict[str, Any], repair: bool,
+                            progress: Progress) -> None:
+    """Records whose embedded FHIR resources the search index lacks (indexed on repair, in the
+    order of their episodes). Records that cannot be read are reported above, or erased."""
+    facade = FhirFacade(service)
+    progress("index", 0, len(records))
+    for done, record in enumerate(records, 1):
+        try:
+            stored = await service.read_indexed(record.cid)
+        except MediconError:
+            stored = None
+        if stored is not None:
+            have = await service.storage.fhir.pointers(record.cid)
+            lacking = [e for e in facade.entries(stored, record.cid) if e.pointer not in have]
+            if lacking:
+                report["unindexed"].append(record.cid)
+                if repair:
+                    await service.storage.fhir.add(lacking)
+                    report["repaired"].append({"indexed": record.cid})
+        progress("index", done, len(records))
 
 
 async def _is_record_node(service: RecordService, cid: str) -> bool:

@@ -105,6 +105,8 @@ class FhirIndexStore(Protocol):
     async def versions(self, type: str, rid: str) -> list[FhirEntry]:
         """Every version of the resource, of every patient, by patient then newest first."""
     async def search(self, query: FhirQuery) -> list[FhirEntry]: ...
+    async def pointers(self, cid: str) -> set[str]:
+        """Where in the record ``cid`` the index has resources (JSON pointers)."""
     async def erase_patient(self, patient: str) -> int:
         """Remove every row of the patient (by pseudonym); how many versions were removed."""
 

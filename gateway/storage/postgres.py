@@ -821,6 +821,12 @@ class PostgresFhirIndex:
             return []
         return [entry_of(r) for r in await self._run("read", lambda c: c.fetch(sql, *args))]
 
+    async def pointers(self, cid: str) -> set[str]:
+        if not storable(cid):
+            return set()
+        rows = await self._run("read", lambda c: c.fetch("SELECT pointer FROM fhir_resources WHERE cid = $1", cid))
+        return {r["pointer"] for r in rows}
+
     async def erase_patient(self, patient: str) -> int:
         result = await self._run("write", lambda c: c.execute("DELETE FROM fhir_resources WHERE patient = $1",
                                                               patient))

@@ -742,6 +742,10 @@ class SQLiteFhirIndex:
         sql, args = search_sql(query, lambda n: "?")
         return await self._db.read(lambda db: [entry_of(r) for r in db.execute(sql, args)])
 
+    async def pointers(self, cid: str) -> set[str]:
+        return await self._db.read(lambda db: {r[0] for r in db.execute(
+            "SELECT pointer FROM fhir_resources WHERE cid = ?", (cid,))})
+
     async def erase_patient(self, patient: str) -> int:
         return await self._db.write(lambda db: db.execute(
             "DELETE FROM fhir_resources WHERE patient = ?", (patient,)).rowcount)
