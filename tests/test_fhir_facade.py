@@ -49,9 +49,9 @@ def fhirpy(gateway, token: str | None = None) -> SyncFHIRClient:
     return SyncFHIRClient(fhir_base(gateway), authorization=f"Bearer {token or gateway.token}")
 
 
-def post_bundle(gateway, text: str, token: str | None = None) -> requests.Response:
+def post_bundle(gateway, text: str, token: str | None = None, **headers: str) -> requests.Response:
     return requests.post(fhir_base(gateway), data=text.encode(), timeout=60,
-                         headers={**bearer(token or gateway.token), "Content-Type": FHIR_JSON})
+                         headers={**bearer(token or gateway.token), "Content-Type": FHIR_JSON, **headers})
 
 
 def get(gateway, path: str, token: str | None = None, **params) -> requests.Response:
@@ -268,6 +268,27 @@ def test_updates_are_versions_and_entered_in_error_is_one(gateway, diabetes):
     assert records[-1]["record"]["schema"].endswith("/amendment/v2")
     assert records[-1]["record"]["body"]["corrects"] == records[1]["cid"]
     assert get(gateway, f"/Observation/a1c-1-{p}/_history/3").status_code == 404
+
+
+def test_a_transaction_sent_again_with_its_idempotency_key_is_applied_once(gateway):
+    p = uid("p")
+    urn = f"urn:uuid:{uuid.uuid4()}"
+    bundle = transaction(
+        entry('{"resourceType": "EpisodeOfCare", "id": "eoc-%s", "status": "active", "patient": {"reference": '
+              '"Patient/%s"}, "diagnosis": [{"condition": {"reference": "%s"}}]}' % (p, p, urn), "PUT",
+              f"EpisodeOfCare/eoc-{p}"),
+        entry('{"resourceType": "Condition", "subject": {"reference": "Patient/%s"}, "code": {"text": "T2DM"}}' % p,
+              "POST", "Condition", urn))
+    key = {"Idempotency-Key": f"tx-{p}"}
+    first, again = (post_bundle(gateway, bundle, **key) for _ in range(2))
+    assert first.status_code == again.status_code == 200, again.text
+    assert [e["response"] for e in again.json()["entry"]] == [e["response"] for e in first.json()["entry"]]
+    r = requests.get(f"{gateway.url}/medicon/v1/episodes/eoc-{p}", headers=gateway.headers, timeout=30)
+    assert r.json()["length"] == 1
+    changed = bundle.replace("T2DM", "Type 2 diabetes")
+    # another Bundle under the same key is another request: taken afresh (and refused here: the
+    # EpisodeOfCare it would open exists, so its new Condition has no episode to go to)
+    assert post_bundle(gateway, changed, **key).status_code == 400
 
 
 def test_a_refused_transaction_names_each_entry_and_writes_nothing(gateway):

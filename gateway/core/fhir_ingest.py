@@ -26,18 +26,21 @@ built and checked against its schema, before the first is appended; one refused 
 the transaction with an OperationOutcome naming each refused entry. Records are then appended
 in order — episodes opened first, then the others in entry order, closings last. Should an
 append fail after that (Kubo or storage down, a concurrent write closing an episode), the error
-names the records already appended: a chain is never rolled back.
+names the records already appended: a chain is never rolled back. Sent again with the same
+``Idempotency-Key`` (after a lost answer), the same Bundle is answered from the records it made
+instead of being applied twice.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import Invalid, NotFound
+from ..errors import IdempotencyKeyReused, Invalid, NotFound
 from . import exactjson, strictjson
 from .access import Caller
 from .fhir_facade import FhirFacade
@@ -124,6 +127,12 @@ class Transaction:
     async def run(self, text: str, idempotency_key: str | None = None) -> list[Outcome]:
         items = self.read(text)
         self.check()
+        if idempotency_key is not None:
+            # The key names this Bundle: the same key with another Bundle is another request.
+            idempotency_key = f"{idempotency_key}#{hashlib.sha256(text.encode('utf-8')).hexdigest()[:24]}"
+            earlier = await self._earlier(items, idempotency_key)
+            if earlier is not None:
+                return earlier
         groups = await self.place(items)
         self.check()
         records = [(f"record of Bundle.entry[{', '.join(str(i.index) for i in g.items)}]", self.record(g))
@@ -141,6 +150,36 @@ class Transaction:
                 version = await self._version(item, done.cid, f"/body/fhir/{position}")
                 outcomes.append(Outcome(item, done.cid, version, done.record["recorded_at"]))
         return sorted(outcomes, key=lambda o: o.item.index)
+
+    async def _earlier(self, items: list[Item], key: str) -> list[Outcome] | None:
+        """The outcome of this transaction sent before with the same Idempotency-Key (a retry
+        after a lost answer), read from the records it made; None if it was not."""
+        heads, found = self.service.storage.heads, []
+        while (indexed := await heads.record_by_key(f"{self.caller.principal.id}\n{key}#{len(found)}")) is not None:
+            found.append(indexed)
+        if not found:
+            return None
+        stored: dict[tuple[str, str], tuple[str, str, str]] = {}
+        for indexed in found:
+            _, record = await self.service.record_for(self.caller, indexed.cid)
+            for pointer, resource in find_resources(record.get("body"), "/body"):
+                stored.setdefault((resource.get("resourceType"), resource.get("id")),
+                                  (indexed.cid, pointer, record["recorded_at"]))
+        named = {(i.type, i.id) for i in items if i.method == "PUT" or "id" in i.resource}
+        spare = [k for k in stored if k not in named]
+        outcomes = []
+        for item in items:
+            if (item.type, item.id) not in stored:
+                assigned = next((k for k in spare if k[0] == item.type), None)
+                if assigned is None:
+                    raise IdempotencyKeyReused("this Idempotency-Key was used for a different transaction")
+                spare.remove(assigned)
+                item.id = assigned[1]
+            cid, pointer, recorded_at = stored[(item.type, item.id)]
+            version = await self._version(item, cid, pointer)
+            item.created = version == 1
+            outcomes.append(Outcome(item, cid, version, recorded_at))
+        return outcomes
 
     # --- reading the Bundle ---------------------------------------------------------------------
 
