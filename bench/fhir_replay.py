@@ -9,6 +9,7 @@ Two ways in, as clients write:
 * ``transactions``: each generated record's resources as a FHIR transaction Bundle (``PUT
   Type/id`` entries) to ``POST /fhir/r4``, which places them in records itself.
 
+    python -m bench.fhir_replay                    # its own Kubo and gateway, both modes
     python -m bench.fhir_replay --url http://127.0.0.1:5080 --token mdc_... --mode transactions
 """
 
@@ -17,10 +18,13 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import requests
@@ -167,30 +171,56 @@ def _entry_resources(bundle_text: str) -> list[str]:
     return [exactjson.extract(bundle_text, f"/entry/{i}/resource") for i in range(len(doc.get("entry", [])))]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--url", required=True)
-    parser.add_argument("--token", required=True)
-    parser.add_argument("--mode", choices=["records", "transactions"], default="records")
-    parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--patients", type=int, default=4)
-    parser.add_argument("--episodes", type=int, default=4)
-    parser.add_argument("--encounters", type=int, default=8)
-    args = parser.parse_args(argv)
-    records = fhir_synth.generate(args.seed, args.patients, args.episodes, args.encounters)
-    gateway = Gateway(args.url, args.token)
-    replay = (replay_records if args.mode == "records" else replay_transactions)(gateway, records)
+def run(gateway: Gateway, mode: str, records: list[fhir_synth.SynthRecord]) -> dict[str, Any]:
     from gateway.core.fhir_validation import validate_resource
+    replay = (replay_records if mode == "records" else replay_transactions)(gateway, records)
     check = read_back(gateway, replay, validate_resource)
-    print(json.dumps({
-        "mode": args.mode, "records": replay.records, "resources": replay.resources,
+    return {
+        "mode": mode, "records": replay.records, "resources": replay.resources,
         "write_seconds": round(replay.seconds, 2),
         "records_per_s": round(replay.records / replay.seconds, 1),
         "resources_per_s": round(replay.resources / replay.seconds, 1),
         "reads": check["reads"], "reads_per_s": round(check["reads"] / check["seconds"], 1),
         "problems": check["problems"][:20],
-    }, indent=2))
-    return 1 if check["problems"] else 0
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", help="a running gateway (default: start Kubo and a gateway of its own)")
+    parser.add_argument("--token", help="an admin token of that gateway")
+    parser.add_argument("--mode", choices=["records", "transactions", "both"], default="both")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--patients", type=int, default=4)
+    parser.add_argument("--episodes", type=int, default=4)
+    parser.add_argument("--encounters", type=int, default=8)
+    parser.add_argument("--out", type=Path, help="write the results as JSON")
+    args = parser.parse_args(argv)
+    modes = ["records", "transactions"] if args.mode == "both" else [args.mode]
+    results = []
+    procs = None
+    try:
+        if args.url:
+            url, token = args.url, args.token
+        else:
+            from bench.procs import Procs
+            procs = Procs(Path(tempfile.mkdtemp(prefix="medicon-bench-")))
+            procs.start_kubo()
+            procs.ensure_keyring()
+            token = procs.create_token().token
+            url = procs.start_gateway().url
+        for number, mode in enumerate(modes):  # another seed per mode: fresh patients and ids
+            records = fhir_synth.generate(args.seed + number, args.patients, args.episodes, args.encounters)
+            results.append(run(Gateway(url, token), mode, records))
+    finally:
+        if procs is not None:
+            procs.close()
+    report = {"seed": args.seed, "patients": args.patients, "episodes": args.episodes,
+              "encounters": args.encounters, "cores": os.cpu_count(), "results": results}
+    print(json.dumps(report, indent=2))
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return 1 if any(r["problems"] for r in results) else 0
 
 
 if __name__ == "__main__":
