@@ -197,7 +197,8 @@ async def binary(request: web.Request) -> web.StreamResponse:
     if blob.encrypted:
         return await attachments.serve(request, blob, rpc_cat=False)
     base = request.app[CONFIG].kubo.gateway_url.rstrip("/")
-    return await forward(request, URL(f"{base}/ipfs/{blob.cid}", encoded=True), headers={})
+    ranged = {name: request.headers[name] for name in ("Range", "If-Range") if name in request.headers}
+    return await forward(request, URL(f"{base}/ipfs/{blob.cid}", encoded=True), headers=ranged)
 
 
 @routes.get(PREFIX + "/{type}")
