@@ -456,3 +456,19 @@ async def test_check_finds_and_repairs_what_the_index_lacks(aiohttp_client, kubo
     r = await client.get(f"/fhir/r4/EpisodeOfCare/eoc-{p}")
     assert r.status == 200 and await r.text() == eoc
     assert (await check_service(service))["unindexed"] == []
+
+
+async def test_patients_with_ids_beyond_fhirs_are_found(aiohttp_client, kubo):
+    """A Medicon patient id may hold ':' and '_', which a FHIR id may not: search and
+    $everything still find that patient's resources."""
+    client = await app_client(aiohttp_client, gateway_config(kubo))
+    p, episode = f"clinic:{uid('p')}_x", uid("e")
+    r = await client.post(f"/medicon/v1/patients/{p}/episodes", json={
+        "schema": "https://medicon.example/schemas/episode-opened/v2", "episode": episode, "author": "dr.a",
+        "body": {"status": "active", "fhir": [{"resourceType": "Observation", "id": f"o-{episode}",
+                                               "status": "final", "code": {"text": "weight"}}]}})
+    assert r.status == 201, await r.text()
+    r = await client.get("/fhir/r4/Observation", params={"patient": p})
+    assert [e["resource"]["id"] for e in (await r.json())["entry"]] == [f"o-{episode}"]
+    r = await client.get(f"/fhir/r4/Patient/{p}/$everything")
+    assert r.status == 200 and len((await r.json())["entry"]) == 1

@@ -136,7 +136,7 @@ class FhirFacade:
         principal = caller.principal
         episodes = [e for e in await self.service.storage.heads.list_episodes(patient)
                     if principal.sees({"patient": e.patient, "episode": e.id})]
-        if not episodes or not FHIR_ID.fullmatch(patient):
+        if not episodes:
             raise NotFound(f"Patient/{patient} is unknown")
         query = FhirQuery(patient=(self.patient_pseudonym(patient),))
         return await self._page(caller, query, search)

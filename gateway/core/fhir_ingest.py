@@ -199,6 +199,8 @@ class Transaction:
             raise Invalid(f"at most {self.max_entries} entries in one transaction")
         types = default_validator().resource_types
         items, urns = [], {}
+        # Each entry's text, found in one pass over the Bundle's text.
+        entry_spans = [(begin, end) for _, begin, end in exactjson.items(text, exactjson.span(text, "/entry")[0])]
         for index, entry in enumerate(entries):
             resource = entry.get("resource") if isinstance(entry, dict) else None
             request = entry.get("request") if isinstance(entry, dict) else None
@@ -228,7 +230,7 @@ class Transaction:
             if not isinstance(rid, str) or not FHIR_ID.fullmatch(rid):
                 self.refuse(index, "the resource's id is not a FHIR id")
                 continue
-            item_text = exactjson.extract(text, f"/entry/{index}/resource")
+            item_text = exactjson.extract(text[slice(*entry_spans[index])], "/resource")
             if assigned:
                 item_text = exactjson.insert_member(item_text, "resourceType", "id", rid)
             items.append(Item(index, method, kind, rid, item_text, resource))
@@ -430,8 +432,9 @@ class Transaction:
         episode = (await self.service.storage.heads.record(stored.entry.cid)).episode
         target = self.group("encounter", ("stored", key), item.patient, episode, item.index)
         target.items.append(item)
-        target.body = {"status": exactjson.Raw(exactjson.extract(stored.text, "/status")),
-                       "class": exactjson.Raw(exactjson.extract(stored.text, "/class"))}
+        present = strictjson.loads(stored.text)
+        target.body = {name: exactjson.Raw(exactjson.extract(stored.text, "/" + name))
+                       for name in ("status", "class") if name in present}
 
     async def _check_episodes(self, groups: list[Group]) -> None:
         """Episodes appended to exist (or are opened by this transaction), are open and lie in
@@ -454,13 +457,14 @@ class Transaction:
         fhir = [exactjson.Raw(item.text) for item in group.items]
         if group.kind == "open":
             head = group.items[0]
-            body: dict[str, Any] = {"status": head.resource["status"]}
+            body: dict[str, Any] = {"status": head.resource.get("status")}
             if "period" in head.resource:
                 body["period"] = exactjson.Raw(exactjson.extract(head.text, "/period"))
         elif group.kind == "encounter":
             head = group.items[0]
-            body = group.body or {"status": head.resource["status"],
-                                  "class": exactjson.Raw(exactjson.extract(head.text, "/class"))}
+            body = group.body or {"status": head.resource.get("status")}
+            if not group.body and "class" in head.resource:
+                body["class"] = exactjson.Raw(exactjson.extract(head.text, "/class"))
         elif group.kind == "amend":
             names = [f"{i.method} {i.type}/{i.id}" for i in group.items]
             body = {**group.body, "reason": "Updated through the FHIR API: " + ", ".join(names),
@@ -469,7 +473,7 @@ class Transaction:
             body = dict(group.body)
         schema = {"open": OPENED, "encounter": ENCOUNTER, "amend": AMENDMENT, "close": CLOSED}[group.kind]
         doc = {"schema": schema, "patient": group.patient, "episode": group.episode,
-               "author": self.caller.principal.id, "body": {**body, "fhir": fhir}}
+               "author": self.caller.principal.id[:256], "body": {**body, "fhir": fhir}}
         return ClientRecord.from_text(exactjson.render(doc))
 
     async def _version(self, item: Item, cid: str, pointer: str) -> int | None:

@@ -264,11 +264,9 @@ def parse_search(resource_type: str | None, pairs: list[tuple[str, str]], pseudo
                 continue
             raise Invalid(_unsupported(resource_type, name, known))
         elif base == "patient":
-            patients = [reference_key(v, "Patient") for v in _values(value)]
-            if not all(p and p.startswith("Patient/") for p in patients):
-                raise Invalid("patient: expected Patient/<id> or <id>")
-            search.patients = tuple(p.partition("/")[2] for p in patients) if search.patients is None else \
-                tuple(p for p in search.patients if f"Patient/{p}" in patients)
+            patients = [_patient_id(v) for v in _values(value)]
+            search.patients = tuple(patients) if search.patients is None else \
+                tuple(p for p in search.patients if p in patients)
         elif base == "_id":
             ids = _values(value)
             if not all(FHIR_ID.fullmatch(i) for i in ids):
@@ -278,6 +276,18 @@ def parse_search(resource_type: str | None, pairs: list[tuple[str, str]], pseudo
             search.all_of.append(_matches(known[base], value, pseudonym))
         search.used.append((name, value))
     return search
+
+
+_PATIENT = re.compile(r"(?:.*/)?(?:Patient/)?([A-Za-z0-9._:-]{1,128})")
+
+
+def _patient_id(value: str) -> str:
+    """The patient a ``patient`` value names: ``Patient/<id>``, an absolute URL to it, or the
+    bare id (a Medicon patient identifier, which may hold ``:`` and ``_`` beyond FHIR's id)."""
+    match = _PATIENT.fullmatch(value)
+    if not match or (value.count("/") and not re.search(r"(?:^|/)Patient/[^/]+$", value)):
+        raise Invalid("patient: expected Patient/<id> or <id>")
+    return match[1]
 
 
 def _integer(name: str, value: str, low: int, high: int) -> int:
