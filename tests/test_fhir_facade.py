@@ -270,6 +270,38 @@ def test_updates_are_versions_and_entered_in_error_is_one(gateway, diabetes):
     assert get(gateway, f"/Observation/a1c-1-{p}/_history/3").status_code == 404
 
 
+def test_fhirpy_creates_through_a_transaction_bundle(gateway):
+    """A transaction as fhirpy sends one (its own JSON: numbers as Python floats), with
+    urn:uuid references between entries; then read back and searched with fhirpy."""
+    p = uid("p")
+    eoc, enc, obs = (f"urn:uuid:{uuid.uuid4()}" for _ in range(3))
+    subject = {"reference": f"Patient/{p}"}
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"fullUrl": eoc, "request": {"method": "POST", "url": "EpisodeOfCare"},
+         "resource": {"resourceType": "EpisodeOfCare", "status": "active", "patient": subject}},
+        {"fullUrl": enc, "request": {"method": "POST", "url": "Encounter"},
+         "resource": {"resourceType": "Encounter", "status": "finished", "subject": subject,
+                      "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
+                      "episodeOfCare": [{"reference": eoc}]}},
+        {"fullUrl": obs, "request": {"method": "POST", "url": "Observation"},
+         "resource": {"resourceType": "Observation", "status": "final", "subject": subject,
+                      "code": {"coding": [{"system": LOINC, "code": "4548-4"}]}, "encounter": {"reference": enc},
+                      "effectiveDateTime": "2025-02-03", "valueQuantity": {"value": 6.4, "unit": "%"}}}]}
+    client = fhirpy(gateway)
+    answer = client.execute("", method="post", data=bundle)
+    assert answer["type"] == "transaction-response"
+    assert [e["response"]["status"] for e in answer["entry"]] == ["201 Created"] * 3
+    obs_id = answer["entry"][2]["response"]["location"].split("/")[1]
+    enc_id = answer["entry"][1]["response"]["location"].split("/")[1]
+    read = client.reference("Observation", obs_id).to_resource()
+    assert read["encounter"]["reference"] == f"Encounter/{enc_id}" and read["valueQuantity"]["value"] == 6.4
+    found = client.resources("Observation").search(patient=p, code=f"{LOINC}|4548-4", date__ge="2025").fetch_all()
+    assert [o["id"] for o in found] == [obs_id]
+    episode = client.resources("EpisodeOfCare").search(patient=p).fetch_all()[0]
+    everything = client.execute(f"Patient/{p}/$everything", method="get")
+    assert [e["resource"]["id"] for e in everything["entry"]] == [episode["id"], enc_id, obs_id]
+
+
 def test_a_transaction_sent_again_with_its_idempotency_key_is_applied_once(gateway):
     p = uid("p")
     urn = f"urn:uuid:{uuid.uuid4()}"
