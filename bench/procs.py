@@ -116,8 +116,10 @@ class Procs:
 
     # --- Kubo ------------------------------------------------------------------------------
 
-    def start_kubo(self) -> KuboNode:
-        self.kubo = KuboNode(self.tmp / "kubo" / "repo", offline=True)
+    def start_kubo(self, sync: bool = True) -> KuboNode:
+        """Kubo as the gateway's managed node runs it; ``sync=False``: blocks not fsynced
+        (Kubo's own default), only to measure what fsyncing them costs."""
+        self.kubo = KuboNode(self.tmp / "kubo" / "repo", offline=True, sync=sync)
         self.kubo.start(timeout=60)
         return self.kubo
 

@@ -164,7 +164,7 @@ def markdown(results: dict[str, Any]) -> str:
         "(for latencies: gateway ÷ direct, lower is better). MB = 10^6 bytes.",
         "- Appends: direct / nginx = a raw `add` of the same record JSON bytes on Kubo, same "
         "concurrency; gateway = `POST /medicon/v1/episodes/{e}/records` (validate, seal, sign, "
-        "dag/put, pin, head move), each client over 4 episodes of its own.",
+        "block/put with its pin, head move), each client over 4 episodes of its own.",
     ]
     if hist_note:
         lines.append(hist_note)
@@ -179,7 +179,31 @@ def markdown(results: dict[str, Any]) -> str:
                      "GET /ipfs: Kubo's HTTP gateway).")
     else:
         lines.append(f"- Encrypted attachment read: {enc.get('status', '?')} — {enc.get('reason', '')}.")
+    lines += sync_lines(results.get("sync"))
     return "\n".join(lines) + "\n"
+
+
+def sync_lines(sync: dict[str, Any] | None) -> list[str]:
+    """What fsyncing Kubo's blocks costs, side by side (sync on: the managed node and
+    deploy/kubo-harden.sh; sync off: Kubo's default)."""
+    if not sync or not (sync.get("appends") or sync.get("add")):
+        return []
+    lines = ["", "### Kubo's block store fsynced (sync on) or not (sync off, Kubo's default)", "",
+             "| metric | sync off | sync on | on/off |", "| --- | ---: | ---: | ---: |"]
+    for c_s, a in sorted(sync.get("appends", {}).items(), key=lambda kv: int(kv[0])):
+        who = f"{c_s} client{'s' if c_s != '1' else ''}"
+        rps, p50, p99 = a["records_per_s"], a["p50_ms"], a["p99_ms"]
+        lines.append(f"| appends through the gateway, {who} (records/s) | {rps['sync off']:.0f} | "
+                     f"{rps['sync on']:.0f} | {a['on_to_off']:.2f}× |")
+        lines.append(f"| appends, {who}: p50 / p99 latency (ms) | {p50['sync off']:.1f} / {p99['sync off']:.1f} | "
+                     f"{p50['sync on']:.1f} / {p99['sync on']:.1f} | |")
+    for via, a in sync.get("add", {}).items():
+        m = a["mbps"]
+        lines.append(f"| add {size_label(a['size'])} {'directly on Kubo' if via == 'kubo' else 'through the gateway'} "
+                     f"(MB/s) | {m['sync off']:.0f} | {m['sync on']:.0f} | {a['on_to_off']:.2f}× |")
+    lines += ["", "Medians of interleaved rounds; on/off is the median of the per-round ratios. Each appended "
+              "record is one block written, fsynced, and pinned (the pin, in leveldb, was always fsynced)."]
+    return lines
 
 
 def _legend(ax, **kw) -> None:

@@ -35,7 +35,7 @@ from bench.procs import ROOT, TMP_PREFIX, BenchError, Procs, reap_stale  # noqa:
 MiB = 1 << 20
 GiB = 1 << 30
 RESULTS = Path(__file__).resolve().with_name("results")
-SCENARIOS = ("cat", "ipfs", "add", "appends", "history", "rss", "encrypted")
+SCENARIOS = ("cat", "ipfs", "add", "appends", "history", "rss", "encrypted", "sync")
 
 
 @dataclass
@@ -294,6 +294,58 @@ def encrypted_read(ctx: Ctx) -> dict:
             "stored_bytes": stored, "overhead_bytes": stored - size, "by_op": by_op}
 
 
+def sync_cost(ctx: Ctx) -> None:
+    """What fsyncing Kubo's blocks costs: Kubo as the gateway's managed node and
+    deploy/kubo-harden.sh run it (flatfs ``sync: true``) against Kubo's own default (``false``),
+    a second Kubo and gateway for the latter. Record appends through each gateway, and adds of
+    the largest size up to 256 MiB directly on each Kubo and through each gateway; each pair
+    interleaved round after round."""
+    plan = ctx.plan
+    other = Procs(ctx.procs.tmp / "nosync")
+    block = ctx.results.setdefault("sync", {"appends": {}, "add": {}})
+    try:
+        other.start_kubo(sync=False)
+        other.ensure_keyring()
+        other.create_token()
+        off_gw, on_gw = other.start_gateway(), ctx.procs.ensure_gateway()
+        on_kubo, off_kubo = ctx.procs.kubo, other.kubo
+        apps = [{"name": "sync on", "kind": "append", "url": on_gw.url, "headers": ctx.procs.auth.headers},
+                {"name": "sync off", "kind": "append", "url": off_gw.url, "headers": other.auth.headers}]
+        for c in (1, 8):
+            res = ctx.loadgen({"kind": "append", "concurrency": c, "records_per_client": plan.records_per_client[c],
+                               "episodes_per_client": 4, "targets": apps, "repeats": plan.append_repeats,
+                               "budget_s": 150, "run_timeout_s": 60}, 150)
+            runs = res["runs"]
+            n = min(len(v) for v in runs.values())
+            got = {"concurrency": c, "runs": runs,
+                   "records_per_s": {t: median([x["records_per_s"] for x in v]) for t, v in runs.items()},
+                   "p50_ms": {t: median([x["p50_ms"] for x in v]) for t, v in runs.items()},
+                   "p99_ms": {t: median([x["p99_ms"] for x in v]) for t, v in runs.items()},
+                   "on_to_off": median([runs["sync on"][i]["records_per_s"] / runs["sync off"][i]["records_per_s"]
+                                        for i in range(n)])}
+            block["appends"][str(c)] = got
+            rps, p50 = got["records_per_s"], got["p50_ms"]
+            ctx.say(f"sync appends c={c}: on {rps['sync on']:.0f}/s p50 {p50['sync on']:.1f} ms | off "
+                    f"{rps['sync off']:.0f}/s p50 {p50['sync off']:.1f} ms ({got['on_to_off']:.2f}x)")
+        size = max(s for s in plan.sizes if s <= 256 * MiB)
+        for via, on_url, off_url, on_headers, off_headers in (
+                ("kubo", on_kubo.api_url, off_kubo.api_url, {}, {}),
+                ("gateway", on_gw.url, off_gw.url, ctx.procs.auth.headers, other.auth.headers)):
+            targets = [{"name": "sync on", "api": on_url, "gw": on_url, "headers": on_headers},
+                       {"name": "sync off", "api": off_url, "gw": off_url, "headers": off_headers}]
+            budget = 150 * max(1, size // (256 * MiB))
+            res = ctx.loadgen({"kind": "stream", "op": "add", "size": size, "targets": targets,
+                               "repeats": plan.repeats, "iterations": plan.iterations(size), "budget_s": budget}, budget)
+            got = {"size": size, "samples_mbps": res["samples"], "rounds": len(res["rounds"]),
+                   "mbps": {t: median(v) for t, v in res["samples"].items()},
+                   "on_to_off": median([r["sync on"] / r["sync off"] for r in res["rounds"]])}
+            block["add"][via] = got
+            ctx.say(f"sync add {size_label(size)} via {via}: on {got['mbps']['sync on']:.0f} MB/s, off "
+                    f"{got['mbps']['sync off']:.0f} MB/s ({got['on_to_off']:.2f}x)")
+    finally:
+        other.close()
+
+
 def encrypted(ctx: Ctx) -> None:
     ctx.results["encrypted_read"] = res = encrypted_read(ctx)
     if res["status"] == "measured":
@@ -406,7 +458,8 @@ def main(argv: list[str] | None = None) -> int:
         for op in ("cat", "ipfs", "add"):
             if op in plan.only:
                 steps.append((op, lambda op=op: stream(ctx, op)))
-        for name, fn in (("appends", appends), ("history", history), ("rss", rss), ("encrypted", encrypted)):
+        for name, fn in (("appends", appends), ("history", history), ("rss", rss), ("encrypted", encrypted),
+                         ("sync", sync_cost)):
             if name in plan.only:
                 steps.append((name, lambda fn=fn: fn(ctx)))
         for name, step in steps:

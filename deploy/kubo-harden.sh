@@ -48,6 +48,11 @@ fi
 "$IPFS_BIN" config --json Gateway.PublicGateways null                        # drop any hostname-specific gateway rules; Kubo's built-in defaults apply
 "$IPFS_BIN" config --json Swarm.DisableNatPortMap true                       # do not ask the router (UPnP/NAT-PMP) to open ports on the host
 "$IPFS_BIN" config --json Discovery.MDNS.Enabled false                       # do not announce the node on, or scan, the local network
+spec="$("$IPFS_BIN" config Datastore.Spec)"                                  # the block store's settings (flatfs by default, badger as an option)
+synced="$(printf '%s\n' "$spec" | sed -e 's/"sync": false/"sync": true/' -e 's/"syncWrites": false/"syncWrites": true/')"  # fsync every block written: Kubo's default does not, so a power loss could lose a block an acknowledged record needs
+if [ "$synced" != "$spec" ]; then                                            # only rewrite when something changes (the flag is not part of the on-disk spec, so an existing repo opens as before)
+  "$IPFS_BIN" config --json Datastore.Spec "$synced"
+fi
 if [ ! -s "$SECRET_FILE" ]; then                          # first start: make the secret (a mounted secret file is never overwritten)
   (umask 077 && head -c 32 /dev/urandom | base64 | tr -d '=+/\n' > "$SECRET_FILE")  # 0600, URL-safe characters only
 fi
@@ -61,4 +66,8 @@ if [ "$api" != "/ip4/127.0.0.1/tcp/$API_PORT" ] || [ "$gw" != "/ip4/127.0.0.1/tc
   echo "kubo-harden: refusing to start: API=$api Gateway=$gw" >&2                                  # say what is wrong
   exit 1                                                                                            # non-zero stops the daemon from starting
 fi
-echo "kubo-harden: API=$api Gateway=$gw NoFetch=$NOFETCH RPC secret from $SECRET_FILE"  # one line summary for the service log (never the secret)
+if "$IPFS_BIN" config Datastore.Spec | grep -q -e '"sync": false' -e '"syncWrites": false'; then  # read back: a block store that does not fsync must not start
+  echo "kubo-harden: refusing to start: the block store does not fsync its writes (Datastore.Spec)" >&2
+  exit 1
+fi
+echo "kubo-harden: API=$api Gateway=$gw NoFetch=$NOFETCH BlocksSync=true RPC secret from $SECRET_FILE"  # one line summary for the service log (never the secret)

@@ -124,6 +124,10 @@ class RecordsConfig(Section):
     # "warn" accepts it and logs a warning, "off" does not look. Enforce by default: records are
     # never rewritten, and the FHIR facade serves what was stored to other FHIR software.
     fhir_validation: Literal["off", "warn", "enforce"] = "enforce"
+    # Seconds a record's recorded_at may lie ahead of the gateway's clock (later: 400). An
+    # episode's times never go backwards, so one writer's fast clock would otherwise hold every
+    # other writer's appends off (409) until that time has passed.
+    max_clock_skew: Seconds = 300.0
 
 
 def _database_url(value: SecretStr) -> SecretStr:

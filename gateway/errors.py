@@ -13,6 +13,7 @@ only (``revoked``, ``expired``), never rendered.
 
 from __future__ import annotations
 
+import errno
 from typing import Any, Mapping
 
 
@@ -82,6 +83,12 @@ class TimedOut(MediconError):
 
 class StorageFull(MediconError):
     """A volume the gateway writes to is full; nothing was acknowledged."""
+
+
+def is_out_of_space(exc: BaseException) -> bool:
+    """Whether ``exc`` is the operating system saying a disk is full (ENOSPC) or a quota is
+    used up (EDQUOT)."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 class Internal(MediconError):

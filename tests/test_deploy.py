@@ -462,6 +462,11 @@ def test_harden_script_on_real_kubo(tmp_path):
     assert cfg["Swarm"]["DisableNatPortMap"] is True
     assert cfg["Discovery"]["MDNS"]["Enabled"] is False
     assert not cfg["Gateway"].get("PublicGateways")
+    blocks = [m for m in cfg["Datastore"]["Spec"]["mounts"] if m["mountpoint"] == "/blocks"]
+    assert blocks and blocks[0]["type"] == "flatfs" and blocks[0]["sync"] is True  # Kubo's init says false
+    opened = subprocess.run([str(IPFS_BIN), "repo", "stat"], env={**os.environ, "IPFS_PATH": str(repo)},
+                            capture_output=True, text=True, timeout=60)
+    assert opened.returncode == 0, opened.stderr  # the synced spec still matches the repo on disk
     peer_id = cfg["Identity"]["PeerID"]
 
     secret = (repo / "medicon-api-secret").read_text().strip()
@@ -494,7 +499,18 @@ def test_harden_script_on_real_kubo(tmp_path):
     assert run(KUBO_API_SECRET_FILE=str(mounted)).returncode == 0
     assert config()["API"]["Authorizations"]["medicon-gateway"]["AuthSecret"] == "bearer:" + "m" * 40
 
-    # 3. Bad input stops the start instead of producing a half-hardened repo.
+    # 3. A block store set back to Kubo's default (no fsync) is synced again on the next start.
+    cfg = config()
+    for mount in cfg["Datastore"]["Spec"]["mounts"]:
+        if mount["type"] == "flatfs":
+            mount["sync"] = False
+    (repo / "config").write_text(json.dumps(cfg, indent=2))
+    result = run()
+    assert result.returncode == 0, result.stderr
+    assert "BlocksSync=true" in result.stdout
+    assert [m["sync"] for m in config()["Datastore"]["Spec"]["mounts"] if m["type"] == "flatfs"] == [True]
+
+    # 4. Bad input stops the start instead of producing a half-hardened repo.
     assert run(KUBO_GATEWAY_NOFETCH="maybe").returncode != 0
     assert run(KUBO_API_PORT="5001; rm -rf /").returncode != 0
     assert subprocess.run(["sh", script], env={"PATH": os.environ.get("PATH", "")},

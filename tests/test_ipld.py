@@ -54,3 +54,27 @@ def test_a_block_that_does_not_match_its_cid_is_refused(kubo):
     block[-1] ^= 1
     with pytest.raises(ipld.BlockMismatch):
         ipld.decode(cid, bytes(block))
+
+
+@pytest.mark.parametrize("encrypt", [True, False])
+async def test_record_nodes_are_encoded_byte_for_byte_as_dag_put_stores_them(aiohttp_client, kubo, encrypt):
+    """The gateway encodes its record nodes itself (and stores them with block/put, whose
+    answer is the write's): the bytes, hence the CID, are those Kubo's dag/put makes of the
+    same node — for real sealed nodes and for the odd shapes a node may take."""
+    c = await app_client(aiohttp_client, gateway_config(kubo, **{"security.encrypt": encrypt}))
+    patient, episode = uid("p"), uid("e")
+    r = await c.post(f"/medicon/v1/patients/{patient}/episodes", json=opened(patient, episode))
+    first = (await r.json())["cid"]
+    r = await c.post(f"/medicon/v1/episodes/{episode}/records", json=encounter(patient, episode, note="ünïcødé ✓"))
+    second = (await r.json())["cid"]
+    service = c.server.app[SERVICE]
+    odd = {"z": 1, "aa": -(2**63), "b": 2**63 - 1, "é": "x", "ab": [True, False, None, {"/": first}],
+           "": {"nested": {"k": 0}}, "long key " * 3: "v" * 300}
+    for node in (await service.kubo.dag_get(first), await service.kubo.dag_get(second), odd):
+        put = kubo.ipfs("dag", "put", "--store-codec=dag-cbor", "--input-codec=dag-json",
+                        input=json.dumps(node).encode()).stdout.decode().strip()
+        assert ipld.cid_of(ipld.encode(node)) == put
+        assert ipld.encode(node) == kubo.ipfs("block", "get", put).stdout
+    assert ipld.cid_of(ipld.encode(await service.kubo.dag_get(second))) == second
+    with pytest.raises(ipld.Unsupported):
+        ipld.encode({"f": 1.5})

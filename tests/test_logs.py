@@ -17,7 +17,7 @@ from pathlib import Path
 
 import aiohttp
 
-from conftest import ROOT, BlockingTokens, bearer, make_token, new_data_dir, token_path
+from conftest import ROOT, BlockingTokens, storage_env, bearer, make_token, new_data_dir, token_path
 from gateway.cli import build_parser
 from records_helpers import encounter, opened, uid
 
@@ -33,6 +33,7 @@ class LoggingGateway:
         self.log_path = tmp_path / "gateway.log"
         self._log = self.log_path.open("w")
         env = {**os.environ, "MEDICON_KUBO_API_URL": node.api_url, "MEDICON_KUBO_GATEWAY_URL": node.gateway_url, "MEDICON_KUBO_API_AUTH": node.api_secret,
+               **storage_env(self.data_dir),
                "MEDICON_RECORDS_DATA_DIR": self.data_dir}
         self.process = subprocess.Popen([sys.executable, "-m", "gateway", *global_args, "serve", "--port", "0"],
                                         env=env, stdout=subprocess.PIPE, stderr=self._log, text=True, cwd=ROOT)

@@ -4,8 +4,8 @@ and logs); stdout keeps only the command's result either way."""
 
 from __future__ import annotations
 
-import fcntl
 import asyncio
+import fcntl
 import json
 import os
 import pty
@@ -15,7 +15,7 @@ import subprocess
 import sys
 import termios
 
-from conftest import ROOT, app_client, gateway_config
+from conftest import storage_env, ROOT, app_client, gateway_config
 from gateway.config import keyring_path
 from gateway.security.keyring import LocalKeyring
 from records_helpers import encounter, opened, uid
@@ -73,7 +73,7 @@ async def _records(aiohttp_client, kubo, episodes: int = 6) -> tuple[object, int
 
 def _check_env(cfg, kubo) -> dict[str, str]:
     return {"MEDICON_KUBO_API_URL": kubo.api_url, "MEDICON_KUBO_GATEWAY_URL": kubo.gateway_url, "MEDICON_KUBO_API_AUTH": kubo.api_secret,
-            "MEDICON_RECORDS_DATA_DIR": cfg.records.data_dir}
+            "MEDICON_RECORDS_DATA_DIR": cfg.records.data_dir, **storage_env(cfg.records.data_dir)}
 
 
 async def test_check_writes_plain_progress_lines_when_not_on_a_terminal(aiohttp_client, kubo):
@@ -102,21 +102,10 @@ async def test_check_draws_a_progress_bar_on_a_terminal(aiohttp_client, kubo):
 
 def _with_provider(data_dir: str, use):
     """``await use(provider, storage)`` with the key file attached to the data dir's key store,
-    as the gateway and the ``keys`` commands open it."""
+    as the ``keys`` commands open it."""
+    from gateway.cli import with_key_provider
     from gateway.config import load_config
-    from gateway.core.key_provider import KeyringProvider
-    from gateway.storage import open_storage
-
-    async def run_it():
-        config = load_config(env={}, overrides={"records.data_dir": data_dir})
-        storage = await open_storage(config)
-        try:
-            provider = KeyringProvider(keyring_path(config))
-            await provider.attach(storage.keys)
-            return await use(provider, storage)
-        finally:
-            await storage.close()
-    return asyncio.run(run_it())
+    return asyncio.run(with_key_provider(load_config(env={}, overrides={"records.data_dir": data_dir}), use))
 
 
 def _keyring_with_patients(tmp_path, patients: int) -> tuple[str, dict[str, bytes]]:

@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 from ..errors import Conflict, Internal, MediconError
 from ..storage.model import Episode
-from .records import OPENING_KINDS, ChainConflict, now, timestamp
+from .records import OPENING_KINDS, ChainConflict, RecordInvalid, now, timestamp
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,9 @@ class EpisodeLocks:
 
 def link(record: dict[str, Any], episode: Episode | None, policy: Policy) -> dict[str, Any]:
     """``record`` with ``prev``, ``seq`` and ``recorded_at`` decided against the episode as it
-    stands; ``ChainConflict`` if it does not fit."""
+    stands; ``ChainConflict`` if it does not fit. A ``recorded_at`` the gateway stamps itself is
+    never before the episode's last one (a record stamped by a clock a little ahead, within
+    ``records.max_clock_skew``, does not make the gateway's own stamps conflict)."""
     opening = record["schema"] in OPENING_KINDS
     given_prev = record.get("prev")
     # An episode of another patient is none of this writer's business: it learns no more than
@@ -54,10 +56,27 @@ def link(record: dict[str, Any], episode: Episode | None, policy: Policy) -> dic
         seq, last = episode.length, episode.last_recorded_at
     if "seq" in record and record["seq"] != seq:
         raise ChainConflict(f"seq {record['seq']} is not the next position {seq}", episode)
-    recorded_at = record.get("recorded_at") or now()
+    recorded_at = record.get("recorded_at")
+    if not recorded_at:
+        recorded_at = now()
+        if last is not None and timestamp(recorded_at) < timestamp(last):
+            recorded_at = last
     if last is not None and timestamp(recorded_at) < timestamp(last):
         raise ChainConflict(f"recorded_at {recorded_at} is before the episode's last record ({last})", episode)
     return {**record, "prev": prev, "seq": seq, "recorded_at": recorded_at}
+
+
+def check_clock_skew(record: dict[str, Any], max_ahead: float) -> None:
+    """``recorded_at`` may not lie more than ``max_ahead`` seconds past the gateway's clock:
+    an episode's times never go backwards, so a record from a clock running ahead would hold
+    off every other writer's appends (409) until that time had passed."""
+    given = record.get("recorded_at")
+    if not given:
+        return
+    ahead = (timestamp(given) - timestamp(now())).total_seconds()
+    if ahead > max_ahead:
+        raise RecordInvalid([f"/recorded_at: {given} is {ahead:.0f} s ahead of the gateway's clock; "
+                             f"at most {max_ahead:g} s ahead is accepted (records.max_clock_skew)"])
 
 
 def _apply(policy: Policy, given_prev: str | None, episode: Episode) -> str:

@@ -1,13 +1,23 @@
 """``medicon-gateway check``: compare the head store with Kubo after a crash or an incident.
 
 Every indexed record must be in Kubo and pinned (the gateway pins each record recursively as
-it stores it), every chain verifying. Pins of record nodes the index does not know are
-reported as orphans: a record stored and pinned by an append that crashed before its head
-moved (never acknowledged). With the ``fhir_index`` plugin loaded, every FHIR resource a
-record embeds must be in the FHIR search index (the plugin indexes on commit, and a failure
-there never undoes the append): records missing from it are ``unindexed``. ``--repair``
-re-pins unpinned records, removes orphan pins and indexes what the FHIR index lacks.
-Runs on the record service alone: no web server.
+it stores it), every chain verifying. Pins of record nodes the index does not hold are
+examined one by one: a node stored by an append whose head never moved (a crash, a lost
+compare-and-swap whose clean-up failed) is an orphan, never acknowledged. ``--repair`` re-pins
+unpinned records and removes orphan pins. Runs on the record service alone: no web server.
+
+Safe while gateways write. An append stores and pins its node *before* it moves the head, so
+a pinned node the index does not hold may be one an append is about to commit; a snapshot of
+the pins and the index cannot tell the two apart. What can: the node names its position in its
+episode (``seq``, and ``prev``, the head it expects), and a position, once taken, is taken for
+good (heads only move forward, by compare-and-swap). So a node is an orphan only when the
+episode's record at its ``seq`` is another one, or the episode is closed before it; a node
+whose position is still free (the episode's next one, or an opening whose episode is not there
+yet) is reported as ``pending`` and left alone, to be decided by a later run.
+
+With the ``fhir_index`` plugin loaded, every FHIR resource a record embeds must be in the FHIR
+search index (the plugin indexes on commit, and a failure there never undoes the append):
+records missing from it are ``unindexed``, and ``--repair`` indexes them.
 """
 
 from __future__ import annotations
@@ -16,11 +26,15 @@ from typing import Any, Callable
 
 from ..config import Config
 from ..errors import MediconError
+from ..storage.model import Episode
 from .fhir_facade import FhirFacade
 from .service import RecordService
 
+ORPHAN, COMMITTED, PENDING = "orphan", "committed", "pending"
 
-# ``progress(phase, done, total)``: told as each phase (``records``, ``episodes``, ``pins``)
+
+# ``progress(phase, done, total)``: told as each phase (``records``, ``episodes``, ``pins``,
+# ``index``)
 # starts and after each item, so a command can show how far it got; the core prints nothing.
 Progress = Callable[[str, int, int], None]
 
@@ -40,9 +54,12 @@ async def check_service(service: RecordService, *, repair: bool = False,
     heads, kubo = service.storage.heads, service.kubo
     episodes = await heads.episodes()
     records = await heads.all_records()
+    # Read after the index: a record indexed above was pinned before its head moved, so it is
+    # in this set unless its pin was removed since.
     pins = await kubo.recursive_pins()
     report: dict[str, Any] = {"episodes": len(episodes), "records": len(records), "missing": [],
-                              "unpinned": [], "broken": [], "orphans": [], "unindexed": [], "repaired": []}
+                              "unpinned": [], "broken": [], "orphans": [], "pending": [], "unindexed": [],
+                              "repaired": []}
     progress("records", 0, len(records))
     for done, record in enumerate(records, 1):
         if not await kubo.has_block(record.cid):
@@ -60,15 +77,20 @@ async def check_service(service: RecordService, *, repair: bool = False,
             report["broken"].append(verdict)
         progress("episodes", done, len(episodes))
     indexed = {r.cid for r in records}
+    by_pseudonym = {service.sealer.episode_pseudonym(e.id): e.id for e in episodes}
     unindexed = sorted(pins - indexed)
     progress("pins", 0, len(unindexed))
     for done, pin in enumerate(unindexed, 1):
-        # Only record nodes: attachments and raw data are pinned by their owners.
-        if pin.startswith("bafyrei") and await _is_record_node(service, pin):
-            report["orphans"].append(pin)
-            if repair:
-                await kubo.pin_rm(pin)
-                report["repaired"].append({"unpinned": pin})
+        # Only record nodes (dag-cbor, sha2-256): attachments and raw data are pinned by their owners.
+        node = await _own_record_node(service, pin) if pin.startswith("bafyrei") else None
+        if node is not None:
+            fate = await _fate(service, pin, node, by_pseudonym)
+            if fate == PENDING:
+                report["pending"].append(pin)
+            elif fate == ORPHAN:
+                report["orphans"].append(pin)
+                if repair and await kubo.pin_rm(pin):
+                    report["repaired"].append({"unpinned": pin})
         progress("pins", done, len(unindexed))
     if service.plugins.pm.get_plugin("fhir_index") is not None:
         await _check_fhir_index(service, records, report, repair, progress)
@@ -99,9 +121,39 @@ async def _check_fhir_index(service: RecordService, records: list, report: dict[
         progress("index", done, len(records))
 
 
-async def _is_record_node(service: RecordService, cid: str) -> bool:
+async def _own_record_node(service: RecordService, cid: str) -> dict[str, Any] | None:
     try:
         node = await service.kubo.dag_get(cid)
     except MediconError:
-        return False
-    return await service.sealer.is_record_node(node)
+        return None
+    return node if await service.sealer.is_record_node(node) else None
+
+
+async def _fate(service: RecordService, cid: str, node: dict[str, Any], by_pseudonym: dict[str, str]) -> str:
+    """Whether a pinned record node the index did not hold (when it was read) is committed by
+    now, can never be (an orphan), or may still be (its position is free)."""
+    heads = service.storage.heads
+    seq = node.get("seq")
+    if not isinstance(seq, int) or seq < 0:
+        return PENDING
+    episode_id = by_pseudonym.get(node.get("episode"))
+    if episode_id is None:  # an episode opened since the list was read, or never opened
+        by_pseudonym.update({service.sealer.episode_pseudonym(e.id): e.id for e in await heads.episodes()})
+        episode_id = by_pseudonym.get(node.get("episode"))
+        if episode_id is None:
+            return PENDING
+    episode: Episode | None = await heads.get_episode(episode_id)
+    if episode is None:
+        return PENDING
+    if episode.length > seq:  # the position is taken, for good: by this node or by another
+        taken = await heads.history(episode_id, seq - 1, 1)
+        return COMMITTED if taken and taken[0].cid == cid else ORPHAN
+    if episode.length == seq and episode.status == "open":
+        prev = node.get("prev")
+        prev = prev.get("/") if isinstance(prev, dict) else prev
+        # Its append may still move the head (it expects exactly this one); otherwise no append
+        # can ever place it, since heads only move forward.
+        return PENDING if prev == episode.head else ORPHAN
+    if episode.length == seq:  # closed before this node could be appended
+        return ORPHAN
+    return PENDING  # beyond the episode's end: not a node this index ever expected

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import pluggy
 
 from .. import hookspecs
-from ..errors import Erased, Internal, MediconError
+from ..errors import Erased, Internal, MediconError, StorageFull, is_out_of_space
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,9 @@ class PluginHost:
                 return exc
             return exc.with_message(f"{exc.message} (plugin {plugin})")
         who = f"plugin {plugin!r}" if plugin else "a plugin"
+        if is_out_of_space(exc):
+            log.error("%s could not write in %s: a disk the gateway writes to is full", who, name)
+            return StorageFull(f"a disk the gateway writes to is full: {who} could not write ({name})")
         log.exception("%s failed in %s", who, name, exc_info=exc)
         return Internal(f"{who} failed in {name}: {type(exc).__name__}")
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from contextlib import asynccontextmanager
+import uuid
+from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -31,7 +32,7 @@ from ..kubo.client import KuboClient
 from ..metrics import Metrics
 from ..security.keys import KeyProvider
 from ..storage import Storage, open_storage
-from ..storage.model import Blob, Episode, IndexedRecord, StoreConflict
+from ..storage.model import Blob, Episode, IndexedRecord, KeyTaken, StoreConflict
 from . import chain
 from .access import Authorizer, Caller
 from .fhir_validation import find_resources, validate_embedded
@@ -86,6 +87,7 @@ class RecordService:
         self.schemas = schemas
         self.policies = policies
         self.locks = chain.EpisodeLocks()
+        self.key_locks = chain.EpisodeLocks()  # by (principal, Idempotency-Key)
         self.sealer = Sealer(keys, plugins, encrypt=config.security.encrypt)
         self.access = Authorizer(plugins, keys, self)
         # Plugins' own resources, opened in ``medicon_startup`` (by plugin name).
@@ -221,6 +223,15 @@ class RecordService:
         await self.authorize(caller, "record:write", claimed_resource(doc))
         return await self._append(normalise(ClientRecord.of(doc)), caller.principal.id, idempotency_key)
 
+    def new_episode_id(self, caller: Caller, idempotency_key: str | None) -> str:
+        """The id of an episode opened without one. With an ``Idempotency-Key`` it is derived
+        from the key and the caller (a keyed pseudonym, so nobody can take it first), so a retry
+        names the same episode and is recognised as the same request; without one, random."""
+        if idempotency_key is None:
+            return f"ep-{uuid.uuid4().hex}"
+        derived = self.keys.pseudonym("episode-for-idempotency-key", f"{caller.principal.id}\n{idempotency_key}")
+        return "ep-" + derived.removeprefix("ps-")
+
     async def append_to(self, caller: Caller, episode_id: str, doc: ClientRecord | dict[str, Any],
                         idempotency_key: str | None = None) -> Appended:
         """Append ``doc`` to an existing episode named by id (its patient and episode are the
@@ -265,39 +276,77 @@ class RecordService:
     async def _append(self, client: ClientRecord, signer: str, idempotency_key: str | None) -> Appended:
         # The parsed record decides everything below; the client's text is what gets sealed.
         record = client.parsed
-        # Schema checks that do not depend on the episode come first, before any lock is taken.
+        # Checks that do not depend on the episode come first, before any lock is taken.
         await self.validate(record, None, with_plugins=False)
-        heads = self.storage.heads
+        chain.check_clock_skew(record, self.config.records.max_clock_skew)
         digest = request_digest(record, signer)
         key = f"{signer}\n{idempotency_key}" if idempotency_key else None
-        async with self.locks(record["episode"]):
-            earlier = await self._retried(record, digest, key)
+        # A key names one request whatever episode it writes to: requests sharing a key queue
+        # here (key first, then episode: always in that order), so the second finds the first.
+        async with self.key_locks(key) if key else nullcontext():
+            async with self.locks(record["episode"]):
+                return await self._append_locked(client, signer, digest, key)
+
+    async def _append_locked(self, client: ClientRecord, signer: str, digest: str, key: str | None) -> Appended:
+        heads, record = self.storage.heads, client.parsed
+        earlier = await self._retried(record, digest, key)
+        if earlier is not None:
+            return await self._original(earlier)
+        episode = await heads.get_episode(record["episode"])
+        request, record = record, chain.link(record, episode, self._policy_for(record["schema"]))
+        # The schema passed above; link only set prev (a head CID), seq and recorded_at.
+        sealed = client.with_fields(**{name: record[name] for name in ENVELOPE_FIELDS})
+        await self.validate(sealed, episode, schema=False)
+        # Stored and pinned (recursively: the record and the chain under it) in one call whose
+        # answer comes after both, before the head moves: an acknowledged record is in Kubo.
+        cid = await self.kubo.put_node(await self.sealer.to_node(sealed, signer))
+        indexed = IndexedRecord(cid, record["episode"], record["patient"], record["seq"],
+                                record["schema"], record["recorded_at"], digest, key)
+        try:
+            if episode is None:
+                moved = await heads.create_episode(indexed)
+            else:
+                moved = await heads.append(indexed, expected_head=episode.head,
+                                           closes=record["schema"] in CLOSING_KINDS)
+        except StoreConflict as conflict:
+            await self._release(cid)
+            # The head moved under this append: if it was moved by this very request (sent twice
+            # at once to another process), the answer is that request's record.
+            earlier = await self._retried(request, digest, key)
             if earlier is not None:
-                current = await heads.get_episode(earlier.episode)
-                return Appended(earlier.cid, current, await self.read_indexed(earlier.cid), created=False)
-            episode = await heads.get_episode(record["episode"])
-            record = chain.link(record, episode, self._policy_for(record["schema"]))
-            # The schema passed above; link only set prev (a head CID), seq and recorded_at.
-            sealed = client.with_fields(**{name: record[name] for name in ENVELOPE_FIELDS})
-            await self.validate(sealed, episode, schema=False)
-            # Stored and pinned (recursively: the record and the chain under it) in one call,
-            # before the head moves, so an acknowledged record is never unpinned.
-            cid = await self.kubo.dag_put(await self.sealer.to_node(sealed, signer), pin=True)
-            indexed = IndexedRecord(cid, record["episode"], record["patient"], record["seq"],
-                                    record["schema"], record["recorded_at"], digest, key)
-            try:
-                if episode is None:
-                    moved = await heads.create_episode(indexed)
-                else:
-                    moved = await heads.append(indexed, expected_head=episode.head,
-                                               closes=record["schema"] in CLOSING_KINDS)
-            except StoreConflict as conflict:
-                if await heads.record(cid) is None:  # never unpin an acknowledged record
-                    await self.kubo.pin_rm(cid)
-                raise ChainConflict(f"episode {record['episode']!r} changed under this append",
-                                    conflict.current) from None
+                return await self._original(earlier)
+            raise ChainConflict(f"episode {record['episode']!r} changed under this append",
+                                conflict.current) from None
+        except KeyTaken:
+            # Another request with this key (in another process) committed first.
+            await self._release(cid)
+            earlier = await self._retried(request, digest, key)
+            if earlier is None:
+                raise Unavailable("the Idempotency-Key is held by a record the index cannot show") from None
+            return await self._original(earlier)
+        except Exception:
+            await self._release(cid)
+            raise
         await self._committed(sealed, cid, moved)
         return Appended(cid, moved, sealed, created=True)
+
+    async def _original(self, earlier: IndexedRecord) -> Appended:
+        """The answer to a retry: the record appended the first time, as it stands now."""
+        current = await self.storage.heads.get_episode(earlier.episode)
+        return Appended(earlier.cid, current, await self.read_indexed(earlier.cid), created=False)
+
+    async def _release(self, cid: str) -> None:
+        """Unpin a record node this append stored but did not commit — only once the index
+        surely does not hold it (an identical node may have been committed by another
+        request). If that cannot be known or done now (the index or Kubo failing too), the pin
+        stays and ``check --repair`` removes it: its position in the episode is taken by
+        another record or never will be, which ``check`` can tell."""
+        try:
+            if await self.storage.heads.record(cid) is None:
+                await self.kubo.pin_rm(cid)
+        except MediconError as err:
+            log.warning("record node %s was stored but not committed; left pinned for "
+                        "`medicon-gateway check --repair` (%s)", cid, err.message)
 
     def _policy_for(self, schema_id: str) -> chain.Policy:
         cfg = self.config.records

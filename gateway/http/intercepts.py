@@ -10,6 +10,7 @@ sealed on its way, its file names replaced so that no patient-supplied string re
 from __future__ import annotations
 
 import json
+import logging
 import re
 from typing import Any, AsyncIterator
 
@@ -20,7 +21,8 @@ from multiformats import CID
 
 from ..core import strictjson
 from ..core.records import ClientRecord, is_record_candidate
-from ..errors import Invalid, MediconError, TooLarge
+from ..errors import Invalid, MediconError, StorageFull, TooLarge, Unavailable
+from ..kubo.client import KUBO_FULL
 from ..security import crypto
 from ..storage.model import Blob
 from . import attachments, proxy
@@ -28,9 +30,15 @@ from .appkeys import CONFIG, SERVICE
 from .context import READ_TARGETS, caller
 from .multipart import (DIRECTORY, FILE, PartInfo, closing, new_boundary, next_part, open_multipart,
                         part_bytes, part_head, part_info, read_chunk)
+from .raw_writes import JsonLines, link_of
 from .rpccall import Call
 
+log = logging.getLogger(__name__)
+
 PEEK = 64 * 1024
+# Free space on Kubo's disk below which (beyond what an add was sending) a cut-off add is taken
+# as Kubo's disk being full.
+MIN_FREE = 4 * 1024 * 1024
 MIXED = "records and other files cannot be added together: add attachments in a separate request"
 # An Idempotency-Key is a structured-field string: printable ASCII (and kept to a sane length)
 _IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,255}")
@@ -208,8 +216,9 @@ class _Names:
     """Kubo's NDJSON answer to an ``add``: every (Name, Hash) it added, and — for a sealed
     attachment, whose parts reached Kubo under neutral names — the client's names put back."""
 
-    def __init__(self, names: dict[str, str]) -> None:
+    def __init__(self, names: dict[str, str], *, silent: bool = False) -> None:
         self._names = names
+        self._silent = silent  # the client asked for no result lines; Kubo sends them to the gateway
         self._tapped = bytearray()
         self._pending = bytearray()
         self.added: list[tuple[str, str]] = []
@@ -227,18 +236,21 @@ class _Names:
         self._pending.extend(chunk)
         *lines, rest = bytes(self._pending).split(b"\n")
         self._pending[:] = rest
-        return b"".join(self._renamed(line) + b"\n" for line in lines)
+        return b"".join(self._renamed(line) for line in lines)
 
     def flush(self) -> bytes:
         rest, self._pending = bytes(self._pending), bytearray()
         return self._renamed(rest) if rest else b""
 
     def _renamed(self, line: bytes) -> bytes:
+        """A line of Kubo's answer as the client gets it (with its newline), or nothing."""
         item = _json_line(line)
+        if self._silent and isinstance(item, dict) and "Hash" in item:
+            return b""
         if isinstance(item, dict) and item.get("Name") in self._names:
             item["Name"] = self._names[item["Name"]]
-            return json.dumps(item).encode()
-        return line
+            return json.dumps(item).encode() + b"\n"
+        return line + b"\n"
 
 
 def _json_line(line: bytes) -> Any:
@@ -269,11 +281,18 @@ async def _add_files(request: web.Request, call: Call, reader: aiohttp.Multipart
     boundary = new_boundary()
     names: dict[str, str] = {}   # the neutral name a sealed part reached Kubo under -> the client's
     types: dict[str, str] = {}   # the name Kubo answers with -> the client's content type
-    answer = _Names(names)
+    silent = call.flag("silent")
+    if silent:  # the gateway needs Kubo's results to confirm the add; the client does not get them
+        call.options["silent"] = False
+    answer = _Names(names, silent=silent)
+    entries = _TopLevel()
+
+    sent = [0]  # bytes on their way to Kubo
 
     async def body() -> AsyncIterator[bytes]:
         try:
             async for chunk in reframed():
+                sent[0] += len(chunk)
                 yield chunk
         except MediconError as err:  # bad framing or a record met mid-stream: the answer
             if not failed:
@@ -289,9 +308,11 @@ async def _add_files(request: web.Request, call: Call, reader: aiohttp.Multipart
 
     async def reframed() -> AsyncIterator[bytes]:
         for info in held:
+            entries.count(info)
             yield part_head(boundary, info) + b"\r\n"
         part, info, start, whole = first, first_info, head, complete
         while part is not None:
+            entries.count(info)
             stream = content(part, start, whole)
             shown = None
             if sealing:
@@ -310,6 +331,7 @@ async def _add_files(request: web.Request, call: Call, reader: aiohttp.Multipart
                     _refuse_clear_names(call, [], info)
                 if info.kind != DIRECTORY:
                     break
+                entries.count(info)
                 yield part_head(boundary, info) + b"\r\n"
                 part = await next_part(request, reader)
             if part is not None:
@@ -320,13 +342,73 @@ async def _add_files(request: web.Request, call: Call, reader: aiohttp.Multipart
         yield closing(boundary)
 
     async def finish() -> None:
-        if patient is not None and answer.added and not call.flag("only-hash"):
+        """Before the client's answer completes: what Kubo answered is confirmed stored (and
+        pinned), then indexed. Kubo's 200 came before its work was done, and a failure after
+        it (a full disk) is only in a trailer the gateway cannot read."""
+        if call.flag("only-hash"):
+            return
+        wrapped = call.flag("wrap-with-directory")
+        roots = [cid for name, cid in answer.added if (name == "" if wrapped else "/" not in name)]
+        expected = 1 if wrapped else entries.total
+        try:
+            if len(roots) < expected:
+                raise Unavailable(f"Kubo's answer to add ended after {len(roots)} of {expected} entries: the add "
+                                  "failed after Kubo had answered (its error, such as a full disk, is only in a "
+                                  "trailer); nothing of it is acknowledged")
+            # A root is written after everything under it, so a stored root is a complete DAG.
+            await service.kubo.confirm_stored(roots, roots if call.options.get("pin", True) else [])
+        except MediconError:
+            if sealing:  # sealed bytes are unique to this add: its pins are nobody else's
+                for cid in roots:
+                    await _unpin_quietly(service, cid)
+            elif roots:  # the same bytes may be pinned by others: an unpin could take their pin
+                log.warning("add failed; %d root(s) it did write stay pinned (content-addressed, so "
+                            "possibly pinned by others too)", len(roots))
+            raise
+        if patient is not None and answer.added:
             await service.add_attachments([Blob(cid, patient, sealing and name in types, types.get(name))
                                            for name, cid in answer.added])
 
-    return await proxy.forward_rpc(request, call, body=body(), headers={
-        "Content-Type": f"multipart/form-data; boundary={boundary}"}, failed_body=failed, tap=answer.tap,
-        transform=answer if sealing else None, finish=finish)
+    try:
+        return await proxy.forward_rpc(request, call, body=body(), headers={
+            "Content-Type": f"multipart/form-data; boundary={boundary}"}, failed_body=failed, tap=answer.tap,
+            transform=answer if sealing or silent else None, finish=finish)
+    except Unavailable:
+        # Kubo cut the upload off without an answer the gateway could read: say why if its disk
+        # has no room for what was being added (nothing of the add was acknowledged either way).
+        if not failed:
+            free = await service.kubo.disk_free()
+            if free is not None and free < sent[0] + MIN_FREE:
+                raise StorageFull(KUBO_FULL) from None
+        raise
+
+
+class _TopLevel:
+    """How many top-level entries an add sends, as Kubo counts them (one result each): a file or
+    directory at the top, a nameless part (stdin), or the first part below a top directory that
+    was not declared (Kubo makes it)."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self._seen: set[str] = set()
+
+    def count(self, info: PartInfo | None) -> None:
+        if info is None:
+            return
+        name = info.filename.strip("/")
+        top = name.split("/")[0]
+        if not name or "/" not in name:
+            self.total += 1
+        elif top not in self._seen:
+            self.total += 1
+        self._seen.add(top)
+
+
+async def _unpin_quietly(service, cid: str) -> None:
+    try:
+        await service.kubo.pin_rm(cid)
+    except MediconError as err:
+        log.warning("attachment %s of a failed add stays pinned (%s)", cid, err.message)
 
 
 def _refuse_clear_names(call: Call, held: list[PartInfo], info: PartInfo | None) -> None:
@@ -377,10 +459,22 @@ async def dag_put(request: web.Request, call: Call) -> web.StreamResponse:
         appended = await request.app[SERVICE].append(docs[0], caller(request), idempotency_key(request))
         return web.Response(text=json.dumps({"Cid": {"/": appended.cid}}) + "\n",
                             content_type="application/json", headers={"X-Chunked-Output": "1"})
-    await request.app[SERVICE].authorize(caller(request), "raw:write", {"kind": "raw"})
+    service = request.app[SERVICE]
+    await service.authorize(caller(request), "raw:write", {"kind": "raw"})
     boundary = new_boundary()
     body = b"".join(part_head(boundary, info) + data + b"\r\n" for info, data in parts) + closing(boundary)
-    return await proxy.forward_rpc(request, call, body=body,
+    answer = JsonLines()
+
+    async def finish() -> None:
+        """Kubo answers each node's CID before it commits (and pins) them, and a failure after
+        that is only in a trailer: before the client's answer completes, every node is
+        confirmed stored (and pinned, if asked)."""
+        answered = [cid for cid in map(link_of, answer.values("Cid")) if cid]
+        if len(answered) < len(parts):
+            raise Unavailable(f"Kubo's answer to dag/put ended after {len(answered)} of {len(parts)} nodes")
+        await service.kubo.confirm_stored(answered, answered if call.flag("pin") else [])
+
+    return await proxy.forward_rpc(request, call, body=body, tap=answer, finish=finish,
                                    headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
 
 
@@ -435,8 +529,11 @@ async def cat(request: web.Request, call: Call) -> web.StreamResponse:
     if len(targets) == 1:
         blob = await sealed_blob(request, targets[0].end)
         if blob is not None:
-            return await attachments.serve(request, blob, rpc_cat=True, offset=offset,
-                                           length=-1 if length is None else length)
+            try:
+                return await attachments.serve(request, blob, rpc_cat=True, offset=offset,
+                                               length=-1 if length is None else length)
+            except attachments.NotSealed:
+                return await proxy.forward_rpc(request, call)
         data = await record_bytes(request, targets[0].end)
         if data is not None:
             data = data[offset:] if length is None else data[offset:offset + length]

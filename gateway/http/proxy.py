@@ -21,6 +21,7 @@ from aiohttp import web
 from yarl import URL
 
 from ..errors import Forbidden, Invalid, MediconError, TimedOut, Unavailable
+from ..kubo.client import KUBO_FULL, is_disk_full
 from .appkeys import CONFIG, SERVICE
 from .errors import kubo_error
 from .multipart import reframed_files
@@ -131,12 +132,23 @@ async def forward(request: web.Request, url: URL, *, method: str | None = None,
     refused = upstream.status >= 400 and upstream.status != 416
     kubo.observe(_kubo_label(url), started, "refused" if refused else None)
     answering.append(upstream)
-    async with upstream:
-        try:
-            return await _relay(request, upstream, tap, transform, finish, failed_body, exact_length)
-        finally:
-            if failed_body:
-                upstream.close()  # never back to the pool: Kubo has half a request
+    try:
+        return await _relay(request, upstream, tap, transform, finish, failed_body, exact_length)
+    finally:
+        if failed_body:
+            upstream.close()  # never back to the pool: Kubo has half a request
+        await _released(upstream)
+
+
+async def _released(upstream: aiohttp.ClientResponse) -> None:
+    """What leaving ``async with upstream`` does, except that an upload Kubo stopped reading
+    (it answered early — an error such as a full disk — and closed) does not turn Kubo's
+    answer into a failure of the gateway's own."""
+    upstream.release()
+    try:
+        await upstream.wait_for_close()
+    except (aiohttp.ClientError, OSError):
+        upstream.close()
 
 
 def _kubo_label(url: URL) -> str:
@@ -174,6 +186,9 @@ async def _kubo_error(upstream: aiohttp.ClientResponse) -> web.Response:
     except (ValueError, KeyError, TypeError):
         message = raw.decode("utf-8", "replace").strip() or upstream.reason or "error"
         code = None
+    if is_disk_full(message):  # a write refused for want of space: nothing was stored
+        log.warning("Kubo's repository is full: %s", message[:300])
+        return kubo_error(507, KUBO_FULL)
     if status == 500:
         status = 502 if code == 2 else 400
     return kubo_error(status, message[:2000], code=code if code is not None and status != 400 else None)
@@ -225,8 +240,9 @@ async def _relay(request: web.Request, upstream: aiohttp.ClientResponse, tap, tr
     if finish is not None:
         try:
             await finish()
-        except Exception as exc:  # the client must not take an unrecorded write as done
-            abort(request, f"could not record the result: {type(exc).__name__}")
+        except Exception as exc:  # the client must not take an unconfirmed or unrecorded write as done
+            why = exc.message if isinstance(exc, MediconError) else type(exc).__name__
+            abort(request, f"could not confirm or record the result: {why}")
             return resp
     await resp.write_eof()
     return resp

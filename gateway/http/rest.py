@@ -7,7 +7,6 @@ document served at ``/medicon/v1/openapi.json``).
 from __future__ import annotations
 
 import re
-import uuid
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -81,13 +80,14 @@ def _appended(appended) -> web.Response:
 @routes.post(PREFIX + "/patients/{patient}/episodes")
 async def open_episode(request: web.Request) -> web.Response:
     """Open an episode for a patient; the body is the episode-opened record without its envelope
-    ids (``episode`` may be given; a new id is made otherwise)."""
+    ids (``episode`` may be given; a new id is made otherwise, the same one for a retry with the
+    same ``Idempotency-Key``)."""
     doc = await _json_body(request)
     fields = {"patient": request.match_info["patient"]}
     if "schema" not in doc:
         fields["schema"] = EPISODE_OPENED
     if "episode" not in doc:
-        fields["episode"] = f"ep-{uuid.uuid4().hex}"
+        fields["episode"] = request.app[SERVICE].new_episode_id(caller(request), idempotency_key(request))
     return await _append(request, doc.with_fields(**fields))
 
 

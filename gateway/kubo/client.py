@@ -2,7 +2,14 @@
 
 One long-lived ``aiohttp.ClientSession`` per gateway (keep-alive, bounded timeouts); the HTTP
 layer streams clients' requests through the same session. Failures become domain errors:
-Kubo unreachable ``Unavailable``, Kubo silent ``TimedOut``, Kubo refusing a call ``KuboAnswer``.
+Kubo unreachable ``Unavailable``, Kubo silent ``TimedOut``, Kubo refusing a call ``KuboAnswer``,
+Kubo's disk full ``StorageFull``.
+
+A write is trusted only when Kubo's status is the write's: streamed commands (``dag/put``,
+``add``) answer 200 before they commit and report a failure only in the ``X-Stream-Error``
+trailer, which aiohttp never exposes. Record nodes are therefore encoded here and stored with
+``block/put?pin=true``, which writes and pins before its only answer; what was written by a
+streamed command is confirmed afterwards (``confirm_stored``).
 """
 
 from __future__ import annotations
@@ -18,10 +25,18 @@ import aiohttp
 from yarl import URL
 
 from ..config import KuboConfig
-from ..errors import TimedOut, Unavailable
+from ..errors import MediconError, StorageFull, TimedOut, Unavailable
 from . import ipld
+from .cids import canonical
 
 CHUNK = 1 << 18  # 256 KiB: read buffer for streams through the session
+
+
+# How Kubo (Go's os package) words a full disk or an exhausted quota (ENOSPC, EDQUOT).
+_DISK_FULL = ("no space left on device", "disk quota exceeded")
+KUBO_FULL = "Kubo's repository is full (no space left on its disk): nothing was stored"
+# CIDs per pin/ls confirmation call (the arguments travel in the URL).
+CONFIRM_BATCH = 100
 
 
 class KuboAnswer(Unavailable):
@@ -30,6 +45,13 @@ class KuboAnswer(Unavailable):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(f"Kubo: {message}")
         self.kubo_status = status
+        self.kubo_message = message
+
+
+def is_disk_full(message: str) -> bool:
+    """Whether Kubo's error message says its disk is full."""
+    lowered = message.lower()
+    return any(words in lowered for words in _DISK_FULL)
 
 
 class KuboObserver(Protocol):
@@ -94,7 +116,9 @@ class KuboClient:
                         message = json.loads(body)["Message"]
                     except (ValueError, KeyError, TypeError):
                         message = body.decode(errors="replace").strip()[:300]
-                    raise KuboAnswer(resp.status, message)
+                    if is_disk_full(str(message)):
+                        raise StorageFull(KUBO_FULL)
+                    raise KuboAnswer(resp.status, str(message))
                 return body
         except asyncio.TimeoutError:
             error = "timeout"
@@ -108,12 +132,22 @@ class KuboClient:
     async def version(self) -> str:
         return json.loads(await self.call("version", []))["Version"]
 
-    async def dag_put(self, node: dict[str, Any], *, pin: bool) -> str:
-        """Store ``node`` (dag-json: links as ``{"/": cid}``) as dag-cbor; return its CID."""
-        body = await self.call("dag/put", [("store-codec", "dag-cbor"), ("input-codec", "dag-json"),
-                                           ("pin", "true" if pin else "false")],
-                               data=json.dumps(node, separators=(",", ":")).encode())
-        return json.loads(body)["Cid"]["/"]
+    async def put_node(self, node: dict[str, Any]) -> str:
+        """Store ``node`` (dag-json form: links as ``{"/": cid}``) as dag-cbor, pinned
+        recursively (without walking the links: what they point to is pinned already); return
+        its CID. Kubo answers only after the block is written and pinned, so a 200 is the
+        write; its disk full is ``StorageFull``, and nothing is pinned when it fails."""
+        block = ipld.encode(node)
+        expected = ipld.cid_of(block)
+        body = await self.call("block/put", [("cid-codec", "dag-cbor"), ("mhtype", "sha2-256"),
+                                             ("pin", "true")], data=block)
+        try:
+            key = json.loads(body)["Key"]
+        except (ValueError, KeyError, TypeError):
+            raise Unavailable("Kubo's answer to block/put is not the block's key") from None
+        if key != expected:
+            raise Unavailable(f"Kubo stored the block as {key[:80]!r}, not as {expected}")
+        return key
 
     async def dag_get(self, cid: str) -> dict[str, Any]:
         body = await self.call("dag/get", [("arg", cid), ("output-codec", "dag-json")])
@@ -149,15 +183,88 @@ class KuboClient:
             return False
         return True
 
+    async def confirm_stored(self, cids: list[str], pinned: list[str], *, pin_type: str = "recursive") -> None:
+        """Check, offline, that every one of ``cids`` is in Kubo's blockstore and every one of
+        ``pinned`` is pinned (``pin_type``, recursively by default); ``Unavailable`` naming what
+        is not. For writes whose answer was streamed, so that their 200 proved nothing.
+        ``block/stat`` takes one CID a call (a few at a time here); ``pin/ls`` checks a batch
+        before it answers, and its answer must still name every CID asked for."""
+        gate = asyncio.Semaphore(8)
+
+        async def stat(cid: str) -> None:
+            async with gate:
+                try:
+                    body = await self.call("block/stat", [("arg", cid), ("offline", "true")])
+                except KuboAnswer as err:
+                    raise Unavailable(f"Kubo answered a write but does not hold {cid} "
+                                      f"({err.kubo_message[:200]})") from None
+            _require_all([cid], [line.get("Key") for line in _json_lines(body)], "hold")
+        await asyncio.gather(*(stat(cid) for cid in cids))
+        for start in range(0, len(pinned), CONFIRM_BATCH):
+            batch = pinned[start:start + CONFIRM_BATCH]
+            try:
+                body = await self.call("pin/ls", [("type", pin_type), *(("arg", c) for c in batch)])
+            except KuboAnswer as err:
+                raise Unavailable(f"Kubo answered a write but did not pin it ({err.kubo_message[:200]})") from None
+            _require_all(batch, [key for line in _json_lines(body) for key in line.get("Keys", {})], "pin")
+
+    async def disk_free(self) -> int | None:
+        """Free bytes on the disk of Kubo's repository, as Kubo reports it (``diag/sys``);
+        None if it does not say. For telling why a write failed without a readable answer."""
+        try:
+            info = json.loads(await self.call("diag/sys", []))
+            free = info["diskinfo"]["free_space"]
+        except (MediconError, ValueError, KeyError, TypeError):
+            return None
+        return free if isinstance(free, int) else None
+
+    async def is_pinned(self, cid: str) -> bool:
+        """Whether ``cid`` is pinned recursively (asked now, for this one CID)."""
+        try:
+            await self.call("pin/ls", [("arg", cid), ("type", "recursive")])
+        except KuboAnswer as err:
+            if "not pinned" in err.kubo_message:
+                return False
+            raise
+        return True
+
     async def pin_add(self, cid: str) -> None:
         await self.call("pin/add", [("arg", cid), ("recursive", "true")])
 
-    async def pin_rm(self, cid: str) -> None:
-        await self.call("pin/rm", [("arg", cid), ("recursive", "true")])
+    async def pin_rm(self, cid: str) -> bool:
+        """Remove the recursive pin of ``cid``; False if it was not pinned (someone else, such
+        as ``check --repair``, removed it first)."""
+        try:
+            await self.call("pin/rm", [("arg", cid), ("recursive", "true")])
+        except KuboAnswer as err:
+            if "not pinned" in err.kubo_message:
+                return False
+            raise
+        return True
 
     async def recursive_pins(self) -> set[str]:
         body = await self.call("pin/ls", [("type", "recursive")])
         return set(json.loads(body).get("Keys", {}))
+
+
+def _json_lines(body: bytes) -> list[dict[str, Any]]:
+    out = []
+    for line in body.splitlines():
+        try:
+            item = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(item, dict):
+            out.append(item)
+    return out
+
+
+def _require_all(asked: list[str], answered: list[Any], what: str) -> None:
+    named = {canonical(c) for c in answered if isinstance(c, str)}
+    missing = [c for c in asked if canonical(c) not in named]
+    if missing:
+        raise Unavailable(f"Kubo answered a write but did not {what} {missing[0]}"
+                          + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
 
 
 def one_file_form(data: bytes) -> tuple[bytes, dict[str, str]]:

@@ -21,7 +21,7 @@ import hashlib
 from typing import Any
 
 import cbor2
-from multiformats import CID
+from multiformats import CID, multihash
 
 from .cids import parse_cid
 
@@ -81,3 +81,36 @@ def decode(cid: str, block: bytes) -> Any:
     except Exception as exc:  # a block the CID names, but not CBOR this decoder reads
         raise Unsupported(f"undecodable dag-cbor: {type(exc).__name__}") from None
     return _as_dag_json(node)
+
+
+def encode(node: dict[str, Any]) -> bytes:
+    """``node`` (the dag-json form the gateway writes: strings, integers, booleans, null, maps
+    with string keys, lists, and links ``{"/": cid}``) as dag-cbor bytes — exactly the bytes
+    Kubo's ``dag/put`` stores for it (map keys length-first, then bytewise; minimal integers;
+    links as tag 42). The gateway then stores the block with ``block/put``, whose answer comes
+    only after the block is written and pinned. Anything else (floats, bytes) is
+    ``Unsupported``: the encoding of those is Kubo's business."""
+    return cbor2.dumps(_as_cbor(node), canonical=True)
+
+
+def _as_cbor(value: Any) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {"/"}:
+            link = parse_cid(value["/"]) if isinstance(value["/"], str) else None
+            if link is None:
+                raise Unsupported("a map keyed \"/\" that is not a link")
+            return cbor2.CBORTag(CID_TAG, b"\x00" + bytes(link.set(version=1)))
+        if not all(isinstance(key, str) for key in value):
+            raise Unsupported("a map key that is not a string")
+        return {key: _as_cbor(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_as_cbor(item) for item in value]
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    raise Unsupported(f"a {type(value).__name__} value")
+
+
+def cid_of(block: bytes) -> str:
+    """The CIDv1 (dag-cbor, sha2-256, base32) of a dag-cbor block."""
+    digest = multihash.wrap(hashlib.sha256(block).digest(), "sha2-256")
+    return str(CID("base32", 1, "dag-cbor", digest))

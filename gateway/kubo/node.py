@@ -55,15 +55,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def harden(config: dict, *, api_port: int, gateway_port: int, offline: bool, api_secret: str = "") -> dict:
+def harden(config: dict, *, api_port: int, gateway_port: int, offline: bool, api_secret: str = "",
+           sync: bool = True) -> dict:
     """Make a Kubo config safe to sit behind the gateway.
 
     The RPC API and the HTTP gateway listen on loopback only (the gateway is the only door),
     and with ``api_secret`` the RPC API takes only callers that present it (Kubo's
     ``API.Authorizations``), so no other process on the host can use it; the gateway never
-    fetches from the network on a reader's behalf; no CORS headers. ``deploy/kubo-harden.sh``
-    applies the same settings to a production repo.
+    fetches from the network on a reader's behalf; no CORS headers; blocks are fsynced as
+    they are written (``sync``; see ``sync_datastore``). ``deploy/kubo-harden.sh`` applies the
+    same settings to a production repo.
     """
+    sync_datastore(config.setdefault("Datastore", {}).get("Spec", {}), sync)
     addresses = config.setdefault("Addresses", {})
     addresses["API"] = f"/ip4/127.0.0.1/tcp/{api_port}"
     addresses["Gateway"] = f"/ip4/127.0.0.1/tcp/{gateway_port}"
@@ -83,6 +86,26 @@ def harden(config: dict, *, api_port: int, gateway_port: int, offline: bool, api
     return config
 
 
+def sync_datastore(spec: dict, sync: bool = True) -> None:
+    """Make every block store in a datastore spec fsync its writes (or not, with ``sync``
+    false: for measuring the cost). Kubo initialises flatfs with ``"sync": false``, so after a
+    power loss a head the gateway made durable could name a block that never reached the disk;
+    badger's equivalent is ``syncWrites``. leveldb (pins and the rest) syncs its writes already.
+    Only a flag the repo's on-disk spec does not record, so it can be changed on an existing
+    repo."""
+    if not isinstance(spec, dict):
+        return
+    kind = spec.get("type")
+    if kind == "flatfs":
+        spec["sync"] = sync
+    elif kind == "badgerds":
+        spec["syncWrites"] = sync
+    for child in spec.get("mounts", []) if isinstance(spec.get("mounts"), list) else []:
+        sync_datastore(child, sync)
+    if isinstance(spec.get("child"), dict):
+        sync_datastore(spec["child"], sync)
+
+
 @dataclass
 class KuboNode:
     """One Kubo daemon on a repo of its own, on free loopback ports."""
@@ -90,6 +113,7 @@ class KuboNode:
     repo: Path
     binary: Path = field(default_factory=find_binary)
     offline: bool = True
+    sync: bool = True  # fsync blocks as they are written (False only to measure what that costs)
     api_port: int = 0
     gateway_port: int = 0
     process: subprocess.Popen | None = None
@@ -128,7 +152,7 @@ class KuboNode:
         self.api_secret = self._secret()
         config = json.loads(config_file.read_text())
         harden(config, api_port=self.api_port, gateway_port=self.gateway_port, offline=self.offline,
-               api_secret=self.api_secret)
+               api_secret=self.api_secret, sync=self.sync)
         tmp = config_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(config, indent=2))
         tmp.replace(config_file)

@@ -24,7 +24,7 @@ async def open_storage(config: Config, metrics: Metrics | None = None) -> Storag
     from .postgres import open_postgres_storage
     return await open_postgres_storage(url, pool_min=cfg.pool_min, pool_max=cfg.pool_max,
                                        connect_timeout=cfg.connect_timeout, command_timeout=cfg.command_timeout,
-                                       migrate_on_start=cfg.migrate_on_start)
+                                       migrate_on_start=cfg.migrate_on_start, metrics=metrics)
 
 
 async def migrate(config: Config) -> tuple[str, list[str]]:

@@ -3,7 +3,7 @@ differ: ``?`` for SQLite, ``$n`` for PostgreSQL).
 
 Tables (``fhir_resources``: one row per version of a resource; ``fhir_params``: what search
 finds a version by) are created by ``sqlite.FHIR_SCHEMA`` and the PostgreSQL migration
-``0002_fhir_index.sql``. Every identifier in them is a keyed pseudonym; dates are the only
+``0003_fhir_index.sql``. Every identifier in them is a keyed pseudonym; dates are the only
 values in clear.
 """
 

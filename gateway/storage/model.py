@@ -108,6 +108,16 @@ class StoreConflict(Exception):
         self.current = current
 
 
+class KeyTaken(Exception):
+    """The record's idempotency key is already held by another record (a concurrent request
+    with the same key committed first). Raised by ``create_episode`` and ``append`` instead of
+    the backend's unique-constraint error; nothing was written."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__("idempotency key already used")
+        self.key = key
+
+
 # --- keys ---------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)

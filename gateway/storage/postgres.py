@@ -36,13 +36,17 @@ from urllib.parse import unquote, urlsplit
 import asyncpg
 
 from ..errors import Invalid, MediconError, StorageFull, Unavailable
+from ..metrics import Metrics
 from ..security.tokens import (LAST_USED_GRANULARITY, AuthResult, NewToken, TokenError, TokenInfo,
                                decode_token, generate_token, hash_token, judge, new_token_id)
 from .base import Storage
+from . import auditwalk
+from .auditwalk import audit_hash
 from .fhirsql import RESOURCE_COLS, entry_of, search_sql
 from .model import (Blob, Episode, FhirEntry, FhirQuery, GatewayKey, IndexedRecord, KeyConflict, KeyState,
-                    PatientKey, StoreConflict)
-from .sqlite import GENESIS, audit_hash
+                    KeyTaken, PatientKey, StoreConflict)
+
+_CHECKPOINT_COLS = ("seq", "hash", "time", "key", "sig")
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -89,6 +93,8 @@ class PostgresDatabase:
     disk ``StorageFull``, a lost or refused connection ``Unavailable``, in words that name the
     database's host and name but never its credentials."""
 
+    metrics: Metrics | None = None  # storage errors are counted when set
+
     def __init__(self, pool: asyncpg.Pool, where: str, acquire_timeout: float) -> None:
         self.pool = pool
         self.where = where
@@ -126,6 +132,8 @@ class PostgresDatabase:
             raise Invalid("a value holds a character the database cannot store (NUL, or text that is "
                           "not UTF-8)") from None
         except (asyncpg.PostgresError, *_CONNECTION_ERRORS) as exc:
+            if self.metrics is not None:
+                self.metrics.storage_error(name, what, "full" if isinstance(exc, asyncpg.DiskFullError) else "failed")
             raise _failure(exc, self.where, name, what) from None
 
     async def close(self) -> None:
@@ -235,9 +243,11 @@ class AsyncGroupCommit:
     a time, in a task of the event loop; each ``submit`` waits for its own outcome ((True,
     result) or (False, exception)). If ``commit`` raises, every item of its batch fails."""
 
-    def __init__(self, commit: Callable[[list[Any]], Awaitable[list[tuple[bool, Any]]]], *, batch: int) -> None:
+    def __init__(self, commit: Callable[[list[Any]], Awaitable[list[tuple[bool, Any]]]], *, batch: int,
+                 on_batch: Callable[[int], None] | None = None) -> None:
         self._commit = commit
         self._batch = batch
+        self._on_batch = on_batch
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
         self._closed = False
@@ -263,6 +273,8 @@ class AsyncGroupCommit:
                 if not stop:
                     batch.append(item)
             if batch:
+                if self._on_batch is not None:
+                    self._on_batch(len(batch))
                 try:
                     outcomes = await self._commit([item for item, _ in batch])
                 except Exception as exc:  # noqa: BLE001 - every waiter gets the batch's error
@@ -293,6 +305,13 @@ def _episode(row: asyncpg.Record | None) -> Episode | None:
 
 def _record(row: asyncpg.Record | None) -> IndexedRecord | None:
     return None if row is None else IndexedRecord(*row)
+
+
+def _key_taken(exc: asyncpg.UniqueViolationError, record: IndexedRecord) -> None:
+    """The unique violation was the record's idempotency key (a concurrent request with the same
+    key committed first): ``KeyTaken``, never the backend's error. The statement wrote nothing."""
+    if record.idempotency_key is not None and "idempotency_key" in (exc.constraint_name or ""):
+        raise KeyTaken(record.idempotency_key) from None
 
 
 class PostgresHeadStore:
@@ -338,7 +357,8 @@ class PostgresHeadStore:
                     f" INSERT INTO records ({_RECORD_COLS}) SELECT $3, id, $2, 0, $5, $4, $6, $7 FROM made"
                     " RETURNING cid", record.episode, record.patient, record.cid, record.recorded_at,
                     record.schema, record.digest, record.idempotency_key)
-            except asyncpg.UniqueViolationError:  # an idempotency key taken meanwhile
+            except asyncpg.UniqueViolationError as exc:
+                _key_taken(exc, record)
                 made = None
             if made is None:
                 raise StoreConflict(f"episode {record.episode!r} already exists",
@@ -359,7 +379,8 @@ class PostgresHeadStore:
                     " SELECT $1, id, $7, $6, $8, $3, $9, $10 FROM moved RETURNING cid",
                     record.cid, status, record.recorded_at, record.episode, expected_head, record.seq,
                     record.patient, record.schema, record.digest, record.idempotency_key)
-            except asyncpg.UniqueViolationError:  # the same Idempotency-Key won elsewhere
+            except asyncpg.UniqueViolationError as exc:
+                _key_taken(exc, record)
                 moved = None
             if moved is None:
                 raise StoreConflict(f"head of episode {record.episode!r} moved",
@@ -522,15 +543,17 @@ class PostgresAuditStore:
     """One hash chain for every gateway of the database. A batch of this gateway's events is
     appended in one transaction that first locks the chain's head row (``audit_head``), so
     batches from all gateways follow each other and each entry's ``prev`` is the hash of the
-    entry before it, whoever wrote that. Verification reads the chain in pages under one
-    snapshot and hashes each page on a thread."""
+    entry before it, whoever wrote that. Verification (``gateway.core`` drives it from the
+    latest signed checkpoint) reads the chain a page at a time and re-hashes each in a worker
+    process (``auditwalk``), so the gateway's event loop never waits on the hashing."""
 
     BATCH = 256
-    VERIFY_PAGE = 5000
 
-    def __init__(self, db: PostgresDatabase) -> None:
+    def __init__(self, db: PostgresDatabase, metrics: Metrics | None = None) -> None:
         self._db = db
-        self._group = AsyncGroupCommit(self._commit, batch=self.BATCH)
+        self._group = AsyncGroupCommit(self._commit, batch=self.BATCH,
+                                       on_batch=metrics.commit_batch_observer("audit") if metrics else None)
+        self._walker = auditwalk.WalkerProcess()
 
     async def append(self, event: dict[str, Any]) -> None:
         await self._group.submit(event)
@@ -571,31 +594,42 @@ class PostgresAuditStore:
             after, limit))
         return [{"seq": r["seq"], **json.loads(r["event"]), "prev": r["prev"], "hash": r["hash"]} for r in rows]
 
-    async def verify(self) -> dict[str, Any]:
-        async def walk(conn: asyncpg.Connection) -> dict[str, Any]:
-            prev, count = GENESIS, 0
-            async with conn.transaction(isolation="repeatable_read", readonly=True):
-                cursor = await conn.cursor("SELECT seq, event, prev, hash FROM audit ORDER BY seq")
-                while rows := await cursor.fetch(self.VERIFY_PAGE):
-                    prev, checked, broken = await asyncio.to_thread(_verify_page, prev, rows)
-                    count += checked
-                    if broken is not None:
-                        return {"ok": False, "entries": count, "break": {"seq": broken}, "head": None}
-            return {"ok": True, "entries": count, "break": None, "head": prev}
-        return await self._db.run("verify the log", "audit", walk)
+    async def last(self) -> tuple[int, str]:
+        row = await self._db.run("read", "audit", lambda c: c.fetchrow("SELECT seq, hash FROM audit_head WHERE id = 1"))
+        return row["seq"], row["hash"]
+
+    async def walk(self, after: int, prev: str, limit: int) -> dict[str, Any]:
+        """A page of the chain after ``after``, re-hashed in the walker process."""
+        rows = await self._db.run("read", "audit", lambda c: c.fetch(
+            "SELECT seq, event, prev, hash FROM audit WHERE seq > $1::bigint ORDER BY seq LIMIT $2::bigint",
+            after, limit))
+        try:
+            return await self._walker.run(auditwalk.walk_rows, [tuple(r) for r in rows], after, prev)
+        except auditwalk.WalkerProcess.WorkerDied:
+            raise Unavailable("the audit log's verification worker died") from None
+
+    async def hash_at(self, seq: int) -> str | None:
+        return await self._db.run("read", "audit", lambda c: c.fetchval(
+            "SELECT hash FROM audit WHERE seq = $1::bigint", seq))
+
+    async def checkpoints(self) -> list[dict[str, Any]]:
+        rows = await self._db.run("read", "audit", lambda c: c.fetch(
+            f"SELECT {', '.join(_CHECKPOINT_COLS)} FROM audit_checkpoints ORDER BY seq"))
+        return [dict(r) for r in rows]
+
+    async def latest_checkpoint(self) -> dict[str, Any] | None:
+        row = await self._db.run("read", "audit", lambda c: c.fetchrow(
+            f"SELECT {', '.join(_CHECKPOINT_COLS)} FROM audit_checkpoints ORDER BY seq DESC LIMIT 1"))
+        return None if row is None else dict(row)
+
+    async def add_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        await self._db.run("write", "audit", lambda c: c.execute(
+            f"INSERT INTO audit_checkpoints ({', '.join(_CHECKPOINT_COLS)}) VALUES ($1, $2, $3, $4, $5)"
+            " ON CONFLICT (seq) DO NOTHING", *(checkpoint[k] for k in _CHECKPOINT_COLS)))
 
     async def close(self) -> None:
+        await self._walker.close()
         await self._group.close()
-
-
-def _verify_page(prev: str, rows: list[asyncpg.Record]) -> tuple[str, int, int | None]:
-    """(hash of the last good entry, entries checked, seq of the first bad one or None)."""
-    checked = 0
-    for seq, event, stored_prev, stored_hash in rows:
-        if stored_prev != prev or audit_hash(prev, json.loads(event)) != stored_hash:
-            return prev, checked, seq
-        prev, checked = stored_hash, checked + 1
-    return prev, checked, None
 
 
 # --- keys ----------------------------------------------------------------------------------------
@@ -846,9 +880,10 @@ async def migrate_database(url: str, *, connect_timeout: float = 10.0) -> tuple[
 
 async def open_postgres_storage(url: str, *, pool_min: int = 2, pool_max: int = 10,
                                 connect_timeout: float = 10.0, command_timeout: float = 30.0,
-                                migrate_on_start: bool = True) -> Storage:
+                                migrate_on_start: bool = True, metrics: Metrics | None = None) -> Storage:
     db = await PostgresDatabase.open(url, min_size=pool_min, max_size=pool_max,
                                      connect_timeout=connect_timeout, command_timeout=command_timeout)
+    db.metrics = metrics
     try:
         if migrate_on_start:
             await db.run("migrate", "database", lambda c: migrate(c, db.where))
@@ -857,6 +892,6 @@ async def open_postgres_storage(url: str, *, pool_min: int = 2, pool_max: int = 
     except BaseException:
         await db.close()
         raise
-    audit = PostgresAuditStore(db)
+    audit = PostgresAuditStore(db, metrics)
     return Storage(heads=PostgresHeadStore(db), tokens=PostgresTokenStore(db), audit=audit,
                    keys=PostgresKeyStore(db), fhir=PostgresFhirIndex(db), closers=[db.close, audit.close])

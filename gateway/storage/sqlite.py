@@ -15,9 +15,6 @@ tokens and keys while the gateway reads them.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
-import errno
-import hashlib
 import hmac
 import json
 import os
@@ -25,27 +22,39 @@ import sqlite3
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
 
-from ..errors import StorageFull, Unavailable
+from ..errors import StorageFull, Unavailable, is_out_of_space
 from ..metrics import Metrics
 from ..security.tokens import (LAST_USED_GRANULARITY, AuthResult, NewToken, TokenError, TokenInfo,
                                decode_token, generate_token, hash_token, judge, new_token_id)
+from . import auditwalk
+from .auditwalk import AUDIT_FIELDS, AUDIT_OPTIONAL_FIELDS, GENESIS, audit_hash  # noqa: F401 (the chain's format)
 from .base import Storage
 from .fhirsql import RESOURCE_COLS, entry_of, search_sql
 from .groupcommit import GroupCommit, Outcome
 from .model import (Blob, Episode, FhirEntry, FhirQuery, GatewayKey, IndexedRecord, KeyConflict, KeyState,
-                    PatientKey, StoreConflict)
+                    KeyTaken, PatientKey, StoreConflict)
 
 T = TypeVar("T")
 Query = Callable[..., T]  # fn(connection, *args) -> T, run on a thread of the database
 
 
 def _is_disk_full(exc: BaseException) -> bool:
-    return (isinstance(exc, sqlite3.OperationalError) and "full" in str(exc).lower()) or (
-        isinstance(exc, OSError) and exc.errno == errno.ENOSPC)
+    return (isinstance(exc, sqlite3.OperationalError) and "full" in str(exc).lower()) or is_out_of_space(exc)
+
+
+def _volume_full(path: Path) -> bool:
+    """Whether the volume holding ``path`` has (next to) no room left: SQLite reports some
+    writes that fail for want of space as I/O errors, not as SQLITE_FULL."""
+    try:
+        st = os.statvfs(path.parent)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 64 * 1024
 
 
 class SQLiteDatabase:
@@ -112,7 +121,7 @@ class SQLiteDatabase:
     def _failure(self, exc: sqlite3.Error, what: str) -> Exception:
         if self._metrics is not None:
             self._metrics.storage_error(self._name, what, "full" if _is_disk_full(exc) else "failed")
-        if _is_disk_full(exc):
+        if _is_disk_full(exc) or (what == "write" and _volume_full(self.path)):
             return StorageFull(f"the gateway's data volume is full: its {self._name} store cannot {what}")
         return Unavailable(f"the gateway's {self._name} store failed to {what} ({type(exc).__name__})")
 
@@ -197,8 +206,13 @@ def _record_where(db: sqlite3.Connection, where: str, args: tuple) -> IndexedRec
 
 
 def _insert_record(db: sqlite3.Connection, r: IndexedRecord) -> None:
-    db.execute(f"INSERT INTO records ({_RECORD_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-               (r.cid, r.episode, r.patient, r.seq, r.schema, r.recorded_at, r.digest, r.idempotency_key))
+    try:
+        db.execute(f"INSERT INTO records ({_RECORD_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                   (r.cid, r.episode, r.patient, r.seq, r.schema, r.recorded_at, r.digest, r.idempotency_key))
+    except sqlite3.IntegrityError as exc:
+        if r.idempotency_key is not None and "records.idempotency_key" in str(exc):
+            raise KeyTaken(r.idempotency_key) from None
+        raise
 
 
 def _create_episode(db: sqlite3.Connection, record: IndexedRecord) -> Episode:
@@ -421,18 +435,9 @@ class SQLiteTokenStore:
 AUDIT_SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit (seq INTEGER PRIMARY KEY, event TEXT NOT NULL,
                                   prev TEXT NOT NULL, hash TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS audit_checkpoints (seq INTEGER PRIMARY KEY, hash TEXT NOT NULL,
+                                              time TEXT NOT NULL, key TEXT NOT NULL, sig TEXT NOT NULL);
 """
-GENESIS = "0" * 64
-AUDIT_FIELDS = ("time", "request_id", "principal", "role", "action", "resource", "decision", "path")
-# Hashed when present (refused credentials): entries without them hash as they always did.
-AUDIT_OPTIONAL_FIELDS = ("reason",)
-
-
-def audit_hash(prev: str, event: dict) -> str:
-    """The hash of an entry: its fields (sorted) after the hash of the one before."""
-    hashed = {k: event.get(k) for k in AUDIT_FIELDS} | {k: event[k] for k in AUDIT_OPTIONAL_FIELDS if k in event}
-    body = json.dumps(hashed, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(prev.encode() + b"\n" + body.encode()).hexdigest()
 
 
 def _append_event(db: sqlite3.Connection, event: dict) -> None:
@@ -449,21 +454,17 @@ def _audit_page(db: sqlite3.Connection, after: int, limit: int) -> list[dict]:
     return [{"seq": seq, **json.loads(event), "prev": prev, "hash": h} for seq, event, prev, h in rows]
 
 
-def _audit_verify(db: sqlite3.Connection) -> dict:
-    prev, count = GENESIS, 0
-    for seq, event, stored_prev, stored_hash in db.execute("SELECT seq, event, prev, hash FROM audit ORDER BY seq"):
-        if stored_prev != prev or audit_hash(prev, json.loads(event)) != stored_hash:
-            return {"ok": False, "entries": count, "break": {"seq": seq}, "head": None}
-        prev, count = stored_hash, count + 1
-    return {"ok": True, "entries": count, "break": None, "head": prev}
+_CHECKPOINT_COLS = ("seq", "hash", "time", "key", "sig")
 
 
 class SQLiteAuditStore:
     """Each entry carries the SHA-256 of the one before, so deleting, reordering or editing an
-    entry breaks the chain from there on. Events of concurrent requests share a commit."""
+    entry breaks the chain from there on. Events of concurrent requests share a commit.
+    Signed checkpoints (``seq``, the entry's ``hash``) are kept beside the chain."""
 
     def __init__(self, db: SQLiteDatabase) -> None:
         self._db = db
+        self._walker = auditwalk.WalkerProcess()
 
     async def append(self, event: dict[str, Any]) -> None:
         await self._db.write(_append_event, event)
@@ -471,8 +472,41 @@ class SQLiteAuditStore:
     async def page(self, after: int, limit: int) -> list[dict[str, Any]]:
         return await self._db.read(_audit_page, after, limit)
 
-    async def verify(self) -> dict[str, Any]:
-        return await self._db.read(_audit_verify)
+    async def last(self) -> tuple[int, str]:
+        row = await self._db.read(lambda db: db.execute(
+            "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone())
+        return (row[0], row[1]) if row else (0, GENESIS)
+
+    async def walk(self, after: int, prev: str, limit: int) -> dict[str, Any]:
+        """A page re-hashed in the walker process (``auditwalk``): never in the gateway's."""
+        try:
+            return await self._walker.run(auditwalk.walk_file, str(self._db.path), after, prev, limit)
+        except sqlite3.Error as exc:
+            raise self._db._failure(exc, "read") from None
+        except auditwalk.WalkerProcess.WorkerDied:
+            raise Unavailable("the audit log's verification worker died") from None
+
+    async def close(self) -> None:
+        await self._walker.close()
+        await self._db.close()
+
+    async def hash_at(self, seq: int) -> str | None:
+        row = await self._db.read(lambda db: db.execute("SELECT hash FROM audit WHERE seq = ?", (seq,)).fetchone())
+        return row[0] if row else None
+
+    async def checkpoints(self) -> list[dict[str, Any]]:
+        return await self._db.read(lambda db: [dict(zip(_CHECKPOINT_COLS, row)) for row in db.execute(
+            f"SELECT {', '.join(_CHECKPOINT_COLS)} FROM audit_checkpoints ORDER BY seq")])
+
+    async def latest_checkpoint(self) -> dict[str, Any] | None:
+        row = await self._db.read(lambda db: db.execute(
+            f"SELECT {', '.join(_CHECKPOINT_COLS)} FROM audit_checkpoints ORDER BY seq DESC LIMIT 1").fetchone())
+        return dict(zip(_CHECKPOINT_COLS, row)) if row else None
+
+    async def add_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        await self._db.write(lambda db: db.execute(
+            f"INSERT INTO audit_checkpoints ({', '.join(_CHECKPOINT_COLS)}) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT (seq) DO NOTHING", tuple(checkpoint[c] for c in _CHECKPOINT_COLS)))
 
 
 # --- keys ----------------------------------------------------------------------------------------
@@ -757,6 +791,7 @@ async def open_sqlite_storage(data_dir: Path, metrics: Metrics | None = None) ->
     audit = await SQLiteDatabase.open(data_dir / "audit.sqlite3", AUDIT_SCHEMA, name="audit", metrics=metrics)
     keys = await SQLiteDatabase.open(data_dir / KEYS_FILE, KEYS_SCHEMA, name="key", metrics=metrics)
     fhir = await SQLiteDatabase.open(data_dir / FHIR_FILE, FHIR_SCHEMA, name="fhir", metrics=metrics)
+    audit_store = SQLiteAuditStore(audit)
     return Storage(heads=SQLiteHeadStore(heads), tokens=SQLiteTokenStore(tokens),
-                   audit=SQLiteAuditStore(audit), keys=SQLiteKeyStore(keys), fhir=SQLiteFhirIndex(fhir),
-                   closers=[heads.close, tokens.close, audit.close, keys.close, fhir.close])
+                   audit=audit_store, keys=SQLiteKeyStore(keys), fhir=SQLiteFhirIndex(fhir),
+                   closers=[heads.close, tokens.close, audit_store.close, keys.close, fhir.close])
