@@ -200,7 +200,7 @@ async def test_version_1_records_stay_readable_and_verify(aiohttp_client, kubo):
                                            aad=crypto.canonical_json(clear_part(node)), patient=patient,
                                            keys=service.keys))
     node["sig"] = crypto.sign(service.keys.signing_key, clear_part(node))
-    cid = await service.kubo.dag_put(node, pin=True)
+    cid = await service.kubo.put_node(node)
     await service.storage.heads.create_episode(IndexedRecord(cid, episode, patient, 0, record["schema"],
                                                              record["recorded_at"]))
     r = await client.get(f"/medicon/v1/records/{cid}")

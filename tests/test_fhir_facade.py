@@ -21,8 +21,7 @@ from fhirclient.models.observation import Observation as FcObservation
 from fhirpy import SyncFHIRClient
 from fhirpy.base.exceptions import ResourceNotFound
 
-from conftest import (STORAGE_URLS, _postgres_rows, app_client, bearer, gateway_config, make_token, start_gateway,
-                      storage_env)
+from conftest import app_client, bearer, gateway_config, make_token, start_gateway, storage_env, store_sql
 from gateway.core import exactjson
 from gateway.core.check import check_service
 from gateway.core.fhir_facade import FhirFacade
@@ -416,15 +415,7 @@ def test_an_attachment_url_reads_through_the_facade_with_the_callers_rights(gate
 # --- the index: what it holds, and that it goes with the patient ------------------------------------
 
 def index_rows(data_dir: str, query: str) -> list[tuple]:
-    url = STORAGE_URLS.get(str(data_dir))
-    if url:
-        return _postgres_rows(url, query)
-    import sqlite3
-    db = sqlite3.connect(os.path.join(data_dir, "fhir.sqlite3"))
-    try:
-        return db.execute(query).fetchall()
-    finally:
-        db.close()
+    return store_sql(data_dir, "fhir", query)
 
 
 def test_the_index_holds_no_identifier_nor_code_in_clear(gateway, diabetes):

@@ -65,9 +65,10 @@ class Sealer:
     def episode_pseudonym(self, episode: str) -> str:
         return self.keys.pseudonym(PSEUDONYM_EPISODE, episode)
 
-    async def to_node(self, record: ClientRecord, signer: str) -> dict[str, Any]:
+    async def to_node(self, record: ClientRecord | dict[str, Any], signer: str) -> dict[str, Any]:
         """The node to store for ``record`` (dag-json form: ``prev`` as a link); its payload
-        holds the record's text as it is."""
+        holds the record's text as it is (a record given as a value is written out first)."""
+        record = ClientRecord.of(record)
         node: dict[str, Any] = {
             "v": NODE_VERSION,
             "schema": record["schema"],
