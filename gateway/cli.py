@@ -296,11 +296,12 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_shred(args: argparse.Namespace) -> int:
-    async def shred(provider: KeyringProvider, _storage: Storage) -> int:
-        return await provider.shred_patient(args.patient)
+    async def shred(provider: KeyringProvider, storage: Storage) -> int:
+        return await provider.shred_patient(args.patient, erase=[storage.fhir])
     destroyed = asyncio.run(with_key_provider(_key_config(args), shred))
     print(f"destroyed {destroyed} data key(s): that patient's records and attachments are now "
-          "permanently unreadable (410) on every gateway of this key store", file=sys.stderr)
+          "permanently unreadable (410) on every gateway of this key store; the patient's rows of the "
+          "FHIR search index are erased", file=sys.stderr)
     return 0
 
 

@@ -143,6 +143,11 @@ class RecordsConfig(Section):
     max_record_size: Count = 1024 * 1024
     # Most files in one add of records.
     max_parts: Count = 1000
+    # FHIR R4 resources embedded in records (any object with a resourceType): "enforce" refuses
+    # a record whose resources are not valid FHIR R4 (400 naming the resource and the path),
+    # "warn" accepts it and logs a warning, "off" does not look. Enforce by default: records are
+    # never rewritten, and the FHIR facade serves what was stored to other FHIR software.
+    fhir_validation: Literal["off", "warn", "enforce"] = "enforce"
     # Seconds a record's recorded_at may lie ahead of the gateway's clock (later: 400). An
     # episode's times never go backwards, so one writer's fast clock would otherwise hold every
     # other writer's appends off (409) until that time has passed.

@@ -191,8 +191,8 @@ def sqlite_rows(path, query: str, *args) -> list[tuple]:
 
 def store_sql(data_dir, store: str, query: str, *args) -> list[tuple]:
     """Run ``query`` (``$1`` placeholders) on one store (``heads``, ``audit``, ``tokens``,
-    ``keys``) of ``data_dir``'s gateway, as someone with access to the database would: to read
-    it raw, or to tamper with it. PostgreSQL holds every store in one database."""
+    ``keys``, ``fhir``) of ``data_dir``'s gateway, as someone with access to the database would:
+    to read it raw, or to tamper with it. PostgreSQL holds every store in one database."""
     url = STORAGE_URLS.get(str(data_dir))
     if url:
         return run_blocking(postgres_rows(url, query, *args))

@@ -82,7 +82,7 @@ async def test_check_writes_plain_progress_lines_when_not_on_a_terminal(aiohttp_
     assert status == 0, err
     assert json.loads(out)["records"] == records  # stdout: the report alone
     phases = plain_lines(err, "check")
-    assert set(phases) == {"records", "episodes", "pins"}
+    assert set(phases) == {"records", "episodes", "pins", "index"}
     assert phases["records"][0] == (0, records, 0) and phases["records"][-1] == (records, records, 100)
     assert phases["episodes"][-1] == (records // 2, records // 2, 100)
     assert len(phases["records"]) <= 11  # a line every tenth of the way, not one per record

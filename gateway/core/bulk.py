@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable
 from ..errors import Invalid, MediconError
 from . import strictjson
 from .access import Caller
-from .records import is_record_candidate
+from .records import ClientRecord, is_record_candidate
 from .service import RecordService
 
 Progress = Callable[[str, int, int], None]
@@ -28,8 +28,8 @@ async def import_records(service: RecordService, lines: Iterable[str], caller: C
     report: dict[str, Any] = {"records": len(items), "imported": 0, "repeated": 0, "failed": []}
     for done, (number, text) in enumerate(items, 1):
         try:
-            doc = strictjson.loads(text)
-            if not is_record_candidate(doc):
+            doc = ClientRecord.from_text(text)  # the line's text is what is stored and read back
+            if not is_record_candidate(doc.parsed):
                 raise Invalid("not a record: a JSON object naming a schema and an episode or patient")
             appended = await service.append(doc, caller, f"{key_prefix}:{number}")
         except MediconError as err:

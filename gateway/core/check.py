@@ -20,6 +20,10 @@ also be pinned on that many nodes: this gateway's own, and the replica services 
 ``pinned`` (asked through the Pinning Service API, ten CIDs a query). ``replicas`` in the report
 says what each service holds and which records are under-replicated; ``--repair`` asks the
 services that lack a record to pin it (fetched from whichever node of the swarm has it).
+
+With the ``fhir_index`` plugin loaded, every FHIR resource a record embeds must be in the FHIR
+search index (the plugin indexes on commit, and a failure there never undoes the append):
+records missing from it are ``unindexed``, and ``--repair`` indexes them.
 """
 
 from __future__ import annotations
@@ -29,12 +33,14 @@ from typing import Any, Callable
 from ..config import Config
 from ..errors import MediconError
 from ..storage.model import Episode
+from .fhir_facade import FhirFacade
 from .service import RecordService
 
 ORPHAN, COMMITTED, PENDING = "orphan", "committed", "pending"
 
 
-# ``progress(phase, done, total)``: told as each phase (``records``, ``episodes``, ``pins``)
+# ``progress(phase, done, total)``: told as each phase (``records``, ``episodes``, ``pins``,
+# ``index``)
 # starts and after each item, so a command can show how far it got; the core prints nothing.
 Progress = Callable[[str, int, int], None]
 
@@ -58,7 +64,8 @@ async def check_service(service: RecordService, *, repair: bool = False,
     # in this set unless its pin was removed since.
     pins = await kubo.recursive_pins()
     report: dict[str, Any] = {"episodes": len(episodes), "records": len(records), "missing": [],
-                              "unpinned": [], "broken": [], "orphans": [], "pending": [], "repaired": []}
+                              "unpinned": [], "broken": [], "orphans": [], "pending": [], "unindexed": [],
+                              "repaired": []}
     progress("records", 0, len(records))
     for done, record in enumerate(records, 1):
         if not await kubo.has_block(record.cid):
@@ -91,8 +98,10 @@ async def check_service(service: RecordService, *, repair: bool = False,
                 if repair and await kubo.pin_rm(pin):
                     report["repaired"].append({"unpinned": pin})
         progress("pins", done, len(unindexed))
+    if service.plugins.pm.get_plugin("fhir_index") is not None:
+        await _check_fhir_index(service, records, report, repair, progress)
     report["clean"] = not (report["missing"] or report["broken"]
-                           or (report["unpinned"] and not repair))
+                           or ((report["unpinned"] or report["unindexed"]) and not repair))
     replication = service.replication
     if replication.replicas > 1 or replication.services:
         pinned_here = pins | {r["pinned"] for r in report["repaired"] if "pinned" in r}
@@ -126,6 +135,28 @@ async def _replicas(service: RecordService, records: list, pinned_here: set[str]
     return {"replicas": replication.replicas, "services": services, "repaired": repaired,
             "under_replicated": [{"cid": cid, "episode": r.episode, "seq": r.seq, "pinned_on": where(cid)}
                                  for cid, r in under.items() if len(where(cid)) < replication.replicas]}
+
+
+async def _check_fhir_index(service: RecordService, records: list, report: dict[str, Any], repair: bool,
+                            progress: Progress) -> None:
+    """Records whose embedded FHIR resources the search index lacks (indexed on repair, in the
+    order of their episodes). Records that cannot be read are reported above, or erased."""
+    facade = FhirFacade(service)
+    progress("index", 0, len(records))
+    for done, record in enumerate(records, 1):
+        try:
+            stored = await service.read_indexed(record.cid)
+        except MediconError:
+            stored = None
+        if stored is not None:
+            have = await service.storage.fhir.pointers(record.cid)
+            lacking = [e for e in facade.entries(stored, record.cid) if e.pointer not in have]
+            if lacking:
+                report["unindexed"].append(record.cid)
+                if repair:
+                    await service.storage.fhir.add(lacking)
+                    report["repaired"].append({"indexed": record.cid})
+        progress("index", done, len(records))
 
 
 async def _own_record_node(service: RecordService, cid: str) -> dict[str, Any] | None:

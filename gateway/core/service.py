@@ -36,10 +36,11 @@ from ..storage import Storage, open_storage
 from ..storage.model import Blob, Episode, IndexedRecord, KeyTaken, StoreConflict
 from . import chain
 from .access import Authorizer, Caller
+from .fhir_validation import find_resources, validate_embedded
 from .plugins import PluginHost, PluginLoadError, make_manager
 from .replication import Replication
-from .records import (CLOSING_KINDS, OPENING_KINDS, Appended, ChainConflict, RecordInvalid,
-                      claimed_resource, dag_json_problems, normalise, request_digest, timestamp)
+from .records import (CLOSING_KINDS, ENVELOPE_FIELDS, OPENING_KINDS, Appended, ChainConflict, ClientRecord,
+                      RecordInvalid, claimed_resource, dag_json_problems, normalise, request_digest, timestamp)
 from .schemas import DEFAULT_SCHEMA_DIR, SchemaError, SchemaRegistry
 from .sealing import Sealer
 
@@ -184,13 +185,16 @@ class RecordService:
 
     # --- writing records -------------------------------------------------------------------------
 
-    async def validate(self, record: dict[str, Any], episode: Episode | None, *, schema: bool = True,
-                       with_plugins: bool = True) -> None:
-        """JSON Schema first, then every plugin's rules; all problems reported together."""
+    async def validate(self, record: ClientRecord | dict[str, Any], episode: Episode | None, *,
+                       schema: bool = True, with_plugins: bool = True) -> None:
+        """JSON Schema first, then the embedded FHIR resources (``records.fhir_validation``),
+        then every plugin's rules; all problems reported together."""
         problems = []
         if schema:
-            problems += [str(v) for v in self.schemas.validate(record)]
-            problems += dag_json_problems(record.get("body"), "/body")
+            parsed = record.parsed if isinstance(record, ClientRecord) else record
+            problems += [str(v) for v in self.schemas.validate(parsed)]
+            problems += dag_json_problems(parsed.get("body") if isinstance(parsed, dict) else None, "/body")
+            problems += self._fhir_problems(parsed)
         if not problems and with_plugins:
             for plugin, found in await self.plugins.call_each(
                     "medicon_validate_record", record=record, schema_id=record["schema"], episode=episode):
@@ -200,14 +204,31 @@ class RecordService:
         if problems:
             raise RecordInvalid(problems)
 
+    def _fhir_problems(self, record: Any) -> list[str]:
+        """Problems of the FHIR R4 resources embedded in the body, as ``records.fhir_validation``
+        says: refused (``enforce``), logged and accepted (``warn``), or not looked for (``off``).
+        The log line names no value of the record: counts and resource types only."""
+        mode = self.config.records.fhir_validation
+        if mode == "off" or not isinstance(record, dict):
+            return []
+        found = validate_embedded(record.get("body"), "/body")
+        if found and mode == "warn":
+            kinds = sorted({r.get("resourceType") for _, r in find_resources(record.get("body"), "/body")
+                            if isinstance(r.get("resourceType"), str)})
+            log.warning("record accepted with %d FHIR R4 problem(s) in its embedded %s "
+                        "(records.fhir_validation = warn)", len(found), ", ".join(kinds)[:200])
+            return []
+        return [f"{pointer}: {message}" for pointer, message in found]
+
     async def append(self, doc: Any, caller: Caller, idempotency_key: str | None = None) -> Appended:
         """Authorize, then append one record to its episode, signed as written by the caller.
+        ``doc`` is a ``ClientRecord`` (the client's text, kept as it is) or a JSON value.
         ``RecordInvalid`` or ``ChainConflict`` if it does not fit. A retry of an append that
         succeeded returns the original (``created`` False) instead of a duplicate or a conflict."""
-        if not isinstance(doc, dict):
+        if not isinstance(doc, (dict, ClientRecord)):
             raise RecordInvalid(["/: a record is a JSON object"])
         await self.authorize(caller, "record:write", claimed_resource(doc))
-        return await self._append(normalise(doc), caller.principal.id, idempotency_key)
+        return await self._append(normalise(ClientRecord.of(doc)), caller.principal.id, idempotency_key)
 
     def new_episode_id(self, caller: Caller, idempotency_key: str | None) -> str:
         """The id of an episode opened without one. With an ``Idempotency-Key`` it is derived
@@ -218,7 +239,7 @@ class RecordService:
         derived = self.keys.pseudonym("episode-for-idempotency-key", f"{caller.principal.id}\n{idempotency_key}")
         return "ep-" + derived.removeprefix("ps-")
 
-    async def append_to(self, caller: Caller, episode_id: str, doc: dict[str, Any],
+    async def append_to(self, caller: Caller, episode_id: str, doc: ClientRecord | dict[str, Any],
                         idempotency_key: str | None = None) -> Appended:
         """Append ``doc`` to an existing episode named by id (its patient and episode are the
         episode's). ``NotFound`` if the episode is unknown or outside the caller's scope."""
@@ -226,8 +247,8 @@ class RecordService:
         for key, value in (("patient", episode.patient), ("episode", episode.id)):
             if key in doc and doc[key] != value:
                 raise Invalid(f"the record's {key} does not match the episode")
-        return await self._append(normalise({**doc, "patient": episode.patient, "episode": episode.id}),
-                                  caller.principal.id, idempotency_key)
+        record = ClientRecord.of(doc).with_fields(patient=episode.patient, episode=episode.id)
+        return await self._append(normalise(record), caller.principal.id, idempotency_key)
 
     async def append_all(self, docs: list[tuple[str, Any]], caller: Caller,
                          idempotency_key: str | None = None) -> list[Appended]:
@@ -239,9 +260,9 @@ class RecordService:
         problems = []
         for name, doc in docs:
             try:
-                if not isinstance(doc, dict):
+                if not isinstance(doc, (dict, ClientRecord)):
                     raise RecordInvalid(["/: a record is a JSON object"])
-                await self.validate(normalise(doc), None, with_plugins=False)
+                await self.validate(normalise(ClientRecord.of(doc)), None, with_plugins=False)
             except RecordInvalid as err:
                 problems.append(f"{name or 'record'}: {err.message}" if len(docs) > 1 else err.message)
         if problems:
@@ -250,7 +271,7 @@ class RecordService:
         for index, (_, doc) in enumerate(docs):
             key = f"{idempotency_key}#{index}" if idempotency_key else None
             try:
-                done.append(await self._append(normalise(doc), caller.principal.id, key))
+                done.append(await self._append(normalise(ClientRecord.of(doc)), caller.principal.id, key))
             except MediconError as err:
                 if done:
                     raise err.with_message(f"{err.message}; records already appended: "
@@ -259,7 +280,9 @@ class RecordService:
         return done
 
     @_counted
-    async def _append(self, record: dict[str, Any], signer: str, idempotency_key: str | None) -> Appended:
+    async def _append(self, client: ClientRecord, signer: str, idempotency_key: str | None) -> Appended:
+        # The parsed record decides everything below; the client's text is what gets sealed.
+        record = client.parsed
         # Checks that do not depend on the episode come first, before any lock is taken.
         await self.validate(record, None, with_plugins=False)
         chain.check_clock_skew(record, self.config.records.max_clock_skew)
@@ -269,20 +292,21 @@ class RecordService:
         # here (key first, then episode: always in that order), so the second finds the first.
         async with self.key_locks(key) if key else nullcontext():
             async with self.locks(record["episode"]):
-                return await self._append_locked(record, signer, digest, key)
+                return await self._append_locked(client, signer, digest, key)
 
-    async def _append_locked(self, record: dict[str, Any], signer: str, digest: str, key: str | None) -> Appended:
-        heads = self.storage.heads
+    async def _append_locked(self, client: ClientRecord, signer: str, digest: str, key: str | None) -> Appended:
+        heads, record = self.storage.heads, client.parsed
         earlier = await self._retried(record, digest, key)
         if earlier is not None:
             return await self._original(earlier)
         episode = await heads.get_episode(record["episode"])
         request, record = record, chain.link(record, episode, self._policy_for(record["schema"]))
         # The schema passed above; link only set prev (a head CID), seq and recorded_at.
-        await self.validate(record, episode, schema=False)
+        sealed = client.with_fields(**{name: record[name] for name in ENVELOPE_FIELDS})
+        await self.validate(sealed, episode, schema=False)
         # Stored and pinned (recursively: the record and the chain under it) in one call whose
         # answer comes after both, before the head moves: an acknowledged record is in Kubo.
-        cid = await self.kubo.put_node(await self.sealer.to_node(record, signer))
+        cid = await self.kubo.put_node(await self.sealer.to_node(sealed, signer))
         indexed = IndexedRecord(cid, record["episode"], record["patient"], record["seq"],
                                 record["schema"], record["recorded_at"], digest, key)
         try:
@@ -313,8 +337,8 @@ class RecordService:
         except Exception:
             await self._release(cid)
             raise
-        await self._committed(record, cid, moved)
-        return Appended(cid, moved, record, created=True)
+        await self._committed(sealed, cid, moved)
+        return Appended(cid, moved, sealed, created=True)
 
     async def _original(self, earlier: IndexedRecord) -> Appended:
         """The answer to a retry: the record appended the first time, as it stands now."""
@@ -352,7 +376,7 @@ class RecordService:
             return await heads.record_by_digest(record["episode"], digest)
         return None
 
-    async def _committed(self, record: dict[str, Any], cid: str, episode: Episode) -> None:
+    async def _committed(self, record: ClientRecord, cid: str, episode: Episode) -> None:
         try:
             await self.plugins.call("medicon_record_committed", record=record, cid=cid, episode=episode,
                                     service=self)
@@ -391,7 +415,7 @@ class RecordService:
         await self.authorize(caller, "chain:read", {"kind": "patient", "patient": patient})
         return await self.storage.heads.list_episodes(patient, status)
 
-    async def record_for(self, caller: Caller, cid: str) -> tuple[IndexedRecord, dict[str, Any]]:
+    async def record_for(self, caller: Caller, cid: str) -> tuple[IndexedRecord, ClientRecord]:
         """A record written through this gateway, once the caller may read it (``NotFound``
         if unknown or outside the caller's scope)."""
         indexed = await self.storage.heads.record(canonical(cid) or cid)
@@ -404,12 +428,12 @@ class RecordService:
         return indexed, await self.read_indexed(indexed.cid)
 
     async def history(self, caller: Caller, episode_id: str, after_seq: int, limit: int
-                      ) -> tuple[Episode, list[IndexedRecord], list[dict[str, Any]]]:
+                      ) -> tuple[Episode, list[IndexedRecord], list[ClientRecord]]:
         episode = await self.episode_for(caller, episode_id, "record:read")
         rows = await self.storage.heads.history(episode.id, after_seq, limit)
         return episode, rows, await self.read_many([r.cid for r in rows])
 
-    async def read(self, cid: str) -> dict[str, Any] | None:
+    async def read(self, cid: str) -> ClientRecord | None:
         """The record stored as ``cid`` (decrypted, signature checked), or None if the gateway
         did not write it. The caller authorized the read."""
         key = canonical(cid) or cid
@@ -417,13 +441,14 @@ class RecordService:
             return None
         return await self.read_indexed(key)
 
-    async def read_indexed(self, cid: str) -> dict[str, Any]:
-        """The record stored as ``cid``, which the caller found in the index."""
+    async def read_indexed(self, cid: str) -> ClientRecord:
+        """The record stored as ``cid``, which the caller found in the index: its text as the
+        client wrote it, with the envelope fields the gateway set."""
         node = await self.kubo.record_node(cid)
         _require_signed(cid, await self.sealer.verified(node))
         return (await self.sealer.from_node(node))[0]
 
-    async def read_many(self, cids: list[str], concurrency: int = 16) -> list[dict[str, Any]]:
+    async def read_many(self, cids: list[str], concurrency: int = 16) -> list[ClientRecord]:
         """Indexed records in the order given: fetched from Kubo ``concurrency`` at a time (a
         page of history costs a few round trips of latency, not one per record), signatures
         checked in two threads at once (Ed25519 releases the GIL), then opened."""
@@ -443,6 +468,17 @@ class RecordService:
         for cid, ok in zip(cids, verdicts):
             _require_signed(cid, ok)
         return [(await self.sealer.from_node(node))[0] for node in nodes]
+
+    async def attachment_for(self, caller: Caller, cid: str) -> Blob:
+        """An attachment indexed by this gateway, once the caller may read it (``NotFound`` if
+        unknown or outside the caller's scope)."""
+        unknown = NotFound(f"no attachment {cid[:100]!r} was added through this gateway")
+        blob = await self.attachment(cid) if parse_cid(cid) is not None else None
+        if blob is None:
+            raise unknown
+        await self._authorize_visible(caller, "blob:read", {"kind": "blob", "cid": canonical(cid) or cid,
+                                                            "patient": blob.patient}, unknown)
+        return blob
 
     async def attachment(self, cid: str) -> Blob | None:
         """The indexed attachment ``cid`` names, in whatever spelling of the CID."""
@@ -502,7 +538,7 @@ class RecordService:
             except MediconError as err:
                 return report(err.message)
             else:
-                problems = [str(v) for v in self.schemas.validate(record)]
+                problems = [str(v) for v in self.schemas.validate(record.parsed)]
                 if problems:
                     return report("schema: " + "; ".join(problems))
                 if (record.get("seq"), record.get("prev"), record.get("episode"), record.get("schema")) != (

@@ -13,7 +13,7 @@ from ..core.plugins import PluginHost, PluginLoadError, make_manager
 from ..core.service import RecordService
 from ..errors import Busy, MediconError
 from ..metrics import Metrics
-from . import pinning, rest, ui
+from . import fhir, pinning, rest, ui
 from .appkeys import CONFIG, SERVICE
 from .auth import PUBLIC_PATHS, auth_middleware
 from .errors import error_middleware
@@ -109,4 +109,5 @@ def create_app(config: Config) -> web.Application:
             app.router.add_route(method, path, handler)
     app.router.add_routes(rest.routes)
     app.router.add_routes(pinning.routes)
+    app.router.add_routes(fhir.routes)
     return app

@@ -20,7 +20,7 @@ from aiohttp import web
 from multiformats import CID
 
 from ..core import strictjson
-from ..core.records import is_record_candidate
+from ..core.records import ClientRecord, is_record_candidate
 from ..errors import Invalid, MediconError, StorageFull, TooLarge, Unavailable
 from ..kubo.client import KUBO_FULL
 from ..security import crypto
@@ -60,15 +60,16 @@ def idempotency_key(request: web.Request) -> str | None:
 
 # --- what is a record ----------------------------------------------------------------------------
 
-def json_record(data: bytes) -> Any:
-    """The document if ``data`` is JSON claiming to be a record, else None (a blob).
+def json_record(data: bytes) -> ClientRecord | None:
+    """The record if ``data`` is JSON claiming to be a record (its text kept as sent), else
+    None (a blob).
 
     JSON that claims to be a record but is ambiguous (duplicate keys, NaN, overflowing numbers,
     deep nesting) is refused with 400, never stored as a blob instead."""
     if not strictjson.looks_like_json_object(data):
         return None
     try:
-        doc = strictjson.loads(data)
+        doc = ClientRecord.from_text(data)
     except strictjson.BadJSON as bad:
         try:
             lenient = json.loads(data)
@@ -77,7 +78,7 @@ def json_record(data: bytes) -> Any:
         if is_record_candidate(lenient):
             raise Invalid(f"invalid record: {bad}") from None
         return None
-    return doc if is_record_candidate(doc) else None
+    return doc if is_record_candidate(doc.parsed) else None
 
 
 def _from_cbor(value: Any, depth: int = 0) -> Any:
@@ -104,8 +105,9 @@ def _from_cbor(value: Any, depth: int = 0) -> Any:
     raise Invalid(f"invalid record: a CBOR {type(value).__name__} has no place in a record")
 
 
-def cbor_record(data: bytes) -> Any:
-    """The document if ``data`` is CBOR claiming to be a record, else None."""
+def cbor_record(data: bytes) -> ClientRecord | None:
+    """The record if ``data`` is CBOR claiming to be a record, else None. CBOR has no text
+    form: the record's text is its value written out as JSON (keys in the CBOR map's order)."""
     try:
         value = cbor2.loads(data)
     except Exception:
@@ -114,7 +116,7 @@ def cbor_record(data: bytes) -> Any:
         return None
     doc = _from_cbor(value)
     try:  # the same strict rules as JSON records (64-bit integers, finite numbers, strings)
-        return strictjson.loads(json.dumps(doc, allow_nan=False))
+        return ClientRecord.from_text(json.dumps(doc, allow_nan=False, ensure_ascii=False, separators=(",", ":")))
     except (strictjson.BadJSON, ValueError) as bad:
         raise Invalid(f"invalid record: {bad}") from None
 
@@ -505,13 +507,14 @@ async def get(request: web.Request, call: Call) -> web.StreamResponse:
 
 
 async def record_bytes(request: web.Request, resource: dict[str, Any]) -> bytes | None:
-    """The JSON of the record ``resource`` names (the caller was authorized for it)."""
+    """The JSON of the record ``resource`` names (the caller was authorized for it): its text
+    as the client wrote it, with the gateway's envelope fields."""
     if resource["kind"] != "record":
         return None
     record = await request.app[SERVICE].read(resource["cid"])
     if record is None:
         return None
-    return json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode()
+    return record.text.encode("utf-8")
 
 
 async def cat(request: web.Request, call: Call) -> web.StreamResponse:

@@ -12,7 +12,8 @@ from datetime import timedelta
 from typing import Any, Callable, Iterable, Protocol
 
 from ..security.tokens import AuthResult, TokenInfo
-from .model import Blob, Episode, GatewayKey, IndexedRecord, KeyState, PatientKey, PinRequest
+from .model import (Blob, Episode, FhirEntry, FhirQuery, GatewayKey, IndexedRecord, KeyState, PatientKey,
+                    PinRequest)
 
 
 class HeadStore(Protocol):
@@ -127,6 +128,24 @@ class PinStore(Protocol):
     # How many requests on ``node`` hold ``cid`` (whatever their status).
     async def holders(self, node: str, cid: str) -> int: ...
 
+class FhirIndexStore(Protocol):
+    """The FHIR facade's search index: each version of each FHIR resource records embed (where
+    it is: record CID and JSON pointer) and what search finds it by. Keyed pseudonyms only —
+    of the type and id, the patient, the episode, codes and references — and date ranges; no
+    identifier in clear. A patient's rows go with crypto-shredding (``erase_patient``)."""
+
+    async def add(self, entries: list[FhirEntry]) -> list[FhirEntry]:
+        """Index ``entries`` in order, each the next version of its type, id and patient (the
+        latest from now on); one already indexed (same CID and pointer) stays as it is. The
+        entries as stored (``version``, ``row``)."""
+    async def versions(self, type: str, rid: str) -> list[FhirEntry]:
+        """Every version of the resource, of every patient, by patient then newest first."""
+    async def search(self, query: FhirQuery) -> list[FhirEntry]: ...
+    async def pointers(self, cid: str) -> set[str]:
+        """Where in the record ``cid`` the index has resources (JSON pointers)."""
+    async def erase_patient(self, patient: str) -> int:
+        """Remove every row of the patient (by pseudonym); how many versions were removed."""
+
 
 @dataclass
 class Storage:
@@ -136,6 +155,7 @@ class Storage:
     tokens: TokenStore
     audit: AuditStore
     keys: KeyStore
+    fhir: FhirIndexStore
     closers: list
     pins: PinStore | None = None
 

@@ -27,7 +27,7 @@ import hmac
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from importlib import resources
 from typing import Any, Awaitable, Callable, Iterable, TypeVar
@@ -43,8 +43,9 @@ from .base import Storage
 from . import auditwalk
 from .auditwalk import audit_hash
 from .pins import PostgresPinStore
-from .model import (Blob, Episode, GatewayKey, IndexedRecord, KeyConflict, KeyState, KeyTaken, PatientKey,
-                    StoreConflict)
+from .fhirsql import RESOURCE_COLS, entry_of, search_sql
+from .model import (Blob, Episode, FhirEntry, FhirQuery, GatewayKey, IndexedRecord, KeyConflict, KeyState,
+                    KeyTaken, PatientKey, StoreConflict)
 
 _CHECKPOINT_COLS = ("seq", "hash", "time", "key", "sig")
 
@@ -807,6 +808,72 @@ class PostgresKeyStore:
         return [_gateway_key(r) for r in rows]
 
 
+# --- the FHIR index ------------------------------------------------------------------------------
+
+class PostgresFhirIndex:
+    """The FHIR index in the shared database. Versions of one resource are numbered under a
+    transaction-scoped advisory lock on it, so gateways indexing it at once never collide."""
+
+    def __init__(self, db: PostgresDatabase) -> None:
+        self._db = db
+
+    def _run(self, what: str, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> Awaitable[T]:
+        return self._db.run(what, "fhir", fn)
+
+    async def add(self, entries: list[FhirEntry]) -> list[FhirEntry]:
+        async def add(conn: asyncpg.Connection) -> list[FhirEntry]:
+            stored = []
+            async with conn.transaction():
+                for e in entries:
+                    key = (e.type, e.rid, e.patient)
+                    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", "\x1f".join(key))
+                    known = await conn.fetchrow("SELECT entry, version FROM fhir_resources"
+                                                " WHERE cid = $1 AND pointer = $2", e.cid, e.pointer)
+                    if known is not None:
+                        stored.append(replace(e, row=known["entry"], version=known["version"]))
+                        continue
+                    last = await conn.fetchval("SELECT coalesce(max(version), 0) FROM fhir_resources"
+                                               " WHERE type = $1 AND rid = $2 AND patient = $3", *key)
+                    await conn.execute("UPDATE fhir_resources SET latest = 0"
+                                       " WHERE type = $1 AND rid = $2 AND patient = $3 AND latest = 1", *key)
+                    entry = await conn.fetchval(
+                        "INSERT INTO fhir_resources (type, rid, patient, episode, version, latest, cid, pointer,"
+                        " recorded_at) VALUES ($1, $2, $3, $4, $5, 1, $6, $7, $8) RETURNING entry",
+                        *key, e.episode, last + 1, e.cid, e.pointer, e.recorded_at)
+                    if e.params:
+                        await conn.executemany(
+                            "INSERT INTO fhir_params (entry, name, token, low, high) VALUES ($1, $2, $3, $4, $5)",
+                            [(entry, p.name, p.token, p.low, p.high) for p in e.params])
+                    stored.append(replace(e, row=entry, version=last + 1))
+            return stored
+        return await self._run("write", add) if entries else []
+
+    async def versions(self, type: str, rid: str) -> list[FhirEntry]:
+        if not storable(type, rid):
+            return []
+        rows = await self._run("read", lambda c: c.fetch(
+            f"SELECT {RESOURCE_COLS} FROM fhir_resources WHERE type = $1 AND rid = $2"
+            " ORDER BY patient, version DESC", type, rid))
+        return [entry_of(r) for r in rows]
+
+    async def search(self, query: FhirQuery) -> list[FhirEntry]:
+        sql, args = search_sql(query, lambda n: f"${n}")
+        if not storable(*(a for a in args if isinstance(a, str))):
+            return []
+        return [entry_of(r) for r in await self._run("read", lambda c: c.fetch(sql, *args))]
+
+    async def pointers(self, cid: str) -> set[str]:
+        if not storable(cid):
+            return set()
+        rows = await self._run("read", lambda c: c.fetch("SELECT pointer FROM fhir_resources WHERE cid = $1", cid))
+        return {r["pointer"] for r in rows}
+
+    async def erase_patient(self, patient: str) -> int:
+        result = await self._run("write", lambda c: c.execute("DELETE FROM fhir_resources WHERE patient = $1",
+                                                              patient))
+        return int(result.split()[-1])
+
+
 # --- opening -------------------------------------------------------------------------------------
 
 async def migrate_database(url: str, *, connect_timeout: float = 10.0) -> tuple[str, list[str]]:
@@ -834,4 +901,5 @@ async def open_postgres_storage(url: str, *, pool_min: int = 2, pool_max: int = 
         raise
     audit = PostgresAuditStore(db, metrics)
     return Storage(heads=PostgresHeadStore(db), tokens=PostgresTokenStore(db), audit=audit,
-                   keys=PostgresKeyStore(db), closers=[db.close, audit.close], pins=PostgresPinStore(db))
+                   keys=PostgresKeyStore(db), fhir=PostgresFhirIndex(db), closers=[db.close, audit.close],
+                   pins=PostgresPinStore(db))
