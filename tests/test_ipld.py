@@ -78,3 +78,36 @@ async def test_record_nodes_are_encoded_byte_for_byte_as_dag_put_stores_them(aio
     assert ipld.cid_of(ipld.encode(await service.kubo.dag_get(second))) == second
     with pytest.raises(ipld.Unsupported):
         ipld.encode({"f": 1.5})
+
+
+def test_the_gateways_own_cids_are_written_and_read_as_multiformats_does():
+    """The fixed layout (CIDv1, base32, one-byte codec, sha2-256) the append path writes and
+    reads without ``multiformats``: the same strings and bytes as ``multiformats`` for every
+    codec it covers, and anything else (another case, trailing bits, another codec or hash)
+    left to ``multiformats``."""
+    import hashlib
+    import os
+
+    from multiformats import CID, multihash
+
+    from gateway.kubo import cids
+    for code, name in cids.FIXED_CODECS.items():
+        for _ in range(300):
+            digest = os.urandom(32)
+            expected = str(CID("base32", 1, name, multihash.wrap(digest, "sha2-256")))
+            assert cids.sha256_cid(code, digest) == expected
+            assert cids.sha256_cid_bytes(expected) == bytes(CID.decode(expected))
+            assert cids.canonical(expected) == expected
+    text = cids.sha256_cid(0x71, hashlib.sha256(b"x").digest())
+    assert ipld.cid_of(b"x") == text
+    assert cids.sha256_cid_bytes(text.upper()) is None          # base32upper: multiformats' business
+    assert cids.canonical(text.upper()) == text
+    variants = [text[:-1] + c for c in "abcdefghijklmnopqrstuvwxyz234567"]
+    exact = [v for v in variants if cids.sha256_cid_bytes(v) is not None]
+    assert len(exact) == 8 and text in exact                    # the last character holds 3 bits
+    sha512 = str(CID("base32", 1, "dag-cbor", multihash.wrap(os.urandom(64), "sha2-512")))
+    assert cids.sha256_cid_bytes(sha512) is None and cids.canonical(sha512) == sha512
+    v0 = "QmYwAPJzv5CZsnA625s3Xf2nemtYgPpHdWEz79ojWnPbdG"
+    assert cids.sha256_cid_bytes(v0) is None and cids.canonical(v0).startswith("bafy")
+    link = {"/": cids.sha256_cid(0x55, os.urandom(32))}
+    assert ipld.decode(ipld.cid_of(ipld.encode({"l": link})), ipld.encode({"l": link})) == {"l": link}

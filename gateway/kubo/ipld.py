@@ -21,11 +21,12 @@ import hashlib
 from typing import Any
 
 import cbor2
-from multiformats import CID, multihash
+from multiformats import CID
 
-from .cids import parse_cid
+from .cids import FIXED_CODECS, parse_cid, sha256_cid, sha256_cid_bytes
 
 CID_TAG = 42
+DAG_CBOR = 0x71
 
 
 class Unsupported(ValueError):
@@ -38,6 +39,9 @@ class BlockMismatch(ValueError):
 
 def sha256_of(cid: str) -> bytes:
     """The SHA-256 digest a CIDv1 of a dag-cbor block names."""
+    fixed = sha256_cid_bytes(cid) if isinstance(cid, str) else None
+    if fixed is not None and fixed[1] == DAG_CBOR:
+        return fixed[4:]
     parsed = parse_cid(cid)
     if parsed is None or parsed.version != 1 or parsed.codec.name != "dag-cbor" \
             or parsed.hashfun.name != "sha2-256" or len(parsed.raw_digest) != 32:
@@ -48,6 +52,9 @@ def sha256_of(cid: str) -> bytes:
 def _link(tag: cbor2.CBORTag) -> dict[str, str]:
     if tag.tag != CID_TAG or not isinstance(tag.value, bytes) or tag.value[:2] != b"\x00\x01":
         raise Unsupported(f"CBOR tag {tag.tag} or a CIDv0 link")
+    raw = tag.value[1:]
+    if len(raw) == 36 and raw[1] in FIXED_CODECS and raw[2:4] == b"\x12\x20":
+        return {"/": sha256_cid(raw[1], raw[4:])}
     try:
         link = CID.decode(tag.value[1:])
     except Exception:
@@ -96,10 +103,7 @@ def encode(node: dict[str, Any]) -> bytes:
 def _as_cbor(value: Any) -> Any:
     if isinstance(value, dict):
         if set(value) == {"/"}:
-            link = parse_cid(value["/"]) if isinstance(value["/"], str) else None
-            if link is None:
-                raise Unsupported("a map keyed \"/\" that is not a link")
-            return cbor2.CBORTag(CID_TAG, b"\x00" + bytes(link.set(version=1)))
+            return cbor2.CBORTag(CID_TAG, b"\x00" + _link_bytes(value["/"]))
         if not all(isinstance(key, str) for key in value):
             raise Unsupported("a map key that is not a string")
         return {key: _as_cbor(item) for key, item in value.items()}
@@ -110,7 +114,19 @@ def _as_cbor(value: Any) -> Any:
     raise Unsupported(f"a {type(value).__name__} value")
 
 
+def _link_bytes(text: Any) -> bytes:
+    """A link's binary CIDv1: the gateway's own links (``cids.sha256_cid`` strings) read
+    directly, anything else by ``multiformats``."""
+    if isinstance(text, str):
+        fixed = sha256_cid_bytes(text)
+        if fixed is not None:
+            return fixed
+    link = parse_cid(text) if isinstance(text, str) else None
+    if link is None:
+        raise Unsupported("a map keyed \"/\" that is not a link")
+    return bytes(link.set(version=1))
+
+
 def cid_of(block: bytes) -> str:
     """The CIDv1 (dag-cbor, sha2-256, base32) of a dag-cbor block."""
-    digest = multihash.wrap(hashlib.sha256(block).digest(), "sha2-256")
-    return str(CID("base32", 1, "dag-cbor", digest))
+    return sha256_cid(DAG_CBOR, hashlib.sha256(block).digest())
