@@ -23,6 +23,7 @@ import copy
 import json
 import re
 from dataclasses import dataclass
+from decimal import Decimal
 from datetime import date, datetime
 from functools import lru_cache
 from pathlib import Path
@@ -136,7 +137,16 @@ def whole_pattern(_validator, pattern, instance, _schema) -> Iterator[Validation
         yield ValidationError(f"{instance!r} does not match {pattern!r}")
 
 
-_RecordValidator = extend(Draft202012Validator, {"pattern": whole_pattern})
+def _is_integer(checker, instance) -> bool:
+    """JSON Schema's integer: any number with a zero fractional part. Records' decimals come
+    in as ``Decimal`` (to keep ``5.0`` as written), which jsonschema would not count."""
+    if isinstance(instance, Decimal):
+        return instance.is_finite() and instance == instance.to_integral_value()
+    return Draft202012Validator.TYPE_CHECKER.is_type(instance, "integer")
+
+
+_RecordValidator = extend(Draft202012Validator, {"pattern": whole_pattern},
+                          type_checker=Draft202012Validator.TYPE_CHECKER.redefine("integer", _is_integer))
 
 
 # --- the compiled validators ---------------------------------------------------------------
