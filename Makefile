@@ -10,7 +10,7 @@ EXAMPLE       := examples/medicon-example-plugin
 EXAMPLE_STAMP := $(VENV)/.medicon-example-plugin-installed
 EXAMPLE_FILES := $(shell find $(EXAMPLE) -type f \( -name '*.py' -o -name '*.json' -o -name '*.toml' \) -not -path '*/build/*')
 
-.PHONY: setup test test-sqlite test-postgres dev kubo system-deps clean bench bench-keys chaos
+.PHONY: setup test test-sqlite test-postgres dev kubo system-deps clean bench bench-keys bench-fhir chaos
 
 # System packages first (PostgreSQL, Chromium, chromedriver; needs root when one is missing).
 setup: system-deps $(BIN)/medicon-gateway kubo $(JS_DIR)/node_modules/.medicon-installed $(EXAMPLE_STAMP)
@@ -63,6 +63,11 @@ bench: $(BIN)/medicon-gateway kubo
 # `test`; KEYS_ARGS="--sizes 1000,100000" for a shorter run).
 bench-keys: $(BIN)/medicon-gateway
 	$(BIN)/python -m bench.keys_scale --rotate $(KEYS_ARGS)
+
+# Synthetic longitudinal FHIR patients written into a gateway of its own and read back through
+# the FHIR facade, byte for byte (not part of `test`; FHIR_ARGS="--patients 8" for more).
+bench-fhir: $(BIN)/medicon-gateway kubo
+	$(BIN)/python -m bench.fhir_replay --out bench/results/fhir_replay.json $(FHIR_ARGS)
 
 # The long variants of the fault, race and fuzz tests (not part of `test`): CHAOS_SCALE multiplies
 # the SIGKILL rounds and the concurrent writers, CHAOS_EXAMPLES is the fuzz examples per test

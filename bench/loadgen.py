@@ -329,16 +329,17 @@ async def appends(spec: dict) -> dict:
 
                 async def open_one(p: str, target=target) -> tuple[str, str]:
                     async with sem:
-                        return p, await open_episode(sess, target, p)
+                        return p, await open_episode(sess, dict(target, url=(target.get("urls") or [target["url"]])[0]), p)
                 episodes[target["name"]] = list(await asyncio.gather(*(open_one(p) for p in patients)))
             else:
                 episodes[target["name"]] = [(f"bench-{tag}-p{i}", f"ep-raw-{tag}-{i}") for i in range(n_episodes)]
             # warm-up: a few requests per target (connections, caches)
             ep = episodes[target["name"]][0]
-            for k in range(3):
+            for k in range(3 * len(target.get("urls") or [1])):
                 body = json.dumps(record_doc(ep[0], ep[1], -1, k, f"{tag}-warm")).encode()
                 if target["kind"] == "append":
-                    await append_record(sess, target, ep[1], body)
+                    urls = target.get("urls") or [target["url"]]
+                    await append_record(sess, dict(target, url=urls[k % len(urls)]), ep[1], body)
                 else:
                     await raw_add(sess, target, body, boundary)
 
@@ -352,6 +353,9 @@ async def appends(spec: dict) -> dict:
                 deadline = time.monotonic() + spec["run_timeout_s"]
 
                 async def client(i: int, target=target, eps=eps, latencies=latencies, deadline=deadline) -> None:
+                    # a target with several gateways ("urls"): client i writes through the i-th, in turn
+                    urls = target.get("urls") or [target.get("url")]
+                    target = dict(target, url=urls[i % len(urls)])
                     for k in range(per_client):
                         if time.monotonic() > deadline:
                             return

@@ -113,6 +113,11 @@ class Procs:
     loadgen: subprocess.Popen | None = None
     auth: Auth = field(default_factory=Auth)
     gateway_starts: int = 0
+    # Another gateway's settings (the `sites` scenario: PostgreSQL, replication), and a fixed
+    # port for it (another site's replica services name it before it starts); 0: any.
+    extra_env: dict[str, str] = field(default_factory=dict)
+    port: int = 0
+    owns_kubo: bool = True  # False: a Kubo of the `sites` scenario's swarm, stopped there
 
     # --- Kubo ------------------------------------------------------------------------------
 
@@ -133,7 +138,7 @@ class Procs:
         assert self.kubo is not None
         return {**os.environ, "MEDICON_KUBO_API_URL": self.kubo.api_url,
                 "MEDICON_KUBO_GATEWAY_URL": self.kubo.gateway_url, "MEDICON_KUBO_API_AUTH": self.kubo.api_secret,
-                "MEDICON_RECORDS_DATA_DIR": str(self.records_dir)}
+                "MEDICON_RECORDS_DATA_DIR": str(self.records_dir), **self.extra_env}
 
     def create_token(self) -> Auth:
         """``gateway token create bench --role admin`` if the subcommand exists. Any other
@@ -203,7 +208,7 @@ class Procs:
         err = self.tmp / f"gateway-{self.gateway_starts}.log"
         with open(out, "wb") as stdout, open(err, "wb") as stderr:
             proc = subprocess.Popen(
-                [PYTHON, "-m", "gateway", "--log-level", "WARNING", "serve", "--port", "0"],
+                [PYTHON, "-m", "gateway", "--log-level", "WARNING", "serve", "--port", str(self.port)],
                 cwd=ROOT, env=self.gateway_env(), stdout=stdout, stderr=stderr,
                 stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent,
             )
@@ -327,7 +332,8 @@ http {{
                 raise BenchError(f"nginx exited with {self.nginx.returncode}:\n"
                                  f"{_tail(self.tmp / 'nginx' / 'stderr.log')}\n{_tail(errlog)}")
             try:
-                req = urllib.request.Request(url + "/api/v0/version", method="POST")
+                # Kubo's RPC takes only callers with its secret (API.Authorizations), through nginx too
+                req = urllib.request.Request(url + "/api/v0/version", method="POST", headers=self.kubo.rpc_headers)
                 with urllib.request.urlopen(req, timeout=2) as resp:
                     json.load(resp)
                 self.nginx_url = url
@@ -368,7 +374,7 @@ http {{
         """Stop everything this run started, in reverse order; never raises."""
         for step in (lambda: _stop(self.loadgen, timeout=5), self.stop_gateway,
                      lambda: _stop(self.nginx, timeout=15),
-                     lambda: self.kubo.stop() if self.kubo else None):
+                     lambda: self.kubo.stop() if self.kubo and self.owns_kubo else None):
             try:
                 step()
             except BaseException as exc:  # keep stopping the others

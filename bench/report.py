@@ -180,6 +180,8 @@ def markdown(results: dict[str, Any]) -> str:
     else:
         lines.append(f"- Encrypted attachment read: {enc.get('status', '?')} — {enc.get('reason', '')}.")
     lines += sync_lines(results.get("sync"))
+    from bench.sites import sites_lines
+    lines += sites_lines(results.get("sites"))
     return "\n".join(lines) + "\n"
 
 

@@ -31,11 +31,12 @@ if __package__ in (None, ""):  # `python bench/run.py`
 
 from bench import report  # noqa: E402
 from bench.procs import ROOT, TMP_PREFIX, BenchError, Procs, reap_stale  # noqa: E402
+from bench.sites import sites  # noqa: E402
 
 MiB = 1 << 20
 GiB = 1 << 30
 RESULTS = Path(__file__).resolve().with_name("results")
-SCENARIOS = ("cat", "ipfs", "add", "appends", "history", "rss", "encrypted", "sync")
+SCENARIOS = ("cat", "ipfs", "add", "appends", "history", "rss", "encrypted", "sync", "sites")
 
 
 @dataclass
@@ -459,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
             if op in plan.only:
                 steps.append((op, lambda op=op: stream(ctx, op)))
         for name, fn in (("appends", appends), ("history", history), ("rss", rss), ("encrypted", encrypted),
-                         ("sync", sync_cost)):
+                         ("sync", sync_cost), ("sites", sites)):
             if name in plan.only:
                 steps.append((name, lambda fn=fn: fn(ctx)))
         for name, step in steps:

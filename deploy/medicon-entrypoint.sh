@@ -19,6 +19,10 @@
 # Pass the config file as MEDICON_CONFIG, not only as `serve --config`, so both agree.
 #   MEDICON_GATEWAY_BIN   the medicon-gateway executable (default: medicon-gateway on PATH);
 #                         the Python next to it resolves the keyring path.
+#   MEDICON_GATEWAY_ID    this gateway's name in signatures (site-a, …) for the keyring it makes.
+#   MEDICON_KEY_BUNDLE    a site joining a deployment (several sites on one database): the first
+#                         site's `keys export` bundle; the keyring is made from it (`keys join`)
+#                         instead of `keys init`, and the start fails while the file is empty.
 
 set -eu  # a failed init must stop the start: the gateway would refuse to run anyway
 
@@ -64,9 +68,19 @@ except ConfigError as exc:
          "volume there that this user owns (see deploy/README.md)" >&2
     exit 1
   fi
+  if [ -n "${MEDICON_KEY_BUNDLE:-}" ]; then
+    if [ ! -s "$MEDICON_KEY_BUNDLE" ]; then
+      echo "medicon-entrypoint: no keyring at $keyring, and the key bundle $MEDICON_KEY_BUNDLE is empty:" \
+           "run \`medicon-gateway keys export\` at the first site and put its bundle there (deploy/README.md)" >&2
+      exit 1
+    fi
+    echo "medicon-entrypoint: no keyring at $keyring; joining the deployment from $MEDICON_KEY_BUNDLE" >&2
+    "$gw" keys join "$MEDICON_KEY_BUNDLE" ${MEDICON_GATEWAY_ID:+--gateway-id "$MEDICON_GATEWAY_ID"}
+    return 0
+  fi
   echo "medicon-entrypoint: no keyring at $keyring; creating one" >&2
   # keys init creates it 0600 and itself refuses to overwrite (e.g. a concurrent start).
-  "$gw" keys init
+  "$gw" keys init ${MEDICON_GATEWAY_ID:+--gateway-id "$MEDICON_GATEWAY_ID"}
 }
 
 case "${1:-}" in

@@ -101,7 +101,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    """A managed local Kubo (offline, loopback, its own repo) with the gateway in front."""
+    """A managed local Kubo (offline, loopback, its own repo) with the gateway in front; with
+    ``--sites N``, N sites on one PostgreSQL (``gateway.devcluster``)."""
+    if args.sites > 1:
+        from .devcluster import run_sites
+        return run_sites(args.sites, Path(args.data_dir), config_path=args.config, host=args.host, port=args.port,
+                         replicas=args.replicas, log_level=args.log_level, log_format=args.log_format)
     data_dir = Path(args.data_dir).resolve()
     node = KuboNode(data_dir / "kubo", binary=find_binary(load_config(args.config).kubo.bin),
                     offline=not args.online)
@@ -223,6 +228,35 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if report["clean"] else 1
 
 
+# --- import ---------------------------------------------------------------------------------
+
+def cmd_import(args: argparse.Namespace) -> int:
+    """Records from a file of JSON lines, appended in order, as the local operator (admin)."""
+    import getpass
+    import uuid
+
+    from .core.access import Caller
+    from .core.bulk import import_records
+    from .core.service import RecordService
+    from .security.principal import Principal
+
+    overrides = {"records.data_dir": args.data_dir} if args.data_dir else {}
+    config = load_config(args.config, overrides=overrides)
+    path = Path(args.file)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    caller = Caller(Principal(id=f"cli:{args.as_name or getpass.getuser()}", role="admin", via="cli"),
+                    uuid.uuid4().hex, "cli")
+
+    async def run() -> dict:
+        async with RecordService.open(config) as service:
+            with ProgressReport("import") as progress:
+                return await import_records(service, lines, caller, key_prefix=args.key_prefix or path.name,
+                                            keep_going=args.keep_going, progress=progress)
+    report = asyncio.run(run())
+    print(json.dumps(report, indent=2))
+    return 0 if not report["failed"] else 1
+
+
 # --- keys -----------------------------------------------------------------------------------
 
 def _key_config(args: argparse.Namespace) -> Config:
@@ -230,7 +264,7 @@ def _key_config(args: argparse.Namespace) -> Config:
     return load_config(args.config, overrides=overrides)
 
 
-async def _with_keys(config: Config, use):
+async def with_key_provider(config: Config, use):
     """``await use(provider, storage)`` with the key file attached to the configured key store
     (which moves an old keyring file's data keys into it, and registers this gateway)."""
     storage = await open_storage(config)
@@ -255,18 +289,19 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
         with ProgressReport("keys rotate") as report:
             return await provider.rotate(batch=args.batch, force=args.force,
                                          progress=lambda done, total: report("data keys", done, total))
-    kek = asyncio.run(_with_keys(_key_config(args), rotate))
+    kek = asyncio.run(with_key_provider(_key_config(args), rotate))
     print(f"new key-encryption key {kek}: every data key re-wrapped, older KEKs dropped from the key file; "
           "stored data unchanged and readable", file=sys.stderr)
     return 0
 
 
 def cmd_keys_shred(args: argparse.Namespace) -> int:
-    async def shred(provider: KeyringProvider, _storage: Storage) -> int:
-        return await provider.shred_patient(args.patient)
-    destroyed = asyncio.run(_with_keys(_key_config(args), shred))
+    async def shred(provider: KeyringProvider, storage: Storage) -> int:
+        return await provider.shred_patient(args.patient, erase=[storage.fhir])
+    destroyed = asyncio.run(with_key_provider(_key_config(args), shred))
     print(f"destroyed {destroyed} data key(s): that patient's records and attachments are now "
-          "permanently unreadable (410) on every gateway of this key store", file=sys.stderr)
+          "permanently unreadable (410) on every gateway of this key store; the patient's rows of the "
+          "FHIR search index are erased", file=sys.stderr)
     return 0
 
 
@@ -305,14 +340,14 @@ def cmd_keys_join(args: argparse.Namespace) -> int:
             provider.reload()
             print(f"keyring {path}: only the bundle's key-encryption keys kept", file=sys.stderr)
         await provider.register()  # the key store learns which KEKs this gateway holds
-    asyncio.run(_with_keys(config, registered))
+    asyncio.run(with_key_provider(config, registered))
     return 0
 
 
 def cmd_keys_gateways(args: argparse.Namespace) -> int:
     async def listing(provider: KeyringProvider, storage: Storage):
         return await storage.keys.gateways()
-    rows = asyncio.run(_with_keys(_key_config(args), listing))
+    rows = asyncio.run(with_key_provider(_key_config(args), listing))
     head = ("GATEWAY", "KEY ID", "KEKS", "REGISTERED")
     table = [(g.gateway_id, g.key_id, ",".join(g.kek_ids), g.registered_at) for g in rows]
     widths = [max(len(r[c]) for r in [head, *table]) for c in range(len(head))]
@@ -332,7 +367,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     if keyring_path(config).exists():
         async def attached(provider: KeyringProvider, _storage: Storage) -> dict:
             return provider.moved
-        moved = asyncio.run(_with_keys(config, attached))
+        moved = asyncio.run(with_key_provider(config, attached))
         print(f"keyring: {moved['keys']} data key(s) and {moved['tombstones']} tombstone(s) moved into the key store",
               file=sys.stderr)
     return 0
@@ -367,6 +402,11 @@ def build_parser() -> argparse.ArgumentParser:
     common(dev)
     dev.add_argument("--data-dir", default=".medicon-dev", help="where the dev Kubo repo lives")
     dev.add_argument("--online", action="store_true", help="let the dev Kubo join the IPFS network")
+    dev.add_argument("--sites", type=int, default=1, metavar="N",
+                     help="N sites: PostgreSQL, N Kubo nodes in a private swarm and N gateways replicating "
+                          "to each other (each site's URL and token printed)")
+    dev.add_argument("--replicas", type=int, default=None, metavar="R",
+                     help="with --sites: nodes a record is pinned on before it is acknowledged (default 2)")
     dev.set_defaults(func=cmd_dev)
 
     token = sub.add_parser("token", help="create, list or revoke API tokens")
@@ -399,6 +439,17 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--data-dir", default=None, help="the gateway's records.data_dir")
     chk.add_argument("--repair", action="store_true", help="pin unpinned records, unpin orphans left by crashed appends")
     chk.set_defaults(func=cmd_check)
+
+    imp = sub.add_parser("import", help="append the records of a JSON-lines file, in order, with progress")
+    imp.add_argument("file", help="one record (a JSON object) a line")
+    imp.add_argument("--config", default=argparse.SUPPRESS, help="TOML config file")
+    imp.add_argument("--data-dir", default=None, help="the gateway's records.data_dir")
+    imp.add_argument("--key-prefix", help="idempotency keys are <prefix>:<line> (default: the file's name): "
+                                          "run the same import again to resume it")
+    imp.add_argument("--as", dest="as_name", help="the name the records are signed and audited as (cli:<name>; "
+                                                  "default: the OS user)")
+    imp.add_argument("--keep-going", action="store_true", help="go on after a refused record (report them all)")
+    imp.set_defaults(func=cmd_import)
 
     keys = sub.add_parser("keys", help="the keys: init, rotate, shred, export, join, gateways")
     key_opts = argparse.ArgumentParser(add_help=False)

@@ -9,6 +9,7 @@ lists comma-separated, tables as ``k=v,k2=v2``).
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from pathlib import Path
@@ -20,10 +21,11 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
 
 ENV_PREFIX = "MEDICON_"
 # MEDICON_* variables that are not config keys: the config file's path, what `dev` prints, the
-# deploy scripts' binary path, the test suite's knobs, and plugins' own settings (jwt_auth).
-NOT_CONFIG = frozenset({"CONFIG", "TOKEN", "GATEWAY_URL", "GATEWAY_BIN", "CHAOS", "FUZZ_EXAMPLES",
-                        "TEST_STORAGE"})
-NOT_CONFIG_PREFIXES = ("JWT_",)
+# deploy scripts' binary path and a joining site's key bundle and name (medicon-entrypoint.sh),
+# the test suite's knobs, and plugins' own settings (jwt_auth).
+NOT_CONFIG = frozenset({"CONFIG", "TOKEN", "GATEWAY_URL", "GATEWAY_BIN", "GATEWAY_ID", "KEY_BUNDLE", "CHAOS",
+                        "FUZZ_EXAMPLES", "TEST_STORAGE"})
+NOT_CONFIG_PREFIXES = ("JWT_", "SITE")  # MEDICON_SITE<n>_URL/_TOKEN: what `dev --sites N` prints
 # Older names kept working: MEDICON_TRACE_HOOKS is plugins.trace_hooks.
 ENV_ALIASES = {"TRACE_HOOKS": ("plugins", "trace_hooks")}
 
@@ -106,6 +108,28 @@ class KuboConfig(Section):
                               f"{exc.strerror}") from None
 
 
+class ReplicaService(Section):
+    """A remote IPFS Pinning Service API asked to pin every record (another site's gateway at
+    ``/pinning/v1``, or any spec-compliant pinning service): it receives CIDs of sealed blocks."""
+
+    # A short name for errors, logs and `check` (never a secret).
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")]
+    # The service's base URL (Kubo's `pin remote service add` form: without the trailing /pins).
+    endpoint: HttpURL
+    # Its access token (Authorization: Bearer …), or a file holding it.
+    key: SecretStr = SecretStr("")
+    key_file: str = ""
+
+    def access_token(self) -> str:
+        if not self.key_file:
+            return self.key.get_secret_value()
+        try:
+            return Path(self.key_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"replica service {self.name!r}: cannot read its key_file {self.key_file}: "
+                              f"{exc.strerror}") from None
+
+
 class RecordsConfig(Section):
     # Where the embedded stores (SQLite) and the default keyring live.
     data_dir: str = ".medicon-data"
@@ -119,14 +143,26 @@ class RecordsConfig(Section):
     max_record_size: Count = 1024 * 1024
     # Most files in one add of records.
     max_parts: Count = 1000
+    # FHIR R4 resources embedded in records (any object with a resourceType): "enforce" refuses
+    # a record whose resources are not valid FHIR R4 (400 naming the resource and the path),
+    # "warn" accepts it and logs a warning, "off" does not look. Enforce by default: records are
+    # never rewritten, and the FHIR facade serves what was stored to other FHIR software.
+    fhir_validation: Literal["off", "warn", "enforce"] = "enforce"
     # Seconds a record's recorded_at may lie ahead of the gateway's clock (later: 400). An
     # episode's times never go backwards, so one writer's fast clock would otherwise hold every
     # other writer's appends off (409) until that time has passed.
     max_clock_skew: Seconds = 300.0
-    # How record blocks are kept in Kubo: "batch" (the records written together in one call
-    # are kept by one pin, a signed node linking them: one pin per batch) or "record" (each
-    # record pinned on its own, as before; Kubo then spends about a pin's cost per record).
-    pin: Literal["batch", "record"] = "batch"
+    # Kubo nodes a record is pinned on before it is acknowledged: this gateway's own node, plus
+    # (replicas - 1) of replica_services reporting it pinned. 1: no replication.
+    replicas: Count = 1
+    replica_services: Annotated[tuple[ReplicaService, ...], BeforeValidator(_tuple)] = ()
+    # Seconds an append waits for the replica services to report its record pinned; past it:
+    # 504, and nothing is acknowledged (the head does not move).
+    replica_timeout: Seconds = 30.0
+    # Appends to an episode chained while earlier ones are on their way to Kubo, their blocks
+    # written and pinned many to a call (true), or each append one Kubo round trip under its
+    # episode's lock (false, the serial path).
+    pipeline: bool = True
 
 
 def _database_url(value: SecretStr) -> SecretStr:
@@ -152,6 +188,8 @@ class StorageConfig(Section):
     # records.data_dir (one gateway), or postgresql://user:password@host:port/db for a database
     # several gateways share. A secret (it may hold a password): never logged nor shown.
     url: Annotated[SecretStr, AfterValidator(_database_url)] = SecretStr("")
+    # ... or a file holding that URL (a Docker/Kubernetes secret, a systemd credential).
+    url_file: str = ""
     # Connections the gateway keeps to PostgreSQL (at least, at most).
     pool_min: Annotated[int, Field(ge=0)] = 2
     pool_max: Count = 10
@@ -161,6 +199,20 @@ class StorageConfig(Section):
     # Apply pending schema migrations at start (under an advisory lock, so several gateways
     # starting together migrate once); false: refuse to start until `medicon-gateway migrate`.
     migrate_on_start: bool = True
+
+    def database_url(self) -> str:
+        """The PostgreSQL URL, from ``url`` or ``url_file``; empty for the SQLite stores."""
+        if not self.url_file:
+            return self.url.get_secret_value()
+        try:
+            text = Path(self.url_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"config key 'storage.url_file': cannot read {self.url_file}: {exc.strerror}") from None
+        try:
+            _database_url(SecretStr(text))
+        except ValueError as exc:
+            raise ConfigError(f"config key 'storage.url_file': {exc}") from None
+        return text
 
 
 # Values never shown in errors (they may carry credentials).
@@ -201,6 +253,8 @@ def _from_env(annotation: Any, text: str) -> Any:
     """An environment value (text) as the field's type: lists comma-separated, tables as
     ``k=v`` pairs, everything else as pydantic reads text in lax mode."""
     origin = get_origin(annotation)
+    if origin is tuple and text.lstrip().startswith("["):  # a list of tables, as JSON
+        return tuple(json.loads(text))
     if origin is tuple:
         return tuple(v.strip() for v in text.split(",") if v.strip())
     if origin is dict:

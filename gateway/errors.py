@@ -77,6 +77,11 @@ class Unavailable(MediconError):
     """A part the gateway depends on (Kubo, its storage) is unreachable or answered wrongly."""
 
 
+class NotReplicated(Unavailable):
+    """A record could not be pinned on as many nodes as ``records.replicas`` asks; it was not
+    acknowledged (retry: the replica may be back)."""
+
+
 class TimedOut(MediconError):
     """A part the gateway depends on did not answer in time."""
 

@@ -111,7 +111,10 @@ def medicon_authorize(principal, action, resource):
 @hookspec
 def medicon_validate_record(record, schema_id, episode):
     """Return a list of problems (strings, or ``(json_pointer, message)`` pairs) with
-    ``record`` beyond its JSON Schema; empty or None when it is fine.
+    ``record`` beyond its JSON Schema; empty or None when it is fine. ``record`` reads as a
+    mapping of the record's fields (``gateway.core.records.ClientRecord``: read-only, its
+    ``text`` the JSON as the client wrote it); numbers written with a fraction or an exponent
+    are ``decimal.Decimal``, exactly as written.
 
     Called after schema validation and before anything reaches Kubo, with the episode as it
     stands (None for a new episode). Every plugin's problems are reported together, each
@@ -141,7 +144,9 @@ def medicon_decrypt_record(node, aad, keys):
 def medicon_record_committed(record, cid, episode, service):
     """Called after ``record`` was stored in Kubo as ``cid`` and the episode's head moved to it
     (``episode`` is the episode after the append): webhooks, indexing, pinning elsewhere.
-    Errors are logged, never undo the append."""
+    ``record`` is a ``ClientRecord`` as in ``medicon_validate_record``, with the envelope
+    fields set (``record.text``: what every reader gets back). Errors are logged, never undo
+    the append. Built in: ``fhir_index`` (the FHIR facade's search index)."""
 
 
 @hookspec

@@ -16,12 +16,13 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "pharmacy": _CARE,
     "patient": frozenset({"record:read", "blob:read", "chain:read", "node:info"}),
     "auditor": frozenset({"chain:read", "verify", "audit:read", "node:info"}),
-    "replicator": frozenset({"chain:read", "raw:read", "raw:write", "node:info"}),
+    # Replication: raw node data, and the Pinning Service API of the node (replica:pin).
+    "replicator": frozenset({"chain:read", "raw:read", "raw:write", "node:info", "replica:pin"}),
     # Prometheus: /metrics and nothing else (counts and latencies, no patient's data).
     "monitor": frozenset({"metrics:read"}),
 }
 # Actions on the node as a whole rather than on a patient's data.
-NODE_WIDE = frozenset({"raw:read", "raw:write", "audit:read", "metrics:read", "admin"})
+NODE_WIDE = frozenset({"raw:read", "raw:write", "audit:read", "metrics:read", "admin", "replica:pin"})
 
 
 @hookimpl

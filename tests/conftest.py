@@ -165,27 +165,22 @@ class BlockingTokens:
         self.close()
 
 
-def _postgres_rows(url: str, query: str, *args) -> list[tuple]:
+async def postgres_rows(url: str, query: str, *args) -> list[tuple]:
+    """``query`` run on the PostgreSQL database at ``url`` over a connection of its own."""
     import asyncpg
-
-    async def run() -> list[tuple]:
-        conn = await asyncpg.connect(url)
-        try:
-            return [tuple(r) for r in await conn.fetch(query, *args)]
-        finally:
-            await conn.close()
-    return run_blocking(run())
+    conn = await asyncpg.connect(url)
+    try:
+        return [tuple(r) for r in await conn.fetch(query, *args)]
+    finally:
+        await conn.close()
 
 
-def audit_sql(data_dir, query: str, *args) -> list[tuple]:
-    """Run ``query`` (``$1`` placeholders) on the audit store of ``data_dir``'s gateway, as
-    someone with access to the database would: to read it raw, or to tamper with it."""
-    url = STORAGE_URLS.get(str(data_dir))
-    if url:
-        return _postgres_rows(url, query, *args)
+def sqlite_rows(path, query: str, *args) -> list[tuple]:
+    """``query`` (``$1`` placeholders, as for PostgreSQL) run and committed on the SQLite file
+    at ``path`` over a connection of its own."""
     import re
     import sqlite3
-    db = sqlite3.connect(Path(data_dir) / "audit.sqlite3")
+    db = sqlite3.connect(path)
     try:
         rows = db.execute(re.sub(r"\$\d+", "?", query), args).fetchall()
         db.commit()
@@ -194,12 +189,26 @@ def audit_sql(data_dir, query: str, *args) -> list[tuple]:
         db.close()
 
 
+def store_sql(data_dir, store: str, query: str, *args) -> list[tuple]:
+    """Run ``query`` (``$1`` placeholders) on one store (``heads``, ``audit``, ``tokens``,
+    ``keys``, ``fhir``) of ``data_dir``'s gateway, as someone with access to the database would:
+    to read it raw, or to tamper with it. PostgreSQL holds every store in one database."""
+    url = STORAGE_URLS.get(str(data_dir))
+    if url:
+        return run_blocking(postgres_rows(url, query, *args))
+    return sqlite_rows(Path(data_dir) / f"{store}.sqlite3", query, *args)
+
+
+def audit_sql(data_dir, query: str, *args) -> list[tuple]:
+    return store_sql(data_dir, "audit", query, *args)
+
+
 def audit_store_bytes(data_dir) -> bytes:
     """Everything the audit store of ``data_dir``'s gateway keeps: the SQLite file and its WAL
     as they stand on disk, or every row of the PostgreSQL table."""
     url = STORAGE_URLS.get(str(data_dir))
     if url:
-        return "\n".join("\t".join(map(str, r)) for r in _postgres_rows(url, "SELECT * FROM audit")).encode()
+        return "\n".join("\t".join(map(str, r)) for r in run_blocking(postgres_rows(url, "SELECT * FROM audit"))).encode()
     base = os.path.join(data_dir, "audit.sqlite3")
     return b"".join(open(p, "rb").read() for p in (base, base + "-wal") if os.path.exists(p))
 

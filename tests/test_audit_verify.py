@@ -12,12 +12,31 @@ import time
 
 import aiohttp
 
-from conftest import app_client, bearer, gateway_config, make_token, new_data_dir, start_gateway
+from conftest import (STORAGE_URLS, app_client, audit_sql, bearer, gateway_config, make_token, new_data_dir,
+                      run_blocking, start_gateway)
 from gateway.storage.sqlite import AUDIT_SCHEMA, GENESIS, audit_hash
 
 
-def _db(cfg) -> sqlite3.Connection:
-    return sqlite3.connect(os.path.join(cfg.records.data_dir, "audit.sqlite3"))
+class RawAudit:
+    """The gateway's audit store as someone with access to the database sees it (either
+    backend; ``$1`` placeholders): to tamper with it."""
+
+    def __init__(self, cfg) -> None:
+        self.data_dir = cfg.records.data_dir
+
+    def execute(self, query: str, *args) -> list[tuple]:
+        return audit_sql(self.data_dir, query, *args)
+
+    def head_follows(self) -> None:
+        """PostgreSQL keeps the chain's last seq and hash in a row of its own (appends link to
+        it): a tamperer who covers their tracks moves it too. SQLite reads the last entry."""
+        if STORAGE_URLS.get(self.data_dir):
+            [(last, last_hash)] = self.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
+            self.execute("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1", last, last_hash)
+
+
+def _db(cfg) -> RawAudit:
+    return RawAudit(cfg)
 
 
 async def _verify(c, auditor: str, full: bool = False) -> dict:
@@ -31,15 +50,15 @@ async def _requests(c, n: int) -> None:
         assert (await c.post("/api/v0/version")).status == 200
 
 
-def _rehash_from(db: sqlite3.Connection, seq: int) -> None:
+def _rehash_from(db: RawAudit, seq: int) -> None:
     """Rewrite the chain from ``seq`` on, every hash recomputed: what someone who edits an
     entry and covers their tracks does."""
-    prev = db.execute("SELECT prev FROM audit WHERE seq = ?", (seq,)).fetchone()[0]
-    for row_seq, event in db.execute("SELECT seq, event FROM audit WHERE seq >= ? ORDER BY seq", (seq,)).fetchall():
+    [(prev,)] = db.execute("SELECT prev FROM audit WHERE seq = $1", seq)
+    for row_seq, event in db.execute("SELECT seq, event FROM audit WHERE seq >= $1 ORDER BY seq", seq):
         digest = audit_hash(prev, json.loads(event))
-        db.execute("UPDATE audit SET prev = ?, hash = ? WHERE seq = ?", (prev, digest, row_seq))
+        db.execute("UPDATE audit SET prev = $1, hash = $2 WHERE seq = $3", prev, digest, row_seq)
         prev = digest
-    db.commit()
+    db.head_follows()
 
 
 async def test_the_default_walk_rehashes_only_what_came_after_the_last_checkpoint(aiohttp_client, kubo):
@@ -75,8 +94,7 @@ async def test_what_the_checkpoint_walk_catches(aiohttp_client, kubo):
 
     # 1. an entry after the checkpoint, edited: found by the default walk
     after = checkpoint["seq"] + 2
-    db.execute("UPDATE audit SET event = replace(event, 'allow', 'deny') WHERE seq = ?", (after,))
-    db.commit()
+    db.execute("UPDATE audit SET event = replace(event, 'allow', 'deny') WHERE seq = $1", after)
     verdict = await _verify(c, auditor)
     assert not verdict["ok"] and verdict["break"]["seq"] == after and verdict["from"] == checkpoint
     _rehash_from(db, after)  # (covered up, so the next cases start from a consistent log)
@@ -90,9 +108,8 @@ async def test_what_the_checkpoint_walk_catches(aiohttp_client, kubo):
     assert "rewritten" in verdict["break"]["problem"]
 
     # 3. the checkpoint itself moved to the rewritten hash: its signature does not verify
-    new_hash = db.execute("SELECT hash FROM audit WHERE seq = ?", (checkpoint["seq"],)).fetchone()[0]
-    db.execute("UPDATE audit_checkpoints SET hash = ? WHERE seq = ?", (new_hash, checkpoint["seq"]))
-    db.commit()
+    [(new_hash,)] = db.execute("SELECT hash FROM audit WHERE seq = $1", checkpoint["seq"])
+    db.execute("UPDATE audit_checkpoints SET hash = $1 WHERE seq = $2", new_hash, checkpoint["seq"])
     verdict = await _verify(c, auditor)
     assert not verdict["ok"] and "signature" in verdict["break"]["problem"]
     verdict = await _verify(c, auditor, full=True)  # the full walk checks every checkpoint too
@@ -100,9 +117,11 @@ async def test_what_the_checkpoint_walk_catches(aiohttp_client, kubo):
 
     # 4. the log cut short below its checkpoint (the verify request's own event is appended
     # at the checkpoint's seq again before the walk: another entry than the one signed)
-    db.execute("UPDATE audit_checkpoints SET hash = ? WHERE seq = ?", (checkpoint["hash"], checkpoint["seq"]))
-    db.execute("DELETE FROM audit WHERE seq >= ?", (checkpoint["seq"] - 1,))
-    db.commit()
+    db.execute("UPDATE audit_checkpoints SET hash = $1 WHERE seq = $2", checkpoint["hash"], checkpoint["seq"])
+    if STORAGE_URLS.get(cfg.records.data_dir):  # the foreign key from checkpoints to entries, dropped first
+        db.execute("ALTER TABLE audit_checkpoints DROP CONSTRAINT audit_checkpoints_seq_fkey")
+    db.execute("DELETE FROM audit WHERE seq >= $1", checkpoint["seq"] - 1)
+    db.head_follows()
     verdict = await _verify(c, auditor)
     assert not verdict["ok"] and verdict["break"]["seq"] == checkpoint["seq"]
     assert verdict["break"]["problem"].startswith(("the log is shorter", "the entry differs"))
@@ -118,7 +137,6 @@ async def test_an_edit_that_leaves_the_hashes_alone_is_for_the_full_walk(aiohttp
     await _verify(c, auditor)
     db = _db(cfg)
     db.execute("UPDATE audit SET event = replace(event, 'allow', 'deny') WHERE seq = 2")
-    db.commit()
     assert (await _verify(c, auditor))["ok"] is True
     verdict = await _verify(c, auditor, full=True)
     assert not verdict["ok"] and verdict["break"]["seq"] == 2
@@ -148,13 +166,11 @@ async def test_checkpoints_are_kept_as_the_log_grows(aiohttp_client, kubo, monke
 MILLION = 1_000_000
 
 
-def _build_log(path: str, entries: int) -> None:
-    """A valid audit chain of ``entries`` entries, written straight into the audit database.
+def _chain(entries: int):
+    """A valid audit chain of ``entries`` entries, ``(seq, event, prev, hash)`` in batches.
     Hashes are made from text built here (much faster than a dict per entry); the first
     entries are checked against the gateway's own ``audit_hash``, and the walk under test
     would report any entry where the two disagreed."""
-    db = sqlite3.connect(path)
-    db.executescript(AUDIT_SCHEMA)
     prev, rows = GENESIS, []
     for seq in range(1, entries + 1):
         stamp = f"2026-01-01T00:{seq // 60 % 60:02d}:{seq % 60:02d}Z"
@@ -168,16 +184,40 @@ def _build_log(path: str, entries: int) -> None:
         rows.append((seq, stored, prev, digest))
         prev = digest
         if len(rows) == 100_000:
-            db.executemany("INSERT INTO audit (seq, event, prev, hash) VALUES (?, ?, ?, ?)", rows)
+            yield rows
             rows = []
-    db.executemany("INSERT INTO audit (seq, event, prev, hash) VALUES (?, ?, ?, ?)", rows)
-    db.commit()
-    db.close()
+    yield rows
+
+
+def _build_log(data_dir: str, entries: int) -> None:
+    """The chain written straight into the audit store of ``data_dir`` (either backend)."""
+    url = STORAGE_URLS.get(data_dir)
+    if url is None:
+        db = sqlite3.connect(os.path.join(data_dir, "audit.sqlite3"))
+        db.executescript(AUDIT_SCHEMA)
+        for rows in _chain(entries):
+            db.executemany("INSERT INTO audit (seq, event, prev, hash) VALUES (?, ?, ?, ?)", rows)
+        db.commit()
+        db.close()
+        return
+
+    async def copy() -> None:
+        import asyncpg
+        conn = await asyncpg.connect(url)
+        try:
+            last = (0, GENESIS)
+            for rows in _chain(entries):
+                await conn.copy_records_to_table("audit", records=rows, columns=["seq", "event", "prev", "hash"])
+                last = (rows[-1][0], rows[-1][3]) if rows else last
+            await conn.execute("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1", *last)
+        finally:
+            await conn.close()
+    run_blocking(copy())
 
 
 async def test_a_full_walk_of_a_million_entries_never_holds_up_healthz(kubo):
     data_dir = new_data_dir()
-    _build_log(os.path.join(data_dir, "audit.sqlite3"), MILLION)
+    _build_log(data_dir, MILLION)
     gw = start_gateway(kubo, data_dir=data_dir)
     latencies: list[float] = []
     seen_running: list[dict] = []

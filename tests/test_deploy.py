@@ -25,6 +25,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -422,7 +423,7 @@ def test_harden_script_syntax():
 def test_harden_script_binds_kubo_to_loopback():
     calls = harden_config_calls()
     text = (DEPLOY / "kubo-harden.sh").read_text()
-    defaults = dict(re.findall(r'^(\w+)="\$\{KUBO_\w+_PORT:-(\d+)\}"', text, re.M))
+    defaults = dict(re.findall(r'^(\w+)="\$\{KUBO_\w+_(?:PORT|HOST):-([\d.]+)\}"', text, re.M))
     for key, port in (("Addresses.API", 5001), ("Addresses.Gateway", 8080)):
         as_json, value = calls[key]
         assert not as_json
@@ -902,3 +903,276 @@ def test_secret_patterns_catch_real_material(tmp_path):
     with TokenStore(tmp_path / "tokens.sqlite3") as store:
         token, _ = store.create("probe", "admin")
     assert SECRET_PATTERNS["API token"].search(f"MEDICON_TOKEN={token}")
+
+
+
+# --------------------------------------------------------------------------- several sites
+#
+# deploy/multisite/: two sites on one PostgreSQL, their Kubo nodes in a private swarm, each
+# gateway replicating to the other's Pinning Service API. Parsed here, and the parts that can run
+# without Docker run: init-secrets.sh, kubo-harden.sh's private swarm on two real Kubo daemons,
+# and the entrypoint joining a deployment from a key bundle.
+
+MULTISITE = DEPLOY / "multisite"
+SITES = ("a", "b")
+
+
+def multisite_compose() -> dict[str, Any]:
+    return yaml.safe_load((MULTISITE / "docker-compose.yml").read_text())
+
+
+def multisite_k8s() -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all((MULTISITE / "kubernetes.yaml").read_text()) if d]
+
+
+def _named(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind} {name}, found {len(found)}"
+    return found[0]
+
+
+def test_multisite_compose_two_sites_one_database_a_private_swarm():
+    doc = multisite_compose()
+    services = doc["services"]
+    assert set(services) == {"postgres", "kubo-a", "kubo-b", "gateway-a", "gateway-b"}
+    assert not services["postgres"].get("ports"), "the database is reached on the compose network only"
+    published = set()
+    for name, service in services.items():
+        for entry in service.get("ports") or []:
+            targets, hosts = compose_port(entry)
+            assert not targets & KUBO_PORTS, f"{name} publishes a Kubo port: {entry}"
+            published |= hosts or set()
+    assert published == {5080, 5081}
+    for site in SITES:
+        other = "b" if site == "a" else "a"
+        kubo, gateway = services[f"kubo-{site}"], services[f"gateway-{site}"]
+        assert kubo["image"] == KUBO_IMAGE
+        assert gateway["network_mode"] == f"service:kubo-{site}"
+        kenv = compose_env(kubo)
+        assert kenv["LIBP2P_FORCE_PNET"] == "1", "the daemon must refuse to start without the swarm key"
+        assert kenv["KUBO_SWARM_KEY_FILE"] == "/run/secrets/swarm_key" and "swarm_key" in kubo["secrets"]
+        assert kenv["KUBO_PEERS"].startswith(f"/dns4/kubo-{other}/tcp/4001/p2p/")
+        assert kenv["KUBO_IDENTITY_FILE"] == f"/run/secrets/kubo_identity_{site}"
+        assert "PEER_ID_" + other.upper() in doc["services"][f"kubo-{site}"]["environment"]["KUBO_PEERS"]
+        assert any("kubo-harden.sh:/container-init.d/" in v for v in kubo["volumes"])
+        genv = compose_env(gateway)
+        assert genv["MEDICON_STORAGE_URL_FILE"] == "/run/secrets/database_url" and "database_url" in gateway["secrets"]
+        assert "MEDICON_STORAGE_URL" not in genv, "the URL holds a password: only in the secret file"
+        assert genv["MEDICON_RECORDS_REPLICAS"] == "2"
+        services_json = json.loads(genv["MEDICON_RECORDS_REPLICA_SERVICES"])
+        assert services_json == [{"name": f"site-{other}", "endpoint": f"http://kubo-{other}:5080/pinning/v1",
+                                  "key_file": f"/run/secrets/replicator_token_{site}"}]
+        assert f"replicator_token_{site}" in gateway["secrets"]
+        assert genv["MEDICON_KUBO_API_AUTH_FILE"] == f"/run/secrets/kubo_api_secret_{site}"
+        assert {"postgres", f"kubo-{site}"} <= set(gateway["depends_on"])
+        # The environment is a valid gateway configuration (the files it names are read at start).
+        config = load_config(CONFIG_PATH_LOCAL, env={k: v for k, v in genv.items() if k.startswith("MEDICON_")
+                                                    and k not in ("MEDICON_CONFIG", "MEDICON_GATEWAY_ID",
+                                                                  "MEDICON_KEY_BUNDLE")})
+        assert config.records.replicas == 2 and config.records.replica_services[0].name == f"site-{other}"
+        assert config.storage.url_file == "/run/secrets/database_url"
+    assert compose_env(services["gateway-b"])["MEDICON_KEY_BUNDLE"] == "/run/secrets/key_bundle"
+    assert "MEDICON_KEY_BUNDLE" not in compose_env(services["gateway-a"]), "site A makes the keys"
+    for name, secret in doc["secrets"].items():
+        assert secret["file"].startswith("./secrets/"), f"secret {name} outside ./secrets"
+    ignored = (MULTISITE / ".gitignore").read_text().split()
+    assert "secrets/" in ignored and ".env" in ignored
+
+
+CONFIG_PATH_LOCAL = DEPLOY / "gateway.toml"
+
+
+def test_multisite_k8s_kubo_statefulsets_and_stateless_gateways(tmp_path):
+    docs = multisite_k8s()
+    toml = tmp_path / "gateway.toml"
+    toml.write_text(_named(docs, "ConfigMap", "medicon-multisite")["data"]["gateway.toml"])
+    base = load_config(toml)
+    assert base.records.replicas == 2 and base.storage.url_file and base.server.host == "0.0.0.0"
+    for site in SITES:
+        other = "b" if site == "a" else "a"
+        kubo = _named(docs, "StatefulSet", f"kubo-site-{site}")
+        assert kubo["spec"]["replicas"] == 1 and kubo["spec"]["volumeClaimTemplates"], "a node's repo is a PVC"
+        spec = kubo["spec"]["template"]["spec"]
+        harden = spec["initContainers"][0]
+        assert harden["image"] == KUBO_IMAGE and "kubo-harden.sh" in " ".join(harden["command"])
+        env = {e["name"]: e.get("value") for e in harden["env"]}
+        assert env["KUBO_API_HOST"] == "0.0.0.0" and env["KUBO_API_SECRET_FILE"]
+        assert env["KUBO_SWARM_KEY_FILE"] and env["KUBO_IDENTITY_FILE"]
+        assert env["KUBO_PEERS"] == f"/dns4/kubo-site-{other}-0.kubo-site-{other}/tcp/4001/p2p/$(PEER_ID_OTHER)"
+        daemon = spec["containers"][0]
+        assert {e["name"]: e.get("value") for e in daemon["env"]}["LIBP2P_FORCE_PNET"] == "1"
+        for c in pod_containers(spec):
+            for port in c.get("ports") or []:
+                assert port["containerPort"] not in KUBO_PORTS, f"{c['name']} declares {port}"
+        service = _named(docs, "Service", f"kubo-site-{site}")
+        assert service["spec"]["clusterIP"] == "None"
+        assert {p["port"] for p in service["spec"]["ports"]} == {SWARM_PORT}, "no Service for the RPC API"
+        policy = _named(docs, "NetworkPolicy", f"kubo-site-{site}")
+        for rule in policy["spec"]["ingress"]:
+            ports = {p["port"] for p in rule["ports"]}
+            if ports & KUBO_PORTS:
+                sources = rule["from"]
+                assert ports == KUBO_PORTS and len(sources) == 1
+                assert sources[0]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "medicon-gateway",
+                                                                   "medicon.example/site": f"site-{site}"}
+            else:
+                assert ports == {SWARM_PORT}
+
+        gateway = _named(docs, "Deployment", f"gateway-site-{site}")
+        assert gateway["spec"]["replicas"] >= 2
+        pod = gateway["spec"]["template"]["spec"]
+        assert pod["enableServiceLinks"] is False
+        for volume in pod["volumes"]:  # stateless: nothing persistent
+            assert set(volume) - {"name"} <= {"emptyDir", "secret", "configMap"}, volume
+        main = pod["containers"][0]
+        genv = {e["name"]: e.get("value") for e in main["env"]}
+        assert url_host(genv["MEDICON_KUBO_API_URL"]) == f"kubo-site-{site}-0.kubo-site-{site}"
+        services_json = json.loads(genv["MEDICON_RECORDS_REPLICA_SERVICES"])
+        assert services_json[0]["endpoint"] == f"http://gateway-site-{other}:5080/pinning/v1"
+        config = load_config(toml, env={k: v for k, v in genv.items() if k != "MEDICON_CONFIG"})
+        assert config.records.replica_services[0].key_file == "/run/secrets/replicator/token"
+        copy = pod["initContainers"][0]
+        assert copy["command"][:3] == ["install", "-m", "0600"], "the keyring is copied private"
+        sc = main["securityContext"]
+        assert sc["readOnlyRootFilesystem"] is True and sc["runAsNonRoot"] is True
+        assert main["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        gservice = _named(docs, "Service", f"gateway-site-{site}")
+        assert {p["port"] for p in gservice["spec"]["ports"]} == {GATEWAY_PORT}
+        assert _named(docs, "PodDisruptionBudget", f"gateway-site-{site}")["spec"]["minAvailable"] >= 1
+        gpolicy = _named(docs, "NetworkPolicy", f"gateway-site-{site}")
+        assert {p["port"] for r in gpolicy["spec"]["ingress"] for p in r["ports"]} == {GATEWAY_PORT}
+    for secret_doc in docs:
+        assert secret_doc["kind"] != "Secret", "no Secret (hence no secret material) in the manifest"
+
+
+def test_multisite_init_secrets_makes_each_secret_once(tmp_path):
+    if not IPFS_BIN.is_file():
+        pytest.fail(f"Kubo binary not found at {IPFS_BIN}: run `make setup`")
+    script = MULTISITE / "init-secrets.sh"
+    assert subprocess.run(["sh", "-n", str(script)]).returncode == 0
+    out = tmp_path / "secrets"
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path), "IPFS_BIN": str(IPFS_BIN)}
+    done = subprocess.run(["sh", str(script), str(out)], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    compose_files = {Path(s["file"]).name for s in multisite_compose()["secrets"].values()}
+    assert compose_files <= {p.name for p in out.iterdir()}, "every secret the compose file names"
+    assert stat.S_IMODE(out.stat().st_mode) == 0o700
+    for path in out.iterdir():
+        if path.name != "peers.env":
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    lines = (out / "swarm.key").read_text().splitlines()
+    assert lines[:2] == ["/key/swarm/psk/1.0.0/", "/base16/"] and re.fullmatch(r"[0-9a-f]{64}", lines[2])
+    peers = dict(line.split("=", 1) for line in (out / "peers.env").read_text().split())
+    for site in SITES:
+        identity = dict(line.split("=", 1) for line in (out / f"kubo-identity-{site}").read_text().split())
+        assert identity["PeerID"] == peers[f"PEER_ID_{site.upper()}"] and identity["PeerID"].startswith("12D3")
+        assert len(identity["PrivKey"]) > 40
+    assert peers["PEER_ID_A"] != peers["PEER_ID_B"]
+    password = (out / "postgres-password").read_text().strip()
+    assert (out / "database-url").read_text().strip() == f"postgresql://medicon:{password}@postgres:5432/medicon"
+    assert (out / "replicator-token-a").read_text() == "" and (out / "key-bundle.json").read_text() == ""
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    again = subprocess.run(["sh", str(script), str(out)], env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert password not in done.stderr + again.stderr
+
+
+def test_harden_script_makes_a_private_swarm_of_real_kubo_nodes(tmp_path):
+    """Two repos hardened as the multi-site layouts do (swarm key, fixed identities, each the
+    other's peer, no bootstrap), two daemons with LIBP2P_FORCE_PNET=1: they find each other by
+    peering alone and a block stored on one is fetched by the other; a node with another swarm
+    key cannot join."""
+    from gateway.kubo.node import free_port
+    if not IPFS_BIN.is_file():
+        pytest.fail(f"Kubo binary not found at {IPFS_BIN}: run `make setup`")
+    secrets_dir = tmp_path / "secrets"
+    base_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path), "IPFS_BIN": str(IPFS_BIN)}
+    assert subprocess.run(["sh", str(MULTISITE / "init-secrets.sh"), str(secrets_dir), "a", "b", "c"], env=base_env,
+                          capture_output=True, timeout=120).returncode == 0
+    peers = dict(line.split("=", 1) for line in (secrets_dir / "peers.env").read_text().split())
+    swarm_ports = {s: free_port() for s in ("a", "b", "c")}
+    other_key = tmp_path / "other-swarm.key"
+    other_key.write_text("/key/swarm/psk/1.0.0/\n/base16/\n" + "ab" * 32 + "\n")
+    daemons, nodes = [], {}
+    try:
+        for site, other in (("a", "b"), ("b", "a"), ("c", "a")):
+            repo = tmp_path / f"repo-{site}"
+            env = {**base_env, "IPFS_PATH": str(repo), "KUBO_API_PORT": str(free_port()),
+                   "KUBO_GATEWAY_PORT": str(free_port()), "KUBO_SWARM_HOST": "127.0.0.1",
+                   "KUBO_SWARM_PORT": str(swarm_ports[site]),
+                   "KUBO_SWARM_KEY_FILE": str(other_key if site == "c" else secrets_dir / "swarm.key"),
+                   "KUBO_IDENTITY_FILE": str(secrets_dir / f"kubo-identity-{site}"),
+                   "KUBO_PEERS": f"/ip4/127.0.0.1/tcp/{swarm_ports[other]}/p2p/{peers['PEER_ID_' + other.upper()]}"}
+            done = subprocess.run(["sh", str(DEPLOY / "kubo-harden.sh")], env=env, capture_output=True, text=True,
+                                  timeout=120)
+            assert done.returncode == 0, done.stderr
+            assert "private swarm on 127.0.0.1" in done.stdout
+            cfg = json.loads((repo / "config").read_text())
+            assert cfg["Identity"]["PeerID"] == peers[f"PEER_ID_{site.upper()}"]
+            assert cfg["Bootstrap"] == [] and cfg["AutoConf"]["Enabled"] is False
+            assert cfg["Addresses"]["Swarm"] == [f"/ip4/127.0.0.1/tcp/{swarm_ports[site]}"]
+            assert cfg["Peering"]["Peers"] == [{"ID": peers["PEER_ID_" + other.upper()],
+                                                "Addrs": [f"/ip4/127.0.0.1/tcp/{swarm_ports[other]}"]}]
+            assert stat.S_IMODE((repo / "swarm.key").stat().st_mode) == 0o600
+            log = open(tmp_path / f"daemon-{site}.log", "wb")
+            daemons.append(subprocess.Popen([str(IPFS_BIN), "daemon", "--migrate=false"],
+                                            env={**env, "LIBP2P_FORCE_PNET": "1"}, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True))
+            log.close()
+            secret = (repo / "medicon-api-secret").read_text().strip()
+            nodes[site] = (env["KUBO_API_PORT"], secret)
+
+        def ipfs(site: str, *args: str, input: bytes | None = None) -> subprocess.CompletedProcess:
+            port, secret = nodes[site]
+            return subprocess.run([str(IPFS_BIN), "--api", f"/ip4/127.0.0.1/tcp/{port}", "--api-auth",
+                                   f"bearer:{secret}", *args], input=input, capture_output=True, timeout=60)
+        deadline = time.monotonic() + 60
+        while ipfs("a", "id").returncode or ipfs("b", "id").returncode or ipfs("c", "id").returncode:
+            assert time.monotonic() < deadline, "the daemons did not start"
+            time.sleep(0.2)
+        deadline = time.monotonic() + 60  # peering alone: nobody dials by hand
+        while peers["PEER_ID_B"] not in ipfs("a", "swarm", "peers").stdout.decode():
+            assert time.monotonic() < deadline, "A and B did not connect by peering"
+            time.sleep(0.5)
+        cid = ipfs("a", "block", "put", "--pin=true", input=b"only in the private swarm").stdout.decode().strip()
+        got = ipfs("b", "block", "get", "--timeout=30s", cid)
+        assert got.returncode == 0 and got.stdout == b"only in the private swarm", got.stderr
+        refused = ipfs("c", "swarm", "connect", "--timeout=10s",
+                       f"/ip4/127.0.0.1/tcp/{swarm_ports['a']}/p2p/{peers['PEER_ID_A']}")
+        assert refused.returncode != 0, "a node with another swarm key joined"
+        assert peers["PEER_ID_C"] not in ipfs("a", "swarm", "peers").stdout.decode()
+    finally:
+        for proc in daemons:
+            proc.terminate()
+        for proc in daemons:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def test_entrypoint_joins_a_deployment_from_a_key_bundle(tmp_path):
+    from gateway.security.keyring import LocalKeyring
+
+    first, second = tmp_path / "site-a", tmp_path / "site-b"
+    env_a = {"MEDICON_CONFIG": str(DEPLOY / "gateway.toml"), "MEDICON_RECORDS_DATA_DIR": str(first),
+             "MEDICON_GATEWAY_ID": "site-a"}
+    made = run_entrypoint(tmp_path, "--init-only", **env_a)
+    assert made.returncode == 0, made.stderr
+    assert LocalKeyring.load(first / "keyring.json").gateway_id == "site-a"
+    bundle = tmp_path / "bundle.json"
+    bundle.touch(mode=0o600)
+    env_b = {"MEDICON_CONFIG": str(DEPLOY / "gateway.toml"), "MEDICON_RECORDS_DATA_DIR": str(second),
+             "MEDICON_GATEWAY_ID": "site-b", "MEDICON_KEY_BUNDLE": str(bundle)}
+    empty = run_entrypoint(tmp_path, "--init-only", **env_b)
+    assert empty.returncode != 0 and "keys export" in empty.stderr
+    assert not (second / "keyring.json").exists(), "no keyring of another deployment behind the operator's back"
+    LocalKeyring.load(first / "keyring.json").export(tmp_path / "exported.json")
+    (tmp_path / "exported.json").replace(bundle)  # as `docker compose cp` puts it over the empty file
+    joined = run_entrypoint(tmp_path, "--init-only", **env_b)
+    assert joined.returncode == 0, joined.stderr
+    a, b = LocalKeyring.load(first / "keyring.json"), LocalKeyring.load(second / "keyring.json")
+    assert b.gateway_id == "site-b" and b.key_id != a.key_id
+    assert set(b.keks) == set(a.keks) and b.pseudonym_key == a.pseudonym_key
+    again = run_entrypoint(tmp_path, "--init-only", **env_b)
+    assert again.returncode == 0 and "left as it is" in again.stderr

@@ -4,9 +4,11 @@ started again on the same data dir with everything the first run wrote."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -90,3 +92,72 @@ def test_dev_starts_kubo_and_gateway_stops_both_and_starts_again_on_the_same_dat
         second.stop()
     finally:
         second.kill()
+
+
+class DevSites:
+    """One `medicon-gateway dev --sites 2` run on ``data_dir``."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "dev", "--sites", "2", "--data-dir", str(data_dir)],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        lines = dict(line.split("=", 1) for line in (self.proc.stdout.readline().strip() for _ in range(6)) if "=" in line)
+        assert set(lines) == {"MEDICON_GATEWAY_URL", "MEDICON_TOKEN", "MEDICON_SITE1_URL", "MEDICON_SITE1_TOKEN",
+                              "MEDICON_SITE2_URL", "MEDICON_SITE2_TOKEN"}, self.proc.stderr.read()
+        assert lines["MEDICON_GATEWAY_URL"] == lines["MEDICON_SITE1_URL"]
+        self.urls = [lines["MEDICON_SITE1_URL"], lines["MEDICON_SITE2_URL"]]
+        self.tokens = [lines["MEDICON_SITE1_TOKEN"], lines["MEDICON_SITE2_TOKEN"]]
+        self.kubos = []
+        for site in ("site-1", "site-2"):
+            repo = data_dir / site / "kubo"
+            config = json.loads((repo / "config").read_text())
+            node = KuboNode(repo, api_port=int(config["Addresses"]["API"].rsplit("/", 1)[1]))
+            node.api_secret = (repo / "medicon-api-secret").read_text().strip()
+            self.kubos.append(node)
+
+    def stop(self) -> str:
+        self.proc.send_signal(signal.SIGINT)
+        assert self.proc.wait(60) == 0
+        return self.proc.stderr.read()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+
+
+def test_dev_sites_starts_postgresql_a_private_swarm_and_two_replicating_gateways():
+    # Not under pytest's tmp_path, which is private to root: PostgreSQL runs as `postgres`.
+    base = Path(tempfile.mkdtemp(prefix="medicon-dev-sites-"))
+    base.chmod(0o755)
+    data_dir = base / "dev"
+    patient, episode = uid("p"), uid("e")
+    first = DevSites(data_dir)
+    try:
+        for url, token in zip(first.urls, first.tokens):
+            assert status_of(url, "/api/v0/version") == 401
+            assert call(url, "/api/v0/version", token)[1]["Version"]
+        status, appended = call(first.urls[0], f"/medicon/v1/patients/{patient}/episodes", first.tokens[0],
+                                opened(patient, episode))
+        assert status == 201
+        status, verdict = call(first.urls[1], f"/medicon/v1/episodes/{episode}/verify", first.tokens[1], method="GET")
+        assert verdict["ok"] is True and verdict["signers"] == {"site-1": 1}
+        for node in first.kubos:  # acknowledged: pinned on both nodes
+            assert appended["cid"] in node.ipfs("pin", "ls", "--type=recursive", "--quiet").stdout.decode()
+        peers = first.kubos[0].ipfs("swarm", "peers").stdout.decode().split()
+        assert [p.rsplit("/", 1)[1] for p in peers] == [first.kubos[1].peer_id]  # only each other
+        assert (data_dir / "site-1" / "kubo" / "swarm.key").read_text() == (data_dir / "site-2" / "kubo" / "swarm.key").read_text()
+        stderr = first.stop()
+        assert "sites stopped" in stderr
+    finally:
+        first.kill()
+    assert all(node.version() is None for node in first.kubos)
+    assert not (data_dir / "postgres" / "data" / "postmaster.pid").exists(), "PostgreSQL still runs"
+
+    second = DevSites(data_dir)  # the same database, repos and keys
+    try:
+        assert status_of(second.urls[1], "/api/v0/version", first.tokens[1]) == 401  # revoked at the stop
+        status, record = call(second.urls[1], f"/medicon/v1/records/{appended['cid']}", second.tokens[1], method="GET")
+        assert status == 200 and record["record"]["patient"] == patient
+        second.stop()
+    finally:
+        second.kill()
+        shutil.rmtree(base, ignore_errors=True)

@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 import tempfile
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from conftest import CHAOS, app_client, bearer, chaos_scale, gateway_config, start_gateway
+from conftest import CHAOS, app_client, bearer, chaos_scale, gateway_config, start_gateway, store_sql
 from gateway.config import load_config
 from gateway.core.check import check
 from gateway.kubo.node import KuboNode
@@ -246,8 +245,8 @@ async def test_an_add_failing_after_kubo_answered_never_completes_for_the_client
                 assert r.status == 200  # Kubo's 200 came with the first file's result
                 await r.read()
             assert recursive_pins(node) == before, "a sealed file of the failed add stays pinned"
-            with contextlib.closing(sqlite3.connect(Path(cfg.records.data_dir) / "heads.sqlite3")) as db:
-                assert db.execute("SELECT COUNT(*) FROM blobs").fetchone()[0] == 0, "a failed add was indexed"
+            assert store_sql(cfg.records.data_dir, "heads", "SELECT COUNT(*) FROM blobs") == [(0,)], \
+                "a failed add was indexed"
         finally:
             node.stop()
 
@@ -282,8 +281,7 @@ async def _indexed(c) -> set[str]:
 # --- 7. the gateway's own data volume fills mid-burst --------------------------------------------
 
 def _indexed_cids(data_dir: Path) -> set[str]:
-    with contextlib.closing(sqlite3.connect(data_dir / "heads.sqlite3")) as db:
-        return {row[0] for row in db.execute("SELECT cid FROM records")}
+    return {row[0] for row in store_sql(data_dir, "heads", "SELECT cid FROM records")}
 
 
 async def test_gateway_data_volume_filling_mid_burst_answers_507_and_recovers_at_once(own_kubo):
@@ -675,3 +673,63 @@ def test_the_managed_kubo_fsyncs_its_blocks(kubo, tmp_path):
     node.init()
     spec = json.loads((node.repo / "config").read_text())["Datastore"]["Spec"]
     assert [m["child"]["sync"] for m in spec["mounts"] if m["child"]["type"] == "flatfs"] == [True]
+
+
+# --- raw writes: what Kubo streams back is confirmed before the answer completes -----------------
+
+def _files(*parts: bytes) -> aiohttp.FormData:
+    data = aiohttp.FormData()
+    for n, part in enumerate(parts):
+        data.add_field("file", part, filename=f"part{n}", content_type="application/octet-stream")
+    return data
+
+
+async def test_a_block_put_kubo_failed_after_answering_never_completes_for_the_client(client, kubo):
+    """Two blocks in one block/put, the second over Kubo's block limit: Kubo answers 200 with
+    the first block's key, then fails in a trailer. The client's answer is cut off, never a
+    finished write; two good blocks come back confirmed stored and pinned."""
+    with pytest.raises(aiohttp.ClientPayloadError):
+        r = await client.post("/api/v0/block/put?pin=true", data=_files(os.urandom(1000), os.urandom(3 * MiB)))
+        assert r.status == 200  # Kubo's 200 came with the first block's key
+        await r.read()
+    good = [os.urandom(2000), os.urandom(3000)]
+    r = await client.post("/api/v0/block/put?pin=true", data=_files(*good))
+    assert r.status == 200, await r.text()
+    keys = [json.loads(line)["Key"] for line in (await r.text()).splitlines()]
+    assert len(keys) == 2 and set(keys) <= recursive_pins(kubo)
+    assert [kubo.ipfs("block", "get", key).stdout for key in keys] == good
+
+
+async def test_a_car_import_answers_only_roots_kubo_holds_and_pinned(client, kubo):
+    """dag/import: each root Kubo answers is confirmed stored and pinned; with ``silent`` the
+    client gets no lines, and the roots are still confirmed (and pinned)."""
+    roots = []
+    for silent in (False, True):
+        node = json.dumps({"import": uid("car")}).encode()
+        root = kubo.ipfs("dag", "put", "--input-codec=dag-json", "--pin=false", "--offline",
+                         input=node).stdout.decode().strip()
+        car = kubo.ipfs("dag", "export", root).stdout
+        kubo.ipfs("block", "rm", root)  # the import must bring it back
+        r = await client.post(f"/api/v0/dag/import?silent={str(silent).lower()}", data=_files(car))
+        assert r.status == 200, await r.text()
+        text = await r.text()
+        if silent:
+            assert text == ""
+        else:
+            assert json.loads(text.splitlines()[0])["Root"]["Cid"]["/"] == root
+        roots.append(root)
+    assert set(roots) <= recursive_pins(kubo)
+
+
+async def test_pin_add_answers_only_pins_kubo_holds(client, kubo):
+    """pin/add (with the progress Kubo streams before it knows the outcome): the answer ends
+    with pins that are in Kubo's pin set; a pin Kubo cannot make is an error, never a 200."""
+    cid = kubo.ipfs("add", "-Q", "--pin=false", input=os.urandom(3 * MiB)).stdout.decode().strip()
+    r = await client.post(f"/api/v0/pin/add?arg={cid}&progress=true")
+    assert r.status == 200, await r.text()
+    lines = [json.loads(line) for line in (await r.text()).splitlines()]
+    assert lines[-1]["Pins"] == [cid] and cid in recursive_pins(kubo)
+    missing = kubo.ipfs("add", "-Q", "--only-hash", input=os.urandom(5000)).stdout.decode().strip()
+    r = await client.post(f"/api/v0/pin/add?arg={missing}&progress=true")
+    assert 400 <= r.status < 500 and "not found" in (await r.json())["Message"]
+    assert missing not in recursive_pins(kubo)

@@ -104,3 +104,36 @@ async def test_ipns_path_is_proxied(client, kubo):
     r = await client.get(path)
     assert r.status == 400
     assert await r.json() == {"Message": message, "Code": 1, "Type": "error"}
+
+
+async def test_a_directory_indexed_as_a_sealed_attachment_is_served_as_kubo_serves_it(client, kubo, tmp_path):
+    """Earlier versions indexed the wrapping directory of sealed attachments as a sealed blob;
+    reading it must not be a 5xx: it holds no sealed blob, so Kubo's own answer is given."""
+    from gateway.http.appkeys import SERVICE
+    from gateway.storage.model import Blob
+
+    (tmp_path / "wrapped").mkdir()
+    (tmp_path / "wrapped" / "ciphertext.bin").write_bytes(b"\x00not a sealed blob" * 50)
+    directory = kubo.ipfs("add", "-Q", "-r", "--cid-version=1", str(tmp_path / "wrapped")).stdout.decode().strip()
+    await client.server.app[SERVICE].storage.heads.add_blobs([Blob(directory, "patient-old", True)])
+
+    listing = await client.get(f"/ipfs/{directory}/")
+    assert listing.status == 200, await listing.text()
+    assert "ciphertext.bin" in await listing.text()
+    cat = await client.post(f"/api/v0/cat?arg={directory}")
+    assert cat.status < 500, await cat.text()
+    assert "directory" in (await cat.json())["Message"]
+
+
+async def test_a_car_of_content_the_node_does_not_hold_is_a_404_not_an_empty_200(client, sample):
+    """Kubo starts a CAR (200 and its header) before it looks for the blocks; the gateway checks
+    the block the path ends at first. Content that is held still comes back as a CAR."""
+    cid, _ = sample
+    missing = "bafyreicsub2siselbvukvdk3sf4aidawgi6v7ag7risvcknpuuaypwo3ga"  # a digest nobody stored
+    for target, headers in ((f"/ipfs/{missing}?format=car", {}),
+                            (f"/ipfs/{missing}", {"Accept": "application/vnd.ipld.car"}),
+                            (f"/ipfs/{cid}/no/such/path?format=car", {})):
+        r = await client.get(target, headers=headers)
+        assert r.status == 404, (target, r.status, await r.read())
+    r = await client.get(f"/ipfs/{cid}?format=car")
+    assert r.status == 200 and len(await r.read()) > 100

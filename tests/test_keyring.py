@@ -8,17 +8,16 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import sqlite3
 import stat
 import subprocess
 import sys
 from pathlib import Path
 
-import asyncpg
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from conftest import postgres_rows, sqlite_rows
 from gateway.errors import Unavailable
 from gateway.security import crypto
 from gateway.security.keyring import (KeyringError, KeyShredded, LocalKeyring, b64, key_id_of,
@@ -47,23 +46,13 @@ async def backend(request, tmp_path):
         storage = await open_sqlite_storage(tmp_path / "stores")
 
         async def sql(query: str, *args):
-            db = sqlite3.connect(tmp_path / "stores" / "keys.sqlite3")
-            try:
-                rows = db.execute(re.sub(r"\$\d+", "?", query), args).fetchall()
-                db.commit()
-                return rows
-            finally:
-                db.close()
+            return sqlite_rows(tmp_path / "stores" / "keys.sqlite3", query, *args)
     else:
         url = request.getfixturevalue("postgres_db")
         storage = await open_postgres_storage(url)
 
         async def sql(query: str, *args):
-            conn = await asyncpg.connect(url)
-            try:
-                return [tuple(r) for r in await conn.fetch(query, *args)]
-            finally:
-                await conn.close()
+            return await postgres_rows(url, query, *args)
     yield request.param, storage, sql
     await storage.close()
 

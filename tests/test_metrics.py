@@ -90,7 +90,7 @@ async def test_requests_appends_conflicts_kubo_and_batches_are_counted(aiohttp_c
     assert value(found, "medicon_record_appends_total", outcome="replayed") == 1
     assert value(found, "medicon_record_conflicts_total") == 1
 
-    assert value(found, "medicon_kubo_call_duration_seconds_count", command="dag/put") == 2
+    assert value(found, "medicon_kubo_call_duration_seconds_count", command="block/put") == 2  # each record node, written once
     assert value(found, "medicon_kubo_call_duration_seconds_count", command="block/get") >= 1
     if os.environ.get("MEDICON_TEST_STORAGE") != "postgres":  # there, head moves are single statements
         batches = value(found, "medicon_storage_commit_batch_size_count", store="head")

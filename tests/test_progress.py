@@ -82,7 +82,7 @@ async def test_check_writes_plain_progress_lines_when_not_on_a_terminal(aiohttp_
     assert status == 0, err
     assert json.loads(out)["records"] == records  # stdout: the report alone
     phases = plain_lines(err, "check")
-    assert set(phases) == {"records", "episodes", "pins"}
+    assert set(phases) == {"records", "episodes", "pins", "index"}
     assert phases["records"][0] == (0, records, 0) and phases["records"][-1] == (records, records, 100)
     assert phases["episodes"][-1] == (records // 2, records // 2, 100)
     assert len(phases["records"]) <= 11  # a line every tenth of the way, not one per record
@@ -102,21 +102,10 @@ async def test_check_draws_a_progress_bar_on_a_terminal(aiohttp_client, kubo):
 
 def _with_provider(data_dir: str, use):
     """``await use(provider, storage)`` with the key file attached to the data dir's key store,
-    as the gateway and the ``keys`` commands open it."""
+    as the ``keys`` commands open it."""
+    from gateway.cli import with_key_provider
     from gateway.config import load_config
-    from gateway.core.key_provider import KeyringProvider
-    from gateway.storage import open_storage
-
-    async def run_it():
-        config = load_config(env={}, overrides={"records.data_dir": data_dir})
-        storage = await open_storage(config)
-        try:
-            provider = KeyringProvider(keyring_path(config))
-            await provider.attach(storage.keys)
-            return await use(provider, storage)
-        finally:
-            await storage.close()
-    return asyncio.run(run_it())
+    return asyncio.run(with_key_provider(load_config(env={}, overrides={"records.data_dir": data_dir}), use))
 
 
 def _keyring_with_patients(tmp_path, patients: int) -> tuple[str, dict[str, bytes]]:

@@ -14,7 +14,8 @@ import time
 import aiohttp
 import pytest
 
-from conftest import (CHAOS, app_client, bearer, chaos_scale, gateway_config, new_data_dir, start_gateway,
+from gateway.config import load_config
+from conftest import (CHAOS, storage_env, app_client, bearer, chaos_scale, gateway_config, new_data_dir, start_gateway,
                       trickle_body)
 from records_helpers import encounter, opened, uid
 
@@ -138,20 +139,46 @@ async def test_sigkill_mid_burst_never_loses_an_acknowledged_append(own_kubo):
         assert gw.stop() == 0
     assert found == len(acked) > 0 and server_errors == 0
 
-    report = subprocess.run([sys.executable, "-m", "gateway", "check", "--data-dir", data_dir],
-                            capture_output=True, text=True, env={**os.environ,
-                            "MEDICON_KUBO_API_URL": own_kubo.api_url, "MEDICON_KUBO_GATEWAY_URL": own_kubo.gateway_url, "MEDICON_KUBO_API_AUTH": own_kubo.api_secret})
+    orphan = await _orphan_of_a_lost_race(own_kubo, data_dir, patient, episodes)
+
+    def check(*flags: str) -> tuple[subprocess.CompletedProcess, dict]:
+        done = subprocess.run([sys.executable, "-m", "gateway", "check", *flags, "--data-dir", data_dir],
+                              capture_output=True, text=True,
+                              env={**os.environ, **storage_env(data_dir), "MEDICON_KUBO_API_URL": own_kubo.api_url,
+                                   "MEDICON_KUBO_GATEWAY_URL": own_kubo.gateway_url,
+                                   "MEDICON_KUBO_API_AUTH": own_kubo.api_secret})
+        return done, json.loads(done.stdout)
+
+    report, result = check()
     assert report.returncode == 0, report.stdout + report.stderr
-    result = json.loads(report.stdout)
     assert result["missing"] == [] and result["broken"] == [] and result["unpinned"] == []
-    repaired = subprocess.run([sys.executable, "-m", "gateway", "check", "--repair", "--data-dir", data_dir],
-                              capture_output=True, text=True, env={**os.environ,
-                              "MEDICON_KUBO_API_URL": own_kubo.api_url, "MEDICON_KUBO_GATEWAY_URL": own_kubo.gateway_url, "MEDICON_KUBO_API_AUTH": own_kubo.api_secret})
-    after = json.loads(subprocess.run([sys.executable, "-m", "gateway", "check", "--data-dir", data_dir],
-                                      capture_output=True, text=True, env={**os.environ,
-                                      "MEDICON_KUBO_API_URL": own_kubo.api_url,
-                                      "MEDICON_KUBO_GATEWAY_URL": own_kubo.gateway_url, "MEDICON_KUBO_API_AUTH": own_kubo.api_secret}).stdout)
-    assert repaired.returncode == 0 and after["orphans"] == [] and after["unpinned"] == []
+    assert orphan in result["orphans"]  # what --repair is about to remove exists
+    repaired, repair = check("--repair")
+    assert repaired.returncode == 0 and {"unpinned": orphan} in repair["repaired"]
+    _, after = check()
+    assert after["orphans"] == [] and after["unpinned"] == []
+    assert own_kubo.ipfs("pin", "ls", "--type=recursive", orphan, check=False).returncode != 0  # unpinned
+    for _, cid, _ in acked:  # and every acknowledged record still pinned
+        assert own_kubo.ipfs("pin", "ls", "--type=recursive", cid, check=False).returncode == 0, cid
+
+
+async def _orphan_of_a_lost_race(kubo, data_dir: str, patient: str, episodes: list[str]) -> str:
+    """What an append that crashed after Kubo stored its record, having lost its position to
+    another writer, leaves behind: a signed record node, pinned, for a seq that is taken."""
+    from gateway.core.service import RecordService
+    cfg = load_config(env=storage_env(data_dir), overrides={
+        "kubo.api_url": kubo.api_url, "kubo.gateway_url": kubo.gateway_url, "kubo.api_auth": kubo.api_secret,
+        "records.data_dir": data_dir})
+    async with RecordService.open(cfg) as service:
+        for episode in episodes:  # one with a record after its opening
+            found = await service.storage.heads.history(episode, -1, 2)
+            if len(found) == 2:
+                break
+        [first, taken] = found
+        record = {**encounter(patient, episode, note="lost the race"), "prev": first.cid, "seq": taken.seq,
+                  "recorded_at": taken.recorded_at}
+        node = await service.sealer.to_node(record, "token:crashed-writer")
+        return await service.kubo.put_node(node)
 
 
 async def test_kubo_stopped_mid_burst(aiohttp_client, own_kubo):

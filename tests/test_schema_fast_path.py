@@ -10,6 +10,7 @@ import copy
 import json
 import os
 from pathlib import Path
+from decimal import Decimal
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -76,8 +77,14 @@ strings = st.one_of(
               st.text(alphabet="abcXYZ09-.:TZ+", max_size=8)),
 )
 values = st.one_of(strings, st.integers(min_value=-(2**63), max_value=2**64 - 1),
-                   st.sampled_from([0, -1, 1, 0.5, 1.0, -0.0, 1e300, 2**53 + 1, True, False, None, [], {}]),
-                   st.floats(allow_nan=False, allow_infinity=False))
+                   # a fresh [] and {} each time: one shared object put in itself would make a cycle
+                   st.sampled_from([0, -1, 1, 0.5, 1.0, -0.0, 1e300, 2**53 + 1, True, False, None, [], {}])
+                   .map(copy.deepcopy),
+                   st.floats(allow_nan=False, allow_infinity=False),
+                   # decimals as the exact parser gives them: 5.0 is an integer for both, 1E+400 no float
+                   st.sampled_from([Decimal("5.0"), Decimal("-0.0"), Decimal("1E+2"), Decimal("1E+400"),
+                                    Decimal("0.30000000000000000001"), Decimal("120.50")]),
+                   st.decimals(allow_nan=False, allow_infinity=False, places=3))
 
 
 @st.composite
@@ -145,3 +152,18 @@ def test_patterns_read_as_python_reads_them_in_both(tmp_path: Path, text):
         doc = {key: text}
         slow = list(registry._validators["https://t.example/p/v1"].iter_errors(doc))
         assert fast.is_valid(doc) == (slow == []), (key, text)
+
+
+@pytest.mark.parametrize("text, integral", [("5", True), ("5.0", True), ("1E+2", True), ("-0.0", True),
+                                            ("5.5", False), ("5.000000000000000000001", False)])
+def test_an_integer_written_with_a_decimal_point_is_judged_alike_by_both(tmp_path: Path, text, integral):
+    """The exact parser keeps ``5.0`` a Decimal; JSON Schema counts it an integer. Both validators
+    must agree, or a record would pass or fail depending on which one judged it."""
+    from gateway.core.strictjson import loads
+    schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": "https://t.example/i/v1",
+              "type": "object", "properties": {"n": {"type": "integer", "maximum": 100}}}
+    (tmp_path / "i.json").write_text(json.dumps(schema))
+    registry = SchemaRegistry.load(tmp_path)
+    doc = loads('{"n": %s}' % text)
+    slow = list(registry._validators["https://t.example/i/v1"].iter_errors(doc))
+    assert (slow == []) == integral and registry._fast["https://t.example/i/v1"].is_valid(doc) == integral

@@ -165,6 +165,7 @@ def seed_patient(gw, client: Client | None = None) -> dict:
         "body": {"class": "doctor", "status": "finished", "notes": "Metformin increased to 1000 mg twice daily.",
                  "fhir": [{"resourceType": "MedicationRequest", "status": "active", "intent": "order",
                            "medicationCodeableConcept": {"text": "Metformin 1000 mg"},
+                           "subject": {"reference": f"Patient/{patient}"},
                            "dosageInstruction": [{"text": "1 tablet twice daily"}]}]}})
     add("physio", knee, {
         "schema": ENCOUNTER, "author": "physio@clinic.example", "recorded_at": "2026-03-24T09:00:00Z",

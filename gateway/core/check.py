@@ -1,12 +1,10 @@
 """``medicon-gateway check``: compare the head store with Kubo after a crash or an incident.
 
-Every indexed record must be in Kubo and pinned — recursively on its own, or listed by one of
-the gateway's pin nodes (``core.pins``: one pin per batch of records) — every chain verifying.
-Pins of record nodes the index does not hold, and records that pin nodes list but the index
-does not hold, are examined one by one: a node stored by an append whose head never moved (a
-crash, a lost compare-and-swap whose clean-up failed) is an orphan, never acknowledged.
-``--repair`` re-pins unpinned records, removes orphan pins, and replaces a pin node that keeps
-orphans by one that does not. Runs on the record service alone: no web server.
+Every indexed record must be in Kubo and pinned (the gateway pins each record recursively as
+it stores it), every chain verifying. Pins of record nodes the index does not hold are
+examined one by one: a node stored by an append whose head never moved (a crash, a lost
+compare-and-swap whose clean-up failed) is an orphan, never acknowledged. ``--repair`` re-pins
+unpinned records and removes orphan pins. Runs on the record service alone: no web server.
 
 Safe while gateways write. An append stores and pins its node *before* it moves the head, so
 a pinned node the index does not hold may be one an append is about to commit; a snapshot of
@@ -15,32 +13,34 @@ episode (``seq``, and ``prev``, the head it expects), and a position, once taken
 good (heads only move forward, by compare-and-swap). So a node is an orphan only when the
 episode's record at its ``seq`` is another one, or the episode is closed before it; a node
 whose position is still free (the episode's next one, or an opening whose episode is not there
-yet) is reported as ``pending`` and left alone, to be decided by a later run. A node further
-along (appends are chained before the ones before them commit) shares the fate of the node its
-``prev`` names. A block a pin node lists but Kubo does not hold is a write still under way,
-unless the pin node is older than ``HOLE_AFTER`` seconds: then it is a write that never came.
+yet) is reported as ``pending`` and left alone, to be decided by a later run.
+
+With ``records.replicas`` above 1 (or replica services configured), every indexed record must
+also be pinned on that many nodes: this gateway's own, and the replica services reporting it
+``pinned`` (asked through the Pinning Service API, ten CIDs a query). ``replicas`` in the report
+says what each service holds and which records are under-replicated; ``--repair`` asks the
+services that lack a record to pin it (fetched from whichever node of the swarm has it).
+
+With the ``fhir_index`` plugin loaded, every FHIR resource a record embeds must be in the FHIR
+search index (the plugin indexes on commit, and a failure there never undoes the append):
+records missing from it are ``unindexed``, and ``--repair`` indexes them.
 """
 
 from __future__ import annotations
 
-import time
 from typing import Any, Callable
 
 from ..config import Config
 from ..errors import MediconError
 from ..storage.model import Episode
-from . import pins as pin_nodes
+from .fhir_facade import FhirFacade
 from .service import RecordService
 
 ORPHAN, COMMITTED, PENDING = "orphan", "committed", "pending"
-# Seconds after which a block a pin node lists, and Kubo does not hold, is taken as never coming
-# (the gateway writes a batch's blocks right after its pin node).
-HOLE_AFTER = 600
-# How far along ``prev`` links a node beyond its episode's end is followed.
-MAX_CHAIN = 10_000
 
 
-# ``progress(phase, done, total)``: told as each phase (``records``, ``episodes``, ``pins``)
+# ``progress(phase, done, total)``: told as each phase (``records``, ``episodes``, ``pins``,
+# ``index``)
 # starts and after each item, so a command can show how far it got; the core prints nothing.
 Progress = Callable[[str, int, int], None]
 
@@ -64,27 +64,13 @@ async def check_service(service: RecordService, *, repair: bool = False,
     # in this set unless its pin was removed since.
     pins = await kubo.recursive_pins()
     report: dict[str, Any] = {"episodes": len(episodes), "records": len(records), "missing": [],
-                              "unpinned": [], "broken": [], "orphans": [], "pending": [], "repaired": []}
-    indexed = {r.cid for r in records}
-    unindexed = sorted(pins - indexed)
-    # The pins the index does not hold: the gateway's pin nodes, and record nodes pinned on
-    # their own. Only dag-cbor nodes (sha2-256): attachments and raw data are their owners'.
-    keepers: dict[str, dict[str, Any]] = {}
-    own_records: dict[str, dict[str, Any]] = {}
-    for pin in unindexed:
-        node = await _node(service, pin) if pin.startswith("bafyrei") else None
-        if node is None:
-            continue
-        if await pin_nodes.is_pin_node(service.sealer, node):
-            keepers[pin] = node
-        elif await service.sealer.is_record_node(node):
-            own_records[pin] = node
-    kept = pins | {cid for node in keepers.values() for cid in pin_nodes.listed(node)}
+                              "unpinned": [], "broken": [], "orphans": [], "pending": [], "unindexed": [],
+                              "repaired": []}
     progress("records", 0, len(records))
     for done, record in enumerate(records, 1):
         if not await kubo.has_block(record.cid):
             report["missing"].append({"cid": record.cid, "episode": record.episode, "seq": record.seq})
-        elif record.cid not in kept:
+        elif record.cid not in pins:
             report["unpinned"].append(record.cid)
             if repair:
                 await kubo.pin_add(record.cid)
@@ -96,67 +82,94 @@ async def check_service(service: RecordService, *, repair: bool = False,
         if not verdict["ok"]:
             report["broken"].append(verdict)
         progress("episodes", done, len(episodes))
+    indexed = {r.cid for r in records}
     by_pseudonym = {service.sealer.episode_pseudonym(e.id): e.id for e in episodes}
-    progress("pins", 0, len(own_records) + len(keepers))
-    done = 0
-    for pin, node in own_records.items():
-        fate = await _fate(service, pin, node, by_pseudonym)
-        if fate == PENDING:
-            report["pending"].append(pin)
-        elif fate == ORPHAN:
-            report["orphans"].append(pin)
-            if repair and await kubo.pin_rm(pin):
-                report["repaired"].append({"unpinned": pin})
-        done += 1
-        progress("pins", done, len(own_records) + len(keepers))
-    for pin, keeper in keepers.items():
-        drop = []
-        for cid in pin_nodes.listed(keeper):
-            if cid in indexed:
-                continue
-            node = await _node(service, cid)
-            if node is None:  # never written (yet)
-                fate = ORPHAN if time.time() - keeper["at"] > HOLE_AFTER else PENDING
-            else:
-                fate = await _fate(service, cid, node, by_pseudonym)
+    unindexed = sorted(pins - indexed)
+    progress("pins", 0, len(unindexed))
+    for done, pin in enumerate(unindexed, 1):
+        # Only record nodes (dag-cbor, sha2-256): attachments and raw data are pinned by their owners.
+        node = await _own_record_node(service, pin) if pin.startswith("bafyrei") else None
+        if node is not None:
+            fate = await _fate(service, pin, node, by_pseudonym)
             if fate == PENDING:
-                report["pending"].append(cid)
+                report["pending"].append(pin)
             elif fate == ORPHAN:
-                report["orphans"].append(cid)
-                drop.append(cid)
-        if drop and repair:
-            keep = [cid for cid in pin_nodes.listed(keeper) if cid not in drop]
-            if await _replace_pin_node(service, pin, keep):
-                report["repaired"].append({"pin node": pin, "unpinned": drop})
-        done += 1
-        progress("pins", done, len(own_records) + len(keepers))
+                report["orphans"].append(pin)
+                if repair and await kubo.pin_rm(pin):
+                    report["repaired"].append({"unpinned": pin})
+        progress("pins", done, len(unindexed))
+    if service.plugins.pm.get_plugin("fhir_index") is not None:
+        await _check_fhir_index(service, records, report, repair, progress)
     report["clean"] = not (report["missing"] or report["broken"]
-                           or (report["unpinned"] and not repair))
+                           or ((report["unpinned"] or report["unindexed"]) and not repair))
+    replication = service.replication
+    if replication.replicas > 1 or replication.services:
+        pinned_here = pins | {r["pinned"] for r in report["repaired"] if "pinned" in r}
+        report["replicas"] = await _replicas(service, records, pinned_here, repair, progress)
+        report["clean"] = report["clean"] and not report["replicas"]["under_replicated"]
     return report
 
 
-async def _replace_pin_node(service: RecordService, old: str, keep: list[str]) -> bool:
-    """Pin a node listing only ``keep`` (if any), then unpin ``old``."""
-    kubo = service.kubo
-    if keep:
-        block = pin_nodes.pin_block(service.sealer, keep)
-        await kubo.put_blocks([block], pin=True)
-    return await kubo.pin_rm(old)
+async def _replicas(service: RecordService, records: list, pinned_here: set[str], repair: bool,
+                    progress: Progress) -> dict[str, Any]:
+    """Which nodes hold each indexed record: this one and the replica services that report it
+    pinned; the records held by fewer than ``records.replicas`` (after ``repair``, if asked)."""
+    replication = service.replication
+    cids = [r.cid for r in records]
+    progress("replicas", 0, len(replication.services))
+    answers = await replication.report(cids)
+    progress("replicas", len(answers), len(replication.services))
+
+    def where(cid: str) -> list[str]:
+        return (["local"] if cid in pinned_here else []) + [n for n, a in answers.items() if cid in a["pinned"]]
+    under = {r.cid: r for r in records if len(where(r.cid)) < replication.replicas}
+    repaired: dict[str, list[str]] = {}
+    if repair and under:
+        for name, answer in answers.items():
+            lacking = [cid for cid in under if cid not in answer["pinned"]]
+            if lacking and await replication.repair(name, lacking) is None:
+                answer["pinned"] |= set(lacking)
+                repaired[name] = lacking
+    services = {name: {"pinned": len(a["pinned"]), "missing": len(cids) - len(a["pinned"]), "error": a["error"]}
+                for name, a in answers.items()}
+    return {"replicas": replication.replicas, "services": services, "repaired": repaired,
+            "under_replicated": [{"cid": cid, "episode": r.episode, "seq": r.seq, "pinned_on": where(cid)}
+                                 for cid, r in under.items() if len(where(cid)) < replication.replicas]}
 
 
-async def _node(service: RecordService, cid: str) -> dict[str, Any] | None:
-    if not await service.kubo.has_block(cid):
-        return None
+async def _check_fhir_index(service: RecordService, records: list, report: dict[str, Any], repair: bool,
+                            progress: Progress) -> None:
+    """Records whose embedded FHIR resources the search index lacks (indexed on repair, in the
+    order of their episodes). Records that cannot be read are reported above, or erased."""
+    facade = FhirFacade(service)
+    progress("index", 0, len(records))
+    for done, record in enumerate(records, 1):
+        try:
+            stored = await service.read_indexed(record.cid)
+        except MediconError:
+            stored = None
+        if stored is not None:
+            have = await service.storage.fhir.pointers(record.cid)
+            lacking = [e for e in facade.entries(stored, record.cid) if e.pointer not in have]
+            if lacking:
+                report["unindexed"].append(record.cid)
+                if repair:
+                    await service.storage.fhir.add(lacking)
+                    report["repaired"].append({"indexed": record.cid})
+        progress("index", done, len(records))
+
+
+async def _own_record_node(service: RecordService, cid: str) -> dict[str, Any] | None:
     try:
-        return await service.kubo.dag_get(cid)
+        node = await service.kubo.dag_get(cid)
     except MediconError:
         return None
+    return node if await service.sealer.is_record_node(node) else None
 
 
-async def _fate(service: RecordService, cid: str, node: dict[str, Any], by_pseudonym: dict[str, str],
-                depth: int = 0) -> str:
-    """Whether a record node the index did not hold (when it was read) is committed by now,
-    can never be (an orphan), or may still be (its position is free)."""
+async def _fate(service: RecordService, cid: str, node: dict[str, Any], by_pseudonym: dict[str, str]) -> str:
+    """Whether a pinned record node the index did not hold (when it was read) is committed by
+    now, can never be (an orphan), or may still be (its position is free)."""
     heads = service.storage.heads
     seq = node.get("seq")
     if not isinstance(seq, int) or seq < 0:
@@ -173,19 +186,12 @@ async def _fate(service: RecordService, cid: str, node: dict[str, Any], by_pseud
     if episode.length > seq:  # the position is taken, for good: by this node or by another
         taken = await heads.history(episode_id, seq - 1, 1)
         return COMMITTED if taken and taken[0].cid == cid else ORPHAN
-    prev = node.get("prev")
-    prev = prev.get("/") if isinstance(prev, dict) else prev
     if episode.length == seq and episode.status == "open":
+        prev = node.get("prev")
+        prev = prev.get("/") if isinstance(prev, dict) else prev
         # Its append may still move the head (it expects exactly this one); otherwise no append
         # can ever place it, since heads only move forward.
         return PENDING if prev == episode.head else ORPHAN
     if episode.length == seq:  # closed before this node could be appended
         return ORPHAN
-    # Beyond the episode's end: chained on a record not committed yet, whose fate it shares
-    # (once that one is an orphan, nothing can ever link to this one's position).
-    if depth >= MAX_CHAIN or not isinstance(prev, str) or await heads.record(prev) is not None:
-        return PENDING
-    before = await _node(service, prev)
-    if before is None or not await service.sealer.is_record_node(before):
-        return PENDING
-    return ORPHAN if await _fate(service, prev, before, by_pseudonym, depth + 1) == ORPHAN else PENDING
+    return PENDING  # beyond the episode's end: not a node this index ever expected

@@ -26,7 +26,7 @@ import secrets
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterable
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -261,11 +261,15 @@ class KeyringProvider:
 
     # --- operations (the ``keys`` CLI) ---------------------------------------------------------
 
-    async def shred_patient(self, patient: str) -> int:
-        """Destroy the patient's data key and leave a tombstone, for every gateway at once.
-        Idempotent; how many keys were destroyed."""
-        destroyed = await self.store.shred(self.pseudonym(PATIENT, patient))
+    async def shred_patient(self, patient: str, *, erase: Iterable[Any] = ()) -> int:
+        """Destroy the patient's data key and leave a tombstone, for every gateway at once; then
+        erase the patient's rows from each store of ``erase`` (``erase_patient(pseudonym)``:
+        the FHIR search index). Idempotent; how many keys were destroyed."""
+        pseudonym = self.pseudonym(PATIENT, patient)
+        destroyed = await self.store.shred(pseudonym)
         self._cache.clear()
+        for store in erase:
+            await store.erase_patient(pseudonym)
         return destroyed
 
     async def rotate(self, *, batch: int = 1000, progress: Progress | None = None, force: bool = False) -> str:

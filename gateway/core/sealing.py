@@ -5,9 +5,21 @@ schema id, a keyed pseudonym of the episode, sequence number, the ``prev`` link,
 id — plus the sealed payload (sealed by the ``medicon_encrypt_record`` hook: AES-256-GCM under
 the patient's data key, the clear part as associated data) and the writing gateway's Ed25519
 signature over all of it, with ``key`` naming that gateway's key (several gateways may share
-one database: each checks the others' signatures against their registered keys). The payload carries the record and the authenticated principal who wrote it,
-so the author is signed too. With encryption off, the payload is the record's canonical JSON in
-clear (still signed).
+one database: each checks the others' signatures against their registered keys). With
+encryption off, the payload is in clear (still signed).
+
+Payload formats, by the node's ``v``:
+
+* ``v: 2`` (written now): ``{"format": 2, "signer": …, "text": …}`` — ``text`` is the record's
+  JSON text as the client wrote it, with only the gateway's envelope fields set
+  (``ClientRecord``), so a reader gets back the client's bytes: numbers as written (``1.00``),
+  keys in the client's order, strings with the client's escapes. The signature covers the
+  sealed payload, so it covers those bytes.
+* ``v: 1`` (older records, still read): ``{"record": …, "signer": …}`` — the record as parsed
+  then (numbers as floats, keys sorted); it reads back as that value written out compactly.
+
+The payload carries the authenticated principal who wrote the record, so the author is signed
+too.
 """
 
 from __future__ import annotations
@@ -18,12 +30,16 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from ..errors import Internal, Unavailable
+from ..errors import Internal, Invalid, Unavailable
 from ..security import crypto
 from ..security.keys import KeyProvider
+from . import strictjson
 from .plugins import PluginHost
+from .records import ClientRecord
 
-NODE_VERSION = 1
+NODE_VERSION = 2           # what this gateway writes
+NODE_VERSIONS = (1, 2)     # what it reads
+PAYLOAD_FORMAT = 2
 PSEUDONYM_EPISODE = "episode"
 _KNOWN = object()  # signature_ok's default: the signer's key if already known
 
@@ -49,8 +65,10 @@ class Sealer:
     def episode_pseudonym(self, episode: str) -> str:
         return self.keys.pseudonym(PSEUDONYM_EPISODE, episode)
 
-    async def to_node(self, record: dict[str, Any], signer: str) -> dict[str, Any]:
-        """The node to store for ``record`` (dag-json form: ``prev`` as a link)."""
+    async def to_node(self, record: ClientRecord | dict[str, Any], signer: str) -> dict[str, Any]:
+        """The node to store for ``record`` (dag-json form: ``prev`` as a link); its payload
+        holds the record's text as it is (a record given as a value is written out first)."""
+        record = ClientRecord.of(record)
         node: dict[str, Any] = {
             "v": NODE_VERSION,
             "schema": record["schema"],
@@ -59,7 +77,7 @@ class Sealer:
             "prev": record["prev"],
             "key": self.key_id,
         }
-        payload = crypto.canonical_json({"record": record, "signer": signer})
+        payload = crypto.canonical_json({"format": PAYLOAD_FORMAT, "signer": signer, "text": record.text})
         if self._encrypt:
             sealed = await self._plugins.call("medicon_encrypt_record", payload=payload,
                                               aad=crypto.canonical_json(clear_part(node)),
@@ -107,10 +125,11 @@ class Sealer:
         sig = node.get("sig")
         return key is not None and isinstance(sig, str) and crypto.verify_signature(key, clear_part(node), sig)
 
-    async def from_node(self, node: dict[str, Any]) -> tuple[dict[str, Any], str]:
-        """(record, signer) from a stored node. ``Erased`` after crypto-shredding; a node that
-        does not open is ``Unavailable``: the gateway wrote it, so Kubo returned something else."""
-        if not isinstance(node, dict) or node.get("v") != NODE_VERSION:
+    async def from_node(self, node: dict[str, Any]) -> tuple[ClientRecord, str]:
+        """(record, signer) from a stored node of either version. ``Erased`` after
+        crypto-shredding; a node that does not open is ``Unavailable``: the gateway wrote it, so
+        Kubo returned something else."""
+        if not isinstance(node, dict) or node.get("v") not in NODE_VERSIONS:
             raise Unavailable("the stored block is not a record node of this gateway")
         if "plain" not in node:
             clear = {k: v for k, v in node.items() if k not in ("sealed", "dek")}
@@ -122,10 +141,14 @@ class Sealer:
             payload = str(node.get("plain", "")).encode("utf-8")
         try:
             opened = json.loads(payload)
-            return opened["record"], opened["signer"]
-        except (ValueError, KeyError, TypeError):
+            if node["v"] == 1:
+                return ClientRecord.of(opened["record"]), opened["signer"]
+            if opened["format"] != PAYLOAD_FORMAT:
+                raise ValueError("unknown payload format")
+            return ClientRecord.from_text(opened["text"]), opened["signer"]
+        except (ValueError, KeyError, TypeError, strictjson.BadJSON, Invalid):
             raise Unavailable("the record payload is malformed") from None
 
     async def is_record_node(self, node: Any) -> bool:
         """A record node signed by a gateway of this deployment."""
-        return isinstance(node, dict) and node.get("v") == NODE_VERSION and await self.verified(node)
+        return isinstance(node, dict) and node.get("v") in NODE_VERSIONS and await self.verified(node)

@@ -8,8 +8,11 @@ written, and raise the domain errors of ``gateway.errors``; each door (``/api/v0
 ``/medicon/v1``) only translates.
 
 An append runs: authorize → validate (schema, then plugins) → link into the episode (chain
-policy, under the episode's lock) → seal and sign → store and pin in Kubo → move the head
-(compare-and-swap) → ``medicon_record_committed``.
+policy, under the episode's lock) → seal and sign → store and pin in Kubo → pinned on
+``records.replicas`` nodes (``replication.ensure``) → move the head (compare-and-swap) →
+``medicon_record_committed``. With ``records.pipeline`` (the default) the steps from sealing on
+run in ``core.pipeline``: the next append to an episode is linked while earlier ones are on
+their way, their blocks written to Kubo many to a call, heads moved in chain order.
 """
 
 from __future__ import annotations
@@ -21,26 +24,28 @@ import uuid
 from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator
 
 import pluggy
 
 from ..config import Config, ConfigError
 from ..errors import Conflict, Erased, Forbidden, IdempotencyKeyReused, Invalid, MediconError, NotFound, Unavailable
-from ..kubo.cids import canonical, parse_cid
 from ..kubo import ipld
 from ..kubo.batcher import BlockWriter
+from ..kubo.cids import canonical, parse_cid
 from ..kubo.client import KuboClient
 from ..metrics import Metrics
 from ..security.keys import KeyProvider
 from ..storage import Storage, open_storage
 from ..storage.model import Blob, Episode, HeadMove, IndexedRecord, KeyTaken, StoreConflict
-from . import chain, pins
+from . import chain
 from .access import Authorizer, Caller
+from .fhir_validation import find_resources, validate_embedded
 from .pipeline import Pipeline, Superseded
 from .plugins import PluginHost, PluginLoadError, make_manager
-from .records import (CLOSING_KINDS, OPENING_KINDS, Appended, ChainConflict, RecordInvalid,
-                      claimed_resource, dag_json_problems, normalise, request_digest, timestamp)
+from .replication import Replication
+from .records import (CLOSING_KINDS, ENVELOPE_FIELDS, OPENING_KINDS, Appended, ChainConflict, ClientRecord,
+                      RecordInvalid, claimed_resource, dag_json_problems, normalise, request_digest, timestamp)
 from .schemas import DEFAULT_SCHEMA_DIR, SchemaError, SchemaRegistry
 from .sealing import Sealer
 
@@ -75,10 +80,6 @@ class ReadTarget:
     end: dict[str, Any]
     end_cid: str | None
 
-    @property
-    def arg_cid(self) -> str | None:
-        return root_of(self.arg)[0]
-
 
 class RecordService:
     def __init__(self, config: Config, storage: Storage, kubo: KuboClient, keys: KeyProvider,
@@ -96,17 +97,16 @@ class RecordService:
         self.key_locks = chain.EpisodeLocks()  # by (principal, Idempotency-Key)
         self.sealer = Sealer(keys, plugins, encrypt=config.security.encrypt)
         self.access = Authorizer(plugins, keys, self)
-        # Record blocks go to Kubo in batches (``replicate``, when set, runs on each batch's CIDs
-        # once Kubo confirmed it and before any of its heads move); appends to an episode are
-        # chained while earlier ones are in flight.
-        self.writer = BlockWriter(
-            kubo, pin_node=(lambda cids: pins.pin_block(self.sealer, cids)) if config.records.pin == "batch" else None,
-            is_committed=self._is_committed, on_batch=self.metrics.commit_batch_observer("kubo"),
-            after_write=self._after_write)
-        self.replicate: Callable[[list[str]], Awaitable[None]] | None = None
-        self.pipeline = Pipeline(storage.heads, self.writer)
         # Plugins' own resources, opened in ``medicon_startup`` (by plugin name).
         self.resources: dict[str, Any] = {}
+        # records.replicas: set by ``open``; none for a service built by hand.
+        self.replication = Replication.disabled()
+        # records.pipeline: record blocks go to Kubo many to a call, each batch pinned on
+        # records.replicas nodes once Kubo confirmed it and before any of its heads moves.
+        self.writer = BlockWriter(kubo, is_committed=self._is_committed,
+                                  on_batch=self.metrics.commit_batch_observer("kubo"),
+                                  after_write=lambda cids: self.replication.ensure(cids))
+        self.pipeline = Pipeline(storage.heads, self.writer)
 
     # --- life cycle ------------------------------------------------------------------------------
 
@@ -130,6 +130,8 @@ class RecordService:
         kubo = KuboClient.open(config.kubo, observer=metrics)
         service = cls(config, storage, kubo, keys, plugins, schemas, policies, metrics)
         try:
+            # --- replication (records.replicas): the append path calls replication.ensure ---
+            service.replication = Replication(config.records, kubo)
             await plugins.call("medicon_startup", service=service)
             try:
                 yield service
@@ -138,17 +140,9 @@ class RecordService:
         finally:
             await service.writer.close()
             await service.pipeline.close()
+            await service.replication.close()
             await kubo.close()
             await storage.close()
-
-    async def _is_committed(self, cid: str) -> bool:
-        return await self.storage.heads.record(cid) is not None
-
-    async def _after_write(self, cids: list[str]) -> None:
-        """The seam for replication: once per batch of record blocks Kubo confirmed, before any
-        of their heads moves. A failure fails every record of the batch (503)."""
-        if self.replicate is not None:
-            await self.replicate(cids)
 
     # --- access --------------------------------------------------------------------------------
 
@@ -201,29 +195,19 @@ class RecordService:
             if "record" in (target.root["kind"], target.end["kind"]) or "blob" in (target.root["kind"], target.end["kind"]):
                 raise Forbidden(f"{arg[:100]!r} is pinned by the gateway (a record or an attachment): "
                                 "its pin cannot be removed through the RPC API")
-            for cid in {target.arg_cid, target.end_cid} - {None}:
-                if await self._is_pin_node(cid):
-                    raise Forbidden(f"{arg[:100]!r} is pinned by the gateway (it keeps records): "
-                                    "its pin cannot be removed through the RPC API")
-
-    async def _is_pin_node(self, cid: str) -> bool:
-        """Whether ``cid`` names one of the gateway's pin nodes (``core.pins``)."""
-        try:
-            ipld.sha256_of(cid)
-            node = await self.kubo.record_node(cid) if await self.kubo.has_block(cid) else None
-        except (ipld.Unsupported, MediconError):
-            return False
-        return node is not None and await pins.is_pin_node(self.sealer, node)
 
     # --- writing records -------------------------------------------------------------------------
 
-    async def validate(self, record: dict[str, Any], episode: Episode | None, *, schema: bool = True,
-                       with_plugins: bool = True) -> None:
-        """JSON Schema first, then every plugin's rules; all problems reported together."""
+    async def validate(self, record: ClientRecord | dict[str, Any], episode: Episode | None, *,
+                       schema: bool = True, with_plugins: bool = True) -> None:
+        """JSON Schema first, then the embedded FHIR resources (``records.fhir_validation``),
+        then every plugin's rules; all problems reported together."""
         problems = []
         if schema:
-            problems += [str(v) for v in self.schemas.validate(record)]
-            problems += dag_json_problems(record.get("body"), "/body")
+            parsed = record.parsed if isinstance(record, ClientRecord) else record
+            problems += [str(v) for v in self.schemas.validate(parsed)]
+            problems += dag_json_problems(parsed.get("body") if isinstance(parsed, dict) else None, "/body")
+            problems += self._fhir_problems(parsed)
         if not problems and with_plugins:
             for plugin, found in await self.plugins.call_each(
                     "medicon_validate_record", record=record, schema_id=record["schema"], episode=episode):
@@ -233,14 +217,31 @@ class RecordService:
         if problems:
             raise RecordInvalid(problems)
 
+    def _fhir_problems(self, record: Any) -> list[str]:
+        """Problems of the FHIR R4 resources embedded in the body, as ``records.fhir_validation``
+        says: refused (``enforce``), logged and accepted (``warn``), or not looked for (``off``).
+        The log line names no value of the record: counts and resource types only."""
+        mode = self.config.records.fhir_validation
+        if mode == "off" or not isinstance(record, dict):
+            return []
+        found = validate_embedded(record.get("body"), "/body")
+        if found and mode == "warn":
+            kinds = sorted({r.get("resourceType") for _, r in find_resources(record.get("body"), "/body")
+                            if isinstance(r.get("resourceType"), str)})
+            log.warning("record accepted with %d FHIR R4 problem(s) in its embedded %s "
+                        "(records.fhir_validation = warn)", len(found), ", ".join(kinds)[:200])
+            return []
+        return [f"{pointer}: {message}" for pointer, message in found]
+
     async def append(self, doc: Any, caller: Caller, idempotency_key: str | None = None) -> Appended:
         """Authorize, then append one record to its episode, signed as written by the caller.
+        ``doc`` is a ``ClientRecord`` (the client's text, kept as it is) or a JSON value.
         ``RecordInvalid`` or ``ChainConflict`` if it does not fit. A retry of an append that
         succeeded returns the original (``created`` False) instead of a duplicate or a conflict."""
-        if not isinstance(doc, dict):
+        if not isinstance(doc, (dict, ClientRecord)):
             raise RecordInvalid(["/: a record is a JSON object"])
         await self.authorize(caller, "record:write", claimed_resource(doc))
-        return await self._append(normalise(doc), caller.principal.id, idempotency_key)
+        return await self._append(normalise(ClientRecord.of(doc)), caller.principal.id, idempotency_key)
 
     def new_episode_id(self, caller: Caller, idempotency_key: str | None) -> str:
         """The id of an episode opened without one. With an ``Idempotency-Key`` it is derived
@@ -251,7 +252,7 @@ class RecordService:
         derived = self.keys.pseudonym("episode-for-idempotency-key", f"{caller.principal.id}\n{idempotency_key}")
         return "ep-" + derived.removeprefix("ps-")
 
-    async def append_to(self, caller: Caller, episode_id: str, doc: dict[str, Any],
+    async def append_to(self, caller: Caller, episode_id: str, doc: ClientRecord | dict[str, Any],
                         idempotency_key: str | None = None) -> Appended:
         """Append ``doc`` to an existing episode named by id (its patient and episode are the
         episode's). ``NotFound`` if the episode is unknown or outside the caller's scope."""
@@ -259,8 +260,8 @@ class RecordService:
         for key, value in (("patient", episode.patient), ("episode", episode.id)):
             if key in doc and doc[key] != value:
                 raise Invalid(f"the record's {key} does not match the episode")
-        return await self._append(normalise({**doc, "patient": episode.patient, "episode": episode.id}),
-                                  caller.principal.id, idempotency_key)
+        record = ClientRecord.of(doc).with_fields(patient=episode.patient, episode=episode.id)
+        return await self._append(normalise(record), caller.principal.id, idempotency_key)
 
     async def append_all(self, docs: list[tuple[str, Any]], caller: Caller,
                          idempotency_key: str | None = None) -> list[Appended]:
@@ -272,9 +273,9 @@ class RecordService:
         problems = []
         for name, doc in docs:
             try:
-                if not isinstance(doc, dict):
+                if not isinstance(doc, (dict, ClientRecord)):
                     raise RecordInvalid(["/: a record is a JSON object"])
-                await self.validate(normalise(doc), None, with_plugins=False)
+                await self.validate(normalise(ClientRecord.of(doc)), None, with_plugins=False)
             except RecordInvalid as err:
                 problems.append(f"{name or 'record'}: {err.message}" if len(docs) > 1 else err.message)
         if problems:
@@ -283,7 +284,7 @@ class RecordService:
         for index, (_, doc) in enumerate(docs):
             key = f"{idempotency_key}#{index}" if idempotency_key else None
             try:
-                done.append(await self._append(normalise(doc), caller.principal.id, key))
+                done.append(await self._append(normalise(ClientRecord.of(doc)), caller.principal.id, key))
             except MediconError as err:
                 if done:
                     raise err.with_message(f"{err.message}; records already appended: "
@@ -292,7 +293,9 @@ class RecordService:
         return done
 
     @_counted
-    async def _append(self, record: dict[str, Any], signer: str, idempotency_key: str | None) -> Appended:
+    async def _append(self, client: ClientRecord, signer: str, idempotency_key: str | None) -> Appended:
+        # The parsed record decides everything below; the client's text is what gets sealed.
+        record = client.parsed
         # Checks that do not depend on the episode come first, before any lock is taken.
         await self.validate(record, None, with_plugins=False)
         chain.check_clock_skew(record, self.config.records.max_clock_skew)
@@ -301,31 +304,40 @@ class RecordService:
         # A key names one request whatever episode it writes to: requests sharing a key queue
         # here (key first, then episode: always in that order), so the second finds the first.
         async with self.key_locks(key) if key else nullcontext():
-            # An append that did not name its position (no prev, no seq) and lost it — another
-            # gateway moved the head first, or the record it was chained on did not commit — is
-            # linked again to the episode as it now stands, a few times.
-            unnamed = "prev" not in record and "seq" not in record
-            for attempt in range(1, RELINKS + 1):
-                try:
-                    return await self._append_once(record, signer, digest, key)
-                except (Superseded, _HeadMoved) as lost:
-                    if not unnamed or attempt == RELINKS:
-                        raise lost.final() if isinstance(lost, _HeadMoved) else lost
-            raise AssertionError("unreachable")
+            if self.config.records.pipeline:
+                return await self._append_pipelined(client, signer, digest, key)
+            async with self.locks(record["episode"]):
+                return await self._append_locked(client, signer, digest, key)
 
-    async def _append_once(self, record: dict[str, Any], signer: str, digest: str, key: str | None) -> Appended:
-        heads = self.storage.heads
+    async def _append_pipelined(self, client: ClientRecord, signer: str, digest: str, key: str | None) -> Appended:
+        """An append that did not name its position (no prev, no seq) and failed only because
+        the record it was chained on did not commit is linked again to the episode as it now
+        stands, a few times; any other failure is the answer."""
+        unnamed = "prev" not in client.parsed and "seq" not in client.parsed
+        for attempt in range(1, RELINKS + 1):
+            try:
+                return await self._append_in_flight(client, signer, digest, key)
+            except Superseded:
+                if not unnamed or attempt == RELINKS:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _append_in_flight(self, client: ClientRecord, signer: str, digest: str, key: str | None) -> Appended:
+        """Link, seal and encode under the episode's lock (the CID is computed here), hand the
+        block to the pipeline, and wait — outside the lock — until Kubo confirmed it stored and
+        pinned, the replicas too, and its head moved."""
+        record = client.parsed
         async with self.locks(record["episode"]):
             earlier = await self._retried(record, digest, key)
             if earlier is not None:
                 return await self._original(earlier)
             twin = self.pipeline.twin(record["episode"], digest)
             if twin is None:
-                episode = await self.pipeline.episode(record["episode"], heads.get_episode)
+                episode = await self.pipeline.episode(record["episode"], self.storage.heads.get_episode)
                 request, record = record, chain.link(record, episode, self._policy_for(record["schema"]))
-                # The schema passed above; link only set prev (a head CID), seq and recorded_at.
-                await self.validate(record, episode, schema=False)
-                block = ipld.encode(await self.sealer.to_node(record, signer))
+                sealed = client.with_fields(**{name: record[name] for name in ENVELOPE_FIELDS})
+                await self.validate(sealed, episode, schema=False)
+                block = ipld.encode(await self.sealer.to_node(sealed, signer))
                 cid = ipld.cid_of(block)
                 indexed = IndexedRecord(cid, record["episode"], record["patient"], record["seq"],
                                         record["schema"], record["recorded_at"], digest, key)
@@ -333,35 +345,96 @@ class RecordService:
                 move = HeadMove(indexed, None if episode is None else episode.head, closes)
                 after = Episode(record["episode"], record["patient"], cid, record["seq"] + 1,
                                 "closed" if closes else "open", record["recorded_at"])
-                # Stored and pinned in Kubo (with the appends queued beside it) before its head
-                # moves, in chain order after the records before it: an acknowledged record is in
-                # Kubo, and no head ever moves past a record Kubo does not hold.
-                pending = self.pipeline.enqueue(indexed, record, move, block, after)
+                pending = self.pipeline.enqueue(indexed, sealed, move, block, after)
         if twin is not None:  # the same request, sent again while the first is in flight
             moved = await asyncio.shield(twin.moved)
             return Appended(twin.cid, moved, twin.record, created=False)
         try:
             moved = await asyncio.shield(pending.moved)
-        except (StoreConflict, KeyTaken, Superseded) as lost:
-            # (its block, if written, loses its pin: the pipeline tells the writer)
-            if isinstance(lost, Superseded):
-                raise
+        except StoreConflict as conflict:
+            # (its block loses its pin: the pipeline tells the writer.) The head moved under
+            # this append: if this very request moved it (sent twice at once to another
+            # process), the answer is that request's record.
+            earlier = await self._retried(request, digest, key)
+            if earlier is not None:
+                return await self._original(earlier)
+            raise ChainConflict(f"episode {record['episode']!r} changed under this append",
+                                conflict.current) from None
+        except KeyTaken:
+            # Another request with this key (in another process) committed first.
+            earlier = await self._retried(request, digest, key)
+            if earlier is None:
+                raise Unavailable("the Idempotency-Key is held by a record the index cannot show") from None
+            return await self._original(earlier)
+        await self._committed(sealed, cid, moved)
+        return Appended(cid, moved, sealed, created=True)
+
+    async def _is_committed(self, cid: str) -> bool:
+        return await self.storage.heads.record(cid) is not None
+
+    async def _append_locked(self, client: ClientRecord, signer: str, digest: str, key: str | None) -> Appended:
+        heads, record = self.storage.heads, client.parsed
+        earlier = await self._retried(record, digest, key)
+        if earlier is not None:
+            return await self._original(earlier)
+        episode = await heads.get_episode(record["episode"])
+        request, record = record, chain.link(record, episode, self._policy_for(record["schema"]))
+        # The schema passed above; link only set prev (a head CID), seq and recorded_at.
+        sealed = client.with_fields(**{name: record[name] for name in ENVELOPE_FIELDS})
+        await self.validate(sealed, episode, schema=False)
+        # Stored and pinned (recursively: the record and the chain under it) in one call whose
+        # answer comes after both, before the head moves: an acknowledged record is in Kubo.
+        cid = await self.kubo.put_node(await self.sealer.to_node(sealed, signer))
+        indexed = IndexedRecord(cid, record["episode"], record["patient"], record["seq"],
+                                record["schema"], record["recorded_at"], digest, key)
+        try:
+            # --- replication: pinned on records.replicas nodes before the head moves (a failure
+            # here unpins the local copy below: nothing was acknowledged) ---
+            await self.replication.ensure([cid])
+            if episode is None:
+                moved = await heads.create_episode(indexed)
+            else:
+                moved = await heads.append(indexed, expected_head=episode.head,
+                                           closes=record["schema"] in CLOSING_KINDS)
+        except StoreConflict as conflict:
+            await self._release(cid)
             # The head moved under this append: if it was moved by this very request (sent twice
             # at once to another process), the answer is that request's record.
             earlier = await self._retried(request, digest, key)
             if earlier is not None:
                 return await self._original(earlier)
-            if isinstance(lost, KeyTaken):  # another request with this key committed first
+            raise ChainConflict(f"episode {record['episode']!r} changed under this append",
+                                conflict.current) from None
+        except KeyTaken:
+            # Another request with this key (in another process) committed first.
+            await self._release(cid)
+            earlier = await self._retried(request, digest, key)
+            if earlier is None:
                 raise Unavailable("the Idempotency-Key is held by a record the index cannot show") from None
-            raise _HeadMoved(ChainConflict(f"episode {record['episode']!r} changed under this append",
-                                           lost.current)) from None
-        await self._committed(record, cid, moved)
-        return Appended(cid, moved, record, created=True)
+            return await self._original(earlier)
+        except Exception:
+            await self._release(cid)
+            raise
+        await self._committed(sealed, cid, moved)
+        return Appended(cid, moved, sealed, created=True)
 
     async def _original(self, earlier: IndexedRecord) -> Appended:
         """The answer to a retry: the record appended the first time, as it stands now."""
         current = await self.storage.heads.get_episode(earlier.episode)
         return Appended(earlier.cid, current, await self.read_indexed(earlier.cid), created=False)
+
+    async def _release(self, cid: str) -> None:
+        """Unpin a record node this append stored but did not commit — only once the index
+        surely does not hold it (an identical node may have been committed by another
+        request). If that cannot be known or done now (the index or Kubo failing too), the pin
+        stays and ``check --repair`` removes it: its position in the episode is taken by
+        another record or never will be, which ``check`` can tell."""
+        try:
+            if await self.storage.heads.record(cid) is None:
+                await self.kubo.pin_rm(cid)
+        except MediconError as err:
+            log.warning("record node %s was stored but not committed; left pinned for "
+                        "`medicon-gateway check --repair` (%s)", cid, err.message)
 
     def _policy_for(self, schema_id: str) -> chain.Policy:
         cfg = self.config.records
@@ -381,7 +454,7 @@ class RecordService:
             return await heads.record_by_digest(record["episode"], digest)
         return None
 
-    async def _committed(self, record: dict[str, Any], cid: str, episode: Episode) -> None:
+    async def _committed(self, record: ClientRecord, cid: str, episode: Episode) -> None:
         try:
             await self.plugins.call("medicon_record_committed", record=record, cid=cid, episode=episode,
                                     service=self)
@@ -420,7 +493,7 @@ class RecordService:
         await self.authorize(caller, "chain:read", {"kind": "patient", "patient": patient})
         return await self.storage.heads.list_episodes(patient, status)
 
-    async def record_for(self, caller: Caller, cid: str) -> tuple[IndexedRecord, dict[str, Any]]:
+    async def record_for(self, caller: Caller, cid: str) -> tuple[IndexedRecord, ClientRecord]:
         """A record written through this gateway, once the caller may read it (``NotFound``
         if unknown or outside the caller's scope)."""
         indexed = await self.storage.heads.record(canonical(cid) or cid)
@@ -433,12 +506,12 @@ class RecordService:
         return indexed, await self.read_indexed(indexed.cid)
 
     async def history(self, caller: Caller, episode_id: str, after_seq: int, limit: int
-                      ) -> tuple[Episode, list[IndexedRecord], list[dict[str, Any]]]:
+                      ) -> tuple[Episode, list[IndexedRecord], list[ClientRecord]]:
         episode = await self.episode_for(caller, episode_id, "record:read")
         rows = await self.storage.heads.history(episode.id, after_seq, limit)
         return episode, rows, await self.read_many([r.cid for r in rows])
 
-    async def read(self, cid: str) -> dict[str, Any] | None:
+    async def read(self, cid: str) -> ClientRecord | None:
         """The record stored as ``cid`` (decrypted, signature checked), or None if the gateway
         did not write it. The caller authorized the read."""
         key = canonical(cid) or cid
@@ -446,13 +519,14 @@ class RecordService:
             return None
         return await self.read_indexed(key)
 
-    async def read_indexed(self, cid: str) -> dict[str, Any]:
-        """The record stored as ``cid``, which the caller found in the index."""
+    async def read_indexed(self, cid: str) -> ClientRecord:
+        """The record stored as ``cid``, which the caller found in the index: its text as the
+        client wrote it, with the envelope fields the gateway set."""
         node = await self.kubo.record_node(cid)
         _require_signed(cid, await self.sealer.verified(node))
         return (await self.sealer.from_node(node))[0]
 
-    async def read_many(self, cids: list[str], concurrency: int = 16) -> list[dict[str, Any]]:
+    async def read_many(self, cids: list[str], concurrency: int = 16) -> list[ClientRecord]:
         """Indexed records in the order given: fetched from Kubo ``concurrency`` at a time (a
         page of history costs a few round trips of latency, not one per record), signatures
         checked in two threads at once (Ed25519 releases the GIL), then opened."""
@@ -472,6 +546,17 @@ class RecordService:
         for cid, ok in zip(cids, verdicts):
             _require_signed(cid, ok)
         return [(await self.sealer.from_node(node))[0] for node in nodes]
+
+    async def attachment_for(self, caller: Caller, cid: str) -> Blob:
+        """An attachment indexed by this gateway, once the caller may read it (``NotFound`` if
+        unknown or outside the caller's scope)."""
+        unknown = NotFound(f"no attachment {cid[:100]!r} was added through this gateway")
+        blob = await self.attachment(cid) if parse_cid(cid) is not None else None
+        if blob is None:
+            raise unknown
+        await self._authorize_visible(caller, "blob:read", {"kind": "blob", "cid": canonical(cid) or cid,
+                                                            "patient": blob.patient}, unknown)
+        return blob
 
     async def attachment(self, cid: str) -> Blob | None:
         """The indexed attachment ``cid`` names, in whatever spelling of the CID."""
@@ -531,7 +616,7 @@ class RecordService:
             except MediconError as err:
                 return report(err.message)
             else:
-                problems = [str(v) for v in self.schemas.validate(record)]
+                problems = [str(v) for v in self.schemas.validate(record.parsed)]
                 if problems:
                     return report("schema: " + "; ".join(problems))
                 if (record.get("seq"), record.get("prev"), record.get("episode"), record.get("schema")) != (
@@ -551,20 +636,9 @@ class RecordService:
         return report(None)
 
 
-# Times an append that named no position is linked again after losing its position.
+# Times an append that named no position is linked again after the record it was chained on
+# failed to commit.
 RELINKS = 3
-
-
-class _HeadMoved(Exception):
-    """The head moved under an append (another gateway's append won): linked again if the
-    append named no position, else (or at last) the ``ChainConflict`` it carries."""
-
-    def __init__(self, conflict: ChainConflict) -> None:
-        super().__init__(conflict.message)
-        self.conflict = conflict
-
-    def final(self) -> ChainConflict:
-        return self.conflict
 
 
 def _require_signed(cid: str, signed: bool) -> None:

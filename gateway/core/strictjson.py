@@ -8,7 +8,9 @@ every later reader. Anything ambiguous is refused with a message, never a 500.
 from __future__ import annotations
 
 import json
+import math
 import re
+from decimal import Decimal
 from typing import Any
 
 MAX_DEPTH = 64
@@ -41,11 +43,13 @@ def _int(text: str) -> int:
     return value
 
 
-def _float(text: str) -> float:
-    value = float(text)
-    if value in (float("inf"), float("-inf")):
+def _decimal(text: str) -> Decimal:
+    """A number with a fraction or an exponent, exactly as written (``1.00`` stays ``1.00``:
+    FHIR decimals keep their precision), within the range of a 64-bit float (``1e400`` is
+    refused: many readers could not hold it)."""
+    if math.isinf(float(text)):
         raise BadJSON("number out of the 64-bit float range")
-    return value
+    return Decimal(text)
 
 
 def _lone_surrogate(text: str) -> bool:
@@ -84,8 +88,8 @@ def _check(value: Any) -> None:
 
 def loads(data: bytes | str) -> Any:
     """Parse strictly: UTF-8 only, no duplicate keys, no NaN/Infinity, 64-bit integers,
-    finite floats, nesting at most ``MAX_DEPTH``, no unpaired surrogate escapes. Raises
-    ``BadJSON``."""
+    numbers with a fraction or exponent as ``Decimal`` (in the 64-bit float range), nesting
+    at most ``MAX_DEPTH``, no unpaired surrogate escapes. Raises ``BadJSON``."""
     if isinstance(data, bytes):
         try:
             data = data.decode("utf-8")
@@ -93,7 +97,7 @@ def loads(data: bytes | str) -> Any:
             raise BadJSON(f"not UTF-8 (byte {exc.start})") from None
     try:
         value = json.loads(data, object_pairs_hook=_pairs, parse_constant=_constant, parse_int=_int,
-                           parse_float=_float)
+                           parse_float=_decimal)
     except BadJSON:
         raise
     except RecursionError:

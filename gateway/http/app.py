@@ -13,7 +13,7 @@ from ..core.plugins import PluginHost, PluginLoadError, make_manager
 from ..core.service import RecordService
 from ..errors import Busy, MediconError
 from ..metrics import Metrics
-from . import rest, ui
+from . import fhir, pinning, rest, ui
 from .appkeys import CONFIG, SERVICE
 from .auth import PUBLIC_PATHS, auth_middleware
 from .errors import error_middleware
@@ -93,6 +93,7 @@ def create_app(config: Config) -> web.Application:
             yield
 
     app.cleanup_ctx.append(record_service)
+    app.cleanup_ctx.append(pinning.pinning_service)  # the Pinning Service API of this gateway's node
     app.router.add_get("/healthz", healthz, allow_head=True)
     app.router.add_get("/readyz", readyz, allow_head=True)
     ui.add_ui_routes(app)
@@ -107,4 +108,6 @@ def create_app(config: Config) -> web.Application:
         for method, path, handler in routes:
             app.router.add_route(method, path, handler)
     app.router.add_routes(rest.routes)
+    app.router.add_routes(pinning.routes)
+    app.router.add_routes(fhir.routes)
     return app

@@ -37,6 +37,12 @@ async def _get(app: web.Application, cid: str, first: int, last: int) -> aiohttp
     return resp
 
 
+class NotSealed(Unavailable):
+    """What the index marks as a sealed attachment holds no sealed blob: the directory an
+    earlier version indexed around wrapped attachments. Served as Kubo serves it (a listing, or
+    Kubo's own refusal): never a 5xx for a client's read, and no plaintext involved."""
+
+
 async def _probe(app: web.Application, cid: str) -> tuple[crypto.BlobHeader, int]:
     """The blob's header and its total ciphertext size."""
     resp = await _get(app, cid, 0, crypto.HEADER_MAX_SIZE - 1)
@@ -46,7 +52,7 @@ async def _probe(app: web.Application, cid: str) -> tuple[crypto.BlobHeader, int
     try:
         return crypto.parse_header(data), total
     except crypto.DecryptError:
-        raise Unavailable("the attachment in Kubo is not a sealed blob of this gateway") from None
+        raise NotSealed("the attachment in Kubo is not a sealed blob of this gateway") from None
 
 
 def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import posixpath
 from dataclasses import dataclass
 
-from . import intercepts
+from . import intercepts, raw_writes
 from .proxy import forward_rpc
 from .rpccall import Access, Action, Args, Body, Command, Handler, options
 
@@ -53,6 +53,7 @@ def _refuse(why: str) -> Command:
 READ = "read"
 WRITE = "write"
 INFO = "node information"
+CONFIRMED = "a write: what Kubo answers is confirmed stored (and pinned) before the answer completes"
 PURE = "pure function of its arguments"
 NODE, CONTENT, STRUCTURE = Access.NODE, Access.CONTENT, Access.STRUCTURE
 RAW_READ, RAW_WRITE, PER_PART = Access.RAW_READ, Access.RAW_WRITE, Access.PER_PART
@@ -91,7 +92,7 @@ COMMANDS: dict[str, Command] = {
                     args=ONE),
     "block/get": _fwd(STRUCTURE, READ, cli=("path:string", "localResolve:bool"), args=ONE),
     "block/stat": _fwd(STRUCTURE, READ, args=ONE),
-    "block/put": _fwd(RAW_WRITE, WRITE, "cid-codec:string", "mhtype:string", "mhlen:int", "pin:bool",
+    "block/put": _intercept(RAW_WRITE, raw_writes.block_put, CONFIRMED, "cid-codec:string", "mhtype:string", "mhlen:int", "pin:bool",
                       "allow-big-block:bool", "format:string/f", body=FILES),
     "dag/get": _fwd(STRUCTURE, READ, "output-codec:string", args=ONE),
     "dag/resolve": _fwd(STRUCTURE, READ, cli=("path:string",), args=ONE),
@@ -100,9 +101,9 @@ COMMANDS: dict[str, Command] = {
     "dag/put": _intercept(PER_PART, intercepts.dag_put, "a record is appended to its episode; other nodes pass",
                           "store-codec:string", "input-codec:string", "pin:bool", "hash:string",
                           "allow-big-block:bool", body=FILES),
-    "dag/import": _fwd(RAW_WRITE, WRITE, "pin-roots:bool", "local-only:bool", "silent:bool", "stats:bool",
+    "dag/import": _intercept(RAW_WRITE, raw_writes.dag_import, CONFIRMED, "pin-roots:bool", "local-only:bool", "silent:bool", "stats:bool",
                        "allow-big-block:bool", off=PROVIDE, body=FILES),
-    "pin/add": _fwd(RAW_WRITE, WRITE, "recursive:bool/r", "name:string/n", "progress:bool", off=PROVIDE,
+    "pin/add": _intercept(RAW_WRITE, raw_writes.pin_add, CONFIRMED, "recursive:bool/r", "name:string/n", "progress:bool", off=PROVIDE,
                     cli=("stream:bool", "metadata:string"), args=SOME),
     "pin/ls": _fwd(STRUCTURE, READ, "type:string/t", "quiet:bool/q", "name:string/n", "stream:bool/s",
                    "names:bool", cli=("paths:strings",), args=ANY),

@@ -4,7 +4,8 @@ On Kubo's surfaces (``/api/v0``, ``/ipfs``, ``/ipns``) an error is Kubo's own sh
 ``{"Message": ..., "Code": ..., "Type": "error"}``, so every IPFS client reports it as it would
 a Kubo error; ``Code`` follows go-ipfs-cmds (0 normal, 1 client, 2 implementation,
 3 rate-limited, 4 forbidden). On the gateway's own API it is
-``{"error": {"status", "message", ...details}}`` (``Error`` in the OpenAPI document).
+``{"error": {"status", "message", ...details}}`` (``Error`` in the OpenAPI document); on the
+FHIR facade (``/fhir/r4``) an OperationOutcome.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ STATUS: dict[type[errors.MediconError], int] = {
     errors.TooLarge: 413,
     errors.IdempotencyKeyReused: 422,
     errors.Internal: 500,
+    errors.NotReplicated: 503,
     errors.Unavailable: 502,
     errors.Busy: 503,
     errors.TimedOut: 504,
@@ -45,6 +47,12 @@ _CODE_FOR_STATUS = {400: CODE_CLIENT, 403: CODE_FORBIDDEN, 429: CODE_RATE_LIMITE
                     500: CODE_IMPLEMENTATION, 507: CODE_IMPLEMENTATION}
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="medicon-gateway", Basic realm="medicon-gateway"'}
 API_PREFIX = "/medicon/"
+PINNING_PREFIX = "/pinning/"  # the IPFS Pinning Service API: the spec's Failure shape
+# Failure.error.reason by status (the spec's examples; others are the status's own name).
+PINNING_REASONS = {400: "BAD_REQUEST", 401: "UNAUTHORIZED", 403: "FORBIDDEN", 404: "NOT_FOUND",
+                   405: "METHOD_NOT_ALLOWED", 408: "REQUEST_TIMEOUT", 409: "INSUFFICIENT_FUNDS",
+                   413: "PAYLOAD_TOO_LARGE", 500: "INTERNAL_SERVER_ERROR", 502: "BAD_GATEWAY",
+                   503: "SERVICE_UNAVAILABLE", 504: "GATEWAY_TIMEOUT", 507: "INSUFFICIENT_STORAGE"}
 API_PATHS = frozenset({"/metrics"})  # the gateway's own, outside the prefix
 
 
@@ -91,9 +99,41 @@ def api_error(err: errors.MediconError) -> web.Response:
     return web.json_response(body, status=status, headers=headers_of(err))
 
 
+def pinning_error(err: errors.MediconError) -> web.Response:
+    """The Pinning Service API's ``Failure``: ``{"error": {"reason", "details"}}``."""
+    status = status_of(err)
+    body = {"error": {"reason": PINNING_REASONS.get(status, "ERROR"), "details": err.message}}
+    return web.json_response(body, status=status, headers=headers_of(err))
+
+# The FHIR facade answers errors as OperationOutcomes, with the issue type FHIR has for each.
+FHIR_PREFIX = "/fhir/"
+_FHIR_ISSUE = {400: "invalid", 401: "login", 403: "forbidden", 404: "not-found", 405: "not-supported",
+               408: "timeout", 409: "conflict", 410: "deleted", 413: "too-costly", 422: "business-rule",
+               502: "transient", 503: "transient", 504: "timeout"}
+
+
+def fhir_error(err: errors.MediconError) -> web.Response:
+    """An OperationOutcome: one issue per refused entry of a transaction, per problem of an
+    invalid record, or the message; ``expression`` says where, when known."""
+    status = status_of(err)
+    code = _FHIR_ISSUE.get(status, "exception")
+    issues = [{"severity": "error", "code": code, "diagnostics": i["message"], "expression": [i["expression"]]}
+              for i in err.details.get("issues", [])]
+    issues += [{"severity": "error", "code": code, "diagnostics": str(p)} for p in err.details.get("problems", [])]
+    if not issues:
+        issues = [{"severity": "error", "code": code, "diagnostics": err.message}]
+    body = json.dumps({"resourceType": "OperationOutcome", "issue": issues}, ensure_ascii=False)
+    return web.Response(status=status, text=body, content_type="application/fhir+json", charset="utf-8",
+                        headers=headers_of(err))
+
+
 def render(request: web.Request, err: errors.MediconError) -> web.Response:
+    if request.path.startswith(PINNING_PREFIX):
+        return pinning_error(err)
     if request.path.startswith(API_PREFIX) or request.path in API_PATHS:
         return api_error(err)
+    if request.path.startswith(FHIR_PREFIX):
+        return fhir_error(err)
     code = err.code if isinstance(err, HTTPError) else None
     return kubo_error(status_of(err), err.message, code=code, headers=headers_of(err))
 

@@ -20,7 +20,7 @@ from aiohttp import web
 from multiformats import CID
 
 from ..core import strictjson
-from ..core.records import is_record_candidate
+from ..core.records import ClientRecord, is_record_candidate
 from ..errors import Invalid, MediconError, StorageFull, TooLarge, Unavailable
 from ..kubo.client import KUBO_FULL
 from ..security import crypto
@@ -30,6 +30,7 @@ from .appkeys import CONFIG, SERVICE
 from .context import READ_TARGETS, caller
 from .multipart import (DIRECTORY, FILE, PartInfo, closing, new_boundary, next_part, open_multipart,
                         part_bytes, part_head, part_info, read_chunk)
+from .raw_writes import JsonLines, link_of
 from .rpccall import Call
 
 log = logging.getLogger(__name__)
@@ -59,15 +60,16 @@ def idempotency_key(request: web.Request) -> str | None:
 
 # --- what is a record ----------------------------------------------------------------------------
 
-def json_record(data: bytes) -> Any:
-    """The document if ``data`` is JSON claiming to be a record, else None (a blob).
+def json_record(data: bytes) -> ClientRecord | None:
+    """The record if ``data`` is JSON claiming to be a record (its text kept as sent), else
+    None (a blob).
 
     JSON that claims to be a record but is ambiguous (duplicate keys, NaN, overflowing numbers,
     deep nesting) is refused with 400, never stored as a blob instead."""
     if not strictjson.looks_like_json_object(data):
         return None
     try:
-        doc = strictjson.loads(data)
+        doc = ClientRecord.from_text(data)
     except strictjson.BadJSON as bad:
         try:
             lenient = json.loads(data)
@@ -76,7 +78,7 @@ def json_record(data: bytes) -> Any:
         if is_record_candidate(lenient):
             raise Invalid(f"invalid record: {bad}") from None
         return None
-    return doc if is_record_candidate(doc) else None
+    return doc if is_record_candidate(doc.parsed) else None
 
 
 def _from_cbor(value: Any, depth: int = 0) -> Any:
@@ -103,8 +105,9 @@ def _from_cbor(value: Any, depth: int = 0) -> Any:
     raise Invalid(f"invalid record: a CBOR {type(value).__name__} has no place in a record")
 
 
-def cbor_record(data: bytes) -> Any:
-    """The document if ``data`` is CBOR claiming to be a record, else None."""
+def cbor_record(data: bytes) -> ClientRecord | None:
+    """The record if ``data`` is CBOR claiming to be a record, else None. CBOR has no text
+    form: the record's text is its value written out as JSON (keys in the CBOR map's order)."""
     try:
         value = cbor2.loads(data)
     except Exception:
@@ -113,7 +116,7 @@ def cbor_record(data: bytes) -> Any:
         return None
     doc = _from_cbor(value)
     try:  # the same strict rules as JSON records (64-bit integers, finite numbers, strings)
-        return strictjson.loads(json.dumps(doc, allow_nan=False))
+        return ClientRecord.from_text(json.dumps(doc, allow_nan=False, ensure_ascii=False, separators=(",", ":")))
     except (strictjson.BadJSON, ValueError) as bad:
         raise Invalid(f"invalid record: {bad}") from None
 
@@ -460,27 +463,18 @@ async def dag_put(request: web.Request, call: Call) -> web.StreamResponse:
     await service.authorize(caller(request), "raw:write", {"kind": "raw"})
     boundary = new_boundary()
     body = b"".join(part_head(boundary, info) + data + b"\r\n" for info, data in parts) + closing(boundary)
-    answered: list[str] = []
-    pending = bytearray()
-
-    def tap(chunk: bytes) -> None:
-        pending.extend(chunk)
-        *lines, rest = bytes(pending).split(b"\n")
-        pending[:] = rest
-        for line in lines:
-            item = _json_line(line)
-            if isinstance(item, dict) and isinstance(item.get("Cid"), dict) and isinstance(item["Cid"].get("/"), str):
-                answered.append(item["Cid"]["/"])
+    answer = JsonLines()
 
     async def finish() -> None:
         """Kubo answers each node's CID before it commits (and pins) them, and a failure after
         that is only in a trailer: before the client's answer completes, every node is
         confirmed stored (and pinned, if asked)."""
+        answered = [cid for cid in map(link_of, answer.values("Cid")) if cid]
         if len(answered) < len(parts):
             raise Unavailable(f"Kubo's answer to dag/put ended after {len(answered)} of {len(parts)} nodes")
         await service.kubo.confirm_stored(answered, answered if call.flag("pin") else [])
 
-    return await proxy.forward_rpc(request, call, body=body, tap=tap, finish=finish,
+    return await proxy.forward_rpc(request, call, body=body, tap=answer, finish=finish,
                                    headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
 
 
@@ -513,13 +507,14 @@ async def get(request: web.Request, call: Call) -> web.StreamResponse:
 
 
 async def record_bytes(request: web.Request, resource: dict[str, Any]) -> bytes | None:
-    """The JSON of the record ``resource`` names (the caller was authorized for it)."""
+    """The JSON of the record ``resource`` names (the caller was authorized for it): its text
+    as the client wrote it, with the gateway's envelope fields."""
     if resource["kind"] != "record":
         return None
     record = await request.app[SERVICE].read(resource["cid"])
     if record is None:
         return None
-    return json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode()
+    return record.text.encode("utf-8")
 
 
 async def cat(request: web.Request, call: Call) -> web.StreamResponse:
@@ -534,8 +529,11 @@ async def cat(request: web.Request, call: Call) -> web.StreamResponse:
     if len(targets) == 1:
         blob = await sealed_blob(request, targets[0].end)
         if blob is not None:
-            return await attachments.serve(request, blob, rpc_cat=True, offset=offset,
-                                           length=-1 if length is None else length)
+            try:
+                return await attachments.serve(request, blob, rpc_cat=True, offset=offset,
+                                               length=-1 if length is None else length)
+            except attachments.NotSealed:
+                return await proxy.forward_rpc(request, call)
         data = await record_bytes(request, targets[0].end)
         if data is not None:
             data = data[offset:] if length is None else data[offset:offset + length]

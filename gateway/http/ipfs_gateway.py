@@ -14,7 +14,7 @@ from aiohttp import web
 from yarl import URL
 
 from ..core.service import CONTENT, STRUCTURE
-from ..errors import Invalid
+from ..errors import Invalid, NotFound
 from . import attachments
 from .appkeys import CONFIG, SERVICE
 from .context import caller
@@ -57,6 +57,17 @@ def wants_ipld(request: web.Request) -> bool:
     return "format" in request.query or "application/vnd.ipld" in request.headers.get("Accept", "")
 
 
+def wants_car(request: web.Request) -> bool:
+    return request.query.get("format") == "car" or "application/vnd.ipld.car" in request.headers.get("Accept", "")
+
+
+async def require_local_block(request: web.Request, cid: str | None) -> None:
+    """Kubo answers a CAR with 200 and its header before it looks for the blocks, so a CAR of
+    content this node does not hold would be a 200 with nothing in it: check the block first."""
+    if cid is None or not await request.app[SERVICE].kubo.has_block(cid):
+        raise NotFound(f"{request.path[:200]} is not held by this node")
+
+
 async def to_http_gateway(request: web.Request) -> web.StreamResponse:
     base = request.app[CONFIG].kubo.gateway_url.rstrip("/")
     headers = {name: request.headers[name] for name in HEADERS if name in request.headers}
@@ -77,7 +88,10 @@ async def ipfs_path(request: web.Request) -> web.StreamResponse:
     if request.method in ("GET", "HEAD") and access == CONTENT:
         blob = await sealed_blob(request, target.end)
         if blob is not None:
-            return await attachments.serve(request, blob, rpc_cat=False)
+            try:
+                return await attachments.serve(request, blob, rpc_cat=False)
+            except attachments.NotSealed:
+                return await to_http_gateway(request)
         data = await record_bytes(request, target.end)
         if data is not None:
             cid = target.end["cid"]
@@ -86,4 +100,6 @@ async def ipfs_path(request: web.Request) -> web.StreamResponse:
             if request.headers.get("If-None-Match") == etag:
                 return web.Response(status=304, headers=headers)
             return web.Response(body=data, content_type="application/json", headers=headers)
+    if wants_car(request):
+        await require_local_block(request, target.end_cid)
     return await to_http_gateway(request)

@@ -116,15 +116,20 @@ async def part_bytes(request: web.Request, part: aiohttp.BodyPartReader) -> Asyn
         yield chunk
 
 
-async def reframed_files(request: web.Request, command: str) -> tuple[AsyncIterator[bytes], str]:
+async def reframed_files(request: web.Request, command: str,
+                         seen: list | None = None) -> tuple[AsyncIterator[bytes], str]:
     """A command's whole multipart body re-framed for Kubo (``block/put``, ``dag/import``,
-    ``multibase``): every part streamed with rebuilt headers. Returns (body, Content-Type)."""
+    ``multibase``): every part streamed with rebuilt headers. Returns (body, Content-Type);
+    each part's ``PartInfo`` is appended to ``seen`` as it goes to Kubo."""
     reader = await open_multipart(request, command)
     boundary = new_boundary()
 
     async def body() -> AsyncIterator[bytes]:
         while (part := await next_part(request, reader)) is not None:
-            yield part_head(boundary, part_info(part))
+            info = part_info(part)
+            if seen is not None:
+                seen.append(info)
+            yield part_head(boundary, info)
             async for chunk in part_bytes(request, part):
                 yield chunk
             yield b"\r\n"

@@ -14,7 +14,8 @@ from typing import Any
 from aiohttp import web
 
 from ..core import strictjson
-from ..core.records import EPISODE_OPENED, ChainConflict
+from ..core.exactjson import Raw, render
+from ..core.records import EPISODE_OPENED, ChainConflict, ClientRecord
 from ..errors import Invalid, NotFound, TooLarge
 from ..storage.model import Episode
 from . import commands
@@ -32,7 +33,8 @@ MAX_PAGE = 500
 _QUERY_INT = re.compile(r"-?[0-9]{1,18}")
 
 
-async def _json_body(request: web.Request) -> dict[str, Any]:
+async def _json_body(request: web.Request) -> ClientRecord:
+    """The request's record: its JSON text, kept as sent, and its parsed value."""
     limit = request.app[CONFIG].records.max_record_size
     if request.content_length is not None and request.content_length > limit:
         raise TooLarge(f"a record is at most {limit} bytes of JSON")
@@ -42,19 +44,24 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     if len(data) > limit:
         raise TooLarge(f"a record is at most {limit} bytes of JSON")
     try:
-        doc = strictjson.loads(bytes(data))
+        doc = ClientRecord.from_text(bytes(data))
     except strictjson.BadJSON as bad:
         raise Invalid(f"the request body must be a JSON object: {bad}") from None
-    if not isinstance(doc, dict):
+    if not isinstance(doc.parsed, dict):
         raise Invalid("the request body must be a JSON object")
     return doc
+
+
+def _json(body: Any, status: int = 200) -> web.Response:
+    """A JSON answer in which records (``Raw``) are written byte for byte as stored."""
+    return web.Response(text=render(body), status=status, content_type="application/json")
 
 
 def _episode(ep: Episode) -> dict[str, Any]:
     return asdict(ep)
 
 
-async def _append(request: web.Request, doc: dict[str, Any]) -> web.Response:
+async def _append(request: web.Request, doc: ClientRecord) -> web.Response:
     try:
         appended = await request.app[SERVICE].append(doc, caller(request), idempotency_key(request))
     except ChainConflict as err:
@@ -66,8 +73,8 @@ async def _append(request: web.Request, doc: dict[str, Any]) -> web.Response:
 
 def _appended(appended) -> web.Response:
     body = {"cid": appended.cid, "seq": appended.seq, "episode": _episode(appended.episode),
-            "record": appended.record}
-    return web.json_response(body, status=201 if appended.created else 200)
+            "record": Raw(appended.record.text)}
+    return _json(body, status=201 if appended.created else 200)
 
 
 @routes.post(PREFIX + "/patients/{patient}/episodes")
@@ -76,11 +83,12 @@ async def open_episode(request: web.Request) -> web.Response:
     ids (``episode`` may be given; a new id is made otherwise, the same one for a retry with the
     same ``Idempotency-Key``)."""
     doc = await _json_body(request)
-    doc.setdefault("schema", EPISODE_OPENED)
-    doc["patient"] = request.match_info["patient"]
+    fields = {"patient": request.match_info["patient"]}
+    if "schema" not in doc:
+        fields["schema"] = EPISODE_OPENED
     if "episode" not in doc:
-        doc["episode"] = request.app[SERVICE].new_episode_id(caller(request), idempotency_key(request))
-    return await _append(request, doc)
+        fields["episode"] = request.app[SERVICE].new_episode_id(caller(request), idempotency_key(request))
+    return await _append(request, doc.with_fields(**fields))
 
 
 @routes.get(PREFIX + "/patients/{patient}/episodes")
@@ -124,18 +132,18 @@ async def history(request: web.Request) -> web.Response:
         raise Invalid(f"limit must be between 1 and {MAX_PAGE}")
     episode, rows, bodies = await request.app[SERVICE].history(caller(request), request.match_info["episode"],
                                                                after, limit)
-    records = [{"cid": r.cid, "seq": r.seq, "record": body} for r, body in zip(rows, bodies)]
+    records = [{"cid": r.cid, "seq": r.seq, "record": Raw(body.text)} for r, body in zip(rows, bodies)]
     more = bool(rows) and rows[-1].seq < episode.length - 1
-    return web.json_response({"episode": _episode(episode), "records": records,
-                              "next": str(rows[-1].seq) if more else None})
+    return _json({"episode": _episode(episode), "records": records,
+                  "next": str(rows[-1].seq) if more else None})
 
 
 @routes.get(PREFIX + "/records/{cid}")
 async def get_record(request: web.Request) -> web.Response:
     cid = request.match_info["cid"]
     indexed, record = await request.app[SERVICE].record_for(caller(request), cid)
-    return web.json_response({"cid": indexed.cid, "episode": indexed.episode, "seq": indexed.seq,
-                              "record": record})
+    return _json({"cid": indexed.cid, "episode": indexed.episode, "seq": indexed.seq,
+                  "record": Raw(record.text)})
 
 
 @routes.get(PREFIX + "/episodes/{episode}/verify")

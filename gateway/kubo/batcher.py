@@ -1,34 +1,26 @@
 """Group commit towards Kubo: the record blocks of concurrent appends written in one call.
 
-An append used to be one ``block/put`` round trip of its own, pinned on its own; Kubo spends
-about as much on the call as on the block, and more on the pin than on either. Here the blocks
-queued while a call is under way go together in the next one, up to ``max_calls`` calls at once,
-and (with ``pin_node``) one pin keeps the whole batch:
-
-1. the batch's pin node — a small dag-cbor node linking every block of the batch, made by
-   ``pin_node(cids)`` — is stored with ``block/put?pin=true``: Kubo answers after it is written
-   and pinned (recursively, without walking its links). A batch of one block is pinned on its
-   own instead (one pin either way, one call less);
-2. the blocks are stored, unpinned, in one multipart ``block/put``: Kubo answers one line for each
-   block as it is written, so each line confirms its block.
-
-Pinned first, so no garbage collection can take a block between its write and its pin (a GC
-meeting a pin whose blocks are still being written fails, and deletes nothing). A block without
-its line is not written; the pin node is then replaced by one listing only the written blocks.
-Without ``pin_node`` each block is pinned by its own ``pin=true`` in the one call.
+An append used to be one ``block/put`` round trip of its own; Kubo spends about as much on the
+call as on the block. Here the blocks queued while a call is under way go together in the next
+one, up to ``max_calls`` calls at once: one multipart ``block/put?pin=true``, each block pinned
+recursively under its own CID as before (Kubo pins a ``block/put`` block without walking its
+links — a ``pin/add`` would walk the episode's whole chain for each one). Kubo writes and pins
+the parts one after another and answers one line for each once both are done, so each line
+confirms its block; a failure part-way ends the answer early (its message only in a trailer),
+and the blocks without a line are not written. The pins the lines report are then checked with
+one ``pin/ls`` (``KuboClient.confirm_stored``) before any block is reported written.
 
 A block may wait for another (``after``): the next record of an episode is linked to the one
 before it by its CID before that one is written, and is not sent to Kubo until it is — in the
-same call after it, or once its call is confirmed. So no pin ever keeps a record whose ``prev``
-Kubo does not hold, and when a block fails, those waiting for it fail with it, unwritten.
-
-A block written but then not committed (its head did not move) is ``settle``d as not kept: its
-own pin is removed, or its batch's pin node is replaced (once every block of the batch is
-settled) by one that no longer lists it.
+same call after it, or once its call is confirmed. So Kubo never pins a record whose ``prev``
+it does not hold, and when a block fails, those waiting for it fail with it, unwritten.
 
 ``after_write(cids)``, if given, runs once per call after Kubo confirmed it and before any of
-its blocks is reported written (the seam for replicating a batch before heads move); if it
-raises, every block of the call fails with that error.
+its blocks is reported written (replication: pinned on ``records.replicas`` nodes before heads
+move); if it raises, every block of the call fails with that error and loses its pin.
+
+A block written but then not committed (its head did not move) is ``settle``d as not kept: its
+pin is removed once the index surely does not hold it.
 """
 
 from __future__ import annotations
@@ -40,13 +32,11 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 from ..errors import MediconError, StorageFull, Unavailable
-from . import ipld
 from .client import KUBO_FULL, KuboClient
 
 log = logging.getLogger(__name__)
 
 AfterWrite = Callable[[list[str]], Awaitable[None]]
-PinNode = Callable[[list[str]], bytes]
 # Free bytes on Kubo's disk (beyond the blocks a call did not get to) below which a call that
 # stopped early is taken as Kubo's disk being full.
 FULL_BELOW = 4 << 20
@@ -61,28 +51,17 @@ class Write:
     cid: str
     after: "Write | None"
     written: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-    batch: "_Batch | None" = None
+    stored: bool = False  # Kubo reported it written and pinned (it may still fail after)
     kept: bool | None = None  # settled: committed (True) or not (False)
-
-
-@dataclass(eq=False)
-class _Batch:
-    """The blocks Kubo confirmed in one call, and the pin node keeping them (None: each block
-    pinned on its own)."""
-
-    writes: list[Write]
-    pin: str | None
 
 
 class BlockWriter:
     """Writes dag-cbor blocks to Kubo, pinned, in as few calls as the load allows."""
 
-    def __init__(self, kubo: KuboClient, *, pin_node: PinNode | None = None,
-                 is_committed: Callable[[str], Awaitable[bool]] | None = None, max_blocks: int = 128,
+    def __init__(self, kubo: KuboClient, *, is_committed: Callable[[str], Awaitable[bool]] | None = None, max_blocks: int = 128,
                  max_bytes: int = 4 << 20, max_calls: int = 2, after_write: AfterWrite | None = None,
                  on_batch: Callable[[int], None] | None = None) -> None:
         self._kubo = kubo
-        self._pin_node = pin_node
         self._is_committed = is_committed
         self._max_blocks = max_blocks
         self._max_bytes = max_bytes
@@ -104,17 +83,13 @@ class BlockWriter:
         return block
 
     def settle(self, block: Write, kept: bool) -> None:
-        """Whether a written block was committed. One that was not loses its pin: its own, or
-        its place in its batch's pin node once the whole batch is settled."""
-        if block.kept is not None or block.batch is None:
+        """Whether a block was committed (called once its write is over). One that Kubo stored
+        but that was not committed loses its pin."""
+        if block.kept is not None:
             return
         block.kept = kept
-        batch = block.batch
-        if batch.pin is None:
-            if not kept:
-                self._background(self._unpin_record(block.cid))
-        elif all(w.kept is not None for w in batch.writes) and not all(w.kept for w in batch.writes):
-            self._background(self._repin(batch.pin, [w.cid for w in batch.writes if w.kept]))
+        if block.stored and not kept:
+            self._background(self._unpin_record(block.cid))
 
     async def close(self) -> None:
         """Wait for the calls under way (queued blocks are sent first) and for the clean-ups."""
@@ -173,32 +148,27 @@ class BlockWriter:
         if self._on_batch is not None:
             self._on_batch(len(batch))
         try:
-            failures, pin = await self._put(batch)
+            failures = await self._put(batch)
             written = [b for b in batch if b not in failures]
             if written and self.after_write is not None:
                 try:
                     await self.after_write([b.cid for b in written])
                 except MediconError as err:
                     failures.update(dict.fromkeys(written, err))
-                    written = []
-            if written:
-                kept = _Batch(written, pin)
-                for block in written:
-                    block.batch = kept
-            elif pin is not None:
-                self._background(self._repin(pin, []))
         except Exception as exc:  # never leave an append waiting for ever
             log.exception("writing %d blocks to Kubo failed", len(batch))
             failures = dict.fromkeys(batch, Unavailable(f"writing the record to Kubo failed ({type(exc).__name__})"))
         for block in batch:
             _settle(block.written, failures.get(block))
+            if block in failures:
+                self.settle(block, False)  # a block stored but failed after (replicas) loses its pin
 
-    async def _put(self, batch: list[Write]) -> tuple[dict[Write, MediconError], str | None]:
-        """Write ``batch``: the blocks Kubo did not confirm, with why, and the pin node keeping
-        the others (None without pin nodes). A failure on the first block of a call is the
-        call's status; one on a later block ends Kubo's answer early and its message is lost
-        (a trailer), so it is diagnosed: Kubo's disk full (``StorageFull``) if Kubo reports
-        next to no free space, else ``Unavailable``.
+    async def _put(self, batch: list[Write]) -> dict[Write, MediconError]:
+        """Write and pin ``batch``: the blocks Kubo did not confirm, with why. A failure on the
+        first block of a call is the call's status; one on a later block ends Kubo's answer
+        early and its message is lost (a trailer), so it is diagnosed: Kubo's disk full
+        (``StorageFull``) if Kubo reports next to no free space, else ``Unavailable``. A block
+        counts as written only if the block it is chained on is written too.
 
         Once Kubo's disk was found full, blocks are refused here (``StorageFull``) until Kubo
         reports ``FULL_BELOW`` bytes free again: a write at the margin of a full disk can break
@@ -208,29 +178,27 @@ class BlockWriter:
         if self._low_space:
             free = await self._kubo.disk_free()
             if free is not None and free < FULL_BELOW + size:
-                return dict.fromkeys(batch, StorageFull(KUBO_FULL)), None
+                return dict.fromkeys(batch, StorageFull(KUBO_FULL))
             self._low_space = False
-        pin = None
         try:
-            if self._pin_node is not None and len(batch) > 1:  # (one block: its own pin costs no more)
-                node = self._pin_node([b.cid for b in batch])
-                pin = ipld.cid_of(node)
-                if await self._kubo.put_blocks([node], pin=True) != [pin]:
-                    raise Unavailable("Kubo did not confirm the batch's pin node")
-            keys = set(await self._kubo.put_blocks([b.data for b in batch], pin=pin is None))
+            keys = set(await self._kubo.put_blocks([b.data for b in batch], pin=True))
         except StorageFull as full:
             self._low_space = True
-            return dict.fromkeys(batch, full), pin
+            return dict.fromkeys(batch, full)
         except MediconError as err:
-            return dict.fromkeys(batch, err), pin
-        missing = [b for b in batch if b.cid not in keys]
+            return dict.fromkeys(batch, err)
+        for block in batch:
+            block.stored = block.cid in keys
+        written = {b for b in batch if b.stored and (b.after is None or b.after.stored
+                                                     or b.after.written.done() and b.after.written.exception() is None)}
+        missing = [b for b in batch if b not in written]
+        if written:
+            try:  # one pin/ls: each block Kubo answered for is pinned recursively
+                await self._kubo.confirm_stored([], [b.cid for b in batch if b in written])
+            except MediconError as err:
+                return dict.fromkeys(batch, err)
         if not missing:
-            return {}, pin
-        if pin is not None and len(missing) < len(batch):  # the pin node must not list a hole
-            pin = await self._repin(pin, [b.cid for b in batch if b.cid in keys])
-            if pin is None:
-                return dict.fromkeys(batch, Unavailable("Kubo stopped part-way through a batch, and its pin "
-                                                        "could not be narrowed to what it wrote")), None
+            return {}
         free = await self._kubo.disk_free()
         if free is not None and free < FULL_BELOW + sum(len(b.data) for b in missing):
             self._low_space = True
@@ -238,26 +206,9 @@ class BlockWriter:
         else:
             error = Unavailable(f"Kubo stopped after {len(batch) - len(missing)} of {len(batch)} blocks "
                                 "without saying why")
-        return dict.fromkeys(missing, error), pin
+        return dict.fromkeys(missing, error)
 
     # --- pins of blocks not kept ----------------------------------------------------------------
-
-    async def _repin(self, old: str, cids: list[str]) -> str | None:
-        """Replace the pin node ``old`` by one listing only ``cids`` (none: just unpin it); the
-        new pin node's CID, or None if that failed (``old`` stays, for ``check --repair``)."""
-        new = None
-        try:
-            if cids:
-                node = self._pin_node([*cids])
-                new = ipld.cid_of(node)
-                if await self._kubo.put_blocks([node], pin=True) != [new]:
-                    raise Unavailable("Kubo did not confirm the replacement pin node")
-            await self._kubo.pin_rm(old)
-        except MediconError as err:
-            log.warning("pin node %s keeps blocks that were not committed; left for "
-                        "`medicon-gateway check --repair` (%s)", old, err.message)
-            return None
-        return new if cids else old
 
     async def _unpin_record(self, cid: str) -> None:
         """Remove the pin of a record block not committed — only once the index surely does not

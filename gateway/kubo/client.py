@@ -193,12 +193,12 @@ class KuboClient:
             return False
         return True
 
-    async def confirm_stored(self, cids: list[str], pinned: list[str]) -> None:
+    async def confirm_stored(self, cids: list[str], pinned: list[str], *, pin_type: str = "recursive") -> None:
         """Check, offline, that every one of ``cids`` is in Kubo's blockstore and every one of
-        ``pinned`` is pinned recursively; ``Unavailable`` naming what is not. For writes whose
-        answer was streamed, so that their 200 proved nothing. ``block/stat`` takes one CID a
-        call (a few at a time here); ``pin/ls`` checks a batch before it answers, and its
-        answer must still name every CID asked for."""
+        ``pinned`` is pinned (``pin_type``, recursively by default); ``Unavailable`` naming what
+        is not. For writes whose answer was streamed, so that their 200 proved nothing.
+        ``block/stat`` takes one CID a call (a few at a time here); ``pin/ls`` checks a batch
+        before it answers, and its answer must still name every CID asked for."""
         gate = asyncio.Semaphore(8)
 
         async def stat(cid: str) -> None:
@@ -213,7 +213,7 @@ class KuboClient:
         for start in range(0, len(pinned), CONFIRM_BATCH):
             batch = pinned[start:start + CONFIRM_BATCH]
             try:
-                body = await self.call("pin/ls", [("type", "recursive"), *(("arg", c) for c in batch)])
+                body = await self.call("pin/ls", [("type", pin_type), *(("arg", c) for c in batch)])
             except KuboAnswer as err:
                 raise Unavailable(f"Kubo answered a write but did not pin it ({err.kubo_message[:200]})") from None
             _require_all(batch, [key for line in _json_lines(body) for key in line.get("Keys", {})], "pin")

@@ -56,7 +56,7 @@ def free_port() -> int:
 
 
 def harden(config: dict, *, api_port: int, gateway_port: int, offline: bool, api_secret: str = "",
-           sync: bool = True) -> dict:
+           sync: bool = True, swarm_port: int = 0, peers: list[str] | None = None) -> dict:
     """Make a Kubo config safe to sit behind the gateway.
 
     The RPC API and the HTTP gateway listen on loopback only (the gateway is the only door),
@@ -65,6 +65,10 @@ def harden(config: dict, *, api_port: int, gateway_port: int, offline: bool, api
     fetches from the network on a reader's behalf; no CORS headers; blocks are fsynced as
     they are written (``sync``; see ``sync_datastore``). ``deploy/kubo-harden.sh`` applies the
     same settings to a production repo.
+
+    With ``swarm_port`` the node is a member of a private swarm (see ``private_swarm``): libp2p
+    on that loopback port only, nothing announced, no bootstrap peers, and ``peers`` (the other
+    members' ``/ip4/…/tcp/…/p2p/<id>`` addresses) kept connected by Kubo's peering.
     """
     sync_datastore(config.setdefault("Datastore", {}).get("Spec", {}), sync)
     addresses = config.setdefault("Addresses", {})
@@ -83,7 +87,36 @@ def harden(config: dict, *, api_port: int, gateway_port: int, offline: bool, api
         addresses["Swarm"] = []
         addresses["Announce"] = []
         config["Bootstrap"] = []
+    elif swarm_port:
+        addresses["Swarm"] = [f"/ip4/127.0.0.1/tcp/{swarm_port}"]
+        addresses["Announce"] = []
+        config["Bootstrap"] = []
+        config.setdefault("Peering", {})["Peers"] = [_peering_entry(p) for p in peers or []] or None
     return config
+
+
+def _peering_entry(multiaddr: str) -> dict:
+    """A ``Peering.Peers`` entry for ``/ip4/…/tcp/…/p2p/<id>``."""
+    address, sep, peer_id = multiaddr.rpartition("/p2p/")
+    if not sep or not peer_id or "/" in peer_id:
+        raise KuboError(f"a peer's address must end in /p2p/<peer id>: {multiaddr!r}")
+    return {"ID": peer_id, "Addrs": [address]}
+
+
+SWARM_KEY_FILE = "swarm.key"
+PNET_ENV = {"LIBP2P_FORCE_PNET": "1"}  # refuse to run without the swarm key: never join the public network
+
+
+def new_swarm_key() -> str:
+    """A private swarm's pre-shared key (64 hex digits): nodes holding it talk only to each other."""
+    return secrets.token_hex(32)
+
+
+def swarm_key_file(key: str) -> str:
+    """The ``swarm.key`` file Kubo (libp2p's pnet) reads."""
+    if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
+        raise KuboError("a swarm key is 64 lower-case hex digits")
+    return f"/key/swarm/psk/1.0.0/\n/base16/\n{key}\n"
 
 
 def sync_datastore(spec: dict, sync: bool = True) -> None:
@@ -118,6 +151,11 @@ class KuboNode:
     gateway_port: int = 0
     process: subprocess.Popen | None = None
     api_secret: str = ""
+    # A private swarm (``private_swarm``): its key (64 hex digits), this node's libp2p port on
+    # loopback, and the other members' addresses. Empty key: offline or public, as ``offline`` says.
+    swarm_key: str = ""
+    swarm_port: int = 0
+    peers: list[str] = field(default_factory=list)
 
     @property
     def api_url(self) -> str:
@@ -133,7 +171,17 @@ class KuboNode:
 
     @property
     def env(self) -> dict[str, str]:
-        return {**os.environ, "IPFS_PATH": str(self.repo)}
+        return {**os.environ, "IPFS_PATH": str(self.repo), **(PNET_ENV if self.swarm_key else {})}
+
+    @property
+    def peer_id(self) -> str:
+        """This node's libp2p identity (made by ``init``)."""
+        return json.loads((self.repo / "config").read_text())["Identity"]["PeerID"]
+
+    @property
+    def swarm_multiaddr(self) -> str:
+        """Where the other members of its private swarm reach it."""
+        return f"/ip4/127.0.0.1/tcp/{self.swarm_port}/p2p/{self.peer_id}"
 
     def init(self) -> None:
         """Create the repo if it does not exist yet, then (re)apply the hardened config on
@@ -150,9 +198,16 @@ class KuboNode:
         self.api_port = self.api_port or free_port()
         self.gateway_port = self.gateway_port or free_port()
         self.api_secret = self._secret()
+        if self.swarm_key:
+            self.offline = False
+            self.swarm_port = self.swarm_port or free_port()
+            key_file = self.repo / SWARM_KEY_FILE
+            key_file.touch(mode=0o600)
+            key_file.write_text(swarm_key_file(self.swarm_key))
         config = json.loads(config_file.read_text())
         harden(config, api_port=self.api_port, gateway_port=self.gateway_port, offline=self.offline,
-               api_secret=self.api_secret, sync=self.sync)
+               api_secret=self.api_secret, sync=self.sync, swarm_port=self.swarm_port if self.swarm_key else 0,
+               peers=self.peers)
         tmp = config_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(config, indent=2))
         tmp.replace(config_file)
@@ -209,6 +264,27 @@ class KuboNode:
         except OSError:
             return ""
 
+    def connect(self, others: list["KuboNode"], timeout: float = 30.0) -> None:
+        """Dial the other members of its private swarm now (peering alone retries on a backoff
+        of seconds after a member was down) and wait until each is connected."""
+        deadline = time.monotonic() + timeout
+        for other in others:
+            while True:
+                self.ipfs("swarm", "connect", other.swarm_multiaddr, check=False)
+                peers = self.ipfs("swarm", "peers", check=False).stdout.decode()
+                if other.peer_id in peers:
+                    break
+                if time.monotonic() > deadline:
+                    raise KuboError(f"{other.peer_id} is not connected to {self.peer_id} after {timeout}s")
+                time.sleep(0.1)
+
+    def kill(self) -> None:
+        """SIGKILL: the daemon dies at once, as in a crash or a power loss of its host."""
+        proc, self.process = self.process, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
     def stop(self, timeout: float = 20.0) -> None:
         """SIGTERM (Kubo shuts down gracefully), SIGKILL if it does not within ``timeout``."""
         proc, self.process = self.process, None
@@ -236,3 +312,27 @@ class KuboNode:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def private_swarm(repos: list[Path], key: str | None = None, **kw) -> list[KuboNode]:
+    """Kubo nodes in a private swarm of their own, initialised (not started): one swarm key, no
+    bootstrap, libp2p on loopback only, each peering with every other. A block stored on one is
+    found by the others over bitswap (``pin/add``, ``block/get``). ``kw`` goes to each
+    ``KuboNode``."""
+    key = key or new_swarm_key()
+    nodes = [KuboNode(repo, swarm_key=key, **kw) for repo in repos]
+    for node in nodes:
+        node.init()  # makes its identity and its swarm port
+    for node in nodes:
+        node.peers = [other.swarm_multiaddr for other in nodes if other is not node]
+        node.init()  # the same ports again, now with its peers
+    return nodes
+
+
+def start_swarm(nodes: list[KuboNode], timeout: float = 60.0) -> list[KuboNode]:
+    """Start the members of a private swarm and connect each to the others."""
+    for node in nodes:
+        node.start(timeout)
+    for node in nodes:
+        node.connect([other for other in nodes if other is not node], timeout)
+    return nodes

@@ -18,7 +18,7 @@ async def open_storage(config: Config, metrics: Metrics | None = None) -> Storag
     the current schema first, unless ``storage.migrate_on_start`` is off), else the embedded
     SQLite files in ``records.data_dir``; reporting to ``metrics`` if given."""
     cfg = config.storage
-    url = cfg.url.get_secret_value()
+    url = cfg.database_url()
     if not url:
         return await open_sqlite_storage(Path(config.records.data_dir), metrics)
     from .postgres import open_postgres_storage
@@ -30,7 +30,7 @@ async def open_storage(config: Config, metrics: Metrics | None = None) -> Storag
 async def migrate(config: Config) -> tuple[str, list[str]]:
     """Bring the configured database to the current schema: (where it is, what was applied).
     The embedded SQLite stores create their tables when opened: nothing to do for them."""
-    url = config.storage.url.get_secret_value()
+    url = config.storage.database_url()
     if not url:
         return f"embedded SQLite in {config.records.data_dir}", []
     from .postgres import migrate_database

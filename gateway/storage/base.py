@@ -12,7 +12,8 @@ from datetime import timedelta
 from typing import Any, Callable, Iterable, Protocol
 
 from ..security.tokens import AuthResult, TokenInfo
-from .model import Blob, Episode, GatewayKey, HeadMove, IndexedRecord, KeyState, PatientKey
+from .model import (Blob, Episode, FhirEntry, FhirQuery, GatewayKey, HeadMove, IndexedRecord, KeyState,
+                    PatientKey, PinRequest)
 
 
 class HeadStore(Protocol):
@@ -112,6 +113,45 @@ class KeyStore(Protocol):
     async def gateways(self) -> list[GatewayKey]: ...
 
 
+class PinStore(Protocol):
+    """The pin objects of the Pinning Service API a gateway serves for its Kubo node (replicas
+    of other sites' records, or anything a replicator asks it to keep). Every call names the
+    node (its peer id): gateways of several nodes share one database, each serves its own."""
+
+    async def add(self, pin: PinRequest) -> None: ...
+    async def get(self, node: str, requestid: str) -> PinRequest | None: ...
+    async def set_status(self, node: str, requestid: str, status: str, details: str | None = None) -> None: ...
+    async def remove(self, node: str, requestid: str) -> PinRequest | None: ...
+    # (how many match, the first ``limit`` of them, newest first). ``name`` matched by ``match``
+    # (exact, iexact, partial, ipartial); ``meta``: every key given must hold its value.
+    async def find(self, node: str, *, cids: list[str] | None = None, name: str | None = None,
+                   match: str = "exact", statuses: tuple[str, ...] = ("pinned",), before_us: int | None = None,
+                   after_us: int | None = None, meta: dict[str, str] | None = None,
+                   limit: int = 10) -> tuple[int, list[PinRequest]]: ...
+    # Requests still queued or pinning (to be resumed after a restart).
+    async def unfinished(self, node: str) -> list[PinRequest]: ...
+    # How many requests on ``node`` hold ``cid`` (whatever their status).
+    async def holders(self, node: str, cid: str) -> int: ...
+
+class FhirIndexStore(Protocol):
+    """The FHIR facade's search index: each version of each FHIR resource records embed (where
+    it is: record CID and JSON pointer) and what search finds it by. Keyed pseudonyms only —
+    of the type and id, the patient, the episode, codes and references — and date ranges; no
+    identifier in clear. A patient's rows go with crypto-shredding (``erase_patient``)."""
+
+    async def add(self, entries: list[FhirEntry]) -> list[FhirEntry]:
+        """Index ``entries`` in order, each the next version of its type, id and patient (the
+        latest from now on); one already indexed (same CID and pointer) stays as it is. The
+        entries as stored (``version``, ``row``)."""
+    async def versions(self, type: str, rid: str) -> list[FhirEntry]:
+        """Every version of the resource, of every patient, by patient then newest first."""
+    async def search(self, query: FhirQuery) -> list[FhirEntry]: ...
+    async def pointers(self, cid: str) -> set[str]:
+        """Where in the record ``cid`` the index has resources (JSON pointers)."""
+    async def erase_patient(self, patient: str) -> int:
+        """Remove every row of the patient (by pseudonym); how many versions were removed."""
+
+
 @dataclass
 class Storage:
     """Every store of one gateway, opened together and closed together."""
@@ -120,7 +160,9 @@ class Storage:
     tokens: TokenStore
     audit: AuditStore
     keys: KeyStore
+    fhir: FhirIndexStore
     closers: list
+    pins: PinStore | None = None
 
     async def close(self) -> None:
         for close in reversed(self.closers):

@@ -39,6 +39,67 @@ class Blob:
     content_type: str | None = None
 
 
+@dataclass(frozen=True)
+class FhirParam:
+    """One value a FHIR search parameter finds a resource by: a token (a keyed pseudonym of a
+    code, a status or a reference: never the value itself) or a date range (``low`` inclusive,
+    ``high`` exclusive, UTC, in the fixed-width form of ``gateway.core.fhir_search``)."""
+
+    name: str
+    token: str | None = None
+    low: str | None = None
+    high: str | None = None
+
+
+@dataclass(frozen=True)
+class FhirEntry:
+    """One version of a FHIR resource embedded in a record, as the FHIR index keeps it: where
+    it is (the record's CID and a JSON pointer inside it) and what search finds it by. No clear
+    identifier: ``rid`` (type and id), ``patient`` and ``episode`` are keyed pseudonyms.
+    ``row`` (the store's insertion order) and ``version`` are given by the store."""
+
+    type: str
+    rid: str
+    patient: str
+    episode: str
+    cid: str
+    pointer: str
+    recorded_at: str
+    params: tuple[FhirParam, ...] = ()
+    version: int = 0
+    row: int = 0
+
+
+@dataclass(frozen=True)
+class FhirMatch:
+    """One alternative of a search condition on parameter ``name``: one of ``tokens``, or a
+    date comparison (``prefix`` eq, ne, gt, lt, ge, le, sa, eb) with the range [low, high)."""
+
+    name: str
+    tokens: tuple[str, ...] = ()
+    prefix: str | None = None
+    low: str | None = None
+    high: str | None = None
+
+
+@dataclass(frozen=True)
+class FhirQuery:
+    """A search of current versions: of ``types`` (None: any), of one of ``patient``
+    (pseudonyms), within ``patients``/``episodes`` (pseudonyms: the caller's scope), of one of
+    ``rids`` (``_id``), every
+    condition of ``all_of`` met (each by one of its alternatives), rows after ``after``, at
+    most ``limit``, in write order."""
+
+    types: tuple[str, ...] | None = None
+    patient: tuple[str, ...] | None = None
+    patients: tuple[str, ...] | None = None
+    episodes: tuple[str, ...] | None = None
+    rids: tuple[str, ...] | None = None
+    all_of: tuple[tuple[FhirMatch, ...], ...] = ()
+    after: int = 0
+    limit: int = 50
+
+
 class StoreConflict(Exception):
     """A compare-and-swap lost: ``current`` is the episode as it is now (None if absent)."""
 
@@ -123,3 +184,24 @@ class KeyConflict(Exception):
     def __init__(self, message: str, state: KeyState | None) -> None:
         super().__init__(message)
         self.state = state
+
+
+PIN_STATUSES = ("queued", "pinning", "pinned", "failed")
+
+
+@dataclass(frozen=True)
+class PinRequest:
+    """A pin object of the Pinning Service API this gateway serves, for the Kubo node ``node``
+    (its peer id): the CID a replicator asked this node to keep, where to fetch it from, and how
+    far it got. ``created_us`` (µs since the epoch) orders and pages the listings."""
+
+    requestid: str
+    node: str
+    cid: str
+    status: str
+    created_us: int
+    owner: str
+    name: str | None = None
+    origins: tuple[str, ...] = ()
+    meta: tuple[tuple[str, str], ...] = ()
+    details: str | None = None

@@ -27,7 +27,7 @@ import hmac
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from importlib import resources
 from typing import Any, Awaitable, Callable, Iterable, TypeVar
@@ -42,9 +42,10 @@ from ..security.tokens import (LAST_USED_GRANULARITY, AuthResult, NewToken, Toke
 from .base import Storage
 from . import auditwalk
 from .auditwalk import audit_hash
-from .model import (Blob, ChainBroken, Episode, GatewayKey, HeadMove, IndexedRecord, KeyConflict, KeyState,
-                    KeyTaken, PatientKey,
-                    StoreConflict)
+from .pins import PostgresPinStore
+from .fhirsql import RESOURCE_COLS, entry_of, search_sql
+from .model import (Blob, ChainBroken, Episode, FhirEntry, FhirQuery, GatewayKey, HeadMove, IndexedRecord,
+                    KeyConflict, KeyState, KeyTaken, PatientKey, StoreConflict)
 
 _CHECKPOINT_COLS = ("seq", "hash", "time", "key", "sig")
 
@@ -95,10 +96,13 @@ class PostgresDatabase:
 
     metrics: Metrics | None = None  # storage errors are counted when set
 
-    def __init__(self, pool: asyncpg.Pool, where: str, acquire_timeout: float) -> None:
+    def __init__(self, pool: asyncpg.Pool, where: str, acquire_timeout: float, url: str = "",
+                 command_timeout: float = 30.0) -> None:
         self.pool = pool
         self.where = where
         self._acquire_timeout = acquire_timeout
+        self.url = url  # for the audit walker's own connection; never in a message
+        self.command_timeout = command_timeout
 
     @classmethod
     async def open(cls, url: str, *, min_size: int = 2, max_size: int = 10, connect_timeout: float = 10.0,
@@ -117,7 +121,7 @@ class PostgresDatabase:
             raise _failure(exc, where, "database", "connect") from None
         except ValueError:  # asyncpg's parser: never repeat its message, it quotes the URL
             raise Unavailable("storage.url is not a PostgreSQL URL asyncpg can use") from None
-        return cls(pool, where, connect_timeout)
+        return cls(pool, where, connect_timeout, url, command_timeout)
 
     async def run(self, what: str, name: str, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
         """``await fn(connection)`` on a pooled connection; the gateway's errors for the
@@ -582,7 +586,8 @@ class PostgresAuditStore:
     appended in one transaction that first locks the chain's head row (``audit_head``), so
     batches from all gateways follow each other and each entry's ``prev`` is the hash of the
     entry before it, whoever wrote that. Verification (``gateway.core`` drives it from the
-    latest signed checkpoint) reads the chain a page at a time and re-hashes each on a thread."""
+    latest signed checkpoint) has a worker process (``auditwalk``) read the chain a page at a
+    time and re-hash it, so the gateway's event loop neither decodes those rows nor hashes them."""
 
     BATCH = 256
 
@@ -590,6 +595,7 @@ class PostgresAuditStore:
         self._db = db
         self._group = AsyncGroupCommit(self._commit, batch=self.BATCH,
                                        on_batch=metrics.commit_batch_observer("audit") if metrics else None)
+        self._walker = auditwalk.WalkerProcess()
 
     async def append(self, event: dict[str, Any]) -> None:
         await self._group.submit(event)
@@ -635,11 +641,17 @@ class PostgresAuditStore:
         return row["seq"], row["hash"]
 
     async def walk(self, after: int, prev: str, limit: int) -> dict[str, Any]:
-        """A page of the chain re-hashed on a thread (``auditwalk.walk_rows``), after ``after``."""
-        rows = await self._db.run("read", "audit", lambda c: c.fetch(
-            "SELECT seq, event, prev, hash FROM audit WHERE seq > $1::bigint ORDER BY seq LIMIT $2::bigint",
-            after, limit))
-        return await asyncio.to_thread(auditwalk.walk_rows, [tuple(r) for r in rows], after, prev)
+        """A page of the chain after ``after``, read and re-hashed by the walker process."""
+        try:
+            found = await self._walker.run(auditwalk.walk_postgres, self._db.url, after, prev, limit,
+                                           self._db.command_timeout)
+        except auditwalk.WalkerProcess.WorkerDied:
+            raise Unavailable("the audit log's verification worker died") from None
+        if "failed" in found:
+            how = "did not answer in time" if found["failed"] == "timeout" else "is unreachable"
+            raise Unavailable(f"the database at {self._db.where} {how}: the gateway's audit store cannot "
+                              "verify the log", retry_after=1)
+        return found
 
     async def hash_at(self, seq: int) -> str | None:
         return await self._db.run("read", "audit", lambda c: c.fetchval(
@@ -661,6 +673,7 @@ class PostgresAuditStore:
             " ON CONFLICT (seq) DO NOTHING", *(checkpoint[k] for k in _CHECKPOINT_COLS)))
 
     async def close(self) -> None:
+        await self._walker.close()
         await self._group.close()
 
 
@@ -833,6 +846,72 @@ class PostgresKeyStore:
         return [_gateway_key(r) for r in rows]
 
 
+# --- the FHIR index ------------------------------------------------------------------------------
+
+class PostgresFhirIndex:
+    """The FHIR index in the shared database. Versions of one resource are numbered under a
+    transaction-scoped advisory lock on it, so gateways indexing it at once never collide."""
+
+    def __init__(self, db: PostgresDatabase) -> None:
+        self._db = db
+
+    def _run(self, what: str, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> Awaitable[T]:
+        return self._db.run(what, "fhir", fn)
+
+    async def add(self, entries: list[FhirEntry]) -> list[FhirEntry]:
+        async def add(conn: asyncpg.Connection) -> list[FhirEntry]:
+            stored = []
+            async with conn.transaction():
+                for e in entries:
+                    key = (e.type, e.rid, e.patient)
+                    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", "\x1f".join(key))
+                    known = await conn.fetchrow("SELECT entry, version FROM fhir_resources"
+                                                " WHERE cid = $1 AND pointer = $2", e.cid, e.pointer)
+                    if known is not None:
+                        stored.append(replace(e, row=known["entry"], version=known["version"]))
+                        continue
+                    last = await conn.fetchval("SELECT coalesce(max(version), 0) FROM fhir_resources"
+                                               " WHERE type = $1 AND rid = $2 AND patient = $3", *key)
+                    await conn.execute("UPDATE fhir_resources SET latest = 0"
+                                       " WHERE type = $1 AND rid = $2 AND patient = $3 AND latest = 1", *key)
+                    entry = await conn.fetchval(
+                        "INSERT INTO fhir_resources (type, rid, patient, episode, version, latest, cid, pointer,"
+                        " recorded_at) VALUES ($1, $2, $3, $4, $5, 1, $6, $7, $8) RETURNING entry",
+                        *key, e.episode, last + 1, e.cid, e.pointer, e.recorded_at)
+                    if e.params:
+                        await conn.executemany(
+                            "INSERT INTO fhir_params (entry, name, token, low, high) VALUES ($1, $2, $3, $4, $5)",
+                            [(entry, p.name, p.token, p.low, p.high) for p in e.params])
+                    stored.append(replace(e, row=entry, version=last + 1))
+            return stored
+        return await self._run("write", add) if entries else []
+
+    async def versions(self, type: str, rid: str) -> list[FhirEntry]:
+        if not storable(type, rid):
+            return []
+        rows = await self._run("read", lambda c: c.fetch(
+            f"SELECT {RESOURCE_COLS} FROM fhir_resources WHERE type = $1 AND rid = $2"
+            " ORDER BY patient, version DESC", type, rid))
+        return [entry_of(r) for r in rows]
+
+    async def search(self, query: FhirQuery) -> list[FhirEntry]:
+        sql, args = search_sql(query, lambda n: f"${n}")
+        if not storable(*(a for a in args if isinstance(a, str))):
+            return []
+        return [entry_of(r) for r in await self._run("read", lambda c: c.fetch(sql, *args))]
+
+    async def pointers(self, cid: str) -> set[str]:
+        if not storable(cid):
+            return set()
+        rows = await self._run("read", lambda c: c.fetch("SELECT pointer FROM fhir_resources WHERE cid = $1", cid))
+        return {r["pointer"] for r in rows}
+
+    async def erase_patient(self, patient: str) -> int:
+        result = await self._run("write", lambda c: c.execute("DELETE FROM fhir_resources WHERE patient = $1",
+                                                              patient))
+        return int(result.split()[-1])
+
+
 # --- opening -------------------------------------------------------------------------------------
 
 async def migrate_database(url: str, *, connect_timeout: float = 10.0) -> tuple[str, list[str]]:
@@ -860,4 +939,5 @@ async def open_postgres_storage(url: str, *, pool_min: int = 2, pool_max: int = 
         raise
     audit = PostgresAuditStore(db, metrics)
     return Storage(heads=PostgresHeadStore(db), tokens=PostgresTokenStore(db), audit=audit,
-                   keys=PostgresKeyStore(db), closers=[db.close, audit.close])
+                   keys=PostgresKeyStore(db), fhir=PostgresFhirIndex(db), closers=[db.close, audit.close],
+                   pins=PostgresPinStore(db))

@@ -8,7 +8,7 @@ Reads run on a small pool of reader threads, each with its own connection, and n
 uncommitted writes. The event loop never waits on SQLite.
 
 Each store keeps its own file (``heads.sqlite3``, ``tokens.sqlite3``, ``audit.sqlite3``,
-``keys.sqlite3``), so the ``medicon-gateway token`` and ``keys`` CLI in another process can write
+``keys.sqlite3``, ``fhir.sqlite3``), so the ``medicon-gateway token`` and ``keys`` CLI in another process can write
 tokens and keys while the gateway reads them.
 """
 
@@ -17,13 +17,12 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import multiprocessing
 import os
 import sqlite3
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
@@ -35,8 +34,11 @@ from ..security.tokens import (LAST_USED_GRANULARITY, AuthResult, NewToken, Toke
 from . import auditwalk
 from .auditwalk import AUDIT_FIELDS, AUDIT_OPTIONAL_FIELDS, GENESIS, audit_hash  # noqa: F401 (the chain's format)
 from .base import Storage
+from .fhirsql import RESOURCE_COLS, entry_of, search_sql
 from .groupcommit import GroupCommit, Outcome
-from .model import (Blob, ChainBroken, Episode, GatewayKey, HeadMove, IndexedRecord, KeyConflict, KeyState,
+from .pins import PINS_FILE, PINS_SCHEMA, SQLitePinStore
+from .model import (Blob, ChainBroken, Episode, FhirEntry, FhirQuery, GatewayKey, HeadMove, IndexedRecord,
+                    KeyConflict, KeyState,
                     KeyTaken, PatientKey, StoreConflict)
 
 T = TypeVar("T")
@@ -487,7 +489,7 @@ class SQLiteAuditStore:
 
     def __init__(self, db: SQLiteDatabase) -> None:
         self._db = db
-        self._walker: ProcessPoolExecutor | None = None  # started by the first walk
+        self._walker = auditwalk.WalkerProcess()
 
     async def append(self, event: dict[str, Any]) -> None:
         await self._db.write(_append_event, event)
@@ -502,22 +504,15 @@ class SQLiteAuditStore:
 
     async def walk(self, after: int, prev: str, limit: int) -> dict[str, Any]:
         """A page re-hashed in the walker process (``auditwalk``): never in the gateway's."""
-        if self._walker is None:
-            self._walker = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                               initializer=auditwalk.lower_priority)
-        loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._walker, auditwalk.walk_file, str(self._db.path), after, prev, limit)
+            return await self._walker.run(auditwalk.walk_file, str(self._db.path), after, prev, limit)
         except sqlite3.Error as exc:
             raise self._db._failure(exc, "read") from None
-        except BrokenProcessPool:
-            self._walker = None
+        except auditwalk.WalkerProcess.WorkerDied:
             raise Unavailable("the audit log's verification worker died") from None
 
     async def close(self) -> None:
-        walker, self._walker = self._walker, None
-        if walker is not None:
-            await asyncio.to_thread(walker.shutdown, wait=True, cancel_futures=True)
+        await self._walker.close()
         await self._db.close()
 
     async def hash_at(self, seq: int) -> str | None:
@@ -732,12 +727,98 @@ class SQLiteKeyStore:
             f"SELECT {_GATEWAY_COLS} FROM gateway_keys ORDER BY registered_at, key_id")])
 
 
+# --- the FHIR index ---------------------------------------------------------------------------
+
+FHIR_FILE = "fhir.sqlite3"
+
+FHIR_SCHEMA = """
+CREATE TABLE IF NOT EXISTS fhir_resources (
+    entry       INTEGER PRIMARY KEY AUTOINCREMENT,
+    type        TEXT NOT NULL,
+    rid         TEXT NOT NULL,
+    patient     TEXT NOT NULL,
+    episode     TEXT NOT NULL,
+    version     INTEGER NOT NULL,
+    latest      INTEGER NOT NULL,
+    cid         TEXT NOT NULL,
+    pointer     TEXT NOT NULL,
+    recorded_at TEXT NOT NULL,
+    UNIQUE (cid, pointer),
+    UNIQUE (type, rid, patient, version)
+);
+CREATE INDEX IF NOT EXISTS fhir_latest_by_type ON fhir_resources (type, latest, entry);
+CREATE INDEX IF NOT EXISTS fhir_latest_by_patient ON fhir_resources (patient, latest, entry);
+CREATE TABLE IF NOT EXISTS fhir_params (
+    entry INTEGER NOT NULL REFERENCES fhir_resources (entry) ON DELETE CASCADE,
+    name  TEXT NOT NULL,
+    token TEXT,
+    low   TEXT,
+    high  TEXT
+);
+CREATE INDEX IF NOT EXISTS fhir_params_by_token ON fhir_params (name, token);
+CREATE INDEX IF NOT EXISTS fhir_params_by_entry ON fhir_params (entry);
+"""
+
+
+def _fhir_add(db: sqlite3.Connection, entries: list[FhirEntry]) -> list[FhirEntry]:
+    stored = []
+    for e in entries:
+        known = db.execute("SELECT entry, version FROM fhir_resources WHERE cid = ? AND pointer = ?",
+                           (e.cid, e.pointer)).fetchone()
+        if known is not None:
+            stored.append(replace(e, row=known[0], version=known[1]))
+            continue
+        key = (e.type, e.rid, e.patient)
+        last = db.execute("SELECT max(version) FROM fhir_resources WHERE type = ? AND rid = ? AND patient = ?",
+                          key).fetchone()[0] or 0
+        db.execute("UPDATE fhir_resources SET latest = 0 WHERE type = ? AND rid = ? AND patient = ? AND latest = 1",
+                   key)
+        entry = db.execute(
+            "INSERT INTO fhir_resources (type, rid, patient, episode, version, latest, cid, pointer, recorded_at)"
+            " VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?)",
+            (*key, e.episode, last + 1, e.cid, e.pointer, e.recorded_at)).lastrowid
+        db.executemany("INSERT INTO fhir_params (entry, name, token, low, high) VALUES (?, ?, ?, ?, ?)",
+                       [(entry, p.name, p.token, p.low, p.high) for p in e.params])
+        stored.append(replace(e, row=entry, version=last + 1))
+    return stored
+
+
+class SQLiteFhirIndex:
+    """The FHIR index in its own file; versions are numbered under the writer's transaction."""
+
+    def __init__(self, db: SQLiteDatabase) -> None:
+        self._db = db
+
+    async def add(self, entries: list[FhirEntry]) -> list[FhirEntry]:
+        return await self._db.write(_fhir_add, list(entries)) if entries else []
+
+    async def versions(self, type: str, rid: str) -> list[FhirEntry]:
+        return await self._db.read(lambda db: [entry_of(r) for r in db.execute(
+            f"SELECT {RESOURCE_COLS} FROM fhir_resources WHERE type = ? AND rid = ?"
+            " ORDER BY patient, version DESC", (type, rid))])
+
+    async def search(self, query: FhirQuery) -> list[FhirEntry]:
+        sql, args = search_sql(query, lambda n: "?")
+        return await self._db.read(lambda db: [entry_of(r) for r in db.execute(sql, args)])
+
+    async def pointers(self, cid: str) -> set[str]:
+        return await self._db.read(lambda db: {r[0] for r in db.execute(
+            "SELECT pointer FROM fhir_resources WHERE cid = ?", (cid,))})
+
+    async def erase_patient(self, patient: str) -> int:
+        return await self._db.write(lambda db: db.execute(
+            "DELETE FROM fhir_resources WHERE patient = ?", (patient,)).rowcount)
+
+
 async def open_sqlite_storage(data_dir: Path, metrics: Metrics | None = None) -> Storage:
     heads = await SQLiteDatabase.open(data_dir / "heads.sqlite3", HEADS_SCHEMA, name="head", metrics=metrics)
     tokens = await SQLiteDatabase.open(data_dir / TOKENS_FILE, TOKENS_SCHEMA, name="token", metrics=metrics)
     audit = await SQLiteDatabase.open(data_dir / "audit.sqlite3", AUDIT_SCHEMA, name="audit", metrics=metrics)
     keys = await SQLiteDatabase.open(data_dir / KEYS_FILE, KEYS_SCHEMA, name="key", metrics=metrics)
+    pins = await SQLiteDatabase.open(data_dir / PINS_FILE, PINS_SCHEMA, name="pin", metrics=metrics)
+    fhir = await SQLiteDatabase.open(data_dir / FHIR_FILE, FHIR_SCHEMA, name="fhir", metrics=metrics)
     audit_store = SQLiteAuditStore(audit)
     return Storage(heads=SQLiteHeadStore(heads), tokens=SQLiteTokenStore(tokens),
-                   audit=audit_store, keys=SQLiteKeyStore(keys),
-                   closers=[heads.close, tokens.close, audit_store.close, keys.close])
+                   audit=audit_store, keys=SQLiteKeyStore(keys), fhir=SQLiteFhirIndex(fhir),
+                   closers=[heads.close, tokens.close, audit_store.close, keys.close, pins.close, fhir.close],
+                   pins=SQLitePinStore(pins))

@@ -79,7 +79,8 @@ async def wound_summary(request: web.Request) -> web.Response:
             body = record["body"]
             site = body["site"]
             wounds.append({"cid": row.cid, "seq": row.seq, "recorded_at": record["recorded_at"], "site": site,
-                           "stage": body["stage"], "area_mm2": round(body["length_mm"] * body["width_mm"], 1),
+                           # numbers written with a fraction reach plugins as decimal.Decimal
+                           "stage": body["stage"], "area_mm2": float(round(body["length_mm"] * body["width_mm"], 1)),
                            "worse": site in last_stage and body["stage"] > last_stage[site]})
             last_stage[site] = body["stage"]
         if len(rows) < PAGE:

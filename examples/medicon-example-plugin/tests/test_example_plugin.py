@@ -91,7 +91,7 @@ def test_route_summarises_an_episodes_wounds_within_scope(gateway, admin):
     patient, episode = open_episode(admin)
     records = f"/medicon/v1/episodes/{episode}/records"
     for body in ({"stage": 2, "length_mm": 40, "width_mm": 30}, {"stage": 3, "length_mm": 45, "width_mm": 30},
-                 {"site": "heel-left", "stage": 1, "length_mm": 10, "width_mm": 5}):
+                 {"site": "heel-left", "stage": 1, "length_mm": 10.5, "width_mm": 5}):
         assert admin.post(records, wound(**body)).status_code == 201
     assert admin.post(records, {"schema": ENCOUNTER, "author": "nurse.a",
                                 "body": {"class": "nursing", "notes": "dressing changed"}}).status_code == 201
@@ -101,7 +101,7 @@ def test_route_summarises_an_episodes_wounds_within_scope(gateway, admin):
     assert r.status_code == 200, r.text
     wounds = r.json()["wounds"]
     assert [(w["seq"], w["site"], w["stage"], w["area_mm2"], w["worse"]) for w in wounds] == [
-        (1, "sacrum", 2, 1200, False), (2, "sacrum", 3, 1350, True), (3, "heel-left", 1, 50, False)]
+        (1, "sacrum", 2, 1200, False), (2, "sacrum", 3, 1350, True), (3, "heel-left", 1, 52.5, False)]
 
     own = Client(gateway, gateway.token_for(uid("nurse"), "clinician", "--patient", patient))
     assert own.get(route).status_code == 200
