@@ -212,69 +212,6 @@ def _fast_validators(schemas: dict[str, dict], kinds: Iterable[str]) -> dict[str
         return {}
 
 
-# --- the compiled validators ---------------------------------------------------------------
-
-# Keywords whose meaning jsonschema and jsonschema-rs share for JSON values (pattern and format
-# are this module's own in both); a schema using any other keyword is validated by jsonschema
-# alone. (Not here, for instance: patternProperties, whose regex dialect would decide which
-# properties a subschema applies to; multipleOf, which jsonschema computes in floats.)
-FAST_KEYWORDS = frozenset({
-    "$schema", "$id", "$ref", "$defs", "$comment", "$anchor", "title", "description", "default",
-    "examples", "deprecated", "readOnly", "writeOnly", "type", "enum", "const", "properties",
-    "additionalProperties", "required", "minProperties", "maxProperties", "dependentRequired",
-    "dependentSchemas", "items", "prefixItems", "minItems", "maxItems", "allOf", "anyOf", "oneOf",
-    "not", "if", "then", "else", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
-    "minLength", "maxLength", "pattern", "format",
-})
-_SUBSCHEMA = ("additionalProperties", "items", "not", "if", "then", "else")
-_SUBSCHEMA_MAPS = ("properties", "$defs", "dependentSchemas")
-_SUBSCHEMA_LISTS = ("allOf", "anyOf", "oneOf", "prefixItems")
-
-
-def _keywords(schema: Any) -> set[str]:
-    """Every keyword used in a schema and its subschemas (not the names of properties)."""
-    if not isinstance(schema, dict):
-        return set()
-    found = {k for k in schema if not k.startswith("x-")}
-    for k in _SUBSCHEMA:
-        found |= _keywords(schema.get(k))
-    for k in _SUBSCHEMA_MAPS:
-        for sub in (schema.get(k) or {}).values() if isinstance(schema.get(k), dict) else ():
-            found |= _keywords(sub)
-    for k in _SUBSCHEMA_LISTS:
-        for sub in schema.get(k) or () if isinstance(schema.get(k), list) else ():
-            found |= _keywords(sub)
-    return found
-
-
-class _Pattern:
-    """``pattern`` for jsonschema-rs, with the same ``compiled_pattern`` as ``whole_pattern``."""
-
-    def __init__(self, parent_schema: dict, value: str, schema_path: list) -> None:
-        self._pattern = compiled_pattern(value)
-
-    def validate(self, instance: Any) -> None:
-        if isinstance(instance, str) and not self._pattern.search(instance):
-            raise ValueError("does not match")
-
-
-def _fast_validators(schemas: dict[str, dict], kinds: Iterable[str]) -> dict[str, Any]:
-    """A compiled validator per kind, or none if a schema uses a keyword outside
-    ``FAST_KEYWORDS`` (or jsonschema-rs cannot compile one)."""
-    if any(_keywords(schema) - FAST_KEYWORDS for schema in schemas.values()):
-        return {}
-    formats = {name: (lambda value, name=name: FORMAT_CHECKER.conforms(value, name))
-               for name in FORMAT_CHECKER.checkers}
-    try:
-        registry = jsonschema_rs.Registry(list(schemas.items()))
-        return {kind: jsonschema_rs.Draft202012Validator(
-                    schemas[kind], registry=registry, formats=formats, validate_formats=True,
-                    ignore_unknown_formats=True, keywords={"pattern": _Pattern}, retriever=_refuse_retrieval)
-                for kind in kinds}
-    except Exception:  # a schema jsonschema-rs reads differently: jsonschema alone, as before
-        return {}
-
-
 # --- the registry --------------------------------------------------------------------------
 
 
