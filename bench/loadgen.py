@@ -312,9 +312,10 @@ def percentile(values: list[float], q: float) -> float:
 
 async def appends(spec: dict) -> dict:
     """``concurrency`` clients, each owning ``episodes_per_client`` episodes and appending to
-    them in turn; a raw ``add`` of the same JSON bytes on the other targets."""
+    them in turn (or all of them appending to the ``episodes`` given, e.g. 1: one episode); a
+    raw ``add`` of the same JSON bytes on the other targets."""
     c, per_client = spec["concurrency"], spec["records_per_client"]
-    n_episodes = c * spec.get("episodes_per_client", 4)
+    n_episodes = spec.get("episodes") or c * spec.get("episodes_per_client", 4)
     targets = spec["targets"]
     boundary = "benchrec" + uuid.uuid4().hex
     tag = uuid.uuid4().hex[:8]

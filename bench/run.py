@@ -162,30 +162,52 @@ def stream(ctx: Ctx, op: str) -> None:
 
 
 def appends(ctx: Ctx) -> None:
-    """Record appends through the REST API vs a raw ``add`` of the same JSON bytes on Kubo."""
+    """Record appends through the REST API vs a raw ``add`` of the same JSON bytes on Kubo,
+    through the gateway as configured (``gateway``: appends pipelined) and through a second
+    gateway on the same Kubo with ``records.pipeline = false`` (``serial``: each append one Kubo
+    round trip under its episode's lock, as before the pipeline), interleaved round after
+    round; then 8 clients appending to one episode."""
     block = ctx.results.setdefault("appends", {})
-    for c in ctx.plan.concurrency:
-        budget = 150
-        spec = {"kind": "append", "concurrency": c, "records_per_client": ctx.plan.records_per_client[c],
-                "episodes_per_client": 4, "targets": [*ctx.raw_targets(), ctx.gateway_target()],
-                "repeats": ctx.plan.append_repeats, "budget_s": budget, "run_timeout_s": 60}
-        res = ctx.loadgen(spec, budget)
-        runs = res["runs"]
-        n = min(len(v) for v in runs.values())
-        summary = {
-            "concurrency": c, "episodes": res["episodes"], "rounds": n, "runs": runs,
-            "retries": res.get("retries", {}),
-            "records_per_s": {t: median([x["records_per_s"] for x in v]) for t, v in runs.items()},
-            "p50_ms": {t: median([x["p50_ms"] for x in v]) for t, v in runs.items()},
-            "p99_ms": {t: median([x["p99_ms"] for x in v]) for t, v in runs.items()},
-            "ratio_to_direct": {t: median([runs[t][i]["records_per_s"] / runs["direct"][i]["records_per_s"]
-                                           for i in range(n)]) for t in runs if t != "direct"},
-        }
-        block[str(c)] = summary
-        rps, p50, p99 = summary["records_per_s"], summary["p50_ms"], summary["p99_ms"]
-        ctx.say(f"appends c={c:>2}: raw add {rps['direct']:6.0f}/s p99 {p99['direct']:6.1f} ms | gateway "
-                f"{rps['gateway']:6.0f}/s p50 {p50['gateway']:6.1f} ms p99 {p99['gateway']:6.1f} ms "
-                f"({summary['ratio_to_direct']['gateway']:.2f}x)")
+    serial = Procs(ctx.procs.tmp / "serial", kubo=ctx.procs.kubo, owns_kubo=False,
+                   extra_env={"MEDICON_RECORDS_PIPELINE": "false"})
+    try:
+        serial.ensure_keyring()
+        serial.create_token()
+        serial_gw = serial.start_gateway()
+        targets = [*ctx.raw_targets(), ctx.gateway_target(),
+                   {"name": "serial", "kind": "append", "url": serial_gw.url, "headers": serial.auth.headers}]
+        for c in ctx.plan.concurrency:
+            block[str(c)] = _appends_run(ctx, c, targets, {"episodes_per_client": 4})
+        ctx.results["appends_one_episode"] = {"8": _appends_run(ctx, 8, targets, {"episodes": 1}, "one episode")}
+    finally:
+        serial.stop_gateway()
+
+
+def _appends_run(ctx: Ctx, c: int, targets: list[dict], episodes: dict, label: str = "") -> dict:
+    budget = 150
+    spec = {"kind": "append", "concurrency": c, "records_per_client": ctx.plan.records_per_client[c],
+            **episodes, "targets": targets, "repeats": ctx.plan.append_repeats, "budget_s": budget,
+            "run_timeout_s": 60}
+    res = ctx.loadgen(spec, budget)
+    runs = res["runs"]
+    n = min(len(v) for v in runs.values())
+    summary = {
+        "concurrency": c, "episodes": res["episodes"], "rounds": n, "runs": runs,
+        "retries": res.get("retries", {}),
+        "records_per_s": {t: median([x["records_per_s"] for x in v]) for t, v in runs.items()},
+        "p50_ms": {t: median([x["p50_ms"] for x in v]) for t, v in runs.items()},
+        "p99_ms": {t: median([x["p99_ms"] for x in v]) for t, v in runs.items()},
+        "ratio_to_direct": {t: median([runs[t][i]["records_per_s"] / runs["direct"][i]["records_per_s"]
+                                       for i in range(n)]) for t in runs if t != "direct"},
+    }
+    rps, p50, p99, ratio = summary["records_per_s"], summary["p50_ms"], summary["p99_ms"], summary["ratio_to_direct"]
+    line = f"appends c={c:>2}{' ' + label if label else ''}: raw add {rps['direct']:6.0f}/s p99 {p99['direct']:6.1f} ms"
+    for name in ("gateway", "serial"):
+        if name in rps:
+            line += (f" | {name} {rps[name]:6.0f}/s p50 {p50[name]:6.1f} ms p99 {p99[name]:6.1f} ms"
+                     f" ({ratio[name]:.2f}x)")
+    ctx.say(line)
+    return summary
 
 
 def history(ctx: Ctx) -> None:

@@ -2,7 +2,8 @@
 
 An append used to be one ``block/put`` round trip of its own; Kubo spends about as much on the
 call as on the block. Here the blocks queued while a call is under way go together in the next
-one, up to ``max_calls`` calls at once: one multipart ``block/put?pin=true``, each block pinned
+one, up to ``max_calls`` calls at once (many small calls rather than a few long ones: Kubo
+writes the blocks of one call one after another, the blocks of several calls side by side): one multipart ``block/put?pin=true``, each block pinned
 recursively under its own CID as before (Kubo pins a ``block/put`` block without walking its
 links — a ``pin/add`` would walk the episode's whole chain for each one). Kubo writes and pins
 the parts one after another and answers one line for each once both are done, so each line
@@ -58,9 +59,9 @@ class Write:
 class BlockWriter:
     """Writes dag-cbor blocks to Kubo, pinned, in as few calls as the load allows."""
 
-    def __init__(self, kubo: KuboClient, *, is_committed: Callable[[str], Awaitable[bool]] | None = None, max_blocks: int = 128,
-                 max_bytes: int = 4 << 20, max_calls: int = 2, after_write: AfterWrite | None = None,
-                 on_batch: Callable[[int], None] | None = None) -> None:
+    def __init__(self, kubo: KuboClient, *, is_committed: Callable[[str], Awaitable[bool]] | None = None,
+                 max_blocks: int = 8, max_bytes: int = 4 << 20, max_calls: int = 32,
+                 after_write: AfterWrite | None = None, on_batch: Callable[[int], None] | None = None) -> None:
         self._kubo = kubo
         self._is_committed = is_committed
         self._max_blocks = max_blocks
@@ -192,8 +193,10 @@ class BlockWriter:
         written = {b for b in batch if b.stored and (b.after is None or b.after.stored
                                                      or b.after.written.done() and b.after.written.exception() is None)}
         missing = [b for b in batch if b not in written]
-        if written:
-            try:  # one pin/ls: each block Kubo answered for is pinned recursively
+        if len(written) > 1:
+            # One pin/ls: each block Kubo answered for is pinned recursively (one block alone
+            # needs none: the first part's failure is the call's status, as for put_node).
+            try:
                 await self._kubo.confirm_stored([], [b.cid for b in batch if b in written])
             except MediconError as err:
                 return dict.fromkeys(batch, err)
