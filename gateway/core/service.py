@@ -138,8 +138,8 @@ class RecordService:
             finally:
                 await plugins.call("medicon_shutdown", service=service)
         finally:
-            await service.writer.close()
-            await service.pipeline.close()
+            await service.pipeline.close()  # every append in flight moved its head or failed
+            await service.writer.close()  # and the pins of what failed are removed
             await service.replication.close()
             await kubo.close()
             await storage.close()
