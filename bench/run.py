@@ -163,24 +163,27 @@ def stream(ctx: Ctx, op: str) -> None:
 
 def appends(ctx: Ctx) -> None:
     """Record appends through the REST API vs a raw ``add`` of the same JSON bytes on Kubo,
-    through the gateway as configured (``gateway``: appends pipelined) and through a second
-    gateway on the same Kubo with ``records.pipeline = false`` (``serial``: each append one Kubo
+    through a gateway with ``records.pipeline = true`` (``gateway``) and a second gateway on
+    the same Kubo with ``records.pipeline = false`` (``serial``: each append one Kubo
     round trip under its episode's lock, as before the pipeline), interleaved round after
     round; then 8 clients appending to one episode."""
     block = ctx.results.setdefault("appends", {})
-    serial = Procs(ctx.procs.tmp / "serial", kubo=ctx.procs.kubo, owns_kubo=False,
-                   extra_env={"MEDICON_RECORDS_PIPELINE": "false"})
+    gateways = {name: Procs(ctx.procs.tmp / name, kubo=ctx.procs.kubo, owns_kubo=False,
+                            extra_env={"MEDICON_RECORDS_PIPELINE": on})
+                for name, on in (("gateway", "true"), ("serial", "false"))}
     try:
-        serial.ensure_keyring()
-        serial.create_token()
-        serial_gw = serial.start_gateway()
-        targets = [*ctx.raw_targets(), ctx.gateway_target(),
-                   {"name": "serial", "kind": "append", "url": serial_gw.url, "headers": serial.auth.headers}]
+        targets = [*ctx.raw_targets()]
+        for name, procs in gateways.items():
+            procs.ensure_keyring()
+            procs.create_token()
+            targets.append({"name": name, "kind": "append", "url": procs.start_gateway().url,
+                            "headers": procs.auth.headers})
         for c in ctx.plan.concurrency:
             block[str(c)] = _appends_run(ctx, c, targets, {"episodes_per_client": 4})
         ctx.results["appends_one_episode"] = {"8": _appends_run(ctx, 8, targets, {"episodes": 1}, "one episode")}
     finally:
-        serial.stop_gateway()
+        for procs in gateways.values():
+            procs.stop_gateway()
 
 
 def _appends_run(ctx: Ctx, c: int, targets: list[dict], episodes: dict, label: str = "") -> dict:

@@ -161,8 +161,10 @@ class RecordsConfig(Section):
     replica_timeout: Seconds = 30.0
     # Appends to an episode chained while earlier ones are on their way to Kubo, their blocks
     # written and pinned many to a call (true), or each append one Kubo round trip under its
-    # episode's lock (false, the serial path).
-    pipeline: bool = True
+    # episode's lock (false, the serial path). Off by default: with it on, Kubo's repository
+    # filling up mid-burst can leave Kubo's pin store failing until Kubo restarts (see
+    # bench/README.md, "Pipelined appends").
+    pipeline: bool = False
 
 
 def _database_url(value: SecretStr) -> SecretStr:

@@ -19,6 +19,9 @@ from gateway.storage.model import ChainBroken, HeadMove, IndexedRecord, StoreCon
 from records_helpers import encounter, opened, uid
 
 
+PIPELINED = {"records.pipeline": True}
+
+
 def recursive_pins(kubo) -> set[str]:
     return set(kubo.ipfs("pin", "ls", "--type=recursive", "--quiet").stdout.decode().split())
 
@@ -50,7 +53,7 @@ async def _open(c, patient: str, episode: str) -> str:
 
 
 async def test_many_appends_to_one_episode_make_one_chain_each_record_pinned_recursively(aiohttp_client, kubo):
-    c = await app_client(aiohttp_client, gateway_config(kubo))
+    c = await app_client(aiohttp_client, gateway_config(kubo, **PIPELINED))
     patient, episode = uid("p"), uid("e")
     await _open(c, patient, episode)
 
@@ -73,7 +76,7 @@ async def test_many_appends_to_one_episode_make_one_chain_each_record_pinned_rec
 
 
 async def test_kubo_stopping_mid_pipeline_fails_what_follows_without_a_gap_or_a_lost_record(aiohttp_client, own_kubo):
-    c = await app_client(aiohttp_client, gateway_config(own_kubo))
+    c = await app_client(aiohttp_client, gateway_config(own_kubo, **PIPELINED))
     patient, episode = uid("p"), uid("e")
     await _open(c, patient, episode)
     acked: dict[str, int] = {}
@@ -120,7 +123,7 @@ async def test_another_gateway_moving_the_head_first_fails_chained_records_witho
     from gateway.http.app import create_app
     from gateway.storage.postgres import migrate_database
     await migrate_database(postgres_db)
-    cfg = gateway_config(kubo, **{"storage.url": postgres_db})
+    cfg = gateway_config(kubo, **PIPELINED, **{"storage.url": postgres_db})
     STORAGE_URLS[str(cfg.records.data_dir)] = postgres_db  # (where make_token writes the token)
     first = await app_client(aiohttp_client, cfg)
     second = await aiohttp_client(create_app(cfg), headers=bearer(first.token))
@@ -154,7 +157,7 @@ async def test_another_gateway_moving_the_head_first_fails_chained_records_witho
 
 
 async def test_a_retry_of_a_request_still_in_flight_gets_its_answer(aiohttp_client, kubo):
-    c = await app_client(aiohttp_client, gateway_config(kubo))
+    c = await app_client(aiohttp_client, gateway_config(kubo, **PIPELINED))
     patient, episode = uid("p"), uid("e")
     first = await _open(c, patient, episode)
     doc = encounter(patient, episode, note="sent twice", prev=first, seq=1)

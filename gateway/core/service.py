@@ -10,7 +10,7 @@ written, and raise the domain errors of ``gateway.errors``; each door (``/api/v0
 An append runs: authorize → validate (schema, then plugins) → link into the episode (chain
 policy, under the episode's lock) → seal and sign → store and pin in Kubo → pinned on
 ``records.replicas`` nodes (``replication.ensure``) → move the head (compare-and-swap) →
-``medicon_record_committed``. With ``records.pipeline`` (the default) the steps from sealing on
+``medicon_record_committed``. With ``records.pipeline`` on, the steps from sealing on
 run in ``core.pipeline``: the next append to an episode is linked while earlier ones are on
 their way, their blocks written to Kubo many to a call, heads moved in chain order.
 """
