@@ -52,6 +52,18 @@ def tmpfs(size: int):
         shutil.rmtree(where, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def kubo_on_a_small_disk(size: int):
+    """A Kubo node whose repository is on a tmpfs of ``size`` bytes: (the volume, the node)."""
+    with tmpfs(size) as volume:
+        node = KuboNode(volume / "repo")
+        node.start()
+        try:
+            yield volume, node
+        finally:
+            node.stop()
+
+
 def fill(volume: Path, leave: int) -> Path:
     """Fill ``volume`` with a file of zeros until it is full, then give back ``leave`` bytes.
     Returns the file: removing it frees the space again."""
@@ -145,110 +157,100 @@ async def test_kubo_repo_filling_mid_burst_acknowledges_only_what_it_stored(aioh
     """64 writers over 8 episodes while Kubo's repository (a small tmpfs) fills: every answer
     is a 201 for a record Kubo holds and has pinned, or a 507 saying Kubo's repository is full;
     no chain ever links to a block that is not there, and writes resume once space is freed."""
-    with tmpfs(48 * MiB) as volume:
-        node = KuboNode(volume / "repo")
-        node.start()
-        try:
-            cfg = gateway_config(node)
-            c = await app_client(aiohttp_client, cfg)
-            patient = uid("p")
-            episodes = [uid("e") for _ in range(8)]
-            for ep in episodes:
-                r = await c.post(f"/medicon/v1/patients/{patient}/episodes", json=opened(patient, ep))
-                assert r.status == 201, await r.text()
-            filler = fill(volume, leave=2 * MiB)
-            acked: dict[str, str] = {}
-            tally = Tally()
-            full_seen = asyncio.Event()
+    with kubo_on_a_small_disk(48 * MiB) as (volume, node):
+        cfg = gateway_config(node)
+        c = await app_client(aiohttp_client, cfg)
+        patient = uid("p")
+        episodes = [uid("e") for _ in range(8)]
+        for ep in episodes:
+            r = await c.post(f"/medicon/v1/patients/{patient}/episodes", json=opened(patient, ep))
+            assert r.status == 201, await r.text()
+        filler = fill(volume, leave=2 * MiB)
+        acked: dict[str, str] = {}
+        tally = Tally()
+        full_seen = asyncio.Event()
 
-            async def writer(i: int) -> None:
-                ep = episodes[i % len(episodes)]
-                for n in range(chaos_scale(12)):
-                    r = await c.post(f"/medicon/v1/episodes/{ep}/records",
-                                     json=encounter(patient, ep, note=f"w{i}n{n}" + "x" * 900))
-                    body = await r.json()
-                    tally.add(r.status, error_message(body))
-                    if r.status == 201:
-                        acked[body["cid"]] = ep
-                    else:
-                        full_seen.set()
+        async def writer(i: int) -> None:
+            ep = episodes[i % len(episodes)]
+            for n in range(chaos_scale(12)):
+                r = await c.post(f"/medicon/v1/episodes/{ep}/records",
+                                 json=encounter(patient, ep, note=f"w{i}n{n}" + "x" * 900))
+                body = await r.json()
+                tally.add(r.status, error_message(body))
+                if r.status == 201:
+                    acked[body["cid"]] = ep
+                else:
+                    full_seen.set()
 
-            async def attachments() -> list[tuple[int, str | None]]:
-                """Attachments added while the disk fills: complete answers only for stored roots."""
-                out = []
-                for n in range(chaos_scale(8)):
-                    form = aiohttp.FormData()  # two files: the second may find the disk full
-                    for k in range(2):
-                        form.add_field("file", os.urandom(400_000), filename=f"scan-{n}-{k}.bin")
-                    # sealed attachments of the patient, and raw files, alternately
-                    headers = {"X-Medicon-Patient": patient} if n % 2 == 0 else {}
-                    try:
-                        r = await c.post("/api/v0/add", data=form, headers=headers)
-                        text = await r.text()
-                    except aiohttp.ClientPayloadError:
-                        out.append((-1, []))  # aborted: the client knows it failed
-                        continue
-                    tally.add(r.status, text if r.status != 200 else "")
-                    roots = [json.loads(line)["Hash"] for line in text.splitlines()] if r.status == 200 else []
-                    if r.status == 200:
-                        assert len(roots) == 2, text
-                    out.append((r.status, roots))
-                return out
+        async def attachments() -> list[tuple[int, str | None]]:
+            """Attachments added while the disk fills: complete answers only for stored roots."""
+            out = []
+            for n in range(chaos_scale(8)):
+                form = aiohttp.FormData()  # two files: the second may find the disk full
+                for k in range(2):
+                    form.add_field("file", os.urandom(400_000), filename=f"scan-{n}-{k}.bin")
+                # sealed attachments of the patient, and raw files, alternately
+                headers = {"X-Medicon-Patient": patient} if n % 2 == 0 else {}
+                try:
+                    r = await c.post("/api/v0/add", data=form, headers=headers)
+                    text = await r.text()
+                except aiohttp.ClientPayloadError:
+                    out.append((-1, []))  # aborted: the client knows it failed
+                    continue
+                tally.add(r.status, text if r.status != 200 else "")
+                roots = [json.loads(line)["Hash"] for line in text.splitlines()] if r.status == 200 else []
+                if r.status == 200:
+                    assert len(roots) == 2, text
+                out.append((r.status, roots))
+            return out
 
-            added, *_ = await asyncio.gather(attachments(), *(writer(i) for i in range(64)))
-            assert full_seen.is_set() and acked, f"the disk never filled, or nothing fitted: {tally.statuses}"
-            assert set(tally.statuses) <= {200, 201, 507}, tally.messages
-            assert all("Kubo's repository is full" in m for (s, m) in tally.messages if s == 507), tally.messages
+        added, *_ = await asyncio.gather(attachments(), *(writer(i) for i in range(64)))
+        assert full_seen.is_set() and acked, f"the disk never filled, or nothing fitted: {tally.statuses}"
+        assert set(tally.statuses) <= {200, 201, 507}, tally.messages
+        assert all("Kubo's repository is full" in m for (s, m) in tally.messages if s == 507), tally.messages
 
-            # every acknowledged record and attachment is in Kubo's blockstore and pinned
-            pins = recursive_pins(node)
-            assert set(acked) <= pins, "an acknowledged record is not pinned"
-            for status, roots in added:
-                if status == 200:
-                    assert set(roots) <= pins, "an add that completed left a root unpinned"
-            assert record_pins_not_indexed(node, set(acked) | await _indexed(c)) == set(), \
-                "a record node pinned by a failed append was left behind"
+        # every acknowledged record and attachment is in Kubo's blockstore and pinned
+        pins = recursive_pins(node)
+        assert set(acked) <= pins, "an acknowledged record is not pinned"
+        for status, roots in added:
+            if status == 200:
+                assert set(roots) <= pins, "an add that completed left a root unpinned"
+        assert record_pins_not_indexed(node, set(acked) | await _indexed(c)) == set(), \
+            "a record node pinned by a failed append was left behind"
 
-            filler.unlink()  # space again: writes resume without restarting anything
-            for ep in episodes:
-                r = await c.post(f"/medicon/v1/episodes/{ep}/records", json=encounter(patient, ep, note="after"))
-                assert r.status == 201, await r.text()
-                acked[(await r.json())["cid"]] = ep
-            session = c.session
-            base = str(c.make_url("")).rstrip("/")
-            await verify_all(session, base, episodes, acked)
-            report = await check(cfg)
-            assert report["missing"] == [] and report["broken"] == [] and report["unpinned"] == [], report
-            tally.report_chaos()
-        finally:
-            node.stop()
+        filler.unlink()  # space again: writes resume without restarting anything
+        for ep in episodes:
+            r = await c.post(f"/medicon/v1/episodes/{ep}/records", json=encounter(patient, ep, note="after"))
+            assert r.status == 201, await r.text()
+            acked[(await r.json())["cid"]] = ep
+        session = c.session
+        base = str(c.make_url("")).rstrip("/")
+        await verify_all(session, base, episodes, acked)
+        report = await check(cfg)
+        assert report["missing"] == [] and report["broken"] == [] and report["unpinned"] == [], report
+        tally.report_chaos()
 
 
 async def test_an_add_failing_after_kubo_answered_never_completes_for_the_client(aiohttp_client):
     """Kubo answers an add's first file, then runs out of space on the second: the failure is
     only in a trailer. The client's answer is cut off (never a complete answer without the
     second root), and the sealed first file is neither indexed nor left pinned."""
-    with tmpfs(48 * MiB) as volume:
-        node = KuboNode(volume / "repo")
-        node.start()
-        try:
-            cfg = gateway_config(node)
-            c = await app_client(aiohttp_client, cfg)
-            patient = uid("p")
-            fill(volume, leave=1 * MiB)
-            before = recursive_pins(node)
-            form = aiohttp.FormData()
-            form.add_field("file", os.urandom(200_000), filename="small.bin")
-            form.add_field("file", os.urandom(6 * MiB), filename="large.bin")
-            with pytest.raises(aiohttp.ClientPayloadError):
-                r = await c.post("/api/v0/add", data=form, headers={"X-Medicon-Patient": patient})
-                assert r.status == 200  # Kubo's 200 came with the first file's result
-                await r.read()
-            assert recursive_pins(node) == before, "a sealed file of the failed add stays pinned"
-            assert store_sql(cfg.records.data_dir, "heads", "SELECT COUNT(*) FROM blobs") == [(0,)], \
-                "a failed add was indexed"
-        finally:
-            node.stop()
+    with kubo_on_a_small_disk(48 * MiB) as (volume, node):
+        cfg = gateway_config(node)
+        c = await app_client(aiohttp_client, cfg)
+        patient = uid("p")
+        fill(volume, leave=1 * MiB)
+        before = recursive_pins(node)
+        form = aiohttp.FormData()
+        form.add_field("file", os.urandom(200_000), filename="small.bin")
+        form.add_field("file", os.urandom(6 * MiB), filename="large.bin")
+        with pytest.raises(aiohttp.ClientPayloadError):
+            r = await c.post("/api/v0/add", data=form, headers={"X-Medicon-Patient": patient})
+            assert r.status == 200  # Kubo's 200 came with the first file's result
+            await r.read()
+        assert recursive_pins(node) == before, "a sealed file of the failed add stays pinned"
+        assert store_sql(cfg.records.data_dir, "heads", "SELECT COUNT(*) FROM blobs") == [(0,)], \
+            "a failed add was indexed"
 
 
 async def test_a_dag_put_kubo_failed_after_answering_never_completes_for_the_client(client, kubo):

@@ -186,6 +186,12 @@ def principal_of(info: TokenInfo) -> Principal:
         via="token", claims={"token_id": info.id, "token_name": info.name})
 
 
+def last_use_due(info: TokenInfo, now: float) -> bool:
+    """Whether a use at ``now`` is written as the token's last use (``LAST_USED_GRANULARITY``)."""
+    last = None if info.last_used_at is None else info.last_used_at.timestamp()
+    return last is None or now - last >= LAST_USED_GRANULARITY
+
+
 def judge(info: TokenInfo | None, now: float) -> AuthResult:
     """The outcome of presenting a well-formed token whose stored description is ``info``."""
     if info is None:

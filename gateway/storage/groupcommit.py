@@ -1,8 +1,10 @@
-"""Group commit: one thread writes what the event loop queues, a batch at a time.
+"""Group commit: one writer commits what the event loop queues, a batch at a time.
 
 Concurrent requests' writes share one transaction and its fsync, and each request waits for its
 own outcome, so nothing is answered before it is durable. Used by the head store and by the
-audit log; each supplies the function that commits a batch.
+audit log; each supplies the function that commits a batch. SQLite's stores commit in a thread
+of their own (``GroupCommit``: SQLite blocks); PostgreSQL's in a task of the event loop
+(``AsyncGroupCommit``: asyncpg does not).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-from typing import Any, Callable, Generic, TypeVar
+from typing import Any, Awaitable, Callable, Generic, TypeVar
 
 Item = TypeVar("Item")
 # (True, result) or (False, exception) for each item of a batch, in order.
@@ -71,16 +73,7 @@ class GroupCommit(Generic[Item]):
                         self._thread = None
                         return
                 continue
-            stop = first is _STOP
-            batch = [] if stop else [first]
-            while not stop and len(batch) < self._batch:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                stop = item is _STOP
-                if not stop:
-                    batch.append(item)
+            batch, stop = _drain(first, self._queue.get_nowait, queue.Empty, self._batch)
             if batch:
                 if self._on_batch is not None:
                     self._on_batch(len(batch))
@@ -92,6 +85,69 @@ class GroupCommit(Generic[Item]):
                     future.get_loop().call_soon_threadsafe(_settle, future, ok, value)
             if stop:
                 return
+
+
+class AsyncGroupCommit(Generic[Item]):
+    """``commit(items)`` on as many queued items as are waiting (up to ``batch``), one batch at
+    a time, in a task of the event loop; each ``submit`` waits for its own outcome ((True,
+    result) or (False, exception)). If ``commit`` raises, every item of its batch fails."""
+
+    def __init__(self, commit: Callable[[list[Item]], Awaitable[list[Outcome]]], *, batch: int,
+                 on_batch: Callable[[int], None] | None = None) -> None:
+        self._commit = commit
+        self._batch = batch
+        self._on_batch = on_batch
+        self._queue: asyncio.Queue | None = None
+        self._task: asyncio.Task | None = None
+        self._closed = False
+
+    async def submit(self, item: Item) -> Any:
+        if self._closed:
+            raise RuntimeError("the store is closed")
+        if self._task is None:
+            self._queue = asyncio.Queue()
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        future = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((item, future))
+        return await asyncio.shield(future)  # once queued, written whether or not the caller waits
+
+    async def _run(self) -> None:
+        while True:
+            batch, stop = _drain(await self._queue.get(), self._queue.get_nowait, asyncio.QueueEmpty, self._batch)
+            if batch:
+                if self._on_batch is not None:
+                    self._on_batch(len(batch))
+                try:
+                    outcomes = await self._commit([item for item, _ in batch])
+                except Exception as exc:  # noqa: BLE001 - every waiter gets the batch's error
+                    outcomes = [(False, exc)] * len(batch)
+                for (_, future), (ok, value) in zip(batch, outcomes):
+                    _settle(future, ok, value)
+            if stop:
+                return
+
+    async def close(self) -> None:
+        """Commit what is queued, then stop."""
+        self._closed = True
+        if self._task is not None:
+            self._queue.put_nowait(_STOP)
+            await self._task
+
+
+def _drain(first: Any, take: Callable[[], Any], empty: type[Exception], limit: int) -> tuple[list, bool]:
+    """The batch that begins with ``first``: what else is queued now (``take`` raises ``empty``
+    when nothing is), up to ``limit`` items; and whether the stop sign came with it."""
+    stop = first is _STOP
+    batch = [] if stop else [first]
+    while not stop and len(batch) < limit:
+        try:
+            item = take()
+        except empty:
+            break
+        stop = item is _STOP
+        if not stop:
+            batch.append(item)
+    return batch, stop
 
 
 def _settle(future: asyncio.Future, ok: bool, value: Any) -> None:

@@ -37,13 +37,14 @@ import asyncpg
 
 from ..errors import Invalid, MediconError, StorageFull, Unavailable
 from ..metrics import Metrics
-from ..security.tokens import (LAST_USED_GRANULARITY, AuthResult, NewToken, TokenError, TokenInfo,
-                               decode_token, generate_token, hash_token, judge, new_token_id)
+from ..security.tokens import (AuthResult, NewToken, TokenError, TokenInfo, decode_token, generate_token,
+                               hash_token, judge, last_use_due, new_token_id)
 from .base import Storage
 from . import auditwalk
 from .auditwalk import audit_hash
 from .pins import PostgresPinStore
 from .fhirsql import RESOURCE_COLS, entry_of, search_sql
+from .groupcommit import AsyncGroupCommit
 from .model import (Blob, ChainBroken, Episode, FhirEntry, FhirQuery, GatewayKey, HeadMove, IndexedRecord,
                     KeyConflict, KeyState, KeyTaken, PatientKey, StoreConflict)
 
@@ -235,66 +236,6 @@ async def require_migrated(conn: asyncpg.Connection, where: str) -> None:
     if pending:
         raise MigrationError(f"the database at {where} lacks {len(pending)} schema migration(s) "
                              f"(from {pending[0].version:04d}_{pending[0].name}): run `medicon-gateway migrate`")
-
-
-# --- group commit ---------------------------------------------------------------------------------
-
-_STOP = object()
-
-
-class AsyncGroupCommit:
-    """``commit(items)`` on as many queued items as are waiting (up to ``batch``), one batch at
-    a time, in a task of the event loop; each ``submit`` waits for its own outcome ((True,
-    result) or (False, exception)). If ``commit`` raises, every item of its batch fails."""
-
-    def __init__(self, commit: Callable[[list[Any]], Awaitable[list[tuple[bool, Any]]]], *, batch: int,
-                 on_batch: Callable[[int], None] | None = None) -> None:
-        self._commit = commit
-        self._batch = batch
-        self._on_batch = on_batch
-        self._queue: asyncio.Queue | None = None
-        self._task: asyncio.Task | None = None
-        self._closed = False
-
-    async def submit(self, item: Any) -> Any:
-        if self._closed:
-            raise RuntimeError("the store is closed")
-        if self._task is None:
-            self._queue = asyncio.Queue()
-            self._task = asyncio.get_running_loop().create_task(self._run())
-        future = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((item, future))
-        return await asyncio.shield(future)  # once queued, written whether or not the caller waits
-
-    async def _run(self) -> None:
-        while True:
-            first = await self._queue.get()
-            stop = first is _STOP
-            batch = [] if stop else [first]
-            while not stop and len(batch) < self._batch and not self._queue.empty():
-                item = self._queue.get_nowait()
-                stop = item is _STOP
-                if not stop:
-                    batch.append(item)
-            if batch:
-                if self._on_batch is not None:
-                    self._on_batch(len(batch))
-                try:
-                    outcomes = await self._commit([item for item, _ in batch])
-                except Exception as exc:  # noqa: BLE001 - every waiter gets the batch's error
-                    outcomes = [(False, exc)] * len(batch)
-                for (_, future), (ok, value) in zip(batch, outcomes):
-                    if not future.done():
-                        future.set_result(value) if ok else future.set_exception(value)
-            if stop:
-                return
-
-    async def close(self) -> None:
-        """Commit what is queued, then stop."""
-        self._closed = True
-        if self._task is not None:
-            self._queue.put_nowait(_STOP)
-            await self._task
 
 
 # --- heads, the record index and attachments ------------------------------------------------------
@@ -569,8 +510,7 @@ class PostgresTokenStore:
         return result
 
     async def _touch(self, info: TokenInfo, now: float) -> None:
-        last = None if info.last_used_at is None else info.last_used_at.timestamp()
-        if last is not None and now - last < LAST_USED_GRANULARITY:
+        if not last_use_due(info, now):
             return
         try:
             await self._run("write", lambda c: c.execute("UPDATE tokens SET last_used_at = $1 WHERE id = $2",

@@ -29,8 +29,8 @@ from typing import Any, Callable, Iterable, TypeVar
 
 from ..errors import StorageFull, Unavailable, is_out_of_space
 from ..metrics import Metrics
-from ..security.tokens import (LAST_USED_GRANULARITY, AuthResult, NewToken, TokenError, TokenInfo,
-                               decode_token, generate_token, hash_token, judge, new_token_id)
+from ..security.tokens import (AuthResult, NewToken, TokenError, TokenInfo, decode_token, generate_token,
+                               hash_token, judge, last_use_due, new_token_id)
 from . import auditwalk
 from .auditwalk import AUDIT_FIELDS, AUDIT_OPTIONAL_FIELDS, GENESIS, audit_hash  # noqa: F401 (the chain's format)
 from .base import Storage
@@ -445,8 +445,7 @@ class SQLiteTokenStore:
         return result
 
     async def _touch(self, info: TokenInfo, now: float) -> None:
-        last = None if info.last_used_at is None else info.last_used_at.timestamp()
-        if last is not None and now - last < LAST_USED_GRANULARITY:
+        if not last_use_due(info, now):
             return
         try:
             await self._db.write(lambda db: db.execute(
