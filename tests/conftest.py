@@ -356,7 +356,9 @@ def ipfs_cli(target, *args: str, input: bytes | None = None, cwd: Path | None = 
 # --- the chaos summary (`make chaos`) -----------------------------------------------------------
 
 # storage_full: 507s answered while a disk was full (expected then, and counted apart from 5xx).
-CHAOS = {"acknowledged": 0, "found_after_recovery": 0, "storage_full": 0, "forks": 0, "server_errors": 0}
+# kubo_restarts: Kubo restarted after a full disk because Kubo itself still refused writes.
+CHAOS = {"acknowledged": 0, "found_after_recovery": 0, "storage_full": 0, "kubo_restarts": 0, "forks": 0,
+         "server_errors": 0}
 
 
 async def trickle_body(host: str, port: int, head: str, first: bytes, total: int) -> bytes:
@@ -395,5 +397,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         lost = CHAOS["acknowledged"] - CHAOS["found_after_recovery"]
         terminalreporter.write_line(
             f"chaos: acknowledged {CHAOS['acknowledged']}, found after recovery "
-            f"{CHAOS['found_after_recovery']}, 507 on a full disk {CHAOS['storage_full']}, lost {lost}, "
+            f"{CHAOS['found_after_recovery']}, 507 on a full disk {CHAOS['storage_full']}, "
+            f"Kubo restarted after a full disk {CHAOS['kubo_restarts']}, lost {lost}, "
             f"forks {CHAOS['forks']}, 5xx {CHAOS['server_errors']}")

@@ -64,6 +64,16 @@ def kubo_on_a_small_disk(size: int):
             node.stop()
 
 
+def kubo_keeps_its_write_error(node: KuboNode) -> bool:
+    """Whether Kubo, asked directly, still cannot store and pin a small block (then it is
+    Kubo's own state, not the gateway's, that refuses writes)."""
+    done = node.ipfs("block", "put", "--pin=true", input=os.urandom(64), check=False)
+    if done.returncode != 0:
+        return True
+    node.ipfs("pin", "rm", done.stdout.decode().strip())
+    return False
+
+
 def fill(volume: Path, leave: int) -> Path:
     """Fill ``volume`` with a file of zeros until it is full, then give back ``leave`` bytes.
     Returns the file: removing it frees the space again."""
@@ -218,7 +228,13 @@ async def test_kubo_repo_filling_mid_burst_acknowledges_only_what_it_stored(aioh
         assert record_pins_not_indexed(node, set(acked) | await _indexed(c)) == set(), \
             "a record node pinned by a failed append was left behind"
 
-        filler.unlink()  # space again: writes resume without restarting anything
+        filler.unlink()  # space again: writes resume without restarting the gateway
+        if kubo_keeps_its_write_error(node):
+            # Kubo's pin store (leveldb) may keep the error a write met on the full disk until
+            # Kubo restarts (README, Reliability): shown on Kubo itself, bypassing the gateway.
+            node.stop()
+            node.start()
+            CHAOS["kubo_restarts"] += 1
         for ep in episodes:
             r = await c.post(f"/medicon/v1/episodes/{ep}/records", json=encounter(patient, ep, note="after"))
             assert r.status == 201, await r.text()
