@@ -351,23 +351,22 @@ class RecordService:
             return Appended(twin.cid, moved, twin.record, created=False)
         try:
             moved = await asyncio.shield(pending.moved)
-        except StoreConflict as conflict:
-            # (its block loses its pin: the pipeline tells the writer.) The head moved under
-            # this append: if this very request moved it (sent twice at once to another
-            # process), the answer is that request's record.
-            earlier = await self._retried(request, digest, key)
-            if earlier is not None:
-                return await self._original(earlier)
-            raise ChainConflict(f"episode {record['episode']!r} changed under this append",
-                                conflict.current) from None
-        except KeyTaken:
-            # Another request with this key (in another process) committed first.
-            earlier = await self._retried(request, digest, key)
-            if earlier is None:
-                raise Unavailable("the Idempotency-Key is held by a record the index cannot show") from None
-            return await self._original(earlier)
+        except (StoreConflict, KeyTaken) as lost:  # (its block loses its pin: the pipeline tells the writer)
+            return await self._after_lost_move(lost, request, digest, key)
         await self._committed(sealed, cid, moved)
         return Appended(cid, moved, sealed, created=True)
+
+    async def _after_lost_move(self, lost: StoreConflict | KeyTaken, request: dict[str, Any], digest: str,
+                               key: str | None) -> Appended:
+        """The answer to an append whose head move lost. If this very request won elsewhere
+        (sent twice at once to another process), its record; otherwise the head moved under it
+        (``ChainConflict``), or its key is held by a record the index cannot show."""
+        earlier = await self._retried(request, digest, key)
+        if earlier is not None:
+            return await self._original(earlier)
+        if isinstance(lost, KeyTaken):
+            raise Unavailable("the Idempotency-Key is held by a record the index cannot show") from None
+        raise ChainConflict(f"episode {request['episode']!r} changed under this append", lost.current) from None
 
     async def _is_committed(self, cid: str) -> bool:
         return await self.storage.heads.record(cid) is not None
@@ -396,22 +395,9 @@ class RecordService:
             else:
                 moved = await heads.append(indexed, expected_head=episode.head,
                                            closes=record["schema"] in CLOSING_KINDS)
-        except StoreConflict as conflict:
+        except (StoreConflict, KeyTaken) as lost:
             await self._release(cid)
-            # The head moved under this append: if it was moved by this very request (sent twice
-            # at once to another process), the answer is that request's record.
-            earlier = await self._retried(request, digest, key)
-            if earlier is not None:
-                return await self._original(earlier)
-            raise ChainConflict(f"episode {record['episode']!r} changed under this append",
-                                conflict.current) from None
-        except KeyTaken:
-            # Another request with this key (in another process) committed first.
-            await self._release(cid)
-            earlier = await self._retried(request, digest, key)
-            if earlier is None:
-                raise Unavailable("the Idempotency-Key is held by a record the index cannot show") from None
-            return await self._original(earlier)
+            return await self._after_lost_move(lost, request, digest, key)
         except Exception:
             await self._release(cid)
             raise
