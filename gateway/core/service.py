@@ -103,7 +103,7 @@ class RecordService:
         self.replication = Replication.disabled()
         # records.pipeline: record blocks go to Kubo many to a call, each batch pinned on
         # records.replicas nodes once Kubo confirmed it and before any of its heads moves.
-        self.writer = BlockWriter(kubo, is_committed=self._is_committed,
+        self.writer = BlockWriter(kubo, release=self._release,
                                   on_batch=self.metrics.commit_batch_observer("kubo"),
                                   after_write=lambda cids: self.replication.ensure(cids))
         self.pipeline = Pipeline(storage.heads, self.writer)
@@ -367,9 +367,6 @@ class RecordService:
         if isinstance(lost, KeyTaken):
             raise Unavailable("the Idempotency-Key is held by a record the index cannot show") from None
         raise ChainConflict(f"episode {request['episode']!r} changed under this append", lost.current) from None
-
-    async def _is_committed(self, cid: str) -> bool:
-        return await self.storage.heads.record(cid) is not None
 
     async def _append_locked(self, client: ClientRecord, signer: str, digest: str, key: str | None) -> Appended:
         heads, record = self.storage.heads, client.parsed

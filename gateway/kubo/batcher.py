@@ -59,11 +59,13 @@ class Write:
 class BlockWriter:
     """Writes dag-cbor blocks to Kubo, pinned, in as few calls as the load allows."""
 
-    def __init__(self, kubo: KuboClient, *, is_committed: Callable[[str], Awaitable[bool]] | None = None,
+    def __init__(self, kubo: KuboClient, *, release: Callable[[str], Awaitable[None]],
                  max_blocks: int = 8, max_bytes: int = 4 << 20, max_calls: int = 32,
                  after_write: AfterWrite | None = None, on_batch: Callable[[int], None] | None = None) -> None:
         self._kubo = kubo
-        self._is_committed = is_committed
+        # Removes the pin of a block stored but not committed (once the index surely does
+        # not hold it): the record service's own clean-up, the same as on its serial path.
+        self._release = release
         self._max_blocks = max_blocks
         self._max_bytes = max_bytes
         self._max_calls = max_calls
@@ -90,7 +92,7 @@ class BlockWriter:
             return
         block.kept = kept
         if block.stored and not kept:
-            self._background(self._unpin_record(block.cid))
+            self._background(self._release(block.cid))
 
     async def close(self) -> None:
         """Wait for the calls under way (queued blocks are sent first) and for the clean-ups."""
@@ -212,16 +214,6 @@ class BlockWriter:
         return dict.fromkeys(missing, error)
 
     # --- pins of blocks not kept ----------------------------------------------------------------
-
-    async def _unpin_record(self, cid: str) -> None:
-        """Remove the pin of a record block not committed — only once the index surely does not
-        hold it (an identical node may have been committed by another request)."""
-        try:
-            if self._is_committed is None or not await self._is_committed(cid):
-                await self._kubo.pin_rm(cid)
-        except MediconError as err:
-            log.warning("record node %s was stored but not committed; left pinned for "
-                        "`medicon-gateway check --repair` (%s)", cid, err.message)
 
     def _background(self, work: Awaitable[object]) -> None:
         task = asyncio.get_running_loop().create_task(work)
