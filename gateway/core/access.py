@@ -8,6 +8,8 @@ patient, episode and CID are keyed pseudonyms, so no audit plugin ever sees an i
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +20,46 @@ from ..security.principal import Principal
 from .plugins import PluginHost
 
 PSEUDONYMISED = ("patient", "episode", "cid")
+
+# The allow decisions of the current request whose audit events are still being written, when
+# the caller chose to overlap them with the work they allow (``deferring_audits``).
+_deferred: contextvars.ContextVar[list[asyncio.Future] | None] = contextvars.ContextVar(
+    "medicon_deferred_audits", default=None)
+
+
+# Reads whose whole effect is an answer: their events may be written while the answer is
+# fetched. A write is audited before it is made (an audit log that cannot take the event stops
+# the write rather than leaving one the client was told failed), and a read of the audit log
+# itself after its own event is stored, so the page shows the reader's own access.
+DEFERRABLE = frozenset({"raw:read", "record:read", "blob:read", "chain:read", "node:info"})
+
+
+def deferring_audits() -> None:
+    """From here on in this task (one request), the audit event of an allowed read is written
+    while the read goes on — its call to Kubo overlaps the audit log's fsync — instead of
+    before it. The caller must ``await settle_audits()`` before the first byte of
+    an answer: nothing is disclosed, and nothing acknowledged, before its event is stored.
+    Refusals are still audited before they are answered."""
+    _deferred.set([])
+
+
+async def settle_audits() -> None:
+    """Wait for this request's deferred audit events; the first failure (a full or lost audit
+    store) is raised, so the answer becomes that error instead of the allowed one."""
+    pending = _deferred.get()
+    if not pending:
+        return
+    _deferred.set([])
+    failures = [r for r in await asyncio.gather(*pending, return_exceptions=True) if isinstance(r, BaseException)]
+    if failures:
+        raise failures[0]
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    """A deferred event whose request went away (client gone) is still written; its failure
+    is the store's to report, not an unretrieved-exception warning."""
+    if not future.cancelled():
+        future.exception()
 
 
 @dataclass(frozen=True)
@@ -68,6 +110,12 @@ class Authorizer:
         }
         if reason is not None:
             event["reason"] = reason
+        pending = _deferred.get()
+        if allowed and pending is not None and action in DEFERRABLE:
+            written = asyncio.ensure_future(self._plugins.call("medicon_audit_event", event=event, service=self._service))
+            written.add_done_callback(_retrieve)
+            pending.append(written)
+            return
         await self._plugins.call("medicon_audit_event", event=event, service=self._service)
 
 

@@ -57,7 +57,7 @@ class PluginHost:
             result = hook(**kwargs)
             if hook.spec.opts.get("firstresult"):
                 return await _resolved(result)
-            return [value for value in [await _resolved(r) for r in result] if value is not None]
+            return [value for value in await _each_resolved(result) if value is not None]
         except Exception as exc:
             raise self._failure(name, exc) from None
 
@@ -135,6 +135,21 @@ class PluginHost:
             hooks = sorted(h.name for h in self.pm.get_hookcallers(plugin) or [])
             out.append({"name": name, "version": versions.get(plugin), "hooks": hooks})
         return out
+
+
+async def _each_resolved(results: list[Any]) -> list[Any]:
+    """Every plugin's answer, awaited in turn; once one fails, the coroutines of the plugins
+    after it are closed, never run (a failed call is one answer: its error)."""
+    values = []
+    for index, value in enumerate(results):
+        try:
+            values.append(await _resolved(value))
+        except BaseException:
+            for later in results[index + 1:]:
+                if inspect.iscoroutine(later):
+                    later.close()
+            raise
+    return values
 
 
 async def _resolved(value: Any) -> Any:

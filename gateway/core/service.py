@@ -155,10 +155,11 @@ class RecordService:
         if cid is None:
             return {"kind": "raw"}
         key = canonical(cid) or cid
-        record = await self.storage.heads.record(key)
+        # Both asked at once: a CID the gateway did not write (most reads through the RPC) is
+        # looked up in both, and the two lookups' thread hops are a read's largest cost.
+        record, blob = await asyncio.gather(self.storage.heads.record(key), self.attachment(cid))
         if record is not None:
             return {"kind": "record", "cid": key, "patient": record.patient, "episode": record.episode}
-        blob = await self.attachment(cid)
         if blob is not None:
             return {"kind": "blob", "cid": key, "patient": blob.patient}
         return {"kind": "raw", "cid": cid}
@@ -545,7 +546,9 @@ class RecordService:
         """The indexed attachment ``cid`` names, in whatever spelling of the CID."""
         key = canonical(cid)
         found = await self.storage.heads.blob(key) if key else None
-        return found or await self.storage.heads.blob(cid)
+        if found is None and key != cid:  # indexed under the spelling it was added with
+            found = await self.storage.heads.blob(cid)
+        return found
 
     # --- verification ----------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from ..errors import Busy, MediconError
 from ..metrics import Metrics
 from . import fhir, pinning, rest, ui
 from .appkeys import CONFIG, SERVICE
-from .auth import PUBLIC_PATHS, auth_middleware
+from .auth import PUBLIC_PATHS, auth_middleware, settle_before_answering
 from .errors import error_middleware
 from .ipfs_gateway import ipfs_path, ipns_path
 from .metrics import add_metrics, observe_middleware
@@ -79,6 +79,7 @@ def create_app(config: Config) -> web.Application:
     app = web.Application(middlewares=[observe_middleware, error_middleware, inflight_middleware,
                                        auth_middleware])
     app[CONFIG] = config
+    app.on_response_prepare.append(settle_before_answering)
     metrics = Metrics()  # the app's own registry: apps in one process never share numbers
     add_metrics(app, metrics)
     app[INFLIGHT] = InFlight(config.server.max_concurrent_requests)

@@ -13,6 +13,7 @@ import re
 import aiohttp
 from aiohttp import web
 
+from ..core.access import settle_audits
 from ..errors import NotFound, Unavailable
 from ..security import crypto
 from ..storage.model import Blob
@@ -105,6 +106,7 @@ async def serve(request: web.Request, blob: Blob, *, rpc_cat: bool,
     resp.content_length = count
     if rpc_cat:
         resp.headers["X-Content-Length"] = str(count)
+    await settle_audits()  # the read's audit event is stored before its first byte goes out
     await resp.prepare(request)
     if request.method == "HEAD" or count == 0:
         await resp.write_eof()

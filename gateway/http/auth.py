@@ -4,15 +4,22 @@ Authentication is a plugin hook (``medicon_authenticate``, given the aiohttp req
 middleware asks it, answers 401 without a principal (everywhere but the health probes), and
 audits every refusal with a reason, never the credential. What the principal may do is the
 record service's business (``RecordService.authorize``).
+
+The audit events of the reads the service allows are written while the request goes on (a
+read's call to Kubo overlaps the audit log's fsync) and waited for before the first byte of any
+answer: nothing is disclosed before its event is stored, and an event that cannot be stored
+is the answer instead (503, 507).
 """
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from typing import Any
 
 from aiohttp import web
 
+from ..core.access import deferring_audits, settle_audits
 from ..errors import MediconError, Unauthenticated
 from .appkeys import SERVICE
 from .context import CALLER, REQUEST_ID, caller_for, surface_of
@@ -44,7 +51,23 @@ async def auth_middleware(request: web.Request, handler):
         await _audit_refusal(request, reason)
         raise Unauthenticated("authentication required: send Authorization: Bearer <token>")
     request[CALLER] = caller_for(request, principal)
-    return await handler(request)
+    deferring_audits()
+    try:
+        response = await handler(request)
+    except Exception:
+        with contextlib.suppress(Exception):  # an error answer discloses nothing allowed
+            await settle_audits()
+        raise
+    await settle_audits()  # an answer not yet prepared (a plain Response)
+    return response
+
+
+async def settle_before_answering(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``, the backstop: every answer the gateway streams settles its
+    audit events itself before preparing (``proxy``, ``attachments``), where a failure can
+    still become the answer. One that did not would be stopped here — the connection broken
+    rather than a byte disclosed unaudited."""
+    await settle_audits()
 
 
 async def _audit_refusal(request: web.Request, reason: str) -> None:

@@ -20,6 +20,7 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
+from ..core.access import settle_audits
 from ..errors import Forbidden, Invalid, MediconError, TimedOut, Unavailable
 from ..kubo.client import KUBO_FULL, is_disk_full
 from .appkeys import CONFIG, SERVICE
@@ -211,6 +212,7 @@ async def _relay(request: web.Request, upstream: aiohttp.ClientResponse, tap, tr
     if exact_length and upstream.headers.get("X-Stream-Output") == "1":
         announced = upstream.headers.get("X-Content-Length", "")
         expected = int(announced) if announced.isdigit() else None
+    await settle_audits()  # the read's audit event is stored before its first byte goes out
     await resp.prepare(request)
     if request.method == "HEAD":
         await resp.write_eof()

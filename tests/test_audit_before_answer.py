@@ -1,0 +1,129 @@
+"""A read's audit event is written while the read goes on (its call to Kubo overlaps the audit
+log's fsync), but no answer starts before the event is stored: on every surface, an audit log
+that cannot take the event turns the read into an error that carries none of the content. A
+write is audited before it is made."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import sys
+import textwrap
+import time
+
+import pytest
+
+from conftest import app_client, gateway_config
+from gateway.http.appkeys import SERVICE
+from records_helpers import encounter, opened, uid
+
+GATE = '''
+import asyncio
+from gateway.errors import Unavailable
+from gateway.hookspecs import hookimpl
+
+# mode: None (pass), "fail" (the event cannot be stored), "hold" (stored once released);
+# actions: which allowed actions are gated (by suffix).
+STATE = {"mode": None, "actions": (":read",), "held": None, "released": None, "gated": []}
+
+
+@hookimpl
+async def medicon_audit_event(event, service):
+    if STATE["mode"] is None or event["decision"] != "allow":
+        return
+    if not event["action"].endswith(STATE["actions"]):
+        return
+    STATE["gated"].append(event["action"])
+    if STATE["mode"] == "fail":
+        raise Unavailable("the audit store is unreachable")
+    STATE["held"].set()
+    await STATE["released"].wait()
+'''
+
+
+@pytest.fixture
+def audit_gate(tmp_path, monkeypatch):
+    (tmp_path / "audit_gate.py").write_text(textwrap.dedent(GATE))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import audit_gate
+    yield audit_gate
+    sys.modules.pop("audit_gate", None)
+
+
+async def _setup(aiohttp_client, kubo, audit_gate):
+    """A gateway with the gate loaded, a raw blob, a record and its episode to read."""
+    c = await app_client(aiohttp_client, gateway_config(kubo, **{"plugins.modules": ["audit_gate"]}))
+    content = b"raw bytes the caller may read only once the read is audited " + uid("n").encode()
+    r = await c.post("/api/v0/add", data={"file": io.BytesIO(content)})
+    assert r.status == 200, await r.text()
+    raw = (await r.json())["Hash"]
+    patient, episode = uid("p"), uid("e")
+    assert (await c.post(f"/medicon/v1/patients/{patient}/episodes", json=opened(patient, episode))).status == 201
+    r = await c.post(f"/medicon/v1/episodes/{episode}/records", json=encounter(patient, episode, note="marker-for-the-audit-test"))
+    assert r.status == 201, await r.text()
+    record = (await r.json())["cid"]
+    return c, content, raw, record, episode, patient
+
+
+def _reads(raw: str, record: str, episode: str) -> list[tuple[str, str, str]]:
+    """(what, method, path): every way in that reads content, streamed from Kubo or answered whole."""
+    return [
+        ("rpc cat (streamed)", "POST", f"/api/v0/cat?arg={raw}"),
+        ("rpc block/get (streamed)", "POST", f"/api/v0/block/get?arg={raw}"),
+        ("/ipfs path (streamed)", "GET", f"/ipfs/{raw}"),
+        ("record by /ipfs (whole)", "GET", f"/ipfs/{record}"),
+        ("record by REST (whole)", "GET", f"/medicon/v1/records/{record}"),
+        ("rpc cat of a record (whole)", "POST", f"/api/v0/cat?arg={record}"),
+        ("episode history (whole)", "GET", f"/medicon/v1/episodes/{episode}/history"),
+    ]
+
+
+async def test_a_read_whose_audit_event_cannot_be_stored_is_refused_on_every_surface(aiohttp_client, kubo, audit_gate):
+    c, content, raw, record, episode, patient = await _setup(aiohttp_client, kubo, audit_gate)
+    for what, method, path in _reads(raw, record, episode):
+        audit_gate.STATE.update(mode=None)
+        r = await c.request(method, path)
+        assert r.status == 200, (what, r.status, await r.text())
+        audit_gate.STATE.update(mode="fail", gated=[])
+        r = await c.request(method, path)
+        body = await r.read()
+        assert r.status in (502, 503), (what, r.status, body[:300])  # the surface's "unavailable"
+        assert audit_gate.STATE["gated"], f"{what}: no read was audited"
+        assert content not in body and b"marker-for-the-audit-test" not in body, what
+        assert b"audit store is unreachable" in body, (what, body[:300])
+
+
+async def test_a_streamed_read_asks_kubo_while_its_audit_event_is_written_and_answers_after(aiohttp_client, kubo, audit_gate):
+    c, content, raw, record, episode, patient = await _setup(aiohttp_client, kubo, audit_gate)
+    for label, method, path in (("cat", "POST", f"/api/v0/cat?arg={raw}"), ("gateway:ipfs", "GET", f"/ipfs/{raw}")):
+        asked = _kubo_calls(c, label)
+        audit_gate.STATE.update(mode="hold", held=asyncio.Event(), released=asyncio.Event(), gated=[])
+        reading = asyncio.ensure_future(c.request(method, path))
+        await asyncio.wait_for(audit_gate.STATE["held"].wait(), 10)
+        deadline = time.monotonic() + 10
+        while _kubo_calls(c, label) == asked:  # Kubo answers while the event is still being written
+            assert time.monotonic() < deadline, f"{label}: Kubo was not asked before the audit event was stored"
+            await asyncio.sleep(0.005)
+        assert not reading.done(), f"{label}: the answer started before its audit event was stored"
+        audit_gate.STATE["released"].set()
+        r = await asyncio.wait_for(reading, 10)
+        assert r.status == 200 and await r.read() == content, label
+
+
+def _kubo_calls(c, command: str) -> float:
+    """How many calls to Kubo the gateway has finished for ``command`` (its own metrics)."""
+    registry = c.server.app[SERVICE].metrics.registry
+    value = registry.get_sample_value("medicon_kubo_call_duration_seconds_count", {"command": command})
+    return value or 0.0
+
+
+async def test_a_write_whose_audit_event_cannot_be_stored_is_not_made(aiohttp_client, kubo, audit_gate):
+    c, content, raw, record, episode, patient = await _setup(aiohttp_client, kubo, audit_gate)
+    before = (await (await c.get(f"/medicon/v1/episodes/{episode}")).json())["length"]
+    audit_gate.STATE.update(mode="fail", actions=(":write",), gated=[])
+    r = await c.post(f"/medicon/v1/episodes/{episode}/records", json=encounter(patient, episode, note="never stored"))
+    assert r.status in (502, 503), await r.text()
+    assert audit_gate.STATE["gated"] == ["record:write"]
+    audit_gate.STATE.update(mode=None)
+    after = (await (await c.get(f"/medicon/v1/episodes/{episode}")).json())["length"]
+    assert after == before
