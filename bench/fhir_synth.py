@@ -101,15 +101,17 @@ class SynthRecord:
         yield from self.record["body"].get("fhir", [])
 
 
-def generate(seed: int = 0, patients: int = 3, episodes: int = 3, encounters: int = 8) -> list[SynthRecord]:
+def generate(seed: int = 0, patients: int = 3, episodes: int = 3, encounters: int = 8,
+             prefix: str = "synth") -> list[SynthRecord]:
     """``patients`` patients with ``episodes`` concurrent episodes each (3 to 6), about
-    ``encounters`` encounters per episode; all records interleaved by time."""
+    ``encounters`` encounters per episode; all records interleaved by time. Every id starts
+    with ``prefix``, so several sets can go into one gateway without meeting."""
     if not 3 <= episodes <= len(CONDITIONS):
         raise ValueError(f"episodes must be between 3 and {len(CONDITIONS)}")
     rng = random.Random(seed)
     timelines = []
     for number in range(patients):
-        patient = _patient(rng, seed, number)
+        patient = _patient(rng, seed, number, prefix)
         for index, condition in enumerate(rng.sample(CONDITIONS, episodes)):
             timelines.append(_episode(rng, patient, condition, index, encounters))
     events = heapq.merge(*timelines, key=lambda event: (event[0], event[1]))
@@ -135,8 +137,8 @@ class _Patient:
     born: date
 
 
-def _patient(rng: random.Random, seed: int, number: int) -> _Patient:
-    pid = f"synth-{seed}-{number:03d}"
+def _patient(rng: random.Random, seed: int, number: int, prefix: str = "synth") -> _Patient:
+    pid = f"{prefix}-{seed}-{number:03d}"
     born = date(rng.randint(1940, 2000), rng.randint(1, 12), rng.randint(1, 28))
     resource = {
         "resourceType": "Patient",

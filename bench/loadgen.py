@@ -15,8 +15,13 @@ Scenarios (``kind``):
 - ``history_build``: one long episode, appended by ``parallel`` writers.
 - ``history_page``: a page of an episode's history through the gateway, against fetching the
   same records one ``dag/get`` after another from Kubo.
+- ``mix``: a clinical mix through the gateway — ``clients`` clients, each over patients with
+  several episodes open at once, picking each step by weight: write the next record of a
+  synthetic FHIR patient set (``bench/fhir_synth.py``), read an episode's latest history page,
+  read a record back, add an attachment sealed for a patient and read it back.
 
-Only the standard library and aiohttp: this file does not import the gateway.
+Only the standard library, aiohttp and ``bench/fhir_synth.py`` (standard library only): this
+file does not import the gateway.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import statistics
 import sys
 import time
@@ -31,6 +37,11 @@ import uuid
 from typing import AsyncIterator
 
 import aiohttp
+
+if __package__:
+    from bench import fhir_synth
+else:  # run as a script, as bench/run.py starts it: its own folder is on sys.path
+    import fhir_synth
 
 CHUNK = 1 << 18          # Kubo's default chunker (size-262144): one nonce per leaf block
 NONCE = 32
@@ -478,8 +489,264 @@ async def history_page(spec: dict) -> dict:
     return {"timings_ms": timings, "records": len(cids), "first_seq": seqs[0]}
 
 
+# --- clinical mix ----------------------------------------------------------------------------
+
+MIX_WEIGHTS = {"record": 80, "history": 10, "read": 5, "attach": 5}
+MIX_OPS = ("open", "append", "history", "read", "attach", "attach_read")  # as reported
+KiB = 1 << 10
+
+
+class MixErrors:
+    """Every failed operation of the mix, by operation and status (0: no HTTP answer; a 2xx
+    whose answer is wrong counts too), with the first distinct messages seen (and how often
+    each came); never dropped."""
+
+    def __init__(self, keep: int = 20) -> None:
+        self.by_op: dict[str, int] = {}
+        self.by_op_status: dict[str, int] = {}
+        self.examples: list[dict] = []
+        self.keep = keep
+        self.total = 0
+
+    def add(self, op: str, status: int, message: str) -> None:
+        self.total += 1
+        self.by_op[op] = self.by_op.get(op, 0) + 1
+        key = f"{op} {status}"
+        self.by_op_status[key] = self.by_op_status.get(key, 0) + 1
+        message = message[:400]
+        for seen in self.examples:
+            if (seen["op"], seen["status"], seen["message"]) == (op, status, message):
+                seen["count"] += 1
+                return
+        if len(self.examples) < self.keep:
+            self.examples.append({"op": op, "status": status, "message": message, "count": 1})
+            log(f"mix: {op} failed: {status} {message[:200]}")
+
+    def as_dict(self) -> dict:
+        return {"total": self.total, "by_op": self.by_op, "by_op_status": self.by_op_status,
+                "examples": self.examples}
+
+
+def _error_message(status: int, body: bytes) -> str:
+    """The gateway's ``{"error": {"message"}}`` (or Kubo's ``{"Message"}``), else the body's start."""
+    try:
+        doc = json.loads(body)
+        message = doc["error"]["message"] if "error" in doc else doc["Message"]
+        return f"HTTP {status}: {message}"
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {status}: {body[:300].decode(errors='replace')}"
+
+
+class MixClient:
+    """One client of the mix: a clinic's desk with ``patients`` patients, each with
+    ``episodes`` episodes open at once (fhir_synth's lab, pharmacy and doctor encounters),
+    written in the order the clinic would write them. Its choices come from its own
+    ``random.Random``, seeded by the spec's seed and its number: the same seed gives every
+    client the same steps, records and attachment sizes."""
+
+    def __init__(self, spec: dict, number: int, sess: aiohttp.ClientSession, errors: MixErrors,
+                 samples: dict[str, list[tuple[float, float]]]) -> None:
+        self.spec, self.number, self.sess, self.errors, self.samples = spec, number, sess, errors, samples
+        self.target = spec["target"]
+        self.url = self.target["url"]
+        self.rng = random.Random(f"mix:{spec['seed']}:{number}")
+        weights = {**MIX_WEIGHTS, **spec.get("weights", {})}
+        self.ops, self.weights = list(weights), list(weights.values())
+        self.chunk: list = []
+        self.chunk_no = -1
+        self.position = 0
+        self.chunk_cids: dict[int, str] = {}
+        self.lengths: dict[str, int] = {}     # episode -> records written (seq of the next)
+        self.patients: list[str] = []
+        self.cids: list[str] = []
+        self.steps = 0
+        self.record_bytes: list[int] = []
+        self.attachment_bytes = 0
+        self.boundary = f"benchmix{number}x" + uuid.uuid4().hex
+
+    # --- one request, timed and checked ----------------------------------------------------
+
+    async def call(self, op: str, method: str, path: str, expect: tuple[int, ...], step_started: float | None = None,
+                   **kw) -> bytes | None:
+        """The answer's body, or None after counting the failure. Timed from the request to
+        the end of its body; only successes are timed, and counted if their step
+        (``step_started``, by default the request itself) began after the warm-up."""
+        headers = {**self.target.get("headers", {}), **kw.pop("headers", {})}
+        started = time.monotonic() if step_started is None else step_started
+        t0 = time.perf_counter()
+
+        async def once() -> tuple[int, bytes]:
+            async with self.sess.request(method, self.url + path, headers=headers, **kw) as resp:
+                return resp.status, await resp.read()
+        try:
+            status, body = await retrying(self.target["name"], once)
+        except aiohttp.ClientError as exc:
+            self.errors.add(op, 0, f"{type(exc).__name__}: {exc}")
+            return None
+        elapsed = time.perf_counter() - t0
+        if not 200 <= status < 300 or status not in expect:
+            self.errors.add(op, status, _error_message(status, body))
+            return None
+        self.samples[op].append((started, elapsed))
+        return body
+
+    def wrong(self, op: str, message: str) -> None:
+        """A 2xx whose answer is not what was written: a failure like any other (its timing,
+        already taken, stays: the request did cost that)."""
+        self.errors.add(op, 200, f"wrong answer: {message}")
+
+    # --- the steps --------------------------------------------------------------------------
+
+    def next_record(self) -> tuple[int, "fhir_synth.SynthRecord"]:
+        while self.position >= len(self.chunk):  # a new set of patients when one is written out
+            self.chunk_no += 1
+            if self.chunk_no >= 1000 or self.number >= 1000:
+                raise LoadError("mix: more than 1000 clients or 1000 patient sets per client")
+            seed = self.spec["seed"] * 1_000_000 + self.number * 1000 + self.chunk_no
+            self.chunk = fhir_synth.generate(seed, self.spec["patients_per_client"],
+                                             self.spec["episodes_per_patient"], self.spec["encounters"],
+                                             prefix=f"mix-{self.spec['tag']}")
+            self.position, self.chunk_cids = 0, {}
+        index = self.position
+        self.position += 1
+        return index, self.chunk[index]
+
+    async def write_record(self) -> None:
+        index, synth = self.next_record()
+        record = synth.record
+        if synth.corrects is not None and synth.corrects in self.chunk_cids:
+            # an amendment names the CID its corrected record got (if that write failed, the
+            # placeholder stays and the gateway's answer says what it makes of it)
+            record = {**record, "body": {**record["body"], "corrects": self.chunk_cids[synth.corrects]}}
+        opening = record["schema"].endswith("/episode-opened/v2")
+        op = "open" if opening else "append"
+        path = (f"/medicon/v1/patients/{record['patient']}/episodes" if opening
+                else f"/medicon/v1/episodes/{record['episode']}/records")
+        body = fhir_synth.dumps(record).encode()
+        self.record_bytes.append(len(body))
+        # 200: the same record again, after a retry whose first answer was lost
+        answer = await self.call(op, "POST", path, (200, 201), data=body,
+                                 headers={"Content-Type": "application/json"})
+        if answer is None:
+            return
+        got = json.loads(answer)
+        self.chunk_cids[index] = got["cid"]
+        self.cids.append(got["cid"])
+        self.lengths[record["episode"]] = got["seq"] + 1
+        if opening and record["patient"] not in self.patients:
+            self.patients.append(record["patient"])
+
+    async def read_history(self) -> None:
+        """The latest page of one of its episodes, as a clinician opening the episode sees it."""
+        limit = self.spec["history_limit"]
+        episode = self.rng.choice(sorted(self.lengths))
+        length = self.lengths[episode]
+        cursor = max(-1, length - 1 - limit)
+        answer = await self.call("history", "GET", f"/medicon/v1/episodes/{episode}/history", (200,),
+                                 params={"limit": str(limit), "cursor": str(cursor)})
+        if answer is None:
+            return
+        seqs = [r["seq"] for r in json.loads(answer)["records"]]
+        if seqs != list(range(cursor + 1, length)):
+            self.wrong("history", f"seqs {seqs[:2]}..{seqs[-2:]} ({len(seqs)}), wanted {cursor + 1}..{length - 1}")
+
+    async def read_record(self) -> None:
+        cid = self.rng.choice(self.cids)
+        answer = await self.call("read", "GET", f"/medicon/v1/records/{cid}", (200,))
+        if answer is not None and json.loads(answer)["cid"] != cid:
+            self.wrong("read", "another record's CID in the answer")
+
+    async def attach(self) -> None:
+        """A small attachment (a scan, a PDF) sealed for one of its patients, then read back
+        whole through ``GET /ipfs/<cid>`` and compared."""
+        low, high = self.spec["attachment_kib"]
+        size = self.rng.randint(low, high) * KiB
+        data = b"\xff" + self.rng.randbytes(size - 1)  # never JSON: an attachment, not a record
+        patient = self.rng.choice(self.patients)
+        self.attachment_bytes += size
+        step_started = time.monotonic()  # the read back counts with its add, in or out of the warm-up
+        answer = await self.call("attach", "POST", "/api/v0/add", (200,), step_started,
+                                 data=single_part(self.boundary, data, "scan.bin"),
+                                 headers={"Content-Type": f"multipart/form-data; boundary={self.boundary}",
+                                          "X-Medicon-Patient": patient})
+        if answer is None:
+            return
+        try:
+            cid = json.loads([line for line in answer.decode().splitlines() if line.strip()][-1])["Hash"]
+        except (IndexError, ValueError, KeyError):
+            self.wrong("attach", f"no Hash in {answer[:200]!r}")
+            return
+        back = await self.call("attach_read", "GET", f"/ipfs/{cid}", (200,), step_started)
+        if back is not None and back != data:
+            self.wrong("attach_read", f"{len(back)} bytes read, not the {size} added")
+
+    async def run(self, end: float) -> None:
+        while time.monotonic() < end and self.steps < self.spec.get("steps_per_client", 1 << 62):
+            if self.errors.total >= self.spec["max_errors"]:
+                return
+            op = self.rng.choices(self.ops, self.weights)[0]
+            self.steps += 1
+            if op == "record" or not self.cids:  # nothing to read yet: write first
+                await self.write_record()
+            elif op == "history":
+                await self.read_history()
+            elif op == "read":
+                await self.read_record()
+            elif op == "attach":
+                await self.attach()
+            else:
+                raise LoadError(f"mix: unknown operation {op!r}")
+
+
+async def mix(spec: dict) -> dict:
+    """``clients`` clients running the mix for ``warmup_s`` (not counted) and then
+    ``duration_s``; per operation: count, ops/s, p50, p99, errors; and records/s."""
+    spec = {"seed": 1, "clients": 16, "patients_per_client": 2, "episodes_per_patient": 4, "encounters": 8,
+            "history_limit": 50, "attachment_kib": [64, 512], "warmup_s": 5, "duration_s": 60,
+            "max_errors": 50, "tag": uuid.uuid4().hex[:6], **spec}
+    errors = MixErrors()
+    samples: dict[str, list[tuple[float, float]]] = {op: [] for op in MIX_OPS}
+    async with make_session(spec["clients"] + 4) as sess:
+        clients = [MixClient(spec, i, sess, errors, samples) for i in range(spec["clients"])]
+        started = time.monotonic()
+        counted_from = started + spec["warmup_s"]
+        await asyncio.gather(*(c.run(counted_from + spec["duration_s"]) for c in clients))
+        finished = time.monotonic()
+    if errors.total >= spec["max_errors"]:
+        log(f"mix: stopped after {errors.total} failed operations")
+    seconds = max(0.0, finished - counted_from)  # 0: every client stopped within the warm-up
+
+    def rate(n: int) -> float:
+        return n / seconds if seconds else 0.0
+    ops = {}
+    for op in MIX_OPS:
+        timed = [elapsed for t0, elapsed in samples[op] if t0 >= counted_from]
+        ops[op] = {"count": len(timed), "ops_per_s": rate(len(timed)),
+                   "p50_ms": percentile(timed, 50) * 1e3 if timed else None,
+                   "p99_ms": percentile(timed, 99) * 1e3 if timed else None,
+                   "mean_ms": statistics.fmean(timed) * 1e3 if timed else None,
+                   "max_ms": max(timed) * 1e3 if timed else None,
+                   "errors": errors.by_op.get(op, 0), "warmup_count": len(samples[op]) - len(timed)}
+    records = ops["open"]["count"] + ops["append"]["count"]
+    sizes = [n for c in clients for n in c.record_bytes]
+    return {"clients": spec["clients"], "seed": spec["seed"], "tag": spec["tag"],
+            "weights": {**MIX_WEIGHTS, **spec.get("weights", {})}, "warmup_s": spec["warmup_s"],
+            "duration_s": spec["duration_s"], "patients_per_client": spec["patients_per_client"],
+            "episodes_per_patient": spec["episodes_per_patient"], "history_limit": spec["history_limit"],
+            "attachment_kib": spec["attachment_kib"], "seconds": seconds, "ops": ops, "records": records,
+            "records_per_s": rate(records), "steps": sum(c.steps for c in clients),
+            "patients": sum(len(c.patients) for c in clients),
+            "episodes": sum(len(c.lengths) for c in clients),
+            "record_bytes": {"mean": statistics.fmean(sizes) if sizes else None,
+                             "p50": percentile(sizes, 50) if sizes else None,
+                             "max": max(sizes, default=None)},
+            "attachment_bytes": sum(c.attachment_bytes for c in clients),
+            "stopped_by_errors": errors.total >= spec["max_errors"],
+            "errors": errors.as_dict()}
+
+
 SCENARIOS = {"prepare": prepare, "stream": stream, "append": appends,
-             "history_build": history_build, "history_page": history_page}
+             "history_build": history_build, "history_page": history_page, "mix": mix}
 
 
 def main() -> int:

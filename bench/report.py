@@ -180,6 +180,7 @@ def markdown(results: dict[str, Any]) -> str:
     else:
         lines.append(f"- Encrypted attachment read: {enc.get('status', '?')} — {enc.get('reason', '')}.")
     lines += sync_lines(results.get("sync"))
+    lines += mix_lines(results.get("mix"))
     from bench.sites import sites_lines
     lines += sites_lines(results.get("sites"))
     return "\n".join(lines) + "\n"
@@ -205,6 +206,55 @@ def sync_lines(sync: dict[str, Any] | None) -> list[str]:
                      f"(MB/s) | {m['sync off']:.0f} | {m['sync on']:.0f} | {a['on_to_off']:.2f}× |")
     lines += ["", "Medians of interleaved rounds; on/off is the median of the per-round ratios. Each appended "
               "record is one block written, fsynced, and pinned (the pin, in leveldb, was always fsynced)."]
+    return lines
+
+
+MIX_LABELS = {
+    "open": "open an episode (`POST …/patients/{p}/episodes`)",
+    "append": "append a record (`POST …/episodes/{e}/records`)",
+    "history": "history page (`GET …/episodes/{e}/history`)",
+    "read": "read a record (`GET …/records/{cid}`)",
+    "attach": "add an attachment (`POST /api/v0/add`, sealed)",
+    "attach_read": "read it back (`GET /ipfs/{cid}`)",
+}
+
+
+def mix_lines(mix: dict[str, Any] | None) -> list[str]:
+    """The clinical mix: one row per operation, then the records written per second."""
+    if not mix or "ops" not in mix:
+        return []
+    w = mix["weights"]
+    lines = ["", f"### Clinical mix: {mix['clients']} clients for {mix['seconds']:.0f} s, through the gateway", "",
+             "| operation | count | ops/s | p50 (ms) | p99 (ms) | errors |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for op, label in MIX_LABELS.items():
+        r = mix["ops"].get(op)
+        if r is None:
+            continue
+        lines.append(f"| {label} | {r['count']:,} | {r['ops_per_s']:.1f} | {_fmt(r['p50_ms'], 1)} | "
+                     f"{_fmt(r['p99_ms'], 1)} | {r['errors']}{' **failed**' if r['errors'] else ''} |")
+    sizes = mix.get("record_bytes", {})
+    lines.append(f"| **records written (open + append)** | {mix['records']:,} | **{mix['records_per_s']:.1f}** "
+                 "| | | |")
+    low, high = mix["attachment_kib"]
+    lines += ["", f"Each client works over {mix['patients_per_client']} synthetic FHIR patients at a time "
+              f"(`bench/fhir_synth.py`, seed {mix['seed']}), each with {mix['episodes_per_patient']} episodes "
+              f"open at once, and at each step writes the next record of its patients ({w['record']} %), reads the "
+              f"latest page of up to {mix['history_limit']} records of one of its episodes ({w['history']} %), "
+              f"reads one of its records back ({w['read']} %), or adds an attachment of {low}–{high} KiB sealed "
+              f"for one of its patients and reads it back whole ({w['attach']} %); "
+              f"{mix['patients']} patients and {mix['episodes']} episodes in all, records of "
+              f"{_fmt(sizes.get('p50'), 0)} bytes (median; up to {_fmt(sizes.get('max'), 0)}). "
+              f"Counted after a {mix['warmup_s']:.0f} s warm-up; ops/s over the {mix['seconds']:.1f} s after it. "
+              "Latency is one request's, answer read whole; p99 is the nearest-rank 99th percentile. "
+              "Gateway only: Kubo on its own has no records, episodes or history to compare with "
+              "(the `appends` rows compare an append with a raw `add` of the same bytes)."]
+    errors = mix.get("errors", {})
+    if errors.get("total"):
+        lines += ["", f"**{errors['total']} operations failed**"
+                  + (" (the run stopped there)" if mix.get("stopped_by_errors") else "")
+                  + f" ({errors['by_op_status']}): "
+                  + "; ".join(f"{e['op']} {e['status']} ×{e.get('count', 1)}: {e['message']}"
+                              for e in errors["examples"][:5])]
     return lines
 
 

@@ -5,7 +5,7 @@ them from a separate load-generator process (``bench/loadgen.py``), interleaving
 round after round so every ratio compares numbers taken under the same conditions. Writes
 ``bench/results/latest.{json,md,png}`` and prints the table. See ``bench/README.md``.
 
-    .venv/bin/python -m bench [--big] [--repeats N] [--quick] [--only cat,add,...]
+    .venv/bin/python -m bench [--big] [--repeats N] [--quick] [--only cat,add,mix,...]
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from bench.sites import sites  # noqa: E402
 MiB = 1 << 20
 GiB = 1 << 30
 RESULTS = Path(__file__).resolve().with_name("results")
-SCENARIOS = ("cat", "ipfs", "add", "appends", "history", "rss", "encrypted", "sync", "sites")
+SCENARIOS = ("cat", "ipfs", "add", "appends", "history", "rss", "encrypted", "sync", "sites", "mix")
 
 
 @dataclass
@@ -54,6 +54,7 @@ class Plan:
     big: bool
     quick: bool
     only: set[str]
+    mix: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "Plan":
@@ -61,6 +62,14 @@ class Plan:
         unknown = only - set(SCENARIOS)
         if unknown:
             raise SystemExit(f"bench: unknown scenario(s) {', '.join(sorted(unknown))}; known: {', '.join(SCENARIOS)}")
+        plan = cls._sized(args, only)
+        plan.mix = {"clients": args.mix_clients, "seed": args.mix_seed,
+                    "warmup_s": 3 if args.quick else 10,
+                    "duration_s": args.mix_duration or (15 if args.quick else 100)}
+        return plan
+
+    @classmethod
+    def _sized(cls, args: argparse.Namespace, only: set[str]) -> "Plan":
         if args.quick:  # a smoke test of the whole pipeline, not numbers to keep
             return cls(sizes=[MiB, 8 * MiB], repeats=args.repeats or 2, append_repeats=2,
                        concurrency=[1, 8, 32], records_per_client={1: 40, 8: 10, 32: 4},
@@ -383,6 +392,35 @@ def encrypted(ctx: Ctx) -> None:
         ctx.say(f"encrypted attachment read: {res['status']} ({res.get('reason', '')})")
 
 
+def mix(ctx: Ctx) -> None:
+    """A clinical mix through the gateway (``mix`` in bench/loadgen.py): many small FHIR
+    records across many episodes, history pages, record reads and a few attachments, from
+    ``clients`` clients at once; per operation count, ops/s, p50, p99 and errors, and
+    records/s. Gateway only: Kubo has no records, episodes or history to compare with. Any
+    failed operation fails the step (the numbers are kept in the json and the table)."""
+    m = ctx.plan.mix
+    spec = {"kind": "mix", "target": ctx.gateway_target(), **m}
+    ctx.say(f"mix: {m['clients']} clients, {m['warmup_s']} s warm-up + {m['duration_s']:.0f} s, seed {m['seed']}")
+    res = ctx.loadgen(spec, m["warmup_s"] + m["duration_s"])
+    ctx.results["mix"] = res
+    for op, r in res["ops"].items():
+        if r["count"] or r["errors"]:
+            ctx.say(f"mix {op:11}: {r['count']:6} ops {r['ops_per_s']:7.1f}/s  p50 {_ms(r['p50_ms'])}  "
+                    f"p99 {_ms(r['p99_ms'])}  errors {r['errors']}")
+    ctx.say(f"mix: {res['records_per_s']:.1f} records/s ({res['records']} records over {res['seconds']:.1f} s; "
+            f"{res['patients']} patients, {res['episodes']} episodes)")
+    errors = res["errors"]
+    if errors["total"]:
+        shown = "; ".join(f"{e['op']} {e['status']} ×{e['count']}: {e['message']}" for e in errors["examples"][:3])
+        raise BenchError(f"mix: {errors['total']} operations failed ({errors['by_op_status']}): {shown}")
+    if not res["records"]:
+        raise BenchError("mix: no record written after the warm-up")
+
+
+def _ms(value: float | None) -> str:
+    return f"{value:7.1f} ms" if value is not None else "      — ms"
+
+
 # --- machine ---------------------------------------------------------------------------------
 
 def machine_info(procs: Procs) -> dict[str, Any]:
@@ -442,6 +480,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="smoke test with small sizes; writes bench/results/quick.* instead of latest.*")
     p.add_argument("--only", help=f"comma-separated subset of: {','.join(SCENARIOS)}")
+    p.add_argument("--mix-clients", type=int, default=16, help="clients of the clinical mix (default 16)")
+    p.add_argument("--mix-duration", type=float,
+                   help="seconds the clinical mix is measured, after its warm-up (default 100; 15 with --quick)")
+    p.add_argument("--mix-seed", type=int, default=1, help="seed of the clinical mix (default 1)")
     p.add_argument("--out", type=Path, default=RESULTS, help="results folder (default bench/results)")
     p.add_argument("--keep-tmp", action="store_true", help="keep the temporary Kubo repo and logs")
     return p.parse_args(argv)
@@ -475,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
                      "concurrency": plan.concurrency, "records_per_client": plan.records_per_client,
                      "history_length": plan.history_length, "rss_sizes": plan.rss_sizes,
                      "bytes_per_sample": plan.bytes_per_sample, "big": plan.big, "quick": plan.quick,
-                     "only": sorted(plan.only)},
+                     "only": sorted(plan.only), "mix": plan.mix},
             "auth": auth.note, "keyring": keyring,
         })
         steps: list[tuple[str, Callable[[], None]]] = []
@@ -485,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
             if op in plan.only:
                 steps.append((op, lambda op=op: stream(ctx, op)))
         for name, fn in (("appends", appends), ("history", history), ("rss", rss), ("encrypted", encrypted),
-                         ("sync", sync_cost), ("sites", sites)):
+                         ("sync", sync_cost), ("sites", sites), ("mix", mix)):
             if name in plan.only:
                 steps.append((name, lambda fn=fn: fn(ctx)))
         for name, step in steps:
