@@ -7,12 +7,14 @@ Starts its own parts (the run's offline Kubo is not used): two Kubo nodes in a p
 
 - ``sqlite``: the embedded stores, on node A;
 - ``pg-a1``, ``pg-b1``: one PostgreSQL database, on nodes A and B, ``records.replicas = 1``;
+- ``pg-a1w2``: the same database on node A, ``server.workers = 2`` (two processes on one port);
 - ``pg-a2``, ``pg-b2``: the same database, on nodes A and B, ``records.replicas = 2``: each asks
   the other's ``/pinning/v1`` to pin every record before it is acknowledged.
 
 Targets (interleaved round after round by the load generator, each client over 4 episodes of
-its own): SQLite · 1 gateway; PostgreSQL · 1 gateway · replicas 1; PostgreSQL · 2 gateways
-(clients split between A and B) · replicas 1; the same two with replicas 2.
+its own): SQLite · 1 gateway; PostgreSQL · 1 gateway · replicas 1; the same gateway with 2
+workers; PostgreSQL · 2 gateways (clients split between A and B) · replicas 1; the same two
+with replicas 2.
 
     .venv/bin/python -m bench --only sites
 """
@@ -30,9 +32,10 @@ from bench.procs import PYTHON, ROOT, BenchError, Procs
 from gateway.kubo.node import free_port, private_swarm, start_swarm
 
 TARGETS = ("SQLite · 1 gateway · replicas 1", "PostgreSQL · 1 gateway · replicas 1",
+           "PostgreSQL · 1 gateway, 2 workers · replicas 1",
            "PostgreSQL · 2 gateways · replicas 1", "PostgreSQL · 1 gateway · replicas 2",
            "PostgreSQL · 2 gateways · replicas 2")
-CONCURRENCY = {1: 100, 8: 40}  # clients: records per client and round
+CONCURRENCY = {1: 100, 8: 40, 32: 12}  # clients: records per client and round
 
 
 def _median(values: list[float]) -> float | None:
@@ -93,6 +96,7 @@ def _sites(ctx: Any) -> None:
         sqlite = gateway("sqlite", 0, None, {})
         pg_a1 = gateway("pg-a1", 0, a_dir, {})
         pg_b1 = gateway("pg-b1", 1, b_dir, {})
+        pg_a1w2 = gateway("pg-a1w2", 0, a_dir, {"MEDICON_SERVER_WORKERS": "2"})
         replicator = _replicator_token(pg_a1)
         key_file = tmp / "replicator-key"
         key_file.touch(mode=0o600)
@@ -109,9 +113,10 @@ def _sites(ctx: Any) -> None:
         targets = [
             {"name": TARGETS[0], "kind": "append", "urls": [sqlite.gateway.url], "headers": sqlite.auth.headers},
             {"name": TARGETS[1], "kind": "append", "urls": [pg_a1.gateway.url], "headers": headers},
-            {"name": TARGETS[2], "kind": "append", "urls": [pg_a1.gateway.url, pg_b1.gateway.url], "headers": headers},
-            {"name": TARGETS[3], "kind": "append", "urls": [pg_a2.gateway.url], "headers": headers},
-            {"name": TARGETS[4], "kind": "append", "urls": [pg_a2.gateway.url, pg_b2.gateway.url], "headers": headers},
+            {"name": TARGETS[2], "kind": "append", "urls": [pg_a1w2.gateway.url], "headers": headers},
+            {"name": TARGETS[3], "kind": "append", "urls": [pg_a1.gateway.url, pg_b1.gateway.url], "headers": headers},
+            {"name": TARGETS[4], "kind": "append", "urls": [pg_a2.gateway.url], "headers": headers},
+            {"name": TARGETS[5], "kind": "append", "urls": [pg_a2.gateway.url, pg_b2.gateway.url], "headers": headers},
         ]
         block = ctx.results.setdefault("sites", {})
         for c, per_client in CONCURRENCY.items():

@@ -29,6 +29,7 @@ from .security.principal import ROLES
 from .core.key_provider import KeyringProvider
 from .security.tokens import TokenError, parse_duration
 from .storage import Storage, TokenStore, migrate, open_storage
+from .workers import supervise
 
 log = logging.getLogger("medicon_gateway")
 T = TypeVar("T")
@@ -38,9 +39,9 @@ MAX_LINE_SIZE = 8190
 MAX_FIELD_SIZE = 8190
 
 
-async def run_server(config: Config, *, announce=None) -> None:
+async def run_server(config: Config, *, announce=None, reuse_port: bool = False) -> None:
     """Serve until SIGINT/SIGTERM, then stop accepting and let in-flight requests finish
-    within ``server.shutdown_timeout``."""
+    within ``server.shutdown_timeout``. ``reuse_port``: one of several workers on the port."""
     app = create_app(config)
     runner = GatewayRunner(app, handle_signals=False, access_log=None,
                            shutdown_timeout=config.server.shutdown_timeout,
@@ -48,7 +49,7 @@ async def run_server(config: Config, *, announce=None) -> None:
                            keepalive_timeout=75.0,  # an idle keep-alive connection, as nginx's default
                            max_line_size=MAX_LINE_SIZE, max_field_size=MAX_FIELD_SIZE)
     await runner.setup()
-    site = web.TCPSite(runner, config.server.host, config.server.port)
+    site = web.TCPSite(runner, config.server.host, config.server.port, reuse_port=reuse_port or None)
     await site.start()
     port = runner.addresses[0][1]
     stop = asyncio.Event()
@@ -96,7 +97,9 @@ def run_loop(config: Config, main: Coroutine[Any, Any, T]) -> T:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides=_overrides(args))
-    run_loop(config, run_server(config, announce=_announce))
+    if args.worker is None and config.server.workers > 1:
+        return supervise(config, sys.argv[1:], _announce)
+    run_loop(config, run_server(config, announce=_announce, reuse_port=args.worker is not None))
     return 0
 
 
@@ -396,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the gateway in front of a Kubo node")
     common(serve)
+    serve.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # one of server.workers (gateway.workers)
     serve.set_defaults(func=cmd_serve)
 
     dev = sub.add_parser("dev", help="start a managed local Kubo and the gateway in front of it")

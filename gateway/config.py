@@ -76,6 +76,9 @@ class ServerConfig(Section):
     # The event loop: "asyncio" (measured faster for large streams, as fast for small requests)
     # or "uvloop" (pip install 'medicon-gateway[uvloop]').
     event_loop: Literal["asyncio", "uvloop"] = "asyncio"
+    # Gateway processes serving the port (SO_REUSEPORT; each uses one core). More than one
+    # needs a storage backend several processes share: PostgreSQL (storage.url).
+    workers: Annotated[int, Field(ge=1, le=64)] = 1
 
 
 class KuboConfig(Section):
@@ -352,4 +355,9 @@ def load_config(
             key = f"{section}.{err.errors()[0]['loc'][0]}"
             named = f"'{key}'" + (f" ({origins[key]})" if key in origins else "")
             raise ConfigError(f"config key {named}: {_describe(err, key in SECRET_KEYS)}") from None
-    return Config(**built)
+    config = Config(**built)
+    if config.server.workers > 1 and not (config.storage.url.get_secret_value() or config.storage.url_file):
+        named = "'server.workers'" + (f" ({origins['server.workers']})" if "server.workers" in origins else "")
+        raise ConfigError(f"config key {named}: {config.server.workers} workers need storage.url (PostgreSQL); "
+                          "the embedded SQLite stores belong to one process")
+    return config

@@ -23,7 +23,7 @@ LAYERS = [
     {"gateway.kubo"},
     {"gateway.core"},
     {"gateway.http"},
-    {"gateway.cli", "gateway.__main__", "gateway.devcluster"},
+    {"gateway.cli", "gateway.__main__", "gateway.devcluster", "gateway.workers"},
 ]
 
 

@@ -307,8 +307,25 @@ class RecordService:
         async with self.key_locks(key) if key else nullcontext():
             if self.config.records.pipeline:
                 return await self._append_pipelined(client, signer, digest, key)
-            async with self.locks(record["episode"]):
-                return await self._append_locked(client, signer, digest, key)
+            return await self._append_serial(client, signer, digest, key)
+
+    async def _append_serial(self, client: ClientRecord, signer: str, digest: str, key: str | None) -> Appended:
+        """An append that did not name its position (no prev, no seq) and lost its head move
+        to another process (another worker of this gateway, another site) is linked again to
+        the episode as it now stands, a few times: the client asked for the end of the episode,
+        wherever it is. One that named its position gets the conflict."""
+        unnamed = "prev" not in client.parsed and "seq" not in client.parsed
+        # This process's lock, then the episode's turn among the processes sharing the store
+        # (``HeadStore.episode_turn``), kept between attempts: a relink is the exception (an
+        # append by a process that did not take turns), not a race lost again and again.
+        async with self.locks(client.parsed["episode"]), self.storage.heads.episode_turn(client.parsed["episode"]):
+            for attempt in range(1, SERIAL_RELINKS + 1):
+                try:
+                    return await self._append_locked(client, signer, digest, key,
+                                                     relink=unnamed and attempt < SERIAL_RELINKS)
+                except _Relink:
+                    continue
+        raise AssertionError("unreachable")
 
     async def _append_pipelined(self, client: ClientRecord, signer: str, digest: str, key: str | None) -> Appended:
         """An append that did not name its position (no prev, no seq) and failed only because
@@ -369,7 +386,8 @@ class RecordService:
             raise Unavailable("the Idempotency-Key is held by a record the index cannot show") from None
         raise ChainConflict(f"episode {request['episode']!r} changed under this append", lost.current) from None
 
-    async def _append_locked(self, client: ClientRecord, signer: str, digest: str, key: str | None) -> Appended:
+    async def _append_locked(self, client: ClientRecord, signer: str, digest: str, key: str | None, *,
+                             relink: bool = False) -> Appended:
         heads, record = self.storage.heads, client.parsed
         earlier = await self._retried(record, digest, key)
         if earlier is not None:
@@ -395,6 +413,8 @@ class RecordService:
                                            closes=record["schema"] in CLOSING_KINDS)
         except (StoreConflict, KeyTaken) as lost:
             await self._release(cid)
+            if relink and isinstance(lost, StoreConflict) and await self._retried(request, digest, key) is None:
+                raise _Relink() from None
             return await self._after_lost_move(lost, request, digest, key)
         except Exception:
             await self._release(cid)
@@ -625,6 +645,11 @@ class RecordService:
 # Times an append that named no position is linked again after the record it was chained on
 # failed to commit.
 RELINKS = 3
+SERIAL_RELINKS = 8  # each lost to another process's append that moved the head meanwhile
+
+
+class _Relink(Exception):
+    """An unnamed append lost its head move to another process: link it again."""
 
 
 def _require_signed(cid: str, signed: bool) -> None:

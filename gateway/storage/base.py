@@ -7,6 +7,7 @@ implements them the same way. Every method is a coroutine: no backend blocks the
 
 from __future__ import annotations
 
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable, Iterable, Protocol
@@ -33,6 +34,11 @@ class HeadStore(Protocol):
     # ``StoreConflict``/``KeyTaken`` it lost with) is returned in its place; after the first
     # that fails, the rest are not tried (``ChainBroken``). What succeeded is committed.
     async def append_chain(self, moves: list[HeadMove]) -> list[Episode | Exception]: ...
+    # Held while one append to ``episode`` is linked, stored and moves the head, so that the
+    # processes sharing the store (workers of a gateway, gateways of several sites) take turns
+    # in arrival order instead of racing, where the process that just won would start its next
+    # append first and keep winning. Correctness never rests on it: heads move by CAS only.
+    def episode_turn(self, episode: str) -> AbstractAsyncContextManager[None]: ...
     async def history(self, episode: str, after_seq: int, limit: int) -> list[IndexedRecord]: ...
     async def record(self, cid: str) -> IndexedRecord | None: ...
     async def all_records(self) -> list[IndexedRecord]: ...

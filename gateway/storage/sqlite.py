@@ -15,6 +15,7 @@ tokens and keys while the gateway reads them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import os
@@ -288,6 +289,10 @@ class SQLiteHeadStore:
 
     def __init__(self, db: SQLiteDatabase) -> None:
         self._db = db
+
+    def episode_turn(self, episode: str) -> contextlib.nullcontext:
+        """One process writes these files: the record service's own per-episode lock is the turn."""
+        return contextlib.nullcontext()
 
     async def get_episode(self, episode: str) -> Episode | None:
         return await self._db.read(_episode_row, episode)
