@@ -204,7 +204,8 @@ async def prepare(spec: dict) -> dict:
         for size in spec["sizes"]:
             out[str(size)] = cid = await add(sess, spec["target"], blobs, size)
             if spec.get("check"):
-                async with sess.post(spec["check"]["api"] + "/api/v0/cat", params={"arg": cid}) as resp:
+                async with sess.post(spec["check"]["api"] + "/api/v0/cat", params={"arg": cid},
+                                     headers=spec["check"].get("headers", {})) as resp:
                     if resp.status != 200:
                         raise await _fail(resp, "cat on Kubo")
                     stored[str(size)] = await drain(resp)

@@ -364,7 +364,7 @@ def sync_cost(ctx: Ctx) -> None:
                     f"{rps['sync off']:.0f}/s p50 {p50['sync off']:.1f} ms ({got['on_to_off']:.2f}x)")
         size = max(s for s in plan.sizes if s <= 256 * MiB)
         for via, on_url, off_url, on_headers, off_headers in (
-                ("kubo", on_kubo.api_url, off_kubo.api_url, {}, {}),
+                ("kubo", on_kubo.api_url, off_kubo.api_url, on_kubo.rpc_headers, off_kubo.rpc_headers),
                 ("gateway", on_gw.url, off_gw.url, ctx.procs.auth.headers, other.auth.headers)):
             targets = [{"name": "sync on", "api": on_url, "gw": on_url, "headers": on_headers},
                        {"name": "sync off", "api": off_url, "gw": off_url, "headers": off_headers}]

@@ -182,3 +182,32 @@ def test_a_worker_that_cannot_start_stops_the_gateway(kubo, tmp_path):
     assert "MEDICON_GATEWAY_URL" not in proc.stdout
     assert "while starting, 3 times in a row" in proc.stderr
     assert "secretpw" not in proc.stderr
+
+
+async def test_turns_never_take_the_pool_from_the_appends_that_hold_them(aiohttp_client, kubo, postgres_db):
+    """A pool of 2: at most one connection holds a turn, the other is left for the appends'
+    own work. 24 appends at once over 8 episodes all land; none waits out the pool."""
+    from conftest import app_client, gateway_config
+    from gateway.storage.postgres import migrate_database
+    await migrate_database(postgres_db)
+    cfg = gateway_config(kubo, **{"storage.url": postgres_db, "storage.pool_max": 2, "storage.pool_min": 1,
+                                  "storage.connect_timeout": 5})
+    STORAGE_URLS[cfg.records.data_dir] = postgres_db
+    try:
+        c = await app_client(aiohttp_client, cfg)
+        patient = uid("p")
+        episodes = [uid("e") for _ in range(8)]
+        for episode in episodes:
+            r = await c.post(f"/medicon/v1/patients/{patient}/episodes", json=opened(patient, episode))
+            assert r.status == 201, await r.text()
+
+        async def append(episode, n):
+            r = await c.post(f"/medicon/v1/episodes/{episode}/records", json=encounter(patient, episode, note=f"n{n}"))
+            return r.status, await r.text()
+        answers = await asyncio.wait_for(
+            asyncio.gather(*(append(episodes[i % 8], i) for i in range(24))), 60)
+        assert [a for a in answers if a[0] != 201] == []  # a starved pool answers 503 after 5 s
+        for episode in episodes:
+            assert (await (await c.get(f"/medicon/v1/episodes/{episode}")).json())["length"] == 4
+    finally:
+        STORAGE_URLS.pop(cfg.records.data_dir, None)

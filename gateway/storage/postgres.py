@@ -105,9 +105,8 @@ class PostgresDatabase:
         self._acquire_timeout = acquire_timeout
         self.url = url  # for the audit walker's own connection; never in a message
         self.command_timeout = command_timeout
-        self._turns: asyncpg.Pool | None = None  # episode turns (``turn``), as many as the main pool
-        self._turns_max = pool.get_max_size()
-        self._turns_opening = asyncio.Lock()
+        # episode turns (``turn``): at most half the pool's connections
+        self._turn_slots = asyncio.Semaphore(pool.get_max_size() // 2) if pool.get_max_size() >= 2 else None
 
     @classmethod
     async def open(cls, url: str, *, min_size: int = 2, max_size: int = 10, connect_timeout: float = 10.0,
@@ -147,46 +146,42 @@ class PostgresDatabase:
 
     @contextlib.asynccontextmanager
     async def turn(self, key: str) -> AsyncIterator[None]:
-        """Hold ``pg_advisory_xact_lock`` on ``key`` (hashed) for the body's duration, on a
-        connection of a pool of its own, opened the first time a turn is taken."""
-        try:
-            if self._turns is None:
-                async with self._turns_opening:
-                    if self._turns is None:
-                        self._turns = await asyncpg.create_pool(
-                            self.url, min_size=0, max_size=self._turns_max, timeout=self._acquire_timeout,
-                            command_timeout=self.command_timeout,
-                            server_settings={"application_name": "medicon-gateway turns"})
-            conn = await self._turns.acquire(timeout=self._acquire_timeout)
-        except (asyncpg.PostgresError, *_CONNECTION_ERRORS) as exc:
-            raise _failure(exc, self.where, "head", "take an episode's turn") from None
-        try:
-            transaction = conn.transaction()
+        """Hold ``pg_advisory_xact_lock`` on ``key`` (hashed) for the body's duration, on a pooled
+        connection. At most half the pool holds turns at once: a turn's holder needs another
+        connection to do its work, and the other half is always left for that (and for
+        everything else), so turns never take the pool from the work they wait for, and add no
+        connection to what the database must allow. A pool of one takes no turns."""
+        if self._turn_slots is None:
+            yield
+            return
+        async with self._turn_slots:
             try:
-                await transaction.start()
-                await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", "medicon-turn\x1f" + key)
+                conn = await self.pool.acquire(timeout=self._acquire_timeout)
             except (asyncpg.PostgresError, *_CONNECTION_ERRORS) as exc:
                 raise _failure(exc, self.where, "head", "take an episode's turn") from None
             try:
-                yield
-            finally:
+                transaction = conn.transaction()
                 try:
-                    await transaction.rollback()  # nothing was written on it: ending it frees the lock
-                except (asyncpg.PostgresError, *_CONNECTION_ERRORS):
-                    conn.terminate()  # the server ends the lock with the connection
-        finally:
-            await self._turns.release(conn)
+                    await transaction.start()
+                    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+                                       "medicon-turn\x1f" + key)
+                except (asyncpg.PostgresError, *_CONNECTION_ERRORS) as exc:
+                    raise _failure(exc, self.where, "head", "take an episode's turn") from None
+                try:
+                    yield
+                finally:
+                    try:
+                        await transaction.rollback()  # nothing was written on it: ending it frees the lock
+                    except (asyncpg.PostgresError, *_CONNECTION_ERRORS):
+                        conn.terminate()  # the server ends the lock with the connection
+            finally:
+                await self.pool.release(conn)
 
     async def close(self) -> None:
         try:
             await asyncio.wait_for(self.pool.close(), 10)
         except (asyncio.TimeoutError, *_CONNECTION_ERRORS):
             self.pool.terminate()
-        if self._turns is not None:
-            try:
-                await asyncio.wait_for(self._turns.close(), 10)
-            except (asyncio.TimeoutError, *_CONNECTION_ERRORS):
-                self._turns.terminate()
 
 
 def _failure(exc: BaseException, where: str, name: str, what: str) -> MediconError:
@@ -318,10 +313,9 @@ class PostgresHeadStore:
 
     @contextlib.asynccontextmanager
     async def episode_turn(self, episode: str) -> AsyncIterator[None]:
-        """A transaction-scoped advisory lock on the episode, on a connection of the turn pool
-        (never the main one: a turn holder needs main connections to append, so turns must not
-        take them all). PostgreSQL queues the waiters in order; the lock goes with the
-        transaction however the append ends, or with the connection if it is lost."""
+        """A transaction-scoped advisory lock on the episode (``PostgresDatabase.turn``).
+        PostgreSQL queues the waiters in order; the lock goes with the transaction however the
+        append ends, or with the connection if it is lost."""
         async with self._db.turn(episode):
             yield
 
