@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent setup for `make bench`: nginx (the generic-proxy baseline) from Debian's packages,
-# and the bench extra (matplotlib) into the project venv. Safe to run again: it skips what is there.
+# and the bench extra (matplotlib, py-spy) into the project venv. Safe to run again: it skips what is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,8 +32,8 @@ if [ -z "$(find_nginx)" ]; then
 fi
 echo "bench/setup.sh: nginx: $("$(find_nginx)" -v 2>&1)" >&2
 
-if ! "$VENV_PY" -c 'import matplotlib' >/dev/null 2>&1; then
-    echo "bench/setup.sh: installing the bench extra (matplotlib) into the venv" >&2
+if ! "$VENV_PY" -c 'import matplotlib' >/dev/null 2>&1 || [ ! -x "$(dirname "$VENV_PY")/py-spy" ]; then
+    echo "bench/setup.sh: installing the bench extra (matplotlib, py-spy) into the venv" >&2
     # Only the extra's own requirements (read from pyproject.toml), not a reinstall of the project.
     "$VENV_PY" - <<'PY' | xargs -d '\n' "$VENV_PY" -m pip install --quiet
 import tomllib
