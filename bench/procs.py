@@ -4,7 +4,6 @@ it too, and the load generator. All on loopback, all stopped by ``Procs.close`` 
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import secrets
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway.kubo.node import KuboNode, free_port
+from gateway.workers import die_with_parent
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -28,15 +28,6 @@ LOADGEN = Path(__file__).with_name("loadgen.py")
 
 class BenchError(RuntimeError):
     """A process did not start, or a scenario failed."""
-
-
-def _die_with_parent() -> None:
-    """Children get SIGTERM if this process dies without cleaning up (even by SIGKILL)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def _stop(proc: subprocess.Popen | None, sig: int = signal.SIGTERM, timeout: float = 20.0) -> None:
@@ -210,7 +201,7 @@ class Procs:
             proc = subprocess.Popen(
                 [PYTHON, "-m", "gateway", "--log-level", "WARNING", "serve", "--port", str(self.port)],
                 cwd=ROOT, env=self.gateway_env(), stdout=stdout, stderr=stderr,
-                stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent,
+                stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent,
             )
         deadline = time.monotonic() + timeout
         while True:
@@ -323,7 +314,7 @@ http {{
             self.nginx = subprocess.Popen(
                 [binary, "-p", str(conf.parent) + "/", "-e", str(errlog), "-c", str(conf), "-g", "daemon off;"],
                 stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
-                start_new_session=True, preexec_fn=_die_with_parent,
+                start_new_session=True, preexec_fn=die_with_parent,
             )
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + timeout
@@ -355,7 +346,7 @@ http {{
         """Run one scenario in a separate load-generator process; its JSON answer."""
         self.loadgen = subprocess.Popen(
             [PYTHON, str(LOADGEN)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None,
-            cwd=ROOT, start_new_session=True, preexec_fn=_die_with_parent,
+            cwd=ROOT, start_new_session=True, preexec_fn=die_with_parent,
         )
         try:
             out, _ = self.loadgen.communicate(json.dumps(spec).encode(), timeout=timeout)

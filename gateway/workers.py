@@ -26,7 +26,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .config import Config
 
@@ -48,8 +48,9 @@ def reserve_port(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _die_with_supervisor() -> None:
-    """A worker whose supervisor is gone (killed outright) stops too (Linux: PR_SET_PDEATHSIG)."""
+def die_with_parent() -> None:
+    """``preexec_fn`` of a child that must not outlive the process that started it, even one
+    killed outright (SIGKILL): the kernel sends it SIGTERM then (Linux: PR_SET_PDEATHSIG)."""
     try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):
@@ -63,7 +64,7 @@ class Worker:
     started: float = 0.0
     failed_starts: int = 0
     ready: bool = False
-    buffered: bytes = field(default=b"")
+    buffered: bytes = b""
 
 
 class Supervisor:
@@ -80,7 +81,7 @@ class Supervisor:
 
     def start(self, worker: Worker) -> None:
         worker.process = subprocess.Popen(self.command(worker), stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                                          preexec_fn=_die_with_supervisor)
+                                          preexec_fn=die_with_parent)
         worker.started, worker.ready, worker.buffered = time.monotonic(), False, b""
         os.set_blocking(worker.process.stdout.fileno(), False)
         self.selector.register(worker.process.stdout, selectors.EVENT_READ, worker)

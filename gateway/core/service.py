@@ -375,15 +375,18 @@ class RecordService:
         return Appended(cid, moved, sealed, created=True)
 
     async def _after_lost_move(self, lost: StoreConflict | KeyTaken, request: dict[str, Any], digest: str,
-                               key: str | None) -> Appended:
+                               key: str | None, *, relink: bool = False) -> Appended:
         """The answer to an append whose head move lost. If this very request won elsewhere
         (sent twice at once to another process), its record; otherwise the head moved under it
-        (``ChainConflict``), or its key is held by a record the index cannot show."""
+        (``_Relink`` when the caller links it again, else ``ChainConflict``), or its key is held
+        by a record the index cannot show."""
         earlier = await self._retried(request, digest, key)
         if earlier is not None:
             return await self._original(earlier)
         if isinstance(lost, KeyTaken):
             raise Unavailable("the Idempotency-Key is held by a record the index cannot show") from None
+        if relink:
+            raise _Relink() from None
         raise ChainConflict(f"episode {request['episode']!r} changed under this append", lost.current) from None
 
     async def _append_locked(self, client: ClientRecord, signer: str, digest: str, key: str | None, *,
@@ -413,9 +416,7 @@ class RecordService:
                                            closes=record["schema"] in CLOSING_KINDS)
         except (StoreConflict, KeyTaken) as lost:
             await self._release(cid)
-            if relink and isinstance(lost, StoreConflict) and await self._retried(request, digest, key) is None:
-                raise _Relink() from None
-            return await self._after_lost_move(lost, request, digest, key)
+            return await self._after_lost_move(lost, request, digest, key, relink=relink)
         except Exception:
             await self._release(cid)
             raise

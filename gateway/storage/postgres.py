@@ -311,13 +311,11 @@ class PostgresHeadStore:
     def _run(self, what: str, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> Awaitable[T]:
         return self._db.run(what, "head", fn)
 
-    @contextlib.asynccontextmanager
-    async def episode_turn(self, episode: str) -> AsyncIterator[None]:
+    def episode_turn(self, episode: str) -> contextlib.AbstractAsyncContextManager[None]:
         """A transaction-scoped advisory lock on the episode (``PostgresDatabase.turn``).
         PostgreSQL queues the waiters in order; the lock goes with the transaction however the
         append ends, or with the connection if it is lost."""
-        async with self._db.turn(episode):
-            yield
+        return self._db.turn(episode)
 
     async def get_episode(self, episode: str) -> Episode | None:
         if not storable(episode):
