@@ -542,7 +542,9 @@ def main(argv: list[str] | None = None) -> int:
         ctx.results["elapsed_s"] = round(time.monotonic() - ctx.started, 1)
         ctx.results["machine"]["loadavg_at_end"] = os.getloadavg()
         if "encrypted_read" not in ctx.results:
-            ctx.results["encrypted_read"] = {"status": "not measured in this run"}
+            ctx.results["encrypted_read"] = {"status": "not measured in this run",
+                                             "reason": "the `encrypted` scenario was not among --only"
+                                             if "encrypted" not in plan.only else "the run stopped before it"}
         base = "quick" if plan.quick else "latest"
         written = report.write_all(ctx.results, args.out, base)
         print(report.markdown(ctx.results), flush=True)
