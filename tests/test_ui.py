@@ -251,6 +251,9 @@ class Tab:
         from playwright.sync_api import expect
         self.page.get_by_label("Patient", exact=True).fill(patient)
         self.page.get_by_role("button", name="Show timeline").click()
+        # Every episode's history and verification are in (not merely "none pending yet").
+        expect(self.page.locator("#timeline")).to_have_attribute("data-shown", patient)
+        expect(self.page.locator("#timeline")).not_to_have_attribute("aria-busy", "true")
         expect(self.page.locator(".lane-verify[data-verify='pending']")).to_have_count(0)
 
     def card(self, text: str):

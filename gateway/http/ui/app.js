@@ -125,6 +125,8 @@ function signOut(reason) {
   $('filters').hidden = true;
   $('open-episode').hidden = true;
   $('timeline').replaceChildren();
+  $('timeline').removeAttribute('aria-busy');
+  delete $('timeline').dataset.shown;
   $('detail').replaceChildren();
   $('detail').hidden = true;
   $('patient-input').value = '';
@@ -170,6 +172,10 @@ async function loadPatient(patient) {
   $('detail').hidden = true;
   $('filters').hidden = true;
   $('open-episode').hidden = true;
+  // Busy until every episode's history and verification are in: screen readers wait, and so
+  // can anything that drives the page (data-shown names the patient whose timeline is complete).
+  $('timeline').setAttribute('aria-busy', 'true');
+  delete $('timeline').dataset.shown;
   $('timeline').replaceChildren(h('p', { class: 'empty', role: 'status' }, 'Loading…'));
   let listing;
   try {
@@ -182,6 +188,7 @@ async function loadPatient(patient) {
     $('timeline').replaceChildren(h('p', { class: 'empty notice', dataset: { state: err.status === 403 ? 'denied' : 'error' } }, text));
     showError(err, 'Patient');
     announce(text);
+    shown(patient);
     return;
   }
   if (generation !== state.generation) return;
@@ -191,6 +198,12 @@ async function loadPatient(patient) {
   rerender();
   announce(`${state.lanes.length} episode${state.lanes.length === 1 ? '' : 's'} of patient ${patient}.`);
   await Promise.all(state.lanes.map((lane) => Promise.all([loadHistory(lane, generation), verifyLane(lane, generation)])));
+  if (generation === state.generation) shown(patient);
+}
+
+function shown(patient) {
+  $('timeline').removeAttribute('aria-busy');
+  $('timeline').dataset.shown = patient;
 }
 
 async function loadHistory(lane, generation, more = false) {
