@@ -88,9 +88,12 @@ def render(value: Any) -> str:
     if not raws:
         return text
     # json.dumps writes the marker's NUL characters as \u0000: no client text can forge one,
-    # and the nonce is fresh for every call.
-    marker = re.compile(r'"\\u0000raw-' + nonce + r'-([0-9]+)\\u0000"')
-    return marker.sub(lambda m: raws[int(m.group(1))], text)
+    # and the nonce is fresh for every call (one pattern for all calls: compiling one with the
+    # nonce in it cost more than the rest of a small answer).
+    return _RAW_MARKER.sub(lambda m: raws[int(m.group(2))] if m.group(1) == nonce else m.group(0), text)
+
+
+_RAW_MARKER = re.compile(r'"\\u0000raw-([0-9a-f]{16})-([0-9]+)\\u0000"')
 
 
 # --- positions inside a text --------------------------------------------------------------------
