@@ -1,7 +1,8 @@
 """A read's audit event is written while the read goes on (its call to Kubo overlaps the audit
 log's fsync), but no answer starts before the event is stored: on every surface, an audit log
 that cannot take the event turns the read into an error that carries none of the content. A
-write is audited before it is made."""
+write is audited before it is made: an append's event is written while its record is sealed
+and stored in Kubo, and its head moves only once the event is stored."""
 
 from __future__ import annotations
 
@@ -50,9 +51,9 @@ def audit_gate(tmp_path, monkeypatch):
     sys.modules.pop("audit_gate", None)
 
 
-async def _setup(aiohttp_client, kubo, audit_gate):
+async def _setup(aiohttp_client, kubo, audit_gate, **overrides):
     """A gateway with the gate loaded, a raw blob, a record and its episode to read."""
-    c = await app_client(aiohttp_client, gateway_config(kubo, **{"plugins.modules": ["audit_gate"]}))
+    c = await app_client(aiohttp_client, gateway_config(kubo, **{"plugins.modules": ["audit_gate"], **overrides}))
     content = b"raw bytes the caller may read only once the read is audited " + uid("n").encode()
     r = await c.post("/api/v0/add", data={"file": io.BytesIO(content)})
     assert r.status == 200, await r.text()
@@ -117,13 +118,51 @@ def _kubo_calls(c, command: str) -> float:
     return value or 0.0
 
 
-async def test_a_write_whose_audit_event_cannot_be_stored_is_not_made(aiohttp_client, kubo, audit_gate):
-    c, content, raw, record, episode, patient = await _setup(aiohttp_client, kubo, audit_gate)
+def _recursive_pins(kubo) -> set[str]:
+    """Kubo's recursive pins, asked of Kubo itself (not through the gateway)."""
+    import requests
+    r = requests.post(f"{kubo.api_url}/api/v0/pin/ls", params={"type": "recursive"},
+                      headers=kubo.rpc_headers, timeout=30)
+    r.raise_for_status()
+    return set(r.json()["Keys"])
+
+
+@pytest.mark.parametrize("pipeline", [False, True], ids=["serial", "pipelined"])
+async def test_a_write_whose_audit_event_cannot_be_stored_is_not_made(aiohttp_client, kubo, audit_gate, pipeline):
+    c, content, raw, record, episode, patient = await _setup(aiohttp_client, kubo, audit_gate,
+                                                             **{"records.pipeline": pipeline})
     before = (await (await c.get(f"/medicon/v1/episodes/{episode}")).json())["length"]
-    audit_gate.STATE.update(mode="fail", actions=(":write",), gated=[])
-    r = await c.post(f"/medicon/v1/episodes/{episode}/records", json=encounter(patient, episode, note="never stored"))
-    assert r.status in (502, 503), await r.text()
-    assert audit_gate.STATE["gated"] == ["record:write"]
+    pins = _recursive_pins(kubo)
+    for path, doc in ((f"/medicon/v1/episodes/{episode}/records", encounter(patient, episode, note="never stored")),
+                      (f"/medicon/v1/patients/{patient}/episodes", opened(patient, uid("e")))):
+        audit_gate.STATE.update(mode="fail", actions=(":write",), gated=[])
+        r = await c.post(path, json=doc)
+        assert r.status in (502, 503), await r.text()
+        assert "audit store is unreachable" in (await r.json())["error"]["message"]
+        assert audit_gate.STATE["gated"] == ["record:write"]
     audit_gate.STATE.update(mode=None)
     after = (await (await c.get(f"/medicon/v1/episodes/{episode}")).json())["length"]
     assert after == before
+    assert len((await (await c.get(f"/medicon/v1/patients/{patient}/episodes")).json())["episodes"]) == 1
+    assert _recursive_pins(kubo) - pins == set(), "a record block stored for an unaudited append kept its pin"
+
+
+async def test_an_append_is_stored_in_kubo_while_its_audit_event_is_written_and_commits_after(aiohttp_client, kubo, audit_gate):
+    c, content, raw, record, episode, patient = await _setup(aiohttp_client, kubo, audit_gate)
+    before = (await (await c.get(f"/medicon/v1/episodes/{episode}")).json())["length"]
+    stored = _kubo_calls(c, "block/put")
+    audit_gate.STATE.update(mode="hold", actions=(":write",), held=asyncio.Event(), released=asyncio.Event(), gated=[])
+    writing = asyncio.ensure_future(c.post(f"/medicon/v1/episodes/{episode}/records",
+                                           json=encounter(patient, episode, note="held")))
+    await asyncio.wait_for(audit_gate.STATE["held"].wait(), 10)
+    deadline = time.monotonic() + 10
+    while _kubo_calls(c, "block/put") == stored:  # the record goes to Kubo while its event is written
+        assert time.monotonic() < deadline, "the record was not stored before its audit event was"
+        await asyncio.sleep(0.005)
+    head = c.server.app[SERVICE].storage.heads
+    assert (await head.get_episode(episode)).length == before, "the head moved before the append was audited"
+    assert not writing.done()
+    audit_gate.STATE["released"].set()
+    r = await asyncio.wait_for(writing, 10)
+    assert r.status == 201, await r.text()
+    assert (await head.get_episode(episode)).length == before + 1

@@ -32,12 +32,18 @@ _deferred: contextvars.ContextVar[list[asyncio.Future] | None] = contextvars.Con
 # the write rather than leaving one the client was told failed), and a read of the audit log
 # itself after its own event is stored, so the page shows the reader's own access.
 DEFERRABLE = frozenset({"raw:read", "record:read", "blob:read", "chain:read", "node:info"})
+# Writes whose effect is one commit point the record service controls (an episode's head
+# move): their events are written while the record is sealed and stored in Kubo, and the
+# service settles them right before the head moves (``settle_audits``) — a record whose event
+# cannot be stored is not appended; its stored block loses its pin like any append that fails.
+DEFERRABLE_UNTIL_COMMIT = frozenset({"record:write"})
 
 
 def deferring_audits() -> None:
     """From here on in this task (one request), the audit event of an allowed read is written
     while the read goes on — its call to Kubo overlaps the audit log's fsync — instead of
-    before it. The caller must ``await settle_audits()`` before the first byte of
+    before it, and that of a record append while the record is stored (settled before its
+    head moves). The caller must ``await settle_audits()`` before the first byte of
     an answer: nothing is disclosed, and nothing acknowledged, before its event is stored.
     Refusals are still audited before they are answered."""
     _deferred.set([])
@@ -111,7 +117,7 @@ class Authorizer:
         if reason is not None:
             event["reason"] = reason
         pending = _deferred.get()
-        if allowed and pending is not None and action in DEFERRABLE:
+        if allowed and pending is not None and (action in DEFERRABLE or action in DEFERRABLE_UNTIL_COMMIT):
             written = asyncio.ensure_future(self._plugins.call("medicon_audit_event", event=event, service=self._service))
             written.add_done_callback(_retrieve)
             pending.append(written)

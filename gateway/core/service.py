@@ -39,7 +39,7 @@ from ..security.keys import KeyProvider
 from ..storage import Storage, open_storage
 from ..storage.model import Blob, Episode, HeadMove, IndexedRecord, KeyTaken, StoreConflict
 from . import chain
-from .access import Authorizer, Caller
+from .access import Authorizer, Caller, settle_audits
 from .fhir_validation import find_resources, validate_embedded
 from .pipeline import Pipeline, Superseded
 from .plugins import PluginHost, PluginLoadError, make_manager
@@ -345,6 +345,9 @@ class RecordService:
         block to the pipeline, and wait — outside the lock — until Kubo confirmed it stored and
         pinned, the replicas too, and its head moved."""
         record = client.parsed
+        # The pipeline moves heads in batches, away from this request: its audit event is
+        # stored before the record is handed over.
+        await settle_audits()
         async with self.locks(record["episode"]):
             earlier = await self._retried(record, digest, key)
             if earlier is not None:
@@ -409,6 +412,7 @@ class RecordService:
             # --- replication: pinned on records.replicas nodes before the head moves (a failure
             # here unpins the local copy below: nothing was acknowledged) ---
             await self.replication.ensure([cid])
+            await settle_audits()  # the append's audit event, written meanwhile, is stored first
             if episode is None:
                 moved = await heads.create_episode(indexed)
             else:
