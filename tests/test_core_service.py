@@ -101,3 +101,24 @@ async def test_an_erased_patient_reads_as_erased(service):
         await service.record_for(ADMIN, record.cid)
     with pytest.raises((Erased, Invalid)):
         await service.append(encounter(patient, episode), ADMIN)
+
+
+async def test_a_history_page_looks_up_its_patients_data_key_once_and_a_shredding_acts_on_the_next_page(service, monkeypatch):
+    patient, episode = uid("p"), uid("e")
+    await service.append(opened(patient, episode), ADMIN)
+    for i in range(12):
+        await service.append(encounter(patient, episode, note=f"visit {i}"), ADMIN)
+    store = service.keys.store
+    lookups = []
+    real = store.key_by_id
+
+    async def counted(dek_id):
+        lookups.append(dek_id)
+        return await real(dek_id)
+    monkeypatch.setattr(store, "key_by_id", counted)
+    _, rows, records = await service.history(ADMIN, episode, -1, 100)
+    assert len(records) == 13 and records[-1]["body"]["notes"] == "visit 11"
+    assert len(lookups) == 1, f"{len(lookups)} data-key lookups for one page of one patient"
+    assert await service.keys.shred_patient(patient) >= 1
+    with pytest.raises(Erased):
+        await service.history(ADMIN, episode, -1, 100)

@@ -125,16 +125,17 @@ class Sealer:
         sig = node.get("sig")
         return key is not None and isinstance(sig, str) and crypto.verify_signature(key, clear_part(node), sig)
 
-    async def from_node(self, node: dict[str, Any]) -> tuple[ClientRecord, str]:
+    async def from_node(self, node: dict[str, Any], keys: Any = None) -> tuple[ClientRecord, str]:
         """(record, signer) from a stored node of either version. ``Erased`` after
         crypto-shredding; a node that does not open is ``Unavailable``: the gateway wrote it, so
-        Kubo returned something else."""
+        Kubo returned something else. ``keys``: the key provider's view to open it with
+        (``KeysForOneRead`` for many records), by default the provider itself."""
         if not isinstance(node, dict) or node.get("v") not in NODE_VERSIONS:
             raise Unavailable("the stored block is not a record node of this gateway")
         if "plain" not in node:
             clear = {k: v for k, v in node.items() if k not in ("sealed", "dek")}
             payload = await self._plugins.call("medicon_decrypt_record", node=node,
-                                               aad=crypto.canonical_json(clear_part(clear)), keys=self.keys)
+                                               aad=crypto.canonical_json(clear_part(clear)), keys=keys or self.keys)
             if payload is None:
                 raise Unavailable("no plugin can open this sealed record")
         else:

@@ -35,7 +35,7 @@ from ..kubo.batcher import BlockWriter
 from ..kubo.cids import canonical, parse_cid
 from ..kubo.client import KuboClient
 from ..metrics import Metrics
-from ..security.keys import KeyProvider
+from ..security.keys import KeyProvider, KeysForOneRead
 from ..storage import Storage, open_storage
 from ..storage.model import Blob, Episode, HeadMove, IndexedRecord, KeyTaken, StoreConflict
 from . import chain
@@ -554,7 +554,8 @@ class RecordService:
                                                         asyncio.to_thread(check, pairs[half:])) for ok in part]
         for cid, ok in zip(cids, verdicts):
             _require_signed(cid, ok)
-        return [(await self.sealer.from_node(node))[0] for node in nodes]
+        keys = KeysForOneRead(self.keys)
+        return [(await self.sealer.from_node(node, keys))[0] for node in nodes]
 
     async def attachment_for(self, caller: Caller, cid: str) -> Blob:
         """An attachment indexed by this gateway, once the caller may read it (``NotFound`` if

@@ -40,3 +40,22 @@ class KeyProvider(Protocol):
 
     async def gateway_of(self, key_id: str) -> str | None:
         """The id of the gateway that signs with ``key_id`` (which site wrote a record)."""
+
+
+class KeysForOneRead:
+    """``keys`` as one read of many records sees it: each data key looked up once. A page of an
+    episode's history names its patient's data key once per record, and each lookup is a read
+    of the key store; this view lives for one read only, so a patient shredded meanwhile is
+    refused on the next read, as with ``keys`` itself. Everything else is ``keys``'."""
+
+    def __init__(self, keys: KeyProvider) -> None:
+        self._keys = keys
+        self._data_keys: dict[str, bytes] = {}
+
+    def __getattr__(self, name: str):
+        return getattr(self._keys, name)
+
+    async def data_key(self, dek_id: str) -> bytes:
+        if dek_id not in self._data_keys:
+            self._data_keys[dek_id] = await self._keys.data_key(dek_id)
+        return self._data_keys[dek_id]
