@@ -360,4 +360,9 @@ def load_config(
         named = "'server.workers'" + (f" ({origins['server.workers']})" if "server.workers" in origins else "")
         raise ConfigError(f"config key {named}: {config.server.workers} workers need storage.url (PostgreSQL); "
                           "the embedded SQLite stores belong to one process")
+    if config.server.workers > 1 and config.records.pipeline:
+        named = "'records.pipeline'" + (f" ({origins['records.pipeline']})" if "records.pipeline" in origins else "")
+        raise ConfigError(f"config key {named}: pipelined appends take no turns between processes, so with "
+                          f"server.workers = {config.server.workers} appends to one episode from several workers "
+                          "could be refused (409); turn one of them off")
     return config

@@ -42,6 +42,10 @@ class Metrics:
         self.conflicts = Counter(
             "medicon_record_conflicts", "Appends refused because they do not fit the episode's "
             "head (chain conflicts, answered 409)", registry=r)
+        self.relinks = Counter(
+            "medicon_record_relinks", "Appends that named no position linked again to their "
+            "episode's new head: their head move was lost to another process (another worker or "
+            "site), or the record they were chained on did not commit", registry=r)
         self.kubo_duration = Histogram(
             "medicon_kubo_call_duration_seconds", "Kubo calls: the gateway's own until Kubo's whole "
             "answer is read; relayed ones until Kubo's headers arrive", ["command"],
@@ -78,3 +82,6 @@ class Metrics:
 
     def record_conflict(self) -> None:
         self.conflicts.inc()
+
+    def record_relinked(self) -> None:
+        self.relinks.inc()

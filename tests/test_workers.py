@@ -28,6 +28,9 @@ def test_workers_need_a_storage_several_processes_share(tmp_path):
     assert one.server.workers == 1
     shared = load_config(env={"MEDICON_SERVER_WORKERS": "3", "MEDICON_STORAGE_URL": "postgresql://u:p@127.0.0.1:1/db"})
     assert shared.server.workers == 3
+    with pytest.raises(ConfigError, match=r"'records.pipeline' \(MEDICON_RECORDS_PIPELINE\).*no turns between processes"):
+        load_config(env={"MEDICON_SERVER_WORKERS": "2", "MEDICON_STORAGE_URL": "postgresql://u:p@127.0.0.1:1/db",
+                         "MEDICON_RECORDS_PIPELINE": "true"})
 
 
 def _workers_of(supervisor: int) -> list[int]:

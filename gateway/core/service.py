@@ -319,12 +319,12 @@ class RecordService:
         # (``HeadStore.episode_turn``), kept between attempts: a relink is the exception (an
         # append by a process that did not take turns), not a race lost again and again.
         async with self.locks(client.parsed["episode"]), self.storage.heads.episode_turn(client.parsed["episode"]):
-            for attempt in range(1, SERIAL_RELINKS + 1):
+            for attempt in range(1, RELINKS + 1):
                 try:
                     return await self._append_locked(client, signer, digest, key,
-                                                     relink=unnamed and attempt < SERIAL_RELINKS)
+                                                     relink=unnamed and attempt < RELINKS)
                 except _Relink:
-                    continue
+                    self.metrics.record_relinked()
         raise AssertionError("unreachable")
 
     async def _append_pipelined(self, client: ClientRecord, signer: str, digest: str, key: str | None) -> Appended:
@@ -334,16 +334,22 @@ class RecordService:
         unnamed = "prev" not in client.parsed and "seq" not in client.parsed
         for attempt in range(1, RELINKS + 1):
             try:
-                return await self._append_in_flight(client, signer, digest, key)
+                return await self._append_in_flight(client, signer, digest, key,
+                                                     relink=unnamed and attempt < RELINKS)
             except Superseded:
                 if not unnamed or attempt == RELINKS:
                     raise
+                self.metrics.record_relinked()
+            except _Relink:
+                self.metrics.record_relinked()
         raise AssertionError("unreachable")
 
-    async def _append_in_flight(self, client: ClientRecord, signer: str, digest: str, key: str | None) -> Appended:
+    async def _append_in_flight(self, client: ClientRecord, signer: str, digest: str, key: str | None, *,
+                                relink: bool = False) -> Appended:
         """Link, seal and encode under the episode's lock (the CID is computed here), hand the
         block to the pipeline, and wait — outside the lock — until Kubo confirmed it stored and
-        pinned, the replicas too, and its head moved."""
+        pinned, the replicas too, and its head moved. A head move lost to another process is
+        ``_Relink`` if ``relink`` (the pipeline takes no turns between processes)."""
         record = client.parsed
         # The pipeline moves heads in batches, away from this request: its audit event is
         # stored before the record is handed over.
@@ -373,7 +379,7 @@ class RecordService:
         try:
             moved = await asyncio.shield(pending.moved)
         except (StoreConflict, KeyTaken) as lost:  # (its block loses its pin: the pipeline tells the writer)
-            return await self._after_lost_move(lost, request, digest, key)
+            return await self._after_lost_move(lost, request, digest, key, relink=relink)
         await self._committed(sealed, cid, moved)
         return Appended(cid, moved, sealed, created=True)
 
@@ -649,9 +655,9 @@ class RecordService:
 
 
 # Times an append that named no position is linked again after the record it was chained on
-# failed to commit.
-RELINKS = 3
-SERIAL_RELINKS = 8  # each lost to another process's append that moved the head meanwhile
+# failed to commit, or its head move was lost to another process's append (another worker of
+# this gateway, another site) that moved the head meanwhile.
+RELINKS = 8
 
 
 class _Relink(Exception):
