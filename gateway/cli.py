@@ -23,6 +23,7 @@ from .errors import MediconError
 from .http.app import INFLIGHT, create_app
 from .http.server import GatewayRunner
 from .kubo.node import KuboError, KuboNode, find_binary
+from .metrics import register_worker
 from .progress import ProgressReport
 from .security.keyring import KeyringError, LocalKeyring, read_bundle
 from .security.principal import ROLES
@@ -99,6 +100,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides=_overrides(args))
     if args.worker is None and config.server.workers > 1:
         return supervise(config, sys.argv[1:], _announce)
+    if args.worker is not None:
+        register_worker(args.worker)
     run_loop(config, run_server(config, announce=_announce, reuse_port=args.worker is not None))
     return 0
 

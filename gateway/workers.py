@@ -10,6 +10,10 @@ three times in a row stops the whole gateway, as a single process that cannot st
 SIGTERM/SIGINT is passed on: each worker drains its requests (``server.shutdown_timeout``) and
 the supervisor exits when they have, with a non-zero status if one did not exit cleanly.
 
+Each worker's metrics go to a directory the supervisor makes for them (``gateway.metrics``:
+prometheus_client's multiprocess mode), so ``/metrics`` shows the whole gateway whichever
+worker answers; a dead worker's in-flight gauge is dropped, its counts stay.
+
 Only a storage backend several processes share can have workers: PostgreSQL (``storage.url``),
 where several gateways already share heads, tokens, audit and keys; the embedded SQLite stores
 belong to one process (the configuration refuses it).
@@ -21,14 +25,17 @@ import ctypes
 import logging
 import os
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
 from .config import Config
+from .metrics import MULTIPROCESS_ENV
 
 log = logging.getLogger("medicon_gateway")
 
@@ -75,12 +82,14 @@ class Supervisor:
         self.workers = [Worker(n) for n in range(1, config.server.workers + 1)]
         self.stopping = False
         self.selector = selectors.DefaultSelector()
+        self.metrics_dir = tempfile.mkdtemp(prefix="medicon-metrics-")
 
     def command(self, worker: Worker) -> list[str]:
         return [sys.executable, "-m", "gateway", *self.argv, "--port", str(self.port), "--worker", str(worker.number)]
 
     def start(self, worker: Worker) -> None:
         worker.process = subprocess.Popen(self.command(worker), stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                          env={**os.environ, MULTIPROCESS_ENV: self.metrics_dir},
                                           preexec_fn=die_with_parent)
         worker.started, worker.ready, worker.buffered = time.monotonic(), False, b""
         os.set_blocking(worker.process.stdout.fileno(), False)
@@ -120,6 +129,8 @@ class Supervisor:
         except (KeyError, ValueError):
             pass
         worker.process.stdout.close()
+        from prometheus_client.multiprocess import mark_process_dead
+        mark_process_dead(worker.process.pid, self.metrics_dir)  # its requests in flight are over
         if self.stopping:
             return
         if not worker.ready:
@@ -193,11 +204,13 @@ def supervise(config: Config, argv: list[str], announce) -> int:
     except WorkerFailed as exc:
         log.error("%s: stopping the gateway", exc)
         supervisor.stop()
+        shutil.rmtree(supervisor.metrics_dir, ignore_errors=True)
         return 1
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     status = supervisor.stop()
     reserved.close()
+    shutil.rmtree(supervisor.metrics_dir, ignore_errors=True)
     log.info("stopped")
     return status

@@ -128,6 +128,36 @@ def test_connections_spread_over_the_workers_and_a_dead_worker_is_replaced(two_w
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
 
 
+def test_metrics_show_every_workers_requests_whichever_worker_answers(two_workers):
+    from prometheus_client.parser import text_string_to_metric_families
+    gw = two_workers
+    _wait_for(lambda: len(_workers_of(gw.process.pid)) == 2, "two workers")
+
+    async def run():
+        async with aiohttp.ClientSession(headers=bearer(gw.token)) as s:
+            for _ in range(40):  # a fresh connection each: the kernel spreads them over the workers
+                async with s.get(gw.url + "/medicon/v1/whoami", headers={"Connection": "close"}) as r:
+                    assert r.status == 200
+            scrapes = []
+            for _ in range(10):
+                async with s.get(gw.url + "/metrics", headers={"Connection": "close"}) as r:
+                    assert r.status == 200
+                    scrapes.append(await r.text())
+        return scrapes
+
+    seen = []
+    for text in asyncio.run(run()):
+        samples = [sample for family in text_string_to_metric_families(text) for sample in family.samples]
+        whoami = sum(x.value for x in samples if x.name == "medicon_http_requests_total"
+                     and x.labels.get("route") == "/medicon/v1/whoami" and x.labels.get("status") == "200")
+        in_flight = [x.value for x in samples if x.name == "medicon_http_requests_in_flight"]
+        workers = {x.labels.get("worker") for x in samples if x.name == "process_resident_memory_bytes"}
+        seen.append((whoami, in_flight, workers))
+    # every scrape counts all 40 (a worker alone served about half), the in-flight gauge is the
+    # sum over the workers (the scrape itself), and each worker's memory is there under its number
+    assert all(entry == (40.0, [1.0], {"1", "2"}) for entry in seen), seen
+
+
 def test_appends_to_one_episode_through_both_workers_make_one_chain(two_workers):
     gw = two_workers
     patient, episode = uid("p"), uid("e")

@@ -96,7 +96,7 @@ async def metrics_page(request: web.Request) -> web.Response:
     """The app's metrics in the Prometheus text format (or OpenMetrics, if the scraper asks)."""
     await request.app[SERVICE].authorize(caller(request), "metrics:read", {"kind": "metrics"})
     encode, content_type = choose_encoder(request.headers.get("Accept", ""))
-    return web.Response(body=encode(request.app[METRICS].registry), headers={"Content-Type": content_type})
+    return web.Response(body=encode(request.app[METRICS].exposed), headers={"Content-Type": content_type})
 
 
 def add_metrics(app: web.Application, metrics: Metrics) -> None:
