@@ -103,7 +103,7 @@ async def test_an_erased_patient_reads_as_erased(service):
         await service.append(encounter(patient, episode), ADMIN)
 
 
-async def test_a_history_page_looks_up_its_patients_data_key_once_and_a_shredding_acts_on_the_next_page(service, monkeypatch):
+async def test_a_history_page_or_a_verification_looks_up_its_patients_data_key_once_and_a_shredding_acts_on_the_next_page(service, monkeypatch):
     patient, episode = uid("p"), uid("e")
     await service.append(opened(patient, episode), ADMIN)
     for i in range(12):
@@ -119,6 +119,9 @@ async def test_a_history_page_looks_up_its_patients_data_key_once_and_a_shreddin
     _, rows, records = await service.history(ADMIN, episode, -1, 100)
     assert len(records) == 13 and records[-1]["body"]["notes"] == "visit 11"
     assert len(lookups) == 1, f"{len(lookups)} data-key lookups for one page of one patient"
+    lookups.clear()
+    assert (await service.verify(ADMIN, episode))["ok"] is True
+    assert len(lookups) == 1, f"{len(lookups)} data-key lookups to verify one episode"
     assert await service.keys.shred_patient(patient) >= 1
     with pytest.raises(Erased):
         await service.history(ADMIN, episode, -1, 100)

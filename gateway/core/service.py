@@ -603,6 +603,7 @@ class RecordService:
             return {"episode": episode.id, "ok": problem is None, "length": episode.length,
                     "checked": checked, "erased": erased, "break": brk, "signers": signers}
 
+        keys = KeysForOneRead(self.keys)  # one patient's data key, looked up once per verification
         while cid is not None:
             try:
                 node = await self.kubo.dag_get(cid)
@@ -628,7 +629,7 @@ class RecordService:
             if expected_seq == 0 and node.get("schema") not in OPENING_KINDS:
                 return report("the first record of an episode must open it")
             try:
-                record, _ = await self.sealer.from_node(node)
+                record, _ = await self.sealer.from_node(node, keys)
             except Erased:
                 erased = True
             except MediconError as err:
