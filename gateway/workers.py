@@ -34,6 +34,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+from prometheus_client.multiprocess import mark_process_dead
+
 from .config import Config
 from .metrics import MULTIPROCESS_ENV
 
@@ -129,7 +131,6 @@ class Supervisor:
         except (KeyError, ValueError):
             pass
         worker.process.stdout.close()
-        from prometheus_client.multiprocess import mark_process_dead
         mark_process_dead(worker.process.pid, self.metrics_dir)  # its requests in flight are over
         if self.stopping:
             return
@@ -173,6 +174,7 @@ class Supervisor:
             if process in running and process.returncode not in clean:
                 log.error("worker %d exited with status %s when stopped", worker.number, process.returncode)
                 status = 1
+        shutil.rmtree(self.metrics_dir, ignore_errors=True)  # every worker is gone: so are their metrics
         return status
 
 
@@ -204,13 +206,11 @@ def supervise(config: Config, argv: list[str], announce) -> int:
     except WorkerFailed as exc:
         log.error("%s: stopping the gateway", exc)
         supervisor.stop()
-        shutil.rmtree(supervisor.metrics_dir, ignore_errors=True)
         return 1
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     status = supervisor.stop()
     reserved.close()
-    shutil.rmtree(supervisor.metrics_dir, ignore_errors=True)
     log.info("stopped")
     return status

@@ -106,9 +106,16 @@ class SQLiteDatabase:
         return db
 
     def _reader(self) -> sqlite3.Connection:
-        db = getattr(self._local, "db", None)
+        return self._thread_connection("db")
+
+    def _thread_connection(self, slot: str, *pragmas: str) -> sqlite3.Connection:
+        """This thread's connection in ``slot``, made (with ``pragmas``) on first use."""
+        db = getattr(self._local, slot, None)
         if db is None:
-            db = self._local.db = self._connect()
+            db = self._connect()
+            for pragma in pragmas:
+                db.execute(pragma)
+            setattr(self._local, slot, db)
             with self._connections_lock:
                 self._connections.append(db)
         return db
@@ -133,13 +140,8 @@ class SQLiteDatabase:
         return await self.read(fn, *args)
 
     def _loop_reader(self) -> sqlite3.Connection:
-        db = getattr(self._local, "loop_db", None)
-        if db is None:
-            db = self._local.loop_db = self._connect()
-            db.execute("PRAGMA busy_timeout=0")  # never sleep on the event loop: fall back instead
-            with self._connections_lock:
-                self._connections.append(db)
-        return db
+        # never sleep on the event loop waiting for a lock: fall back to a reader thread instead
+        return self._thread_connection("loop_db", "PRAGMA busy_timeout=0")
 
     async def write(self, fn: Query[T], *args: Any) -> T:
         """``fn(connection, *args)`` in a savepoint of the writer's next batch; returns when the
