@@ -11,7 +11,9 @@ Scenarios (``kind``):
 - ``stream``: ``cat`` / ``ipfs`` (GET /ipfs/<cid>) / ``add`` of one size, interleaved over the
   targets round after round; returns MB/s per target per round.
 - ``append``: record appends through the gateway's REST API, and a raw ``add`` of the same
-  JSON bytes on Kubo (directly and through nginx), with ``concurrency`` clients.
+  JSON bytes on Kubo (directly and through nginx), with ``concurrency`` clients; a ``raw_put``
+  target stores each record as a dag-cbor block with ``block/put?pin=true`` on Kubo instead
+  (what an append asks of Kubo, without the gateway: the most appends this Kubo allows).
 - ``history_build``: one long episode, appended by ``parallel`` writers.
 - ``history_page``: a page of an episode's history through the gateway, against fetching the
   same records one ``dag/get`` after another from Kubo.
@@ -20,8 +22,8 @@ Scenarios (``kind``):
   synthetic FHIR patient set (``bench/fhir_synth.py``), read an episode's latest history page,
   read a record back, add an attachment sealed for a patient and read it back.
 
-Only the standard library, aiohttp and ``bench/fhir_synth.py`` (standard library only): this
-file does not import the gateway.
+Only the standard library, aiohttp, cbor2 (a dependency of the gateway) and
+``bench/fhir_synth.py`` (standard library only): this file does not import the gateway.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import uuid
 from typing import AsyncIterator
 
 import aiohttp
+import cbor2
 
 if __package__:
     from bench import fhir_synth
@@ -303,16 +306,29 @@ async def append_record(sess: aiohttp.ClientSession, target: dict, episode: str,
     return await retrying(target["name"], call)
 
 
-async def raw_add(sess: aiohttp.ClientSession, target: dict, body: bytes, boundary: str) -> None:
+async def raw_write(sess: aiohttp.ClientSession, target: dict, body: bytes, boundary: str) -> None:
+    """``add`` of ``body`` (a raw target's write); a ``raw_put`` target's ``body`` is the
+    record's dag-cbor block (``as_raw``), stored with ``block/put?pin=true``."""
     headers = {**target.get("headers", {}), "Content-Type": f"multipart/form-data; boundary={boundary}"}
+    if target["kind"] == "raw_put":
+        command, params = "block/put", {"cid-codec": "dag-cbor", "mhtype": "sha2-256", "pin": "true"}
+    else:
+        command, params = "add", {}
 
     async def call() -> None:
-        async with sess.post(target["url"] + "/api/v0/add", data=single_part(boundary, body, "record.json"),
+        async with sess.post(f"{target['url']}/api/v0/{command}", params=params, data=single_part(boundary, body, "record.json" if command == "add" else "record"),
                              headers=headers) as resp:
             if resp.status != 200:
-                raise await _fail(resp, f"raw add via {target['name']}")
+                raise await _fail(resp, f"raw {command} via {target['name']}")
             await resp.read()
     await retrying(target["name"], call)
+
+
+def as_raw(target: dict, body: bytes) -> bytes:
+    """What a raw target writes for a record's JSON ``body``: the bytes themselves (``add``),
+    or the record as a dag-cbor block (``raw_put``; canonical CBOR of a JSON document is
+    dag-cbor), encoded before the clock starts."""
+    return cbor2.dumps(json.loads(body), canonical=True) if target["kind"] == "raw_put" else body
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -354,7 +370,7 @@ async def appends(spec: dict) -> dict:
                     urls = target.get("urls") or [target["url"]]
                     await append_record(sess, dict(target, url=urls[k % len(urls)]), ep[1], body)
                 else:
-                    await raw_add(sess, target, body, boundary)
+                    await raw_write(sess, target, as_raw(target, body), boundary)
 
         for r in range(spec["repeats"]):
             if r >= 1 and time.monotonic() - started > spec["budget_s"]:
@@ -375,11 +391,13 @@ async def appends(spec: dict) -> dict:
                         patient, episode = eps[(i + k * c) % len(eps)]  # client i owns i, i+c, i+2c, ...
                         body = json.dumps(record_doc(patient, episode, i, k, f"{tag}-{r}"),
                                           separators=(",", ":")).encode()
+                        if target["kind"] != "append":
+                            body = as_raw(target, body)
                         t0 = time.perf_counter()
                         if target["kind"] == "append":
                             await append_record(sess, target, episode, body)
                         else:
-                            await raw_add(sess, target, body, boundary)
+                            await raw_write(sess, target, body, boundary)
                         latencies.append(time.perf_counter() - t0)
 
                 settle()

@@ -101,6 +101,8 @@ class Procs:
     gateway: Gateway | None = None
     nginx: subprocess.Popen | None = None
     nginx_url: str | None = None
+    relay: subprocess.Popen | None = None
+    relay_url: str | None = None
     loadgen: subprocess.Popen | None = None
     auth: Auth = field(default_factory=Auth)
     gateway_starts: int = 0
@@ -340,6 +342,37 @@ http {{
         except (OSError, BenchError, subprocess.TimeoutExpired):
             return "unknown"
 
+    # --- a bare aiohttp relay (bench/relay.py) ----------------------------------------------
+
+    def start_relay(self, timeout: float = 30.0) -> str:
+        """``python -m bench.relay`` in front of this run's Kubo; its URL once it relays."""
+        assert self.kubo is not None
+        port = free_port()
+        log = self.tmp / "relay.log"
+        with open(log, "wb") as out:
+            self.relay = subprocess.Popen(
+                [PYTHON, "-m", "bench.relay", "--api", self.kubo.api_url, "--gateway", self.kubo.gateway_url,
+                 "--port", str(port)], cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                start_new_session=True, preexec_fn=die_with_parent)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.relay.poll() is not None:
+                raise BenchError(f"the aiohttp relay exited with {self.relay.returncode}:\n{_tail(log)}")
+            try:
+                req = urllib.request.Request(url + "/api/v0/version", method="POST", headers=self.kubo.rpc_headers)
+                with urllib.request.urlopen(req, timeout=2) as resp:
+                    json.load(resp)
+                self.relay_url = url
+                return url
+            except (OSError, ValueError):
+                time.sleep(0.05)
+        raise BenchError(f"the aiohttp relay did not relay to Kubo within {timeout}s:\n{_tail(log)}")
+
+    def stop_relay(self) -> None:
+        _stop(self.relay, timeout=10)
+        self.relay = self.relay_url = None
+
     # --- load generator --------------------------------------------------------------------
 
     def run_loadgen(self, spec: dict, timeout: float) -> dict:
@@ -364,7 +397,7 @@ http {{
     def close(self) -> None:
         """Stop everything this run started, in reverse order; never raises."""
         for step in (lambda: _stop(self.loadgen, timeout=5), self.stop_gateway,
-                     lambda: _stop(self.nginx, timeout=15),
+                     lambda: _stop(self.nginx, timeout=15), self.stop_relay,
                      lambda: self.kubo.stop() if self.kubo and self.owns_kubo else None):
             try:
                 step()

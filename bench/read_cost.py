@@ -1,7 +1,8 @@
 """What one small read costs through the gateway: latency of one request after another, on one
-client, for ``GET /ipfs/<cid>`` and ``cat`` of a 1 kB and a 1 MiB block, directly on Kubo and
-through the gateway, interleaved; and the gateway's CPU time per read (all its threads, from
-``/proc/<pid>/stat``). With ``--py-spy SECONDS``, also records the gateway with
+client, for ``GET /ipfs/<cid>`` and ``cat`` of a 1 kB and a 1 MiB block, directly on Kubo,
+through a bare aiohttp relay (``bench/relay.py``: no auth, no audit, no checks — the floor any
+Python proxy in front of Kubo starts from) and through the gateway, interleaved; and the CPU
+time per read of the relay and of the gateway (all threads, from ``/proc/<pid>/stat``). With ``--py-spy SECONDS``, also records the gateway with
 ``py-spy record --gil`` while it serves 1 kB ``GET /ipfs`` reads and prints the top inclusive
 lines (py-spy comes with the ``bench`` extra, which ``bench/setup.sh`` installs).
 
@@ -53,24 +54,30 @@ async def add(session: aiohttp.ClientSession, api: str, headers: dict, data: byt
 
 
 async def measure(procs: Procs, requests: int, rounds: int) -> dict:
+    """Median latency per (read, size, target) and CPU per read of the relay and the gateway,
+    the targets taking turns within each round."""
     kubo, gw = procs.kubo, procs.gateway
     out: dict[str, list[float]] = collections.defaultdict(list)
-    async with aiohttp.ClientSession() as direct, aiohttp.ClientSession(headers=procs.auth.headers) as through:
+    async with aiohttp.ClientSession(headers=kubo.rpc_headers) as direct, \
+            aiohttp.ClientSession(headers=procs.auth.headers) as through:
+        # (name, session, RPC base, HTTP gateway base, pid whose CPU is counted)
+        targets = [("direct", direct, kubo.api_url, kubo.gateway_url, None),
+                   ("aiohttp relay", direct, procs.relay_url, procs.relay_url, procs.relay.pid),
+                   ("gateway", through, gw.url, gw.url, gw.pid)]
         cids = {"1 kB": await add(direct, kubo.api_url, kubo.rpc_headers, os.urandom(1000)),
                 "1 MiB": await add(direct, kubo.api_url, kubo.rpc_headers, os.urandom(1 << 20))}
         for _ in range(rounds):
             for size, cid in cids.items():
-                out[f"GET /ipfs {size} direct"].append(
-                    await latency_ms(direct, "GET", f"{kubo.gateway_url}/ipfs/{cid}", requests))
-                before = cpu_seconds(gw.pid)
-                out[f"GET /ipfs {size} gateway"].append(
-                    await latency_ms(through, "GET", f"{gw.url}/ipfs/{cid}", requests))
-                out[f"GET /ipfs {size} gateway CPU"].append((cpu_seconds(gw.pid) - before) / requests * 1e3)
-                out[f"cat {size} direct"].append(await latency_ms(
-                    direct, "POST", f"{kubo.api_url}/api/v0/cat", requests, params={"arg": cid},
-                    headers=kubo.rpc_headers))
-                out[f"cat {size} gateway"].append(await latency_ms(
-                    through, "POST", f"{gw.url}/api/v0/cat", requests, params={"arg": cid}))
+                for read in ("GET /ipfs", "cat"):
+                    for name, session, api, http, pid in targets:
+                        before = cpu_seconds(pid) if pid else 0.0
+                        if read == "cat":
+                            ms = await latency_ms(session, "POST", f"{api}/api/v0/cat", requests, params={"arg": cid})
+                        else:
+                            ms = await latency_ms(session, "GET", f"{http}/ipfs/{cid}", requests)
+                        out[f"{read} {size} {name}"].append(ms)
+                        if pid:
+                            out[f"{read} {size} {name} CPU"].append((cpu_seconds(pid) - before) / requests * 1e3)
     return {"cids": cids, "samples": dict(out)}
 
 
@@ -80,6 +87,23 @@ async def hammer(procs: Procs, cid: str, seconds: float) -> None:
         while time.monotonic() < end:
             async with session.get(f"{procs.gateway.url}/ipfs/{cid}") as resp:
                 await resp.read()
+
+
+def table(samples: dict[str, list[float]]) -> list[str]:
+    """One markdown row per read: median latencies, their ratios to direct (speed: direct ÷
+    target), and the CPU per read of the relay and of the gateway."""
+    def m(key: str) -> float:
+        return statistics.median(samples[key])
+    lines = ["| read | direct ms | aiohttp relay ms | gateway ms | relay speed | gateway speed "
+             "| relay CPU ms | gateway CPU ms | gateway's own CPU ms |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    reads = dict.fromkeys(k.rsplit(" ", 1)[0] for k in samples if k.endswith(" direct"))
+    for read in reads:
+        d, r, g = m(f"{read} direct"), m(f"{read} aiohttp relay"), m(f"{read} gateway")
+        rc, gc = m(f"{read} aiohttp relay CPU"), m(f"{read} gateway CPU")
+        lines.append(f"| {read} | {d:.2f} | {r:.2f} | {g:.2f} | {d / r:.2f}× | {d / g:.2f}× "
+                     f"| {rc:.2f} | {gc:.2f} | {gc - rc:.2f} |")
+    return lines
 
 
 def top_lines(raw: Path, count: int = 15) -> list[str]:
@@ -116,10 +140,9 @@ def main(argv: list[str] | None = None) -> int:
             procs.ensure_keyring()
             procs.create_token()
             procs.start_gateway()
+            procs.start_relay()
             result = asyncio.run(measure(procs, args.requests, args.rounds))
-            print(f"{'read':28s} {'median ms':>10s}")
-            for name, values in result["samples"].items():
-                print(f"{name:28s} {statistics.median(values):10.2f}")
+            print("\n".join(table(result["samples"])))
             if args.py_spy:
                 spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
                 raw = Path(tmp) / "py-spy.txt"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -179,11 +180,46 @@ def markdown(results: dict[str, Any]) -> str:
                      "GET /ipfs: Kubo's HTTP gateway).")
     else:
         lines.append(f"- Encrypted attachment read: {enc.get('status', '?')} — {enc.get('reason', '')}.")
+    lines += ceiling_lines(results)
     lines += sync_lines(results.get("sync"))
     lines += mix_lines(results.get("mix"))
     from bench.sites import sites_lines
     lines += sites_lines(results.get("sites"))
     return "\n".join(lines) + "\n"
+
+
+def ceiling_lines(results: dict[str, Any]) -> list[str]:
+    """Appends against what they ask of Kubo: one dag-cbor block stored and pinned per record
+    (``block/put?pin=true`` directly on Kubo, same records and clients) — the most appends
+    this Kubo allows any gateway that pins each record, measured in the same rounds."""
+    runs = {**{f"{c} client{'s' if c != '1' else ''}": a for c, a in sorted(
+                results.get("appends", {}).items(), key=lambda kv: int(kv[0]))},
+            **{f"{c} clients, one episode": a for c, a in results.get("appends_one_episode", {}).items()}}
+    runs = {who: a for who, a in runs.items() if "kubo put" in a.get("records_per_s", {})}
+    if not runs:
+        return []
+    lines = ["", "### Appends against what they ask of Kubo", "",
+             "| clients | raw add | Kubo: block/put, pinned | gateway (pipelined) | serial | "
+             "put / raw add | gateway / put | serial / put |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for who, a in runs.items():
+        rps, runs_ = a["records_per_s"], a["runs"]
+        n = min(len(v) for v in runs_.values())
+
+        def per_round(num: str, den: str) -> str:
+            if num not in runs_ or den not in runs_:
+                return "—"
+            ratios = [runs_[num][i]["records_per_s"] / runs_[den][i]["records_per_s"] for i in range(n)]
+            return f"{statistics.median(ratios):.2f}×"
+        lines.append(f"| {who} | {_fmt(rps.get('direct'), 0)} | {_fmt(rps.get('kubo put'), 0)} | "
+                     f"{_fmt(rps.get('gateway'), 0)} | {_fmt(rps.get('serial'), 0)} | "
+                     f"{per_round('kubo put', 'direct')} | {per_round('gateway', 'kubo put')} | "
+                     f"{per_round('serial', 'kubo put')} |")
+    lines += ["", "records/s, medians of the interleaved rounds; ratios are medians of per-round ratios. "
+              "Kubo: block/put = each record's dag-cbor block stored with `block/put?pin=true` directly on "
+              "Kubo by the same clients (what an append asks of Kubo, with no gateway in front): a gateway "
+              "that stores and pins every record as a block of its own cannot append faster than this."]
+    return lines
 
 
 def sync_lines(sync: dict[str, Any] | None) -> list[str]:

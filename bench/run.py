@@ -175,13 +175,19 @@ def appends(ctx: Ctx) -> None:
     through a gateway with ``records.pipeline = true`` (``gateway``) and a second gateway on
     the same Kubo with ``records.pipeline = false`` (``serial``: each append one Kubo
     round trip under its episode's lock, as before the pipeline), interleaved round after
-    round; then 8 clients appending to one episode."""
+    round; then 8 clients appending to one episode. ``kubo put`` stores each record as a
+    dag-cbor block with ``block/put?pin=true`` directly on Kubo: what an append asks of Kubo,
+    so the ceiling of any gateway that stores and pins one block per record."""
     block = ctx.results.setdefault("appends", {})
     gateways = {name: Procs(ctx.procs.tmp / name, kubo=ctx.procs.kubo, owns_kubo=False,
                             extra_env={"MEDICON_RECORDS_PIPELINE": on})
                 for name, on in (("gateway", "true"), ("serial", "false"))}
     try:
-        targets = [*ctx.raw_targets()]
+        # what an append asks of Kubo (a dag-cbor block stored and pinned), with no gateway in
+        # front: the most appends this Kubo allows at that concurrency
+        kubo = ctx.procs.kubo
+        targets = [*ctx.raw_targets(), {"name": "kubo put", "kind": "raw_put", "url": kubo.api_url,
+                                        "headers": kubo.rpc_headers}]
         for name, procs in gateways.items():
             procs.ensure_keyring()
             procs.create_token()
@@ -214,7 +220,7 @@ def _appends_run(ctx: Ctx, c: int, targets: list[dict], episodes: dict, label: s
     }
     rps, p50, p99, ratio = summary["records_per_s"], summary["p50_ms"], summary["p99_ms"], summary["ratio_to_direct"]
     line = f"appends c={c:>2}{' ' + label if label else ''}: raw add {rps['direct']:6.0f}/s p99 {p99['direct']:6.1f} ms"
-    for name in ("gateway", "serial"):
+    for name in ("kubo put", "gateway", "serial"):
         if name in rps:
             line += (f" | {name} {rps[name]:6.0f}/s p50 {p50[name]:6.1f} ms p99 {p99[name]:6.1f} ms"
                      f" ({ratio[name]:.2f}x)")
