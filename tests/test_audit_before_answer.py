@@ -23,9 +23,10 @@ import asyncio
 from gateway.errors import Unavailable
 from gateway.hookspecs import hookimpl
 
-# mode: None (pass), "fail" (the event cannot be stored), "hold" (stored once released);
+# mode: None (pass), "fail" (the event cannot be stored), "hold" (stored once released),
+# "hold_first" (only the first gated event held; with then_fail, it then cannot be stored);
 # actions: which allowed actions are gated (by suffix).
-STATE = {"mode": None, "actions": (":read",), "held": None, "released": None, "gated": []}
+STATE = {"mode": None, "actions": (":read",), "held": None, "released": None, "gated": [], "then_fail": False}
 
 
 @hookimpl
@@ -37,8 +38,12 @@ async def medicon_audit_event(event, service):
     STATE["gated"].append(event["action"])
     if STATE["mode"] == "fail":
         raise Unavailable("the audit store is unreachable")
+    if STATE["mode"] == "hold_first" and len(STATE["gated"]) > 1:
+        return  # only the first gated event is held
     STATE["held"].set()
     await STATE["released"].wait()
+    if STATE.get("then_fail"):
+        raise Unavailable("the audit store is unreachable")
 '''
 
 
@@ -147,8 +152,11 @@ async def test_a_write_whose_audit_event_cannot_be_stored_is_not_made(aiohttp_cl
     assert _recursive_pins(kubo) - pins == set(), "a record block stored for an unaudited append kept its pin"
 
 
-async def test_an_append_is_stored_in_kubo_while_its_audit_event_is_written_and_commits_after(aiohttp_client, kubo, audit_gate):
-    c, content, raw, record, episode, patient = await _setup(aiohttp_client, kubo, audit_gate)
+@pytest.mark.parametrize("pipeline", [False, True], ids=["serial", "pipelined"])
+async def test_an_append_is_stored_in_kubo_while_its_audit_event_is_written_and_commits_after(
+        aiohttp_client, kubo, audit_gate, pipeline):
+    c, content, raw, record, episode, patient = await _setup(aiohttp_client, kubo, audit_gate,
+                                                             **{"records.pipeline": pipeline})
     before = (await (await c.get(f"/medicon/v1/episodes/{episode}")).json())["length"]
     stored = _kubo_calls(c, "block/put")
     audit_gate.STATE.update(mode="hold", actions=(":write",), held=asyncio.Event(), released=asyncio.Event(), gated=[])
@@ -166,3 +174,63 @@ async def test_an_append_is_stored_in_kubo_while_its_audit_event_is_written_and_
     r = await asyncio.wait_for(writing, 10)
     assert r.status == 201, await r.text()
     assert (await head.get_episode(episode)).length == before + 1
+
+
+async def _until(condition, what: str, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.005)
+
+
+async def test_pipelined_appends_chained_on_one_whose_audit_is_held_are_stored_but_commit_after_it(
+        aiohttp_client, kubo, audit_gate):
+    c, content, raw, record, episode, patient = await _setup(aiohttp_client, kubo, audit_gate,
+                                                             **{"records.pipeline": True})
+    head = c.server.app[SERVICE].storage.heads
+    before = await head.get_episode(episode)
+    pins = _recursive_pins(kubo)
+    audit_gate.STATE.update(mode="hold", actions=(":write",), held=asyncio.Event(), released=asyncio.Event(),
+                            gated=[], then_fail=False)
+    first = asyncio.ensure_future(c.post(f"/medicon/v1/episodes/{episode}/records",
+                                         json=encounter(patient, episode, note="first, held")))
+    await asyncio.wait_for(audit_gate.STATE["held"].wait(), 10)
+    second = asyncio.ensure_future(c.post(f"/medicon/v1/episodes/{episode}/records",
+                                          json=encounter(patient, episode, note="second, chained on it")))
+    await _until(lambda: len(_recursive_pins(kubo) - pins) == 2, "both records were not stored while audited")
+    assert (await head.get_episode(episode)).length == before.length, "a head moved before its append was audited"
+    assert not first.done() and not second.done()
+    audit_gate.STATE["released"].set()
+    one, two = await asyncio.wait_for(first, 10), await asyncio.wait_for(second, 10)
+    assert one.status == 201 and two.status == 201, (await one.text(), await two.text())
+    one, two = await one.json(), await two.json()
+    assert one["record"]["prev"] == before.head and two["record"]["prev"] == one["cid"]
+    assert (await head.get_episode(episode)).length == before.length + 2
+
+
+async def test_a_pipelined_append_whose_audit_fails_is_not_made_and_the_one_chained_on_it_links_again(
+        aiohttp_client, kubo, audit_gate):
+    c, content, raw, record, episode, patient = await _setup(aiohttp_client, kubo, audit_gate,
+                                                             **{"records.pipeline": True})
+    head = c.server.app[SERVICE].storage.heads
+    before = await head.get_episode(episode)
+    pins = _recursive_pins(kubo)
+    audit_gate.STATE.update(mode="hold_first", actions=(":write",), held=asyncio.Event(),
+                            released=asyncio.Event(), gated=[], then_fail=True)
+    first = asyncio.ensure_future(c.post(f"/medicon/v1/episodes/{episode}/records",
+                                         json=encounter(patient, episode, note="never audited")))
+    await asyncio.wait_for(audit_gate.STATE["held"].wait(), 10)
+    second = asyncio.ensure_future(c.post(f"/medicon/v1/episodes/{episode}/records",
+                                          json=encounter(patient, episode, note="chained on it, then again")))
+    await _until(lambda: len(_recursive_pins(kubo) - pins) == 2, "both records were not stored while audited")
+    audit_gate.STATE["released"].set()
+    one, two = await asyncio.wait_for(first, 10), await asyncio.wait_for(second, 10)
+    assert one.status in (502, 503), await one.text()
+    assert "audit store is unreachable" in (await one.json())["error"]["message"]
+    assert two.status == 201, await two.text()
+    two = await two.json()
+    assert two["record"]["prev"] == before.head, "the second append kept the unaudited record as its prev"
+    assert (await head.get_episode(episode)).length == before.length + 1
+    # the unaudited record's block and the second's first linking lose their pins
+    await _until(lambda: _recursive_pins(kubo) - pins == {two["cid"]}, "a block of an append that did not "
+                 f"commit kept its pin: {_recursive_pins(kubo) - pins}")

@@ -34,8 +34,9 @@ _deferred: contextvars.ContextVar[list[asyncio.Future] | None] = contextvars.Con
 DEFERRABLE = frozenset({"raw:read", "record:read", "blob:read", "chain:read", "node:info"})
 # Writes whose effect is one commit point the record service controls (an episode's head
 # move): their events are written while the record is sealed and stored in Kubo, and the
-# service settles them right before the head moves (``settle_audits``) — a record whose event
-# cannot be stored is not appended; its stored block loses its pin like any append that fails.
+# service settles them right before the head moves (``settle_audits``; on the pipelined path
+# the pipeline waits for them, ``take_audits``) — a record whose event cannot be stored is not
+# appended; its stored block loses its pin like any append that fails.
 DEFERRABLE_UNTIL_COMMIT = frozenset({"record:write"})
 
 
@@ -56,6 +57,24 @@ async def settle_audits() -> None:
     if not pending:
         return
     _deferred.set([])
+    await _all_stored(pending)
+
+
+def take_audits() -> asyncio.Future | None:
+    """This request's deferred audit events as one future, taken from the request: done once
+    all are stored, failed with the first failure. For a commit made away from the request
+    (the pipeline moves heads in batches), which waits for it instead of the request waiting
+    first; whoever takes it must see it settled before answering."""
+    pending = _deferred.get()
+    if not pending:
+        return None
+    _deferred.set([])
+    stored = asyncio.ensure_future(_all_stored(pending))
+    stored.add_done_callback(_retrieve)
+    return stored
+
+
+async def _all_stored(pending: list[asyncio.Future]) -> None:
     failures = [r for r in await asyncio.gather(*pending, return_exceptions=True) if isinstance(r, BaseException)]
     if failures:
         raise failures[0]

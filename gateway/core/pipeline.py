@@ -51,11 +51,27 @@ class Pending:
     record: dict[str, Any]
     move: HeadMove
     write: Write
+    # The append's audit events (``access.take_audits``), written while the record goes to
+    # Kubo: its head moves only once they are stored; None when there are none.
+    audited: asyncio.Future | None = None
     moved: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
     @property
     def cid(self) -> str:
         return self.indexed.cid
+
+    def audit_failure(self) -> BaseException | None:
+        """Why its audit events could not be stored (only once they are settled)."""
+        if self.audited is None:
+            return None
+        if self.audited.cancelled():
+            return Unavailable("the append's audit event could not be stored")
+        return self.audited.exception()
+
+    def ready(self) -> bool:
+        """Kubo confirmed its block and its audit events are stored."""
+        return (self.write.written.done() and self.write.written.exception() is None
+                and (self.audited is None or self.audited.done() and self.audit_failure() is None))
 
 
 @dataclass(eq=False)
@@ -115,17 +131,20 @@ class Pipeline:
         return next((p for p in tail.pending if p.indexed.digest == digest), None)
 
     def enqueue(self, indexed: IndexedRecord, record: dict[str, Any], move: HeadMove, block: bytes,
-                after: Episode) -> Pending:
+                after: Episode, audited: asyncio.Future | None = None) -> Pending:
         """Send a linked record on its way (under the episode's lock); ``after`` is the episode
-        as it will stand once the record is appended."""
+        as it will stand once the record is appended; ``audited``, its audit events being
+        written (the head waits for them)."""
         tail = self.tails.get(indexed.episode)
         if tail is None:
             tail = self.tails[indexed.episode] = Tail(None)
         before = tail.pending[-1].write if tail.pending else None
-        pending = Pending(indexed, record, move, self.writer.write(block, indexed.cid, after=before))
+        pending = Pending(indexed, record, move, self.writer.write(block, indexed.cid, after=before), audited)
         tail.pending.append(pending)
         tail.episode = after
         pending.write.written.add_done_callback(lambda _: self._kick(indexed.episode))
+        if audited is not None:
+            audited.add_done_callback(lambda _: self._kick(indexed.episode))
         return pending
 
     def _kick(self, episode_id: str) -> None:
@@ -139,17 +158,21 @@ class Pipeline:
         try:
             while tail.pending:
                 front = tail.pending[0]
-                if not front.write.written.done():
-                    return  # its write's callback starts the next round
+                if not front.write.written.done() or not (front.audited is None or front.audited.done()):
+                    return  # its write's (or its audit's) callback starts the next round
                 if front.write.written.exception() is not None:
                     # Kubo did not store it: the records chained on it were not stored either
                     # (the writer holds a block until the one before it is written), for the
                     # same reason.
                     self._fail_all(tail, front.write.written.exception(), same_for_all=True)
                     break
+                if front.audit_failure() is not None:
+                    # not audited, so not appended; those chained on it link again
+                    self._fail_all(tail, front.audit_failure())
+                    break
                 ready: list[Pending] = []
                 for p in tail.pending:
-                    if not p.write.written.done() or p.write.written.exception() is not None:
+                    if not p.ready():
                         break
                     ready.append(p)
                 try:

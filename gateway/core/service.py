@@ -39,7 +39,7 @@ from ..security.keys import KeyProvider, KeysForOneRead
 from ..storage import Storage, open_storage
 from ..storage.model import Blob, Episode, HeadMove, IndexedRecord, KeyTaken, StoreConflict
 from . import chain
-from .access import Authorizer, Caller, settle_audits
+from .access import Authorizer, Caller, settle_audits, take_audits
 from .fhir_validation import find_resources, validate_embedded
 from .pipeline import Pipeline, Superseded
 from .plugins import PluginHost, PluginLoadError, make_manager
@@ -350,10 +350,19 @@ class RecordService:
         block to the pipeline, and wait — outside the lock — until Kubo confirmed it stored and
         pinned, the replicas too, and its head moved. A head move lost to another process is
         ``_Relink`` if ``relink`` (the pipeline takes no turns between processes)."""
+        # The append's audit event is written while the record is linked, sealed and stored;
+        # the pipeline moves its head only once the event is stored, and this request answers
+        # nothing before it is settled (a failure to store it is the answer).
+        audited = take_audits()
+        try:
+            return await self._link_in_flight(client, signer, digest, key, audited, relink=relink)
+        finally:
+            if audited is not None:
+                await asyncio.shield(audited)
+
+    async def _link_in_flight(self, client: ClientRecord, signer: str, digest: str, key: str | None,
+                              audited: asyncio.Future | None, *, relink: bool) -> Appended:
         record = client.parsed
-        # The pipeline moves heads in batches, away from this request: its audit event is
-        # stored before the record is handed over.
-        await settle_audits()
         async with self.locks(record["episode"]):
             earlier = await self._retried(record, digest, key)
             if earlier is not None:
@@ -372,7 +381,7 @@ class RecordService:
                 move = HeadMove(indexed, None if episode is None else episode.head, closes)
                 after = Episode(record["episode"], record["patient"], cid, record["seq"] + 1,
                                 "closed" if closes else "open", record["recorded_at"])
-                pending = self.pipeline.enqueue(indexed, sealed, move, block, after)
+                pending = self.pipeline.enqueue(indexed, sealed, move, block, after, audited)
         if twin is not None:  # the same request, sent again while the first is in flight
             moved = await asyncio.shield(twin.moved)
             return Appended(twin.cid, moved, twin.record, created=False)
