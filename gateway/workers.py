@@ -12,7 +12,8 @@ the supervisor exits when they have, with a non-zero status if one did not exit 
 
 Each worker's metrics go to a directory the supervisor makes for them (``gateway.metrics``:
 prometheus_client's multiprocess mode), so ``/metrics`` shows the whole gateway whichever
-worker answers; a dead worker's in-flight gauge is dropped, its counts stay.
+worker answers; a dead worker's in-flight gauge is dropped, its counts stay. The directory goes
+when the supervisor stops; one left by a supervisor killed outright is removed by the next.
 
 Only a storage backend several processes share can have workers: PostgreSQL (``storage.url``),
 where several gateways already share heads, tokens, audit and keys; the embedded SQLite stores
@@ -33,6 +34,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from prometheus_client.multiprocess import mark_process_dead
 
@@ -84,7 +86,8 @@ class Supervisor:
         self.workers = [Worker(n) for n in range(1, config.server.workers + 1)]
         self.stopping = False
         self.selector = selectors.DefaultSelector()
-        self.metrics_dir = tempfile.mkdtemp(prefix="medicon-metrics-")
+        remove_stale_metrics_dirs()
+        self.metrics_dir = tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-")
 
     def command(self, worker: Worker) -> list[str]:
         return [sys.executable, "-m", "gateway", *self.argv, "--port", str(self.port), "--worker", str(worker.number)]
@@ -180,6 +183,31 @@ class Supervisor:
 
 class WorkerFailed(RuntimeError):
     pass
+
+
+# The workers' metrics directory: "<prefix><supervisor's pid>-<random>" in the temp dir.
+METRICS_DIR_PREFIX = "medicon-metrics-"
+
+
+def remove_stale_metrics_dirs(parent: str | None = None) -> list[Path]:
+    """Remove the metrics directories of supervisors that are gone without stopping (killed
+    outright: SIGKILL skips ``Supervisor.stop``), so they do not pile up in the temp dir. A
+    directory whose supervisor's pid is alive — or belongs to another user — is kept."""
+    removed = []
+    for path in Path(parent or tempfile.gettempdir()).glob(f"{METRICS_DIR_PREFIX}*-*"):
+        pid = path.name[len(METRICS_DIR_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or not path.is_dir() or path.stat().st_uid != os.getuid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # its supervisor runs
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # a process of another user has that pid now
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
 
 
 def supervise(config: Config, argv: list[str], announce) -> int:

@@ -244,3 +244,22 @@ async def test_turns_never_take_the_pool_from_the_appends_that_hold_them(aiohttp
             assert (await (await c.get(f"/medicon/v1/episodes/{episode}")).json())["length"] == 4
     finally:
         STORAGE_URLS.pop(cfg.records.data_dir, None)
+
+
+def test_a_killed_supervisors_metrics_directory_is_removed_by_the_next(tmp_path):
+    """SIGKILL skips the supervisor's clean-up: the next supervisor removes what it left (the
+    directory names its pid), and keeps those of supervisors still running."""
+    import subprocess
+    import sys
+    from gateway.workers import METRICS_DIR_PREFIX, remove_stale_metrics_dirs
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid no process has now (reaped)
+    stale = tmp_path / f"{METRICS_DIR_PREFIX}{gone.pid}-abc"
+    (stale / "sub").mkdir(parents=True)
+    (stale / "counter_1.db").write_bytes(b"x")
+    running = tmp_path / f"{METRICS_DIR_PREFIX}{os.getpid()}-def"
+    running.mkdir()
+    unrelated = tmp_path / f"{METRICS_DIR_PREFIX}notapid-ghi"
+    unrelated.mkdir()
+    assert remove_stale_metrics_dirs(str(tmp_path)) == [stale]
+    assert not stale.exists() and running.exists() and unrelated.exists()
