@@ -318,22 +318,26 @@ http {{
                 stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
                 start_new_session=True, preexec_fn=die_with_parent,
             )
-        url = f"http://127.0.0.1:{port}"
+        self.nginx_url = self._relaying(f"http://127.0.0.1:{port}", self.nginx, "nginx", timeout,
+                                        lambda: f"{_tail(self.tmp / 'nginx' / 'stderr.log')}\n{_tail(errlog)}")
+        return self.nginx_url
+
+    def _relaying(self, url: str, proc: subprocess.Popen, name: str, timeout: float, logs) -> str:
+        """``url`` once the proxy ``proc`` there answers Kubo's ``version`` through it."""
+        assert self.kubo is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.nginx.poll() is not None:
-                raise BenchError(f"nginx exited with {self.nginx.returncode}:\n"
-                                 f"{_tail(self.tmp / 'nginx' / 'stderr.log')}\n{_tail(errlog)}")
+            if proc.poll() is not None:
+                raise BenchError(f"{name} exited with {proc.returncode}:\n{logs()}")
             try:
-                # Kubo's RPC takes only callers with its secret (API.Authorizations), through nginx too
+                # Kubo's RPC takes only callers with its secret (API.Authorizations), through a proxy too
                 req = urllib.request.Request(url + "/api/v0/version", method="POST", headers=self.kubo.rpc_headers)
                 with urllib.request.urlopen(req, timeout=2) as resp:
                     json.load(resp)
-                self.nginx_url = url
                 return url
             except (OSError, ValueError):
                 time.sleep(0.05)
-        raise BenchError(f"nginx did not proxy to Kubo within {timeout}s:\n{_tail(errlog)}")
+        raise BenchError(f"{name} did not proxy to Kubo within {timeout}s:\n{logs()}")
 
     def nginx_version(self) -> str:
         try:
@@ -354,20 +358,9 @@ http {{
                 [PYTHON, "-m", "bench.relay", "--api", self.kubo.api_url, "--gateway", self.kubo.gateway_url,
                  "--port", str(port)], cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                 start_new_session=True, preexec_fn=die_with_parent)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.relay.poll() is not None:
-                raise BenchError(f"the aiohttp relay exited with {self.relay.returncode}:\n{_tail(log)}")
-            try:
-                req = urllib.request.Request(url + "/api/v0/version", method="POST", headers=self.kubo.rpc_headers)
-                with urllib.request.urlopen(req, timeout=2) as resp:
-                    json.load(resp)
-                self.relay_url = url
-                return url
-            except (OSError, ValueError):
-                time.sleep(0.05)
-        raise BenchError(f"the aiohttp relay did not relay to Kubo within {timeout}s:\n{_tail(log)}")
+        self.relay_url = self._relaying(f"http://127.0.0.1:{port}", self.relay, "the aiohttp relay", timeout,
+                                        lambda: _tail(log))
+        return self.relay_url
 
     def stop_relay(self) -> None:
         _stop(self.relay, timeout=10)

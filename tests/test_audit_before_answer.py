@@ -183,46 +183,45 @@ async def _until(condition, what: str, seconds: float = 10) -> None:
         await asyncio.sleep(0.005)
 
 
-async def test_pipelined_appends_chained_on_one_whose_audit_is_held_are_stored_but_commit_after_it(
-        aiohttp_client, kubo, audit_gate):
+async def _two_appends_the_first_held(aiohttp_client, kubo, audit_gate, *, mode: str, then_fail: bool, notes):
+    """A pipelined gateway; two appends to one episode, the second sent once the first's audit
+    event is held, both stored in Kubo (pinned) before anything is released. Returns the
+    client, the episode before, the pins before, and the two requests under way."""
     c, content, raw, record, episode, patient = await _setup(aiohttp_client, kubo, audit_gate,
                                                              **{"records.pipeline": True})
-    head = c.server.app[SERVICE].storage.heads
-    before = await head.get_episode(episode)
+    before = await c.server.app[SERVICE].storage.heads.get_episode(episode)
     pins = _recursive_pins(kubo)
-    audit_gate.STATE.update(mode="hold", actions=(":write",), held=asyncio.Event(), released=asyncio.Event(),
-                            gated=[], then_fail=False)
+    audit_gate.STATE.update(mode=mode, actions=(":write",), held=asyncio.Event(), released=asyncio.Event(),
+                            gated=[], then_fail=then_fail)
     first = asyncio.ensure_future(c.post(f"/medicon/v1/episodes/{episode}/records",
-                                         json=encounter(patient, episode, note="first, held")))
+                                         json=encounter(patient, episode, note=notes[0])))
     await asyncio.wait_for(audit_gate.STATE["held"].wait(), 10)
     second = asyncio.ensure_future(c.post(f"/medicon/v1/episodes/{episode}/records",
-                                          json=encounter(patient, episode, note="second, chained on it")))
+                                          json=encounter(patient, episode, note=notes[1])))
     await _until(lambda: len(_recursive_pins(kubo) - pins) == 2, "both records were not stored while audited")
-    assert (await head.get_episode(episode)).length == before.length, "a head moved before its append was audited"
+    return c, before, pins, first, second
+
+
+async def test_pipelined_appends_chained_on_one_whose_audit_is_held_are_stored_but_commit_after_it(
+        aiohttp_client, kubo, audit_gate):
+    c, before, pins, first, second = await _two_appends_the_first_held(
+        aiohttp_client, kubo, audit_gate, mode="hold", then_fail=False, notes=("first, held", "second, chained on it"))
+    head = c.server.app[SERVICE].storage.heads
+    assert (await head.get_episode(before.id)).length == before.length, "a head moved before its append was audited"
     assert not first.done() and not second.done()
     audit_gate.STATE["released"].set()
     one, two = await asyncio.wait_for(first, 10), await asyncio.wait_for(second, 10)
     assert one.status == 201 and two.status == 201, (await one.text(), await two.text())
     one, two = await one.json(), await two.json()
     assert one["record"]["prev"] == before.head and two["record"]["prev"] == one["cid"]
-    assert (await head.get_episode(episode)).length == before.length + 2
+    assert (await head.get_episode(before.id)).length == before.length + 2
 
 
 async def test_a_pipelined_append_whose_audit_fails_is_not_made_and_the_one_chained_on_it_links_again(
         aiohttp_client, kubo, audit_gate):
-    c, content, raw, record, episode, patient = await _setup(aiohttp_client, kubo, audit_gate,
-                                                             **{"records.pipeline": True})
-    head = c.server.app[SERVICE].storage.heads
-    before = await head.get_episode(episode)
-    pins = _recursive_pins(kubo)
-    audit_gate.STATE.update(mode="hold_first", actions=(":write",), held=asyncio.Event(),
-                            released=asyncio.Event(), gated=[], then_fail=True)
-    first = asyncio.ensure_future(c.post(f"/medicon/v1/episodes/{episode}/records",
-                                         json=encounter(patient, episode, note="never audited")))
-    await asyncio.wait_for(audit_gate.STATE["held"].wait(), 10)
-    second = asyncio.ensure_future(c.post(f"/medicon/v1/episodes/{episode}/records",
-                                          json=encounter(patient, episode, note="chained on it, then again")))
-    await _until(lambda: len(_recursive_pins(kubo) - pins) == 2, "both records were not stored while audited")
+    c, before, pins, first, second = await _two_appends_the_first_held(
+        aiohttp_client, kubo, audit_gate, mode="hold_first", then_fail=True,
+        notes=("never audited", "chained on it, then again"))
     audit_gate.STATE["released"].set()
     one, two = await asyncio.wait_for(first, 10), await asyncio.wait_for(second, 10)
     assert one.status in (502, 503), await one.text()
@@ -230,7 +229,7 @@ async def test_a_pipelined_append_whose_audit_fails_is_not_made_and_the_one_chai
     assert two.status == 201, await two.text()
     two = await two.json()
     assert two["record"]["prev"] == before.head, "the second append kept the unaudited record as its prev"
-    assert (await head.get_episode(episode)).length == before.length + 1
+    assert (await c.server.app[SERVICE].storage.heads.get_episode(before.id)).length == before.length + 1
     # the unaudited record's block and the second's first linking lose their pins
     await _until(lambda: _recursive_pins(kubo) - pins == {two["cid"]}, "a block of an append that did not "
                  f"commit kept its pin: {_recursive_pins(kubo) - pins}")
