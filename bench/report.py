@@ -165,7 +165,9 @@ def markdown(results: dict[str, Any]) -> str:
         "(for latencies: gateway ÷ direct, lower is better). MB = 10^6 bytes.",
         "- Appends: direct / nginx = a raw `add` of the same record JSON bytes on Kubo, same "
         "concurrency; gateway = `POST /medicon/v1/episodes/{e}/records` (validate, seal, sign, "
-        "block/put with its pin, head move), each client over 4 episodes of its own.",
+        "block/put with its pin, head move) through a gateway with `records.pipeline` on, each "
+        "client over 4 episodes of its own (the default, serial path is measured in the same "
+        "rounds: \"Appends against what they ask of Kubo\" below).",
     ]
     if hist_note:
         lines.append(hist_note)
