@@ -194,24 +194,24 @@ def ceiling_lines(results: dict[str, Any]) -> list[str]:
     """Appends against what they ask of Kubo: one dag-cbor block stored and pinned per record
     (``block/put?pin=true`` directly on Kubo, same records and clients) — the most appends
     this Kubo allows any gateway that pins each record, measured in the same rounds."""
-    runs = {**{f"{c} client{'s' if c != '1' else ''}": a for c, a in sorted(
-                results.get("appends", {}).items(), key=lambda kv: int(kv[0]))},
-            **{f"{c} clients, one episode": a for c, a in results.get("appends_one_episode", {}).items()}}
-    runs = {who: a for who, a in runs.items() if "kubo put" in a.get("records_per_s", {})}
-    if not runs:
+    measured = {**{f"{c} client{'s' if c != '1' else ''}": a for c, a in sorted(
+                    results.get("appends", {}).items(), key=lambda kv: int(kv[0]))},
+                **{f"{c} clients, one episode": a for c, a in results.get("appends_one_episode", {}).items()}}
+    measured = {who: a for who, a in measured.items() if "kubo put" in a.get("records_per_s", {})}
+    if not measured:
         return []
     lines = ["", "### Appends against what they ask of Kubo", "",
              "| clients | raw add | Kubo: block/put, pinned | gateway (pipelined) | serial | "
              "put / raw add | gateway / put | serial / put |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for who, a in runs.items():
-        rps, runs_ = a["records_per_s"], a["runs"]
-        n = min(len(v) for v in runs_.values())
+    for who, a in measured.items():
+        rps, rounds = a["records_per_s"], a["runs"]
+        n = min(len(v) for v in rounds.values())
 
         def per_round(num: str, den: str) -> str:
-            if num not in runs_ or den not in runs_:
+            if num not in rounds or den not in rounds:
                 return "—"
-            ratios = [runs_[num][i]["records_per_s"] / runs_[den][i]["records_per_s"] for i in range(n)]
+            ratios = [rounds[num][i]["records_per_s"] / rounds[den][i]["records_per_s"] for i in range(n)]
             return f"{statistics.median(ratios):.2f}×"
         lines.append(f"| {who} | {_fmt(rps.get('direct'), 0)} | {_fmt(rps.get('kubo put'), 0)} | "
                      f"{_fmt(rps.get('gateway'), 0)} | {_fmt(rps.get('serial'), 0)} | "

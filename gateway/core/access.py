@@ -53,11 +53,9 @@ def deferring_audits() -> None:
 async def settle_audits() -> None:
     """Wait for this request's deferred audit events; the first failure (a full or lost audit
     store) is raised, so the answer becomes that error instead of the allowed one."""
-    pending = _deferred.get()
-    if not pending:
-        return
-    _deferred.set([])
-    await _all_stored(pending)
+    pending = _taken()
+    if pending:
+        await _all_stored(pending)
 
 
 def take_audits() -> asyncio.Future | None:
@@ -65,13 +63,20 @@ def take_audits() -> asyncio.Future | None:
     all are stored, failed with the first failure. For a commit made away from the request
     (the pipeline moves heads in batches), which waits for it instead of the request waiting
     first; whoever takes it must see it settled before answering."""
-    pending = _deferred.get()
+    pending = _taken()
     if not pending:
         return None
-    _deferred.set([])
     stored = asyncio.ensure_future(_all_stored(pending))
     stored.add_done_callback(_retrieve)
     return stored
+
+
+def _taken() -> list[asyncio.Future] | None:
+    """This request's deferred events, now off its list."""
+    pending = _deferred.get()
+    if pending:
+        _deferred.set([])
+    return pending
 
 
 async def _all_stored(pending: list[asyncio.Future]) -> None:

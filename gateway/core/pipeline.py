@@ -68,10 +68,13 @@ class Pending:
             return Unavailable("the append's audit event could not be stored")
         return self.audited.exception()
 
+    def settled(self) -> bool:
+        """Kubo answered for its block, and its audit events are stored or failed."""
+        return self.write.written.done() and (self.audited is None or self.audited.done())
+
     def ready(self) -> bool:
         """Kubo confirmed its block and its audit events are stored."""
-        return (self.write.written.done() and self.write.written.exception() is None
-                and (self.audited is None or self.audited.done() and self.audit_failure() is None))
+        return self.settled() and self.write.written.exception() is None and self.audit_failure() is None
 
 
 @dataclass(eq=False)
@@ -158,7 +161,7 @@ class Pipeline:
         try:
             while tail.pending:
                 front = tail.pending[0]
-                if not front.write.written.done() or not (front.audited is None or front.audited.done()):
+                if not front.settled():
                     return  # its write's (or its audit's) callback starts the next round
                 if front.write.written.exception() is not None:
                     # Kubo did not store it: the records chained on it were not stored either
