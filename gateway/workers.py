@@ -196,8 +196,11 @@ def remove_stale_metrics_dirs(parent: str | None = None) -> list[Path]:
     removed = []
     for path in Path(parent or tempfile.gettempdir()).glob(f"{METRICS_DIR_PREFIX}*-*"):
         pid = path.name[len(METRICS_DIR_PREFIX):].split("-", 1)[0]
-        if not pid.isdigit() or not path.is_dir() or path.stat().st_uid != os.getuid():
-            continue
+        try:
+            if not pid.isdigit() or not path.is_dir() or path.stat().st_uid != os.getuid():
+                continue
+        except OSError:
+            continue  # gone meanwhile (another supervisor starting removed it)
         try:
             os.kill(int(pid), 0)
             continue  # its supervisor runs

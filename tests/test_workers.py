@@ -263,3 +263,23 @@ def test_a_killed_supervisors_metrics_directory_is_removed_by_the_next(tmp_path)
     unrelated.mkdir()
     assert remove_stale_metrics_dirs(str(tmp_path)) == [stale]
     assert not stale.exists() and running.exists() and unrelated.exists()
+
+
+def test_a_stale_metrics_directory_removed_meanwhile_does_not_stop_a_supervisor(tmp_path, monkeypatch):
+    """Two supervisors starting at once may both find one stale directory: the one that finds
+    it gone before it looks at its owner skips it instead of failing to start."""
+    from pathlib import Path
+    from gateway.workers import METRICS_DIR_PREFIX, remove_stale_metrics_dirs
+    stale = tmp_path / f"{METRICS_DIR_PREFIX}999999999-abc"
+    stale.mkdir()
+    real_stat, looks = Path.stat, []
+
+    def removed_meanwhile(self, *args, **kwargs):
+        if self == stale:
+            looks.append(self)
+            if len(looks) == 2:  # after is_dir() saw it, before its owner is read
+                stale.rmdir()  # the other supervisor got there first
+        return real_stat(self, *args, **kwargs)
+    monkeypatch.setattr(Path, "stat", removed_meanwhile)
+    assert remove_stale_metrics_dirs(str(tmp_path)) == []
+    assert len(looks) == 2 and not stale.exists()
