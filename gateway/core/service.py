@@ -533,7 +533,11 @@ class RecordService:
                       ) -> tuple[Episode, list[IndexedRecord], list[ClientRecord]]:
         episode = await self.episode_for(caller, episode_id, "record:read")
         rows = await self.storage.heads.history(episode.id, after_seq, limit)
-        return episode, rows, await self.read_many([r.cid for r in rows])
+        read: dict[str, dict[str, Any]] = {}
+        if len(rows) > 1 and all(later.seq == earlier.seq + 1 for earlier, later in zip(rows, rows[1:])):
+            newest_first = [row.cid for row in reversed(rows)]  # each links the next by prev
+            read = dict(zip(newest_first, await self.kubo.record_chain(newest_first)))
+        return episode, rows, await self.read_many([r.cid for r in rows], read=read)
 
     async def read(self, cid: str) -> ClientRecord | None:
         """The record stored as ``cid`` (decrypted, signature checked), or None if the gateway
@@ -550,16 +554,21 @@ class RecordService:
         _require_signed(cid, await self.sealer.verified(node))
         return (await self.sealer.from_node(node))[0]
 
-    async def read_many(self, cids: list[str], concurrency: int = 16) -> list[ClientRecord]:
-        """Indexed records in the order given: fetched from Kubo ``concurrency`` at a time (a
-        page of history costs a few round trips of latency, not one per record), signatures
-        checked in two threads at once (Ed25519 releases the GIL), then opened."""
+    async def read_many(self, cids: list[str], concurrency: int = 16,
+                        read: dict[str, dict[str, Any]] | None = None) -> list[ClientRecord]:
+        """Indexed records in the order given: their nodes taken from ``read`` (already fetched
+        and hash-checked) or fetched from Kubo ``concurrency`` at a time (a page of history costs
+        a few round trips of latency, not one per record), signatures checked in two threads at
+        once (Ed25519 releases the GIL), then opened."""
         gate = asyncio.Semaphore(concurrency)
+        read = dict(read or {})
 
         async def fetch(cid: str) -> dict[str, Any]:
             async with gate:
                 return await self.kubo.record_node(cid)
-        nodes = list(await asyncio.gather(*(fetch(cid) for cid in cids)))
+        missing = list(dict.fromkeys(cid for cid in cids if cid not in read))
+        read.update(zip(missing, await asyncio.gather(*(fetch(cid) for cid in missing))))
+        nodes = [read[cid] for cid in cids]
         signers = [await self.sealer.signer_key(node) for node in nodes]  # known after the first
 
         def check(part: list[tuple[dict[str, Any], Any]]) -> list[bool]:

@@ -26,7 +26,7 @@ from yarl import URL
 
 from ..config import KuboConfig
 from ..errors import MediconError, StorageFull, TimedOut, Unavailable
-from . import ipld
+from . import car, ipld
 from .cids import canonical
 
 CHUNK = 1 << 18  # 256 KiB: read buffer for streams through the session
@@ -177,6 +177,44 @@ class KuboClient:
             raise Unavailable(str(exc)) from None
         except ipld.Unsupported:
             return await self.dag_get(cid)
+
+    async def record_chain(self, newest_first: list[str]) -> list[dict[str, Any]]:
+        """The nodes of records linked one to the next by ``prev``, newest first, read in one
+        ``dag/export`` (offline) instead of one call each: Kubo walks from the newest record
+        down its ``prev`` links and streams the blocks in that order, and the stream is closed
+        once the last one asked for has arrived (Kubo would go on to the episode's first record).
+
+        Each block is believed only when it hashes to the CID asked for at its place; the
+        answer is the nodes of the longest such prefix — shorter when Kubo lacks a block, the
+        chain is not what the caller thought, a block is outside what ``ipld`` decodes, or the
+        stream fails — and the caller reads the rest one by one (``record_node``)."""
+        nodes: list[dict[str, Any]] = []
+        if not newest_first:
+            return nodes
+        started, error = time.perf_counter(), None
+        url = self.rpc_url("dag/export", [("arg", newest_first[0]), ("offline", "true")])
+        try:
+            async with self.session.post(url, headers=self.rpc_headers) as resp:
+                if resp.status != 200:
+                    error = "refused"
+                    return nodes
+                async for _, block in car.blocks(resp.content):
+                    try:
+                        nodes.append(ipld.decode(newest_first[len(nodes)], block))
+                    except (ipld.BlockMismatch, ipld.Unsupported):
+                        break
+                    if len(nodes) == len(newest_first):
+                        break
+                resp.close()  # the rest of the episode is not wanted: stop Kubo's walk
+        except car.CarError:
+            error = "refused"
+        except asyncio.TimeoutError:
+            error = "timeout"
+        except aiohttp.ClientError:
+            error = "unreachable"
+        finally:
+            self.observe("dag/export", started, error)
+        return nodes
 
     async def resolve_path(self, path: str) -> str | None:
         """The CID an ``/ipfs/<cid>/a/b`` path ends at (None if it does not resolve)."""

@@ -1,0 +1,155 @@
+"""A page of history read from Kubo in one ``dag/export`` down the page's ``prev`` links, and
+believed block by block: each block must hash to the CID the index holds at its place, and
+what the stream does not give (a block Kubo lacks, a chain that is not the index's) is read
+one block at a time as before — never left out of the page, never taken from elsewhere."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections import Counter
+
+import pytest
+
+from conftest import gateway_config
+from gateway.core.access import Caller
+from gateway.core.service import RecordService
+from gateway.errors import MediconError
+from gateway.kubo import car, ipld
+from gateway.security.principal import Principal
+from records_helpers import encounter, opened, uid
+
+ADMIN = Caller(Principal("token:history-admin", "admin"), "req-history", "test")
+
+
+class KuboCalls(Counter):
+    """The service's Kubo observer: how many calls of each command it made."""
+
+    def kubo_call(self, command: str, seconds: float, error: str | None = None) -> None:
+        self[command] += 1
+        if error:
+            self[f"{command} {error}"] += 1
+
+
+async def _episode(service: RecordService, length: int) -> tuple[str, list[str]]:
+    patient, episode = uid("p"), uid("e")
+    cids = [(await service.append(opened(patient, episode), ADMIN)).cid]
+    for i in range(1, length):
+        cids.append((await service.append(encounter(patient, episode, note=f"visit {i}"), ADMIN)).cid)
+    return episode, cids
+
+
+def _counted(service: RecordService) -> KuboCalls:
+    calls = KuboCalls()
+    service.kubo.observer = calls
+    return calls
+
+
+@pytest.fixture
+async def service(kubo):
+    async with RecordService.open(gateway_config(kubo)) as opened_service:
+        yield opened_service
+
+
+async def test_a_page_of_history_is_one_kubo_call_whatever_its_length(service):
+    episode, cids = await _episode(service, 14)
+    for after, limit in ((2, 8), (-1, 14), (9, 100)):
+        calls = _counted(service)
+        _, rows, records = await service.history(ADMIN, episode, after, limit)
+        wanted = list(range(after + 1, min(after + 1 + limit, 14)))
+        assert [r.seq for r in rows] == wanted and [r.cid for r in rows] == cids[wanted[0]:wanted[-1] + 1]
+        assert [r["seq"] for r in records] == wanted
+        assert [r["body"]["notes"] for r in records if r["seq"] > 0] == [f"visit {s}" for s in wanted if s > 0]
+        assert calls == {"dag/export": 1}, calls  # not one block/get per record
+
+
+async def test_the_chain_read_keeps_only_the_blocks_that_hash_to_the_cids_asked_for(service):
+    episode, cids = await _episode(service, 6)
+    _, others = await _episode(service, 2)
+    kubo = service.kubo
+    singly = [await kubo.record_node(cid) for cid in cids]
+
+    assert await kubo.record_chain(cids[::-1]) == singly[::-1]
+    # the stream goes on down the chain; a CID that is not the next link ends what is believed
+    assert await kubo.record_chain([cids[4], cids[3], others[0], cids[1]]) == [singly[4], singly[3]]
+    assert await kubo.record_chain([cids[4], cids[2]]) == [singly[4]]
+    # past the first record the stream ends: the rest is the caller's to read one by one
+    assert await kubo.record_chain([cids[1], cids[0], others[1]]) == [singly[1], singly[0]]
+    # a root Kubo does not have: nothing, at once (offline: no search of the network)
+    absent = await asyncio.wait_for(kubo.record_chain([ipld.cid_of(os.urandom(16)), cids[0]]), timeout=10)
+    assert absent == []
+
+
+async def test_a_block_kubo_lost_mid_page_is_not_skipped(own_kubo):
+    async with RecordService.open(gateway_config(own_kubo)) as service:
+        episode, cids = await _episode(service, 9)
+        kubo = service.kubo
+        lost = cids[4]
+        for line in (await kubo.call("pin/ls", [("type", "recursive"), ("stream", "true")])).splitlines():
+            await kubo.call("pin/rm", [("arg", json.loads(line)["Cid"])])
+        await kubo.call("block/rm", [("arg", lost)])
+
+        newer = await kubo.record_chain(cids[8:2:-1])
+        assert [node["seq"] for node in newer] == [8, 7, 6, 5]  # the stream stops at the lost block
+
+        calls = _counted(service)
+        with pytest.raises(MediconError) as failed:  # the page is not answered without seq 4
+            await service.history(ADMIN, episode, 1, 6)
+        assert "not found" in failed.value.message and lost in failed.value.message
+        assert calls["dag/export"] == 1 and calls["block/get"] >= 1, calls
+        _, rows, records = await service.history(ADMIN, episode, 4, 4)  # a page after it reads
+        assert [r["seq"] for r in records] == [5, 6, 7, 8]
+
+
+class _Chunks:
+    """A stream that hands out ``data`` ``size`` bytes at a time (how the reader sees a
+    response arrive in pieces)."""
+
+    def __init__(self, data: bytes, size: int) -> None:
+        self.data, self.size = data, size
+
+    async def readany(self) -> bytes:
+        part, self.data = self.data[:self.size], self.data[self.size:]
+        return part
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def _car(*sections: bytes) -> bytes:
+    header = bytes.fromhex("a265726f6f747380") + b"gversion\x01"  # {"roots": [], "version": 1}
+    return _varint(len(header)) + header + b"".join(_varint(len(s)) + s for s in sections)
+
+
+CID = bytes.fromhex("01711220") + bytes(range(32))
+
+
+async def _read(data: bytes, size: int, **kw) -> list[tuple[bytes, bytes]]:
+    return [section async for section in car.blocks(_Chunks(data, size), **kw)]
+
+
+@pytest.mark.parametrize("size", [1, 2, 7, 1 << 16])
+async def test_the_car_reader_splits_sections_however_the_bytes_arrive(size):
+    data = _car(CID + b"first", CID + b"", CID + b"x" * 300)
+    assert await _read(data, size) == [(CID, b"first"), (CID, b""), (CID, b"x" * 300)]
+
+
+@pytest.mark.parametrize("data, problem", [
+    (b"", "no CAR header"),
+    (_car(CID + b"block")[:-2], "ends inside a section"),
+    (_car(CID + b"block") + b"\x85", "ends inside a length"),
+    (_car(bytes.fromhex("1220") + bytes(32) + b"v0 block"), "CIDv1"),
+    (_car(CID[:20]), "cut inside its CID"),
+    (_car(CID + b"x" * 100), "a section of"),
+    (_car(CID) + b"\xff" * 9, "longer than any block"),
+])
+async def test_the_car_reader_refuses_what_is_not_a_car_it_accepts(data, problem):
+    with pytest.raises(car.CarError, match=problem):
+        await _read(data, 3, max_section=120)
