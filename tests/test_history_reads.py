@@ -1,7 +1,8 @@
-"""A page of history read from Kubo in one ``dag/export`` down the page's ``prev`` links, and
-believed block by block: each block must hash to the CID the index holds at its place, and
-what the stream does not give (a block Kubo lacks, a chain that is not the index's) is read
-one block at a time as before — never left out of the page, never taken from elsewhere."""
+"""A page of history, and an episode's verification, read from Kubo in one ``dag/export`` down
+the ``prev`` links, and believed block by block: each block must hash to the CID the index
+(or the record above it) names for its place, and what the stream does not give (a block Kubo
+lacks, a chain that is not the index's) is read one block at a time as before — never left
+out, never taken from elsewhere."""
 
 from __future__ import annotations
 
@@ -64,6 +65,17 @@ async def test_a_page_of_history_is_one_kubo_call_whatever_its_length(service):
         assert calls == {"dag/export": 1}, calls  # not one block/get per record
 
 
+async def test_verifying_an_episode_is_one_kubo_stream_not_a_call_per_record(service):
+    episode, cids = await _episode(service, 25)
+    calls = _counted(service)
+    verdict = await service.verify(ADMIN, episode)
+    assert verdict["ok"] is True and verdict["checked"] == 25, verdict
+    assert calls == {"dag/export": 1}, calls  # not one dag/get per record
+    calls.clear()  # from a claimed head: the same stream, and the same verdict
+    assert (await service.verify(ADMIN, episode, head=cids[-1]))["checked"] == 25
+    assert calls == {"dag/export": 1}, calls
+
+
 async def test_the_chain_read_keeps_only_the_blocks_that_hash_to_the_cids_asked_for(service):
     episode, cids = await _episode(service, 6)
     _, others = await _episode(service, 2)
@@ -100,6 +112,13 @@ async def test_a_block_kubo_lost_mid_page_is_not_skipped(own_kubo):
         assert calls["dag/export"] == 1 and calls["block/get"] >= 1, calls
         _, rows, records = await service.history(ADMIN, episode, 4, 4)  # a page after it reads
         assert [r["seq"] for r in records] == [5, 6, 7, 8]
+
+        calls.clear()  # verification reports the break where the block is, not a shorter chain
+        verdict = await service.verify(ADMIN, episode)
+        assert verdict["ok"] is False and verdict["checked"] == 4, verdict
+        assert verdict["break"]["cid"] == lost and verdict["break"]["seq"] == 4
+        assert "cannot be read from Kubo" in verdict["break"]["problem"]
+        assert calls["dag/export"] == 1 and calls["dag/get"] == 1, calls
 
 
 class _Chunks:

@@ -609,7 +609,9 @@ class RecordService:
     async def verify_episode(self, episode: Episode, head: str | None = None) -> dict[str, Any]:
         """Walk the episode in Kubo from its head (or from ``head``, a CID claimed to extend it)
         to its first record and report the first break: a missing block, a bad signature, a
-        record that fails its schema, or links, sequence numbers or times out of order."""
+        record that fails its schema, or links, sequence numbers or times out of order. The
+        blocks come in one ``dag/export`` stream, each believed only if it hashes to the CID the
+        record above links (``ChainRead``); where the stream stops, one ``dag/get`` each."""
         heads = self.storage.heads
         cid = head or episode.head
         checked, erased, expected_seq, later_time = 0, False, None, None
@@ -622,52 +624,55 @@ class RecordService:
                     "checked": checked, "erased": erased, "break": brk, "signers": signers}
 
         keys = KeysForOneRead(self.keys)  # one patient's data key, looked up once per verification
-        while cid is not None:
-            try:
-                node = await self.kubo.dag_get(cid)
-            except MediconError as err:
-                return report(f"the block cannot be read from Kubo: {err.message}")
-            if not await self.sealer.verified(node):
-                return report("the signature does not verify: the block was not written by a gateway "
-                              "of this deployment")
-            signer = await self.sealer.signed_by(node) or str(node.get("key"))
-            if expected_seq is None:
-                expected_seq = node.get("seq")
-            if node.get("seq") != expected_seq or not isinstance(expected_seq, int):
-                return report(f"seq {node.get('seq')} where {expected_seq} was expected")
-            if node.get("episode") != pseudonym:
-                return report("the block belongs to another episode")
-            indexed = await heads.record(cid)
-            if head is None and (indexed is None or indexed.seq != expected_seq or indexed.episode != episode.id):
-                return report("the chain reaches a block the index does not hold at this position")
-            prev = node.get("prev")
-            prev = prev.get("/") if isinstance(prev, dict) else prev
-            if (expected_seq == 0) != (prev is None):
-                return report("prev must be null exactly at seq 0")
-            if expected_seq == 0 and node.get("schema") not in OPENING_KINDS:
-                return report("the first record of an episode must open it")
-            try:
-                record, _ = await self.sealer.from_node(node, keys)
-            except Erased:
-                erased = True
-            except MediconError as err:
-                return report(err.message)
-            else:
-                problems = [str(v) for v in self.schemas.validate(record.parsed)]
-                if problems:
-                    return report("schema: " + "; ".join(problems))
-                if (record.get("seq"), record.get("prev"), record.get("episode"), record.get("schema")) != (
-                        expected_seq, prev, episode.id, node.get("schema")):
-                    return report("the sealed record disagrees with the block's clear metadata")
-                if record.get("patient") != episode.patient:
-                    return report("the record names another patient")
-                stamp = timestamp(record["recorded_at"])
-                if later_time is not None and stamp > later_time:
-                    return report("recorded_at goes backwards")
-                later_time = stamp
-            checked += 1
-            signers[signer] = signers.get(signer, 0) + 1
-            cid, expected_seq = prev, expected_seq - 1
+        async with self.kubo.chain_read(cid) as chain:  # one stream down the episode
+            while cid is not None:
+                try:
+                    node = await chain.next(cid)
+                    if node is None:  # not in the stream (see ChainRead): Kubo's own decoding
+                        node = await self.kubo.dag_get(cid)
+                except MediconError as err:
+                    return report(f"the block cannot be read from Kubo: {err.message}")
+                if not await self.sealer.verified(node):
+                    return report("the signature does not verify: the block was not written by a gateway "
+                                  "of this deployment")
+                signer = await self.sealer.signed_by(node) or str(node.get("key"))
+                if expected_seq is None:
+                    expected_seq = node.get("seq")
+                if node.get("seq") != expected_seq or not isinstance(expected_seq, int):
+                    return report(f"seq {node.get('seq')} where {expected_seq} was expected")
+                if node.get("episode") != pseudonym:
+                    return report("the block belongs to another episode")
+                indexed = await heads.record(cid)
+                if head is None and (indexed is None or indexed.seq != expected_seq or indexed.episode != episode.id):
+                    return report("the chain reaches a block the index does not hold at this position")
+                prev = node.get("prev")
+                prev = prev.get("/") if isinstance(prev, dict) else prev
+                if (expected_seq == 0) != (prev is None):
+                    return report("prev must be null exactly at seq 0")
+                if expected_seq == 0 and node.get("schema") not in OPENING_KINDS:
+                    return report("the first record of an episode must open it")
+                try:
+                    record, _ = await self.sealer.from_node(node, keys)
+                except Erased:
+                    erased = True
+                except MediconError as err:
+                    return report(err.message)
+                else:
+                    problems = [str(v) for v in self.schemas.validate(record.parsed)]
+                    if problems:
+                        return report("schema: " + "; ".join(problems))
+                    if (record.get("seq"), record.get("prev"), record.get("episode"), record.get("schema")) != (
+                            expected_seq, prev, episode.id, node.get("schema")):
+                        return report("the sealed record disagrees with the block's clear metadata")
+                    if record.get("patient") != episode.patient:
+                        return report("the record names another patient")
+                    stamp = timestamp(record["recorded_at"])
+                    if later_time is not None and stamp > later_time:
+                        return report("recorded_at goes backwards")
+                    later_time = stamp
+                checked += 1
+                signers[signer] = signers.get(signer, 0) + 1
+                cid, expected_seq = prev, expected_seq - 1
         if head is not None and checked and expected_seq != -1:
             return report("the chain does not reach the episode's first record")
         return report(None)

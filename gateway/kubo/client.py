@@ -18,7 +18,7 @@ import asyncio
 import json
 import secrets
 import time
-from typing import Any, Protocol
+from typing import Any, AsyncGenerator, Protocol
 from urllib.parse import quote, urlencode
 
 import aiohttp
@@ -178,43 +178,47 @@ class KuboClient:
         except ipld.Unsupported:
             return await self.dag_get(cid)
 
+    def chain_read(self, top: str) -> "ChainRead":
+        """Record nodes down the ``prev`` links from ``top``, streamed by one ``dag/export``
+        (see ``ChainRead``); use as ``async with``."""
+        return ChainRead(self, top)
+
     async def record_chain(self, newest_first: list[str]) -> list[dict[str, Any]]:
         """The nodes of records linked one to the next by ``prev``, newest first, read in one
-        ``dag/export`` (offline) instead of one call each: Kubo walks from the newest record
-        down its ``prev`` links and streams the blocks in that order, and the stream is closed
-        once the last one asked for has arrived (Kubo would go on to the episode's first record).
-
-        Each block is believed only when it hashes to the CID asked for at its place; the
-        answer is the nodes of the longest such prefix — shorter when Kubo lacks a block, the
-        chain is not what the caller thought, a block is outside what ``ipld`` decodes, or the
-        stream fails — and the caller reads the rest one by one (``record_node``)."""
+        ``dag/export`` instead of one call each: the nodes of the longest prefix the stream
+        gave and the hashes confirmed (shorter when Kubo lacks a block, the chain is not what
+        the caller thought, or the stream fails); the caller reads the rest one by one."""
         nodes: list[dict[str, Any]] = []
-        if not newest_first:
-            return nodes
-        started, error = time.perf_counter(), None
-        url = self.rpc_url("dag/export", [("arg", newest_first[0]), ("offline", "true")])
+        if newest_first:
+            async with self.chain_read(newest_first[0]) as chain:
+                for cid in newest_first:
+                    node = await chain.next(cid)
+                    if node is None:
+                        break
+                    nodes.append(node)
+        return nodes
+
+    async def _export(self, top: str, failed: list[str]) -> AsyncGenerator[bytes, None]:
+        """The blocks of ``dag/export`` from ``top`` (offline: never a search of the network),
+        as they arrive; ends quietly on any failure (its kind appended to ``failed``). Closing
+        the generator closes the connection, which stops Kubo's walk."""
+        url = self.rpc_url("dag/export", [("arg", top), ("offline", "true")])
         try:
             async with self.session.post(url, headers=self.rpc_headers) as resp:
                 if resp.status != 200:
-                    error = "refused"
-                    return nodes
-                async for _, block in car.blocks(resp.content):
-                    try:
-                        nodes.append(ipld.decode(newest_first[len(nodes)], block))
-                    except (ipld.BlockMismatch, ipld.Unsupported):
-                        break
-                    if len(nodes) == len(newest_first):
-                        break
-                resp.close()  # the rest of the episode is not wanted: stop Kubo's walk
+                    failed.append("refused")
+                    return
+                try:
+                    async for _, block in car.blocks(resp.content):
+                        yield block
+                finally:
+                    resp.close()
         except car.CarError:
-            error = "refused"
+            failed.append("refused")
         except asyncio.TimeoutError:
-            error = "timeout"
+            failed.append("timeout")
         except aiohttp.ClientError:
-            error = "unreachable"
-        finally:
-            self.observe("dag/export", started, error)
-        return nodes
+            failed.append("unreachable")
 
     async def resolve_path(self, path: str) -> str | None:
         """The CID an ``/ipfs/<cid>/a/b`` path ends at (None if it does not resolve)."""
@@ -339,3 +343,45 @@ def files_form(files: list[bytes]) -> tuple[bytes, dict[str, str]]:
             b"Content-Type: application/octet-stream\r\n\r\n")
     body = b"".join(part for data in files for part in (mark, head, data, b"\r\n")) + mark + b"--\r\n"
     return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+class ChainRead:
+    """A chain of record nodes read newest first from one ``dag/export``: Kubo walks from the
+    top record down its ``prev`` links (a record node has no other link) and streams the
+    blocks in that order, so the next block of the stream is the next record down.
+
+    ``next(cid)`` is believed only when the stream's next block hashes to ``cid`` (the CID
+    the index, or the record above, names for that place); otherwise — the stream ended, Kubo
+    lacks the block, the chain is not what the caller expected, or the block is outside what
+    ``ipld`` decodes — it is None, the stream is dropped, and the caller reads that record and
+    the rest one by one. Leaving the ``async with`` closes the connection: Kubo would
+    otherwise go on to the episode's first record."""
+
+    def __init__(self, client: KuboClient, top: str) -> None:
+        self._client, self._failed = client, []
+        self._blocks: AsyncGenerator[bytes, None] | None = client._export(top, self._failed)
+        self._started: float | None = None  # the call is made at the first ``next``
+
+    async def next(self, cid: str) -> dict[str, Any] | None:
+        if self._blocks is None:
+            return None
+        if self._started is None:
+            self._started = time.perf_counter()
+        try:
+            return ipld.decode(cid, await anext(self._blocks))
+        except (StopAsyncIteration, ipld.BlockMismatch, ipld.Unsupported):
+            await self.close()
+            return None
+
+    async def close(self) -> None:
+        if self._blocks is not None:
+            blocks, self._blocks = self._blocks, None
+            await blocks.aclose()
+            if self._started is not None:
+                self._client.observe("dag/export", self._started, self._failed[0] if self._failed else None)
+
+    async def __aenter__(self) -> "ChainRead":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
