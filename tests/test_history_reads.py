@@ -15,6 +15,7 @@ import pytest
 
 from conftest import gateway_config
 from gateway.core.access import Caller
+from gateway.core.check import check_service
 from gateway.core.service import RecordService
 from gateway.errors import MediconError
 from gateway.kubo import car, ipld
@@ -119,6 +120,25 @@ async def test_a_block_kubo_lost_mid_page_is_not_skipped(own_kubo):
         assert verdict["break"]["cid"] == lost and verdict["break"]["seq"] == 4
         assert "cannot be read from Kubo" in verdict["break"]["problem"]
         assert calls["dag/export"] == 1 and calls["dag/get"] == 1, calls
+
+        calls.clear()  # `gateway check`: the lost block is missing; blocks the walk read are not asked again
+        report = await check_service(service)
+        assert report["missing"] == [{"cid": lost, "episode": episode, "seq": 4}], report
+        assert [b["break"]["seq"] for b in report["broken"]] == [4] and report["clean"] is False
+        assert calls["block/stat"] == 5, calls  # seqs 0-4: below the break, the walk read none of them
+
+
+async def test_a_check_walks_each_chain_in_one_stream_and_asks_no_more_of_kubo(own_kubo):
+    async with RecordService.open(gateway_config(own_kubo)) as service:
+        for length in (6, 3, 1):
+            await _episode(service, length)
+        calls = _counted(service)
+        report = await check_service(service)
+        assert report["clean"] is True and report["records"] == 10, report
+        indexing = service.plugins.pm.get_plugin("fhir_index") is not None  # re-reads each chain
+        assert calls["dag/export"] == 3 + (2 if indexing else 0), calls  # a 1-record episode: one block/get
+        assert calls["block/stat"] == 0 and calls["dag/get"] == 0, calls
+        assert calls["block/get"] == (1 if indexing else 0), calls
 
 
 class _Chunks:

@@ -1,10 +1,12 @@
 """``medicon-gateway check``: compare the head store with Kubo after a crash or an incident.
 
 Every indexed record must be in Kubo and pinned (the gateway pins each record recursively as
-it stores it), every chain verifying. Pins of record nodes the index does not hold are
-examined one by one: a node stored by an append whose head never moved (a crash, a lost
-compare-and-swap whose clean-up failed) is an orphan, never acknowledged. ``--repair`` re-pins
-unpinned records and removes orphan pins. Runs on the record service alone: no web server.
+it stores it), every chain verifying. The chains are walked first, each in one stream from Kubo
+(``verify_episode``); a record whose block that walk read needs no second look in Kubo's
+blockstore. Pins of record nodes the index does not hold are examined one by one: a node
+stored by an append whose head never moved (a crash, a lost compare-and-swap whose clean-up
+failed) is an orphan, never acknowledged. ``--repair`` re-pins unpinned records and removes
+orphan pins. Runs on the record service alone: no web server.
 
 Safe while gateways write. An append stores and pins its node *before* it moves the head, so
 a pinned node the index does not hold may be one an append is about to commit; a snapshot of
@@ -66,9 +68,16 @@ async def check_service(service: RecordService, *, repair: bool = False,
     report: dict[str, Any] = {"episodes": len(episodes), "records": len(records), "missing": [],
                               "unpinned": [], "broken": [], "orphans": [], "pending": [], "unindexed": [],
                               "repaired": []}
+    in_blockstore: set[str] = set()  # the blocks the chain walks read from Kubo's blockstore
+    progress("episodes", 0, len(episodes))
+    for done, episode in enumerate(episodes, 1):
+        verdict = await service.verify_episode(episode, streamed=in_blockstore)
+        if not verdict["ok"]:
+            report["broken"].append(verdict)
+        progress("episodes", done, len(episodes))
     progress("records", 0, len(records))
     for done, record in enumerate(records, 1):
-        if not await kubo.has_block(record.cid):
+        if record.cid not in in_blockstore and not await kubo.has_block(record.cid):
             report["missing"].append({"cid": record.cid, "episode": record.episode, "seq": record.seq})
         elif record.cid not in pins:
             report["unpinned"].append(record.cid)
@@ -76,12 +85,6 @@ async def check_service(service: RecordService, *, repair: bool = False,
                 await kubo.pin_add(record.cid)
                 report["repaired"].append({"pinned": record.cid})
         progress("records", done, len(records))
-    progress("episodes", 0, len(episodes))
-    for done, episode in enumerate(episodes, 1):
-        verdict = await service.verify_episode(episode)
-        if not verdict["ok"]:
-            report["broken"].append(verdict)
-        progress("episodes", done, len(episodes))
     indexed = {r.cid for r in records}
     by_pseudonym = {service.sealer.episode_pseudonym(e.id): e.id for e in episodes}
     unindexed = sorted(pins - indexed)
@@ -143,9 +146,13 @@ async def _check_fhir_index(service: RecordService, records: list, report: dict[
     order of their episodes). Records that cannot be read are reported above, or erased."""
     facade = FhirFacade(service)
     progress("index", 0, len(records))
+    nodes: dict[str, dict[str, Any]] = {}  # read ahead down each episode's chain, a page at a time
+    ahead = 0  # records[:ahead] were asked of a chain read already
     for done, record in enumerate(records, 1):
+        if done > ahead:
+            nodes, ahead = await _chain_ahead(service, records, done - 1)
         try:
-            stored = await service.read_indexed(record.cid)
+            stored = await service.read_indexed(record.cid, nodes.get(record.cid))
         except MediconError:
             stored = None
         if stored is not None:
@@ -157,6 +164,22 @@ async def _check_fhir_index(service: RecordService, records: list, report: dict[
                     await service.storage.fhir.add(lacking)
                     report["repaired"].append({"indexed": record.cid})
         progress("index", done, len(records))
+
+
+async def _chain_ahead(service: RecordService, records: list, start: int,
+                       page: int = 500) -> tuple[dict[str, dict[str, Any]], int]:
+    """The blocks of the run of records from ``records[start]`` on — up to ``page`` of one
+    episode in consecutive seqs (``all_records`` is in episode and seq order) — that one
+    ``dag/export`` gives (``record_chain``), and where the run ends. The rest of the run is
+    read one by one."""
+    run = records[start:start + 1]
+    for record in records[start + 1:start + page]:
+        if (record.episode, record.seq) != (run[-1].episode, run[-1].seq + 1):
+            break
+        run.append(record)
+    newest_first = [record.cid for record in reversed(run)]
+    read = await service.kubo.record_chain(newest_first) if len(run) > 1 else []
+    return dict(zip(newest_first, read)), start + len(run)
 
 
 async def _own_record_node(service: RecordService, cid: str) -> dict[str, Any] | None:

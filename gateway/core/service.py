@@ -547,10 +547,12 @@ class RecordService:
             return None
         return await self.read_indexed(key)
 
-    async def read_indexed(self, cid: str) -> ClientRecord:
+    async def read_indexed(self, cid: str, node: dict[str, Any] | None = None) -> ClientRecord:
         """The record stored as ``cid``, which the caller found in the index: its text as the
-        client wrote it, with the envelope fields the gateway set."""
-        node = await self.kubo.record_node(cid)
+        client wrote it, with the envelope fields the gateway set. ``node``: its block, already
+        read from Kubo and hash-checked (``KuboClient.record_chain``)."""
+        if node is None:
+            node = await self.kubo.record_node(cid)
         _require_signed(cid, await self.sealer.verified(node))
         return (await self.sealer.from_node(node))[0]
 
@@ -606,12 +608,15 @@ class RecordService:
         episode = await self.episode_for(caller, episode_id, "verify")
         return await self.verify_episode(episode, head)
 
-    async def verify_episode(self, episode: Episode, head: str | None = None) -> dict[str, Any]:
+    async def verify_episode(self, episode: Episode, head: str | None = None, *,
+                             streamed: set[str] | None = None) -> dict[str, Any]:
         """Walk the episode in Kubo from its head (or from ``head``, a CID claimed to extend it)
         to its first record and report the first break: a missing block, a bad signature, a
         record that fails its schema, or links, sequence numbers or times out of order. The
         blocks come in one ``dag/export`` stream, each believed only if it hashes to the CID the
-        record above links (``ChainRead``); where the stream stops, one ``dag/get`` each."""
+        record above links (``ChainRead``); where the stream stops, one ``dag/get`` each.
+        ``streamed`` collects the CIDs whose blocks came from the stream: offline, so they are
+        in this Kubo's blockstore (``gateway check`` need not ask again)."""
         heads = self.storage.heads
         cid = head or episode.head
         checked, erased, expected_seq, later_time = 0, False, None, None
@@ -630,6 +635,8 @@ class RecordService:
                     node = await chain.next(cid)
                     if node is None:  # not in the stream (see ChainRead): Kubo's own decoding
                         node = await self.kubo.dag_get(cid)
+                    elif streamed is not None:
+                        streamed.add(cid)
                 except MediconError as err:
                     return report(f"the block cannot be read from Kubo: {err.message}")
                 if not await self.sealer.verified(node):
