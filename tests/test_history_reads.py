@@ -180,6 +180,11 @@ async def test_the_car_reader_splits_sections_however_the_bytes_arrive(size):
     assert await _read(data, size) == [(CID, b"first"), (CID, b""), (CID, b"x" * 300)]
 
 
+async def test_the_car_reader_takes_a_block_of_any_size_kubo_stores_in_small_pieces():
+    big = os.urandom(2 * 1024 * 1024)  # Kubo's largest block
+    assert await _read(_car(CID + big, CID + b"after"), 4096) == [(CID, big), (CID, b"after")]
+
+
 @pytest.mark.parametrize("data, problem", [
     (b"", "no CAR header"),
     (_car(CID + b"block")[:-2], "ends inside a section"),

@@ -62,13 +62,15 @@ class _Buffered:
     """The stream's bytes as they arrive, read by varint and by length."""
 
     def __init__(self, stream: ByteStream) -> None:
-        self.stream, self.data, self.offset = stream, b"", 0
+        self.stream, self.data, self.offset = stream, bytearray(), 0
 
     async def _more(self) -> bool:
         chunk = await self.stream.readany()
         if not chunk:
             return False
-        self.data, self.offset = self.data[self.offset:] + chunk, 0
+        del self.data[:self.offset]  # what was read (a bytearray drops its front in place)
+        self.data += chunk
+        self.offset = 0
         return True
 
     async def length(self) -> int | None:
@@ -85,7 +87,7 @@ class _Buffered:
         while len(self.data) - self.offset < size:
             if not await self._more():
                 raise CarError("the stream ends inside a section")
-        part = self.data[self.offset:self.offset + size]
+        part = bytes(self.data[self.offset:self.offset + size])
         self.offset += size
         return part
 
