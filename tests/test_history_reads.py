@@ -90,8 +90,9 @@ async def test_the_chain_read_keeps_only_the_blocks_that_hash_to_the_cids_asked_
     # past the first record the stream ends: the rest is the caller's to read one by one
     assert await kubo.record_chain([cids[1], cids[0], others[1]]) == [singly[1], singly[0]]
     # a root Kubo does not have: nothing, at once (offline: no search of the network)
+    calls = _counted(service)
     absent = await asyncio.wait_for(kubo.record_chain([ipld.cid_of(os.urandom(16)), cids[0]]), timeout=10)
-    assert absent == []
+    assert absent == [] and calls == {"dag/export": 1, "dag/export refused": 1}, calls
 
 
 async def test_a_block_kubo_lost_mid_page_is_not_skipped(own_kubo):

@@ -198,28 +198,6 @@ class KuboClient:
                     nodes.append(node)
         return nodes
 
-    async def _export(self, top: str, failed: list[str]) -> AsyncGenerator[bytes, None]:
-        """The blocks of ``dag/export`` from ``top`` (offline: never a search of the network),
-        as they arrive; ends quietly on any failure (its kind appended to ``failed``). Closing
-        the generator closes the connection, which stops Kubo's walk."""
-        url = self.rpc_url("dag/export", [("arg", top), ("offline", "true")])
-        try:
-            async with self.session.post(url, headers=self.rpc_headers) as resp:
-                if resp.status != 200:
-                    failed.append("refused")
-                    return
-                try:
-                    async for _, block in car.blocks(resp.content):
-                        yield block
-                finally:
-                    resp.close()
-        except car.CarError:
-            failed.append("refused")
-        except asyncio.TimeoutError:
-            failed.append("timeout")
-        except aiohttp.ClientError:
-            failed.append("unreachable")
-
     async def resolve_path(self, path: str) -> str | None:
         """The CID an ``/ipfs/<cid>/a/b`` path ends at (None if it does not resolve)."""
         try:
@@ -358,9 +336,32 @@ class ChainRead:
     otherwise go on to the episode's first record."""
 
     def __init__(self, client: KuboClient, top: str) -> None:
-        self._client, self._failed = client, []
-        self._blocks: AsyncGenerator[bytes, None] | None = client._export(top, self._failed)
+        self._client, self._failure = client, None
+        self._blocks: AsyncGenerator[bytes, None] | None = self._stream(top)
         self._started: float | None = None  # the call is made at the first ``next``
+
+    async def _stream(self, top: str) -> AsyncGenerator[bytes, None]:
+        """The blocks of ``dag/export`` from ``top`` (offline: never a search of the network)
+        as they arrive; ends quietly on any failure (its kind kept for the call's metrics).
+        Closing the generator closes the connection, which stops Kubo's walk."""
+        client = self._client
+        url = client.rpc_url("dag/export", [("arg", top), ("offline", "true")])
+        try:
+            async with client.session.post(url, headers=client.rpc_headers) as resp:
+                if resp.status != 200:
+                    self._failure = "refused"
+                    return
+                try:
+                    async for _, block in car.blocks(resp.content):
+                        yield block
+                finally:
+                    resp.close()
+        except car.CarError:
+            self._failure = "refused"
+        except asyncio.TimeoutError:
+            self._failure = "timeout"
+        except aiohttp.ClientError:
+            self._failure = "unreachable"
 
     async def next(self, cid: str) -> dict[str, Any] | None:
         if self._blocks is None:
@@ -378,7 +379,7 @@ class ChainRead:
             blocks, self._blocks = self._blocks, None
             await blocks.aclose()
             if self._started is not None:
-                self._client.observe("dag/export", self._started, self._failed[0] if self._failed else None)
+                self._client.observe("dag/export", self._started, self._failure)
 
     async def __aenter__(self) -> "ChainRead":
         return self
