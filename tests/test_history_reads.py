@@ -16,11 +16,12 @@ import pytest
 from conftest import gateway_config
 from gateway.core.access import Caller
 from gateway.core.check import check_service
+from gateway.core.fhir_facade import FhirFacade
 from gateway.core.service import RecordService
 from gateway.errors import MediconError
 from gateway.kubo import car, ipld
 from gateway.security.principal import Principal
-from records_helpers import encounter, opened, uid
+from records_helpers import BASE, encounter, opened, uid
 
 ADMIN = Caller(Principal("token:history-admin", "admin"), "req-history", "test")
 
@@ -140,6 +141,37 @@ async def test_a_check_walks_each_chain_in_one_stream_and_asks_no_more_of_kubo(o
         assert calls["dag/export"] == 3 + (2 if indexing else 0), calls  # a 1-record episode: one block/get
         assert calls["block/stat"] == 0 and calls["dag/get"] == 0, calls
         assert calls["block/get"] == (1 if indexing else 0), calls
+
+
+def _with_observation(patient: str, episode: str, i: int) -> dict:
+    return {"schema": f"{BASE}/encounter/v2", "patient": patient, "episode": episode, "author": "lab.central",
+            "body": {"status": "finished", "class": {"code": "AMB"},
+                     "fhir": [{"resourceType": "Observation", "id": f"o-{episode}-{i}", "status": "final",
+                               "code": {"text": "weight"}, "valueString": f"{70 + i} kg"}]}}
+
+
+async def test_a_patients_resources_are_read_a_chain_at_a_time(own_kubo):
+    """``$everything`` and searches read an episode's run of records with one export; what
+    is not in a run (another episode's single record) one block at a time."""
+    async with RecordService.open(gateway_config(own_kubo)) as service:
+        patient, episodes = uid("p"), [uid("e"), uid("e")]
+        for episode, length in zip(episodes, (7, 2)):
+            await service.append(opened(patient, episode), ADMIN)
+            for i in range(1, length):
+                await service.append(_with_observation(patient, episode, i), ADMIN)
+        facade = FhirFacade(service)
+        calls = _counted(service)
+        page = await facade.everything(ADMIN, patient, [])
+        wanted = {f"o-{episodes[0]}-{i}" for i in range(1, 7)} | {f"o-{episodes[1]}-1"}
+        assert {found.id for found in page.found} >= wanted
+        assert [json.loads(found.text)["valueString"] for found in page.found
+                if found.id == f"o-{episodes[0]}-3"] == ["73 kg"]
+        assert calls["dag/export"] == 1 and calls["block/get"] == 1, calls  # 6 records in a run; 1 alone
+
+        calls.clear()
+        found = await facade.search(ADMIN, "Observation", [("patient", patient)])
+        assert {f.id for f in found.found} == wanted
+        assert calls["dag/export"] == 1 and calls["block/get"] == 1, calls
 
 
 class _Chunks:

@@ -39,6 +39,7 @@ from .fhir_facade import FhirFacade
 from .service import RecordService
 
 ORPHAN, COMMITTED, PENDING = "orphan", "committed", "pending"
+CHAIN_AHEAD = 500  # records the FHIR index check reads ahead, a chain at a time
 
 
 # ``progress(phase, done, total)``: told as each phase (``records``, ``episodes``, ``pins``,
@@ -146,11 +147,10 @@ async def _check_fhir_index(service: RecordService, records: list, report: dict[
     order of their episodes). Records that cannot be read are reported above, or erased."""
     facade = FhirFacade(service)
     progress("index", 0, len(records))
-    nodes: dict[str, dict[str, Any]] = {}  # read ahead down each episode's chain, a page at a time
-    ahead = 0  # records[:ahead] were asked of a chain read already
+    nodes: dict[str, dict[str, Any]] = {}  # read ahead down the episodes' chains, 500 records at a time
     for done, record in enumerate(records, 1):
-        if done > ahead:
-            nodes, ahead = await _chain_ahead(service, records, done - 1)
+        if (done - 1) % CHAIN_AHEAD == 0:
+            nodes = await service.chain_nodes(records[done - 1:done - 1 + CHAIN_AHEAD])
         try:
             stored = await service.read_indexed(record.cid, nodes.get(record.cid))
         except MediconError:
@@ -164,22 +164,6 @@ async def _check_fhir_index(service: RecordService, records: list, report: dict[
                     await service.storage.fhir.add(lacking)
                     report["repaired"].append({"indexed": record.cid})
         progress("index", done, len(records))
-
-
-async def _chain_ahead(service: RecordService, records: list, start: int,
-                       page: int = 500) -> tuple[dict[str, dict[str, Any]], int]:
-    """The blocks of the run of records from ``records[start]`` on — up to ``page`` of one
-    episode in consecutive seqs (``all_records`` is in episode and seq order) — that one
-    ``dag/export`` gives (``record_chain``), and where the run ends. The rest of the run is
-    read one by one."""
-    run = records[start:start + 1]
-    for record in records[start + 1:start + page]:
-        if (record.episode, record.seq) != (run[-1].episode, run[-1].seq + 1):
-            break
-        run.append(record)
-    newest_first = [record.cid for record in reversed(run)]
-    read = await service.kubo.record_chain(newest_first) if len(run) > 1 else []
-    return dict(zip(newest_first, read)), start + len(run)
 
 
 async def _own_record_node(service: RecordService, cid: str) -> dict[str, Any] | None:

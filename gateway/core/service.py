@@ -24,7 +24,7 @@ import uuid
 from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Iterable
 
 import pluggy
 
@@ -533,11 +533,28 @@ class RecordService:
                       ) -> tuple[Episode, list[IndexedRecord], list[ClientRecord]]:
         episode = await self.episode_for(caller, episode_id, "record:read")
         rows = await self.storage.heads.history(episode.id, after_seq, limit)
-        read: dict[str, dict[str, Any]] = {}
-        if len(rows) > 1 and all(later.seq == earlier.seq + 1 for earlier, later in zip(rows, rows[1:])):
-            newest_first = [row.cid for row in reversed(rows)]  # each links the next by prev
-            read = dict(zip(newest_first, await self.kubo.record_chain(newest_first)))
-        return episode, rows, await self.read_many([r.cid for r in rows], read=read)
+        return episode, rows, await self.read_many([r.cid for r in rows], read=await self.chain_nodes(rows))
+
+    async def chain_nodes(self, rows: Iterable[IndexedRecord], longest: int = 500) -> dict[str, dict[str, Any]]:
+        """The nodes of indexed records read a chain at a time, by CID: ``rows`` taken in runs
+        of consecutive seqs of one episode (at most ``longest`` records), each run read newest
+        first in one ``dag/export`` (``KuboClient.record_chain``: each record links the one
+        before it by ``prev``, and each block is checked against its CID). A record in no run
+        of two, or one its run's stream did not give, is not in the answer: the caller reads
+        it one block at a time."""
+        ordered = sorted({row.cid: row for row in rows}.values(), key=lambda row: (row.episode, row.seq))
+        nodes: dict[str, dict[str, Any]] = {}
+        start = 0
+        while start < len(ordered):
+            end = start + 1
+            while end < len(ordered) and end - start < longest and (ordered[end].episode, ordered[end].seq) == (
+                    ordered[end - 1].episode, ordered[end - 1].seq + 1):
+                end += 1
+            if end - start > 1:
+                newest_first = [row.cid for row in reversed(ordered[start:end])]
+                nodes.update(zip(newest_first, await self.kubo.record_chain(newest_first)))
+            start = end
+        return nodes
 
     async def read(self, cid: str) -> ClientRecord | None:
         """The record stored as ``cid`` (decrypted, signature checked), or None if the gateway
