@@ -397,6 +397,22 @@ async def test_forged_block_fails_verify(client, kubo):
     assert (await (await client.get(f"/medicon/v1/episodes/{episode}/verify")).json())["ok"] is True
 
 
+async def test_a_claimed_head_must_be_a_cid_never_a_path_kubo_would_resolve(client):
+    """``verify?head=`` is passed to Kubo: a path or an ``/ipns`` name there would have Kubo
+    walk into another DAG or resolve a name on the network. Only a CID is taken (in any of its
+    spellings); anything else is a 400 in the gateway's error shape."""
+    patient, episode = uid("p"), uid("e")
+    head = (await (await client.post(f"/medicon/v1/patients/{patient}/episodes", json=opened(patient, episode))).json())["cid"]
+    for claimed in (f"/ipfs/{head}", f"/ipfs/{head}/prev", "/ipns/example.org", "ipns/k51qzi5uqu5dl",
+                    "not-a-cid", head + "/x", "", " " + head):
+        r = await client.get(f"/medicon/v1/episodes/{episode}/verify", params={"head": claimed})
+        body = await r.json()
+        assert r.status == 400 and "head must be a CID" in body["error"]["message"], (claimed, r.status, body)
+    upper = (await client.get(f"/medicon/v1/episodes/{episode}/verify", params={"head": head.upper()}))
+    verdict = await upper.json()  # the same CID spelled in base32 upper case: the walk runs
+    assert upper.status == 200 and verdict["ok"] is True and verdict["checked"] == 1, verdict
+
+
 async def test_audit_chain_one_event_per_decision_and_verifies(aiohttp_client, kubo):
     cfg = gateway_config(kubo)
     c = await app_client(aiohttp_client, cfg)

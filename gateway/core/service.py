@@ -622,7 +622,14 @@ class RecordService:
     # --- verification ----------------------------------------------------------------------------
 
     async def verify(self, caller: Caller, episode_id: str, head: str | None = None) -> dict[str, Any]:
+        """``verify_episode`` for a caller; ``head``, if given, must be a CID (``Invalid``
+        otherwise): a path or an ``/ipns`` name would have Kubo resolve it, on the network."""
         episode = await self.episode_for(caller, episode_id, "verify")
+        if head is not None:
+            claimed = canonical(head)
+            if claimed is None:
+                raise Invalid(f"head must be a CID, not {head[:100]!r}")
+            head = claimed
         return await self.verify_episode(episode, head)
 
     async def verify_episode(self, episode: Episode, head: str | None = None, *,
