@@ -60,6 +60,10 @@ class Metrics:
             "medicon_record_relinks", "Appends that named no position linked again to their "
             "episode's new head: their head move was lost to another process (another worker or "
             "site), or the record they were chained on did not commit", registry=r)
+        self.append_paths = Counter(
+            "medicon_record_append_paths", "Appends with records.pipeline on, by the way they went: "
+            "serial (nothing of the episode in flight, no append waiting: one Kubo round trip under "
+            "the episode's lock) or pipelined (chained on appends in flight)", ["path"], registry=r)
         self.kubo_duration = Histogram(
             "medicon_kubo_call_duration_seconds", "Kubo calls: the gateway's own until Kubo's whole "
             "answer is read; relayed ones until Kubo's headers arrive", ["command"],
@@ -99,6 +103,9 @@ class Metrics:
 
     def record_relinked(self) -> None:
         self.relinks.inc()
+
+    def record_append_path(self, path: str) -> None:
+        self.append_paths.labels(path).inc()
 
 
 # --- several worker processes ---------------------------------------------------------------------

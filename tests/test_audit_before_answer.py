@@ -193,11 +193,16 @@ async def _two_appends_the_first_held(aiohttp_client, kubo, audit_gate, *, mode:
     pins = _recursive_pins(kubo)
     audit_gate.STATE.update(mode=mode, actions=(":write",), held=asyncio.Event(), released=asyncio.Event(),
                             gated=[], then_fail=then_fail)
-    first = asyncio.ensure_future(c.post(f"/medicon/v1/episodes/{episode}/records",
-                                         json=encounter(patient, episode, note=notes[0])))
-    await asyncio.wait_for(audit_gate.STATE["held"].wait(), 10)
-    second = asyncio.ensure_future(c.post(f"/medicon/v1/episodes/{episode}/records",
-                                          json=encounter(patient, episode, note=notes[1])))
+    # Both appends queue behind the test's turn of the episode, so the first finds the second
+    # waiting and is pipelined (alone, it would take the serial path).
+    service = c.server.app[SERVICE]
+    async with service.locks.turn(episode):
+        first = asyncio.ensure_future(c.post(f"/medicon/v1/episodes/{episode}/records",
+                                             json=encounter(patient, episode, note=notes[0])))
+        await asyncio.wait_for(audit_gate.STATE["held"].wait(), 10)
+        second = asyncio.ensure_future(c.post(f"/medicon/v1/episodes/{episode}/records",
+                                              json=encounter(patient, episode, note=notes[1])))
+        await _until(lambda: service.locks.queued(episode) == 3, "the two appends did not queue for the episode")
     await _until(lambda: len(_recursive_pins(kubo) - pins) == 2, "both records were not stored while audited")
     return c, before, pins, first, second
 

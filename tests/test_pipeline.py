@@ -184,6 +184,47 @@ async def test_pipeline_off_is_the_serial_path(aiohttp_client, kubo):
     assert count == 0, "the serial path went through the batcher"
 
 
+def _append_paths(text: str) -> dict[str, float]:
+    """Appends by the way they went (serial, pipelined) in a Prometheus scrape."""
+    return {path: float(n) for path, n in
+            re.findall(r'medicon_record_append_paths_total\{path="(\w+)"\} ([0-9.e+]+)', text)}
+
+
+async def test_an_append_alone_on_its_episode_is_one_kubo_round_trip_and_only_overlapping_ones_are_pipelined(
+        aiohttp_client, kubo):
+    """With the pipeline on, an append that finds nothing of its episode in flight and no
+    append waiting for it goes the serial way (no batcher); appends to one episode that overlap
+    are pipelined, and every record still lands in one chain, pinned."""
+    c = await app_client(aiohttp_client, gateway_config(kubo, **PIPELINED))
+    patients, episodes = [uid("p") for _ in range(6)], [uid("e") for _ in range(6)]
+    for patient, episode in zip(patients, episodes):
+        await _open(c, patient, episode)
+
+    async def one_after_another(patient: str, episode: str) -> None:
+        for i in range(4):
+            r = await c.post(f"/medicon/v1/episodes/{episode}/records", json=encounter(patient, episode, note=str(i)))
+            assert r.status == 201, await r.text()
+    # six clients at once, each on its own episode: no episode ever has two appends at a time
+    await asyncio.gather(*(one_after_another(p, e) for p, e in zip(patients, episodes)))
+    text = await (await c.get("/metrics")).text()
+    assert _append_paths(text) == {"serial": 30.0}, _append_paths(text)
+    assert _kubo_batches(text)[0] == 0, "an append alone on its episode went through the batcher"
+
+    # sixteen at once on one episode: those queued behind the first are pipelined
+    patient, episode = patients[0], episodes[0]
+    answers = await asyncio.gather(*(c.post(f"/medicon/v1/episodes/{episode}/records",
+                                            json=encounter(patient, episode, note=f"burst {i}")) for i in range(16)))
+    assert all(r.status == 201 for r in answers), [await r.text() for r in answers]
+    text = await (await c.get("/metrics")).text()
+    paths = _append_paths(text)
+    assert paths["serial"] + paths.get("pipelined", 0) == 46 and paths.get("pipelined", 0) >= 8, paths
+    assert _kubo_batches(text)[0] > 0, "overlapping appends to one episode were not pipelined"
+    chain = await _history(c, episode)
+    _assert_one_chain(chain)
+    assert len(chain) == 21
+    assert {r["cid"] for r in chain} <= recursive_pins(kubo), "a record not pinned recursively under its CID"
+
+
 async def test_append_chain_moves_in_order_and_stops_at_the_first_loss(tmp_path, request):
     """``HeadStore.append_chain`` on both backends: the moves before a lost compare-and-swap
     commit, the lost one says why, the ones after it are not tried."""

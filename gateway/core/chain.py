@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
-from typing import Any, Callable
+from collections import Counter
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Callable
 
 from ..errors import Conflict, Internal, MediconError
 from ..storage.model import Episode
@@ -23,12 +25,30 @@ class EpisodeLocks:
 
     def __init__(self) -> None:
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        self._queued: Counter[str] = Counter()
 
     def __call__(self, episode: str) -> asyncio.Lock:
         lock = self._locks.get(episode)
         if lock is None:
             lock = self._locks[episode] = asyncio.Lock()
         return lock
+
+    @asynccontextmanager
+    async def turn(self, episode: str) -> AsyncIterator[None]:
+        """The episode's lock, counted in ``queued`` from the moment it is asked for until it
+        is released, so its holder can tell whether others wait behind it."""
+        self._queued[episode] += 1
+        try:
+            async with self(episode):
+                yield
+        finally:
+            self._queued[episode] -= 1
+            if not self._queued[episode]:
+                del self._queued[episode]
+
+    def queued(self, episode: str) -> int:
+        """How many ``turn``s of the episode are held or waited for (the holder included)."""
+        return self._queued[episode]
 
 
 def link(record: dict[str, Any], episode: Episode | None, policy: Policy) -> dict[str, Any]:

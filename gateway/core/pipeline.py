@@ -120,6 +120,11 @@ class Pipeline:
             return False
         return True
 
+    def idle(self, episode_id: str) -> bool:
+        """Nothing of the episode is in flight (nor draining after a failure): the head store
+        has the episode as it stands."""
+        return episode_id not in self.tails
+
     async def close(self) -> None:
         """Wait until every append in flight has moved its head or failed."""
         while self.tails:
