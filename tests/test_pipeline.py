@@ -13,6 +13,7 @@ import re
 import time
 
 from conftest import STORAGE_URLS, app_client, bearer, gateway_config
+from gateway.core import pipeline
 from gateway.core.check import check_service
 from gateway.http.appkeys import SERVICE
 from gateway.storage.model import ChainBroken, HeadMove, IndexedRecord, StoreConflict
@@ -191,38 +192,57 @@ def _append_paths(text: str) -> dict[str, float]:
 
 
 async def test_an_append_alone_on_its_episode_is_one_kubo_round_trip_and_only_overlapping_ones_are_pipelined(
-        aiohttp_client, kubo):
-    """With the pipeline on, an append that finds nothing of its episode in flight and no
-    append waiting for it goes the serial way (no batcher); appends to one episode that overlap
-    are pipelined, and every record still lands in one chain, pinned."""
+        aiohttp_client, kubo, monkeypatch):
+    """With the pipeline on, an append that finds nothing of its episode in flight, no append
+    waiting for it and no overlap lately goes the serial way (no batcher); appends to one
+    episode that overlap are pipelined, and so is the next one within ``OVERLAP_WINDOW``;
+    every record still lands in one chain, pinned."""
+    monkeypatch.setattr(pipeline, "OVERLAP_WINDOW", 3600.0)
     c = await app_client(aiohttp_client, gateway_config(kubo, **PIPELINED))
     patients, episodes = [uid("p") for _ in range(6)], [uid("e") for _ in range(6)]
     for patient, episode in zip(patients, episodes):
         await _open(c, patient, episode)
 
+    async def append(patient: str, episode: str, note: str) -> None:
+        r = await c.post(f"/medicon/v1/episodes/{episode}/records", json=encounter(patient, episode, note=note))
+        assert r.status == 201, await r.text()
+
     async def one_after_another(patient: str, episode: str) -> None:
         for i in range(4):
-            r = await c.post(f"/medicon/v1/episodes/{episode}/records", json=encounter(patient, episode, note=str(i)))
-            assert r.status == 201, await r.text()
+            await append(patient, episode, str(i))
+
+    async def paths() -> tuple[dict[str, float], float]:
+        text = await (await c.get("/metrics")).text()
+        return _append_paths(text), _kubo_batches(text)[0]
+
     # six clients at once, each on its own episode: no episode ever has two appends at a time
     await asyncio.gather(*(one_after_another(p, e) for p, e in zip(patients, episodes)))
-    text = await (await c.get("/metrics")).text()
-    assert _append_paths(text) == {"serial": 30.0}, _append_paths(text)
-    assert _kubo_batches(text)[0] == 0, "an append alone on its episode went through the batcher"
+    assert await paths() == ({"serial": 30.0}, 0), "an append alone on its episode was pipelined"
 
     # sixteen at once on one episode: those queued behind the first are pipelined
     patient, episode = patients[0], episodes[0]
-    answers = await asyncio.gather(*(c.post(f"/medicon/v1/episodes/{episode}/records",
-                                            json=encounter(patient, episode, note=f"burst {i}")) for i in range(16)))
-    assert all(r.status == 201 for r in answers), [await r.text() for r in answers]
-    text = await (await c.get("/metrics")).text()
-    paths = _append_paths(text)
-    assert paths["serial"] + paths.get("pipelined", 0) == 46 and paths.get("pipelined", 0) >= 8, paths
-    assert _kubo_batches(text)[0] > 0, "overlapping appends to one episode were not pipelined"
-    chain = await _history(c, episode)
-    _assert_one_chain(chain)
-    assert len(chain) == 21
-    assert {r["cid"] for r in chain} <= recursive_pins(kubo), "a record not pinned recursively under its CID"
+    await asyncio.gather(*(append(patient, episode, f"burst {i}") for i in range(16)))
+    counted, batches = await paths()
+    assert counted["serial"] + counted.get("pipelined", 0) == 46 and counted.get("pipelined", 0) >= 8, counted
+    assert batches > 0, "overlapping appends to one episode were not pipelined"
+    # the episode's next append, alone but within the window, is pipelined too
+    await append(patient, episode, "right after the burst")
+    assert (await paths())[0] == {**counted, "pipelined": counted["pipelined"] + 1}
+
+    # past the window, an episode whose appends overlapped takes lone appends the serial way
+    monkeypatch.setattr(pipeline, "OVERLAP_WINDOW", 0.0)
+    other_patient, other = patients[1], episodes[1]
+    await asyncio.gather(*(append(other_patient, other, f"burst {i}") for i in range(8)))
+    before, _ = await paths()
+    assert before["pipelined"] > counted["pipelined"] + 1, "the second burst did not overlap"
+    await append(other_patient, other, "alone again")
+    assert (await paths())[0] == {**before, "serial": before["serial"] + 1}
+
+    for patient, episode, length in ((patients[0], episodes[0], 22), (other_patient, other, 14)):
+        chain = await _history(c, episode)
+        _assert_one_chain(chain)
+        assert len(chain) == length
+        assert {r["cid"] for r in chain} <= recursive_pins(kubo), "a record not pinned recursively under its CID"
 
 
 async def test_append_chain_moves_in_order_and_stops_at_the_first_loss(tmp_path, request):

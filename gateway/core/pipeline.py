@@ -85,6 +85,8 @@ class Tail:
     episode: Episode | None
     pending: deque[Pending] = field(default_factory=deque)
     failed: bool = False
+    # Whether two or more of its appends were in flight at once.
+    overlapped: bool = False
     mover: asyncio.Task | None = None
     drained: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -97,6 +99,9 @@ class Pipeline:
         # Episodes whose head another gateway moved under one of ours, and until when (loop
         # time) their appends go one at a time.
         self.contended: dict[str, float] = {}
+        # Episodes whose appends overlapped in flight, and until when (loop time) an append that
+        # finds nothing in flight is still pipelined.
+        self.overlapping: dict[str, float] = {}
 
     async def episode(self, episode_id: str, read: Callable[[str], Awaitable[Episode | None]]) -> Episode | None:
         """The episode an append links to (called under the episode's lock): as it will stand
@@ -120,10 +125,21 @@ class Pipeline:
             return False
         return True
 
-    def idle(self, episode_id: str) -> bool:
-        """Nothing of the episode is in flight (nor draining after a failure): the head store
-        has the episode as it stands."""
-        return episode_id not in self.tails
+    def quiet(self, episode_id: str) -> bool:
+        """Nothing of the episode is in flight (nor draining after a failure), so the head
+        store has the episode as it stands, and its appends have not overlapped in the last
+        ``OVERLAP_WINDOW`` seconds: an append now is most likely alone. (Without the window,
+        the clients of a busy episode, all answered when a batch commits, would send their next
+        appends behind one that found the episode empty and went the serial way.)"""
+        if episode_id in self.tails:
+            return False
+        until = self.overlapping.get(episode_id)
+        if until is None:
+            return True
+        if until < asyncio.get_running_loop().time():
+            del self.overlapping[episode_id]
+            return True
+        return False
 
     async def close(self) -> None:
         """Wait until every append in flight has moved its head or failed."""
@@ -149,6 +165,7 @@ class Pipeline:
         before = tail.pending[-1].write if tail.pending else None
         pending = Pending(indexed, record, move, self.writer.write(block, indexed.cid, after=before), audited)
         tail.pending.append(pending)
+        tail.overlapped = tail.overlapped or len(tail.pending) > 1
         tail.episode = after
         pending.write.written.add_done_callback(lambda _: self._kick(indexed.episode))
         if audited is not None:
@@ -202,7 +219,15 @@ class Pipeline:
         finally:
             if not tail.pending and self.tails.get(episode_id) is tail:
                 del self.tails[episode_id]
+                if tail.overlapped:
+                    self._overlapped(episode_id)
                 tail.drained.set()
+
+    def _overlapped(self, episode_id: str) -> None:
+        now = asyncio.get_running_loop().time()
+        if len(self.overlapping) >= 4096:  # forget the episodes long gone quiet
+            self.overlapping = {e: t for e, t in self.overlapping.items() if t >= now}
+        self.overlapping[episode_id] = now + OVERLAP_WINDOW
 
     def _fail_all(self, tail: Tail, error: BaseException | None, *, same_for_all: bool = False) -> None:
         """Fail every record in flight: the first with ``error`` (if given), the others with
@@ -233,6 +258,9 @@ class Pipeline:
 
 # Seconds an episode's appends go one at a time after another gateway moved its head first.
 CONTENDED_FOR = 2.0
+
+# Seconds an episode's appends stay pipelined after some of them overlapped in flight.
+OVERLAP_WINDOW = 1.0
 
 SUPERSEDED = ("an earlier record of this episode could not be stored or committed, and this one was "
               "chained on it: nothing of it was appended")

@@ -351,16 +351,16 @@ class RecordService:
         pinned, the replicas too, and its head moved. A head move lost to another process is
         ``_Relink`` if ``relink`` (the pipeline takes no turns between processes).
 
-        An append that finds nothing of its episode in flight and no other append waiting for
-        the episode goes the serial way instead, one Kubo round trip under the lock: the
-        pipeline pays for itself only when appends to one episode overlap (measured: with each
-        episode's appends one after another, the serial path was 11–23 % ahead). Appends that
-        queue behind it are pipelined."""
+        An append that finds nothing of its episode in flight, no other append waiting for the
+        episode and no overlap lately (``Pipeline.quiet``) goes the serial way instead, one
+        Kubo round trip under the lock: the pipeline pays for itself only when appends to one
+        episode overlap (measured: with each episode's appends one after another, the serial
+        path was 11–23 % ahead). Appends that queue behind it are pipelined."""
         episode_id = client.parsed["episode"]
         audited: asyncio.Future | None = None
         try:
             async with self.locks.turn(episode_id):
-                if self.locks.queued(episode_id) == 1 and self.pipeline.idle(episode_id):
+                if self.locks.queued(episode_id) == 1 and self.pipeline.quiet(episode_id):
                     self.metrics.record_append_path("serial")
                     return await self._append_locked(client, signer, digest, key, relink=relink)
                 self.metrics.record_append_path("pipelined")
