@@ -14,6 +14,7 @@ import argparse
 import datetime as dt
 import os
 import platform
+import re
 import shutil
 import signal
 import statistics
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -193,15 +195,31 @@ def appends(ctx: Ctx) -> None:
             procs.create_token()
             targets.append({"name": name, "kind": "append", "url": procs.start_gateway().url,
                             "headers": procs.auth.headers})
+        pipelined = next(t for t in targets if t["name"] == "gateway")
         for c in ctx.plan.concurrency:
-            block[str(c)] = _appends_run(ctx, c, targets, {"episodes_per_client": 4})
-        ctx.results["appends_one_episode"] = {"8": _appends_run(ctx, 8, targets, {"episodes": 1}, "one episode")}
+            block[str(c)] = _appends_run(ctx, c, targets, {"episodes_per_client": 4}, paths_of=pipelined)
+        ctx.results["appends_one_episode"] = {"8": _appends_run(ctx, 8, targets, {"episodes": 1}, "one episode",
+                                                                paths_of=pipelined)}
     finally:
         for procs in gateways.values():
             procs.stop_gateway()
 
 
-def _appends_run(ctx: Ctx, c: int, targets: list[dict], episodes: dict, label: str = "") -> dict:
+def _append_paths(target: dict) -> dict[str, float]:
+    """How a gateway's appends have gone so far, serial or pipelined (its
+    ``medicon_record_append_paths`` counter)."""
+    request = urllib.request.Request(target["url"] + "/metrics", headers=target["headers"])
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        text = resp.read().decode()
+    return {path: float(n) for path, n in
+            re.findall(r'medicon_record_append_paths_total\{path="(\w+)"\} ([0-9.e+]+)', text)}
+
+
+def _appends_run(ctx: Ctx, c: int, targets: list[dict], episodes: dict, label: str = "", *,
+                 paths_of: dict | None = None) -> dict:
+    """One appends measurement; ``paths_of``: the pipelined gateway, whose appends in it are
+    counted by the way they went (an append alone on its episode goes the serial way)."""
+    paths_before = _append_paths(paths_of) if paths_of else {}
     budget = 150
     spec = {"kind": "append", "concurrency": c, "records_per_client": ctx.plan.records_per_client[c],
             **episodes, "targets": targets, "repeats": ctx.plan.append_repeats, "budget_s": budget,
@@ -218,6 +236,9 @@ def _appends_run(ctx: Ctx, c: int, targets: list[dict], episodes: dict, label: s
         "ratio_to_direct": {t: median([runs[t][i]["records_per_s"] / runs["direct"][i]["records_per_s"]
                                        for i in range(n)]) for t in runs if t != "direct"},
     }
+    if paths_of:
+        summary["append_paths"] = {path: n - paths_before.get(path, 0.0)
+                                   for path, n in _append_paths(paths_of).items()}
     rps, p50, p99, ratio = summary["records_per_s"], summary["p50_ms"], summary["p99_ms"], summary["ratio_to_direct"]
     line = f"appends c={c:>2}{' ' + label if label else ''}: raw add {rps['direct']:6.0f}/s p99 {p99['direct']:6.1f} ms"
     for name in ("kubo put", "gateway", "serial"):
