@@ -117,13 +117,7 @@ class Pipeline:
         """Whether another gateway moved this episode's head under one of ours lately: then
         each append waits for the one before it to commit (as without the pipeline), so a lost
         position fails one record, not every record chained on it."""
-        until = self.contended.get(episode_id)
-        if until is None:
-            return False
-        if until < asyncio.get_running_loop().time():
-            del self.contended[episode_id]
-            return False
-        return True
+        return _ahead(self.contended, episode_id)
 
     def quiet(self, episode_id: str) -> bool:
         """Nothing of the episode is in flight (nor draining after a failure), so the head
@@ -131,15 +125,7 @@ class Pipeline:
         ``OVERLAP_WINDOW`` seconds: an append now is most likely alone. (Without the window,
         the clients of a busy episode, all answered when a batch commits, would send their next
         appends behind one that found the episode empty and went the serial way.)"""
-        if episode_id in self.tails:
-            return False
-        until = self.overlapping.get(episode_id)
-        if until is None:
-            return True
-        if until < asyncio.get_running_loop().time():
-            del self.overlapping[episode_id]
-            return True
-        return False
+        return episode_id not in self.tails and not _ahead(self.overlapping, episode_id)
 
     async def close(self) -> None:
         """Wait until every append in flight has moved its head or failed."""
@@ -264,6 +250,17 @@ OVERLAP_WINDOW = 1.0
 
 SUPERSEDED = ("an earlier record of this episode could not be stored or committed, and this one was "
               "chained on it: nothing of it was appended")
+
+
+def _ahead(deadlines: dict[str, float], episode_id: str) -> bool:
+    """Whether the episode's deadline (loop time) is still ahead; one that passed is dropped."""
+    until = deadlines.get(episode_id)
+    if until is None:
+        return False
+    if until < asyncio.get_running_loop().time():
+        del deadlines[episode_id]
+        return False
+    return True
 
 
 def _settle(future: asyncio.Future, outcome: Any) -> None:
