@@ -163,8 +163,9 @@ class RecordsConfig(Section):
     # 504, and nothing is acknowledged (the head does not move).
     replica_timeout: Seconds = 30.0
     # Appends to an episode chained while earlier ones are on their way to Kubo, their blocks
-    # written and pinned many to a call (true), or each append one Kubo round trip under its
-    # episode's lock (false, the serial path). Off by default: with it on, Kubo's repository
+    # written and pinned many to a call (true; an append alone on its episode still goes the
+    # serial way), or each append one Kubo round trip under its episode's lock (false, the
+    # serial path). Off by default: with it on, Kubo's repository
     # filling up mid-burst can leave Kubo's pin store failing until Kubo restarts (see
     # bench/README.md, "Pipelined appends").
     pipeline: bool = False

@@ -15,6 +15,9 @@ episode from the head store again, as it does whenever nothing is in flight.
 
 The records' futures are driven by the writer and by one mover task per episode, never by the
 request that made them: a request that goes away does not leave the records after it waiting.
+
+Only appends that overlap come here: the service sends an append that finds its episode
+``quiet`` (nothing in flight, no overlap lately) and no other append waiting the serial way.
 """
 
 from __future__ import annotations
