@@ -318,7 +318,7 @@ class RecordService:
         # This process's lock, then the episode's turn among the processes sharing the store
         # (``HeadStore.episode_turn``), kept between attempts: a relink is the exception (an
         # append by a process that did not take turns), not a race lost again and again.
-        async with self.locks(client.parsed["episode"]), self.storage.heads.episode_turn(client.parsed["episode"]):
+        async with self.locks.turn(client.parsed["episode"]), self.storage.heads.episode_turn(client.parsed["episode"]):
             for attempt in range(1, RELINKS + 1):
                 try:
                     return await self._append_locked(client, signer, digest, key,
