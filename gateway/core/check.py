@@ -34,12 +34,13 @@ from typing import Any, Callable
 
 from ..config import Config
 from ..errors import MediconError
-from ..storage.model import Episode
+from ..storage.model import Episode, FhirEntry, IndexedRecord
 from .fhir_facade import FhirFacade
+from .records import ClientRecord
 from .service import RecordService
 
 ORPHAN, COMMITTED, PENDING = "orphan", "committed", "pending"
-CHAIN_AHEAD = 500  # records the FHIR index check reads ahead, a chain at a time
+CHAIN_AHEAD = 500  # records the FHIR index check reads ahead, a chain at a time (those no walk opened)
 
 
 # ``progress(phase, done, total)``: told as each phase (``records``, ``episodes``, ``pins``,
@@ -70,9 +71,10 @@ async def check_service(service: RecordService, *, repair: bool = False,
                               "unpinned": [], "broken": [], "orphans": [], "pending": [], "unindexed": [],
                               "repaired": []}
     in_blockstore: set[str] = set()  # the blocks the chain walks read from Kubo's blockstore
+    fhir = _FhirIndexCheck(service) if service.plugins.pm.get_plugin("fhir_index") is not None else None
     progress("episodes", 0, len(episodes))
     for done, episode in enumerate(episodes, 1):
-        verdict = await service.verify_episode(episode, streamed=in_blockstore)
+        verdict = await service.verify_episode(episode, streamed=in_blockstore, opened=fhir.look if fhir else None)
         if not verdict["ok"]:
             report["broken"].append(verdict)
         progress("episodes", done, len(episodes))
@@ -102,8 +104,8 @@ async def check_service(service: RecordService, *, repair: bool = False,
                 if repair and await kubo.pin_rm(pin):
                     report["repaired"].append({"unpinned": pin})
         progress("pins", done, len(unindexed))
-    if service.plugins.pm.get_plugin("fhir_index") is not None:
-        await _check_fhir_index(service, records, report, repair, progress)
+    if fhir is not None:
+        await fhir.finish(records, report, repair, progress)
     report["clean"] = not (report["missing"] or report["broken"]
                            or ((report["unpinned"] or report["unindexed"]) and not repair))
     replication = service.replication
@@ -141,29 +143,46 @@ async def _replicas(service: RecordService, records: list, pinned_here: set[str]
                                  for cid, r in under.items() if len(where(cid)) < replication.replicas]}
 
 
-async def _check_fhir_index(service: RecordService, records: list, report: dict[str, Any], repair: bool,
-                            progress: Progress) -> None:
-    """Records whose embedded FHIR resources the search index lacks (indexed on repair, in the
-    order of their episodes). Records that cannot be read are reported above, or erased."""
-    facade = FhirFacade(service)
-    progress("index", 0, len(records))
-    nodes: dict[str, dict[str, Any]] = {}  # read ahead down the episodes' chains, 500 records at a time
-    for done, record in enumerate(records, 1):
-        if (done - 1) % CHAIN_AHEAD == 0:
-            nodes = await service.chain_nodes(records[done - 1:done - 1 + CHAIN_AHEAD])
-        try:
-            stored = await service.read_indexed(record.cid, nodes.get(record.cid))
-        except MediconError:
-            stored = None
-        if stored is not None:
-            have = await service.storage.fhir.pointers(record.cid)
-            lacking = [e for e in facade.entries(stored, record.cid) if e.pointer not in have]
+class _FhirIndexCheck:
+    """Records whose embedded FHIR resources the search index lacks. The chain walks hand it
+    every record they opened (``look``), so a record is read and decrypted once per check;
+    ``finish`` reads the records no walk opened (below a break, or appended since the walk),
+    then reports — and on repair indexes — what is lacking, in the order of the episodes (the
+    index numbers a resource's versions in the order they are added)."""
+
+    def __init__(self, service: RecordService) -> None:
+        self.service = service
+        self.facade = FhirFacade(service)
+        self.looked_at: set[str] = set()
+        self.lacking: dict[str, list[FhirEntry]] = {}
+
+    async def look(self, cid: str, record: ClientRecord) -> None:
+        self.looked_at.add(cid)
+        have = await self.service.storage.fhir.pointers(cid)
+        lacking = [e for e in self.facade.entries(record, cid) if e.pointer not in have]
+        if lacking:
+            self.lacking[cid] = lacking
+
+    async def finish(self, records: list[IndexedRecord], report: dict[str, Any], repair: bool,
+                     progress: Progress) -> None:
+        service, rest = self.service, [r for r in records if r.cid not in self.looked_at]
+        progress("index", 0, len(rest))
+        nodes: dict[str, dict[str, Any]] = {}  # read ahead down the episodes' chains, 500 records at a time
+        for done, record in enumerate(rest, 1):
+            if (done - 1) % CHAIN_AHEAD == 0:
+                nodes = await service.chain_nodes(rest[done - 1:done - 1 + CHAIN_AHEAD])
+            try:  # records that cannot be read are reported above, or erased
+                await self.look(record.cid, await service.read_indexed(record.cid, nodes.get(record.cid)))
+            except MediconError:
+                pass
+            progress("index", done, len(rest))
+        for record in records:
+            lacking = self.lacking.get(record.cid)
             if lacking:
                 report["unindexed"].append(record.cid)
                 if repair:
                     await service.storage.fhir.add(lacking)
                     report["repaired"].append({"indexed": record.cid})
-        progress("index", done, len(records))
 
 
 async def _own_record_node(service: RecordService, cid: str) -> dict[str, Any] | None:

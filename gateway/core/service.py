@@ -24,7 +24,7 @@ import uuid
 from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterable
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable
 
 import pluggy
 
@@ -656,14 +656,17 @@ class RecordService:
         return await self.verify_episode(episode, head)
 
     async def verify_episode(self, episode: Episode, head: str | None = None, *,
-                             streamed: set[str] | None = None) -> dict[str, Any]:
+                             streamed: set[str] | None = None,
+                             opened: Callable[[str, ClientRecord], Awaitable[None]] | None = None) -> dict[str, Any]:
         """Walk the episode in Kubo from its head (or from ``head``, a CID claimed to extend it)
         to its first record and report the first break: a missing block, a bad signature, a
         record that fails its schema, or links, sequence numbers or times out of order. The
         blocks come in one ``dag/export`` stream, each believed only if it hashes to the CID the
         record above links (``ChainRead``); where the stream stops, one ``dag/get`` each.
         ``streamed`` collects the CIDs whose blocks came from the stream: offline, so they are
-        in this Kubo's blockstore (``gateway check`` need not ask again)."""
+        in this Kubo's blockstore (``gateway check`` need not ask again). ``opened`` is handed
+        each record the walk decrypted and found sound, so a caller with more to check of it
+        (``gateway check``'s FHIR index pass) need not read and decrypt it again."""
         heads = self.storage.heads
         cid = head or episode.head
         checked, erased, expected_seq, later_time = 0, False, None, None
@@ -724,6 +727,8 @@ class RecordService:
                     if later_time is not None and stamp > later_time:
                         return report("recorded_at goes backwards")
                     later_time = stamp
+                    if opened is not None:
+                        await opened(cid, record)
                 checked += 1
                 signers[signer] = signers.get(signer, 0) + 1
                 cid, expected_seq = prev, expected_seq - 1
