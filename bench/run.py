@@ -14,7 +14,6 @@ import argparse
 import datetime as dt
 import os
 import platform
-import re
 import shutil
 import signal
 import statistics
@@ -27,6 +26,8 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
+
+from prometheus_client.parser import text_string_to_metric_families
 
 if __package__ in (None, ""):  # `python bench/run.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -211,8 +212,8 @@ def _append_paths(target: dict) -> dict[str, float]:
     request = urllib.request.Request(target["url"] + "/metrics", headers=target["headers"])
     with urllib.request.urlopen(request, timeout=10) as resp:
         text = resp.read().decode()
-    return {path: float(n) for path, n in
-            re.findall(r'medicon_record_append_paths_total\{path="(\w+)"\} ([0-9.e+]+)', text)}
+    return {sample.labels["path"]: sample.value for family in text_string_to_metric_families(text)
+            for sample in family.samples if sample.name == "medicon_record_append_paths_total"}
 
 
 def _appends_run(ctx: Ctx, c: int, targets: list[dict], episodes: dict, label: str = "", *,

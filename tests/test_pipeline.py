@@ -9,8 +9,9 @@ gets its answer; ``records.pipeline = false`` is the serial path."""
 from __future__ import annotations
 
 import asyncio
-import re
 import time
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import STORAGE_URLS, app_client, bearer, gateway_config
 from gateway.core import pipeline
@@ -33,12 +34,18 @@ async def _history(c, episode: str) -> list[dict]:
     return (await r.json())["records"]
 
 
+def _samples(text: str, name: str) -> dict[tuple, float]:
+    """The samples of ``name`` in a Prometheus scrape, by their labels' values."""
+    return {tuple(sample.labels.values()): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples if sample.name == name}
+
+
 def _kubo_batches(text: str) -> tuple[float, float]:
     """(count, sum) of the Kubo write batches in a Prometheus scrape."""
-    count = re.search(r'medicon_storage_commit_batch_size_count\{store="kubo"\} ([0-9.e+]+)', text)
-    total = re.search(r'medicon_storage_commit_batch_size_sum\{store="kubo"\} ([0-9.e+]+)', text)
-    assert count and total, "no Kubo write batch was reported"
-    return float(count.group(1)), float(total.group(1))
+    count = _samples(text, "medicon_storage_commit_batch_size_count").get(("kubo",))
+    total = _samples(text, "medicon_storage_commit_batch_size_sum").get(("kubo",))
+    assert count is not None and total is not None, "no Kubo write batch was reported"
+    return count, total
 
 
 def _assert_one_chain(chain: list[dict]) -> None:
@@ -187,8 +194,7 @@ async def test_pipeline_off_is_the_serial_path(aiohttp_client, kubo):
 
 def _append_paths(text: str) -> dict[str, float]:
     """Appends by the way they went (serial, pipelined) in a Prometheus scrape."""
-    return {path: float(n) for path, n in
-            re.findall(r'medicon_record_append_paths_total\{path="(\w+)"\} ([0-9.e+]+)', text)}
+    return {path: n for (path,), n in _samples(text, "medicon_record_append_paths_total").items()}
 
 
 async def test_an_append_alone_on_its_episode_is_one_kubo_round_trip_and_only_overlapping_ones_are_pipelined(
