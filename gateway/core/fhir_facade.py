@@ -66,11 +66,11 @@ class FhirFacade:
 
     def entries(self, record: ClientRecord, cid: str) -> list[FhirEntry]:
         """The index rows of the resources ``record`` embeds (those with a type and an id)."""
-        types = default_validator().resource_types
+        validator = default_validator()
         out = []
         for pointer, resource in find_resources(record.get("body"), "/body"):
             kind, rid = resource.get("resourceType"), resource.get("id")
-            if kind not in types or not isinstance(rid, str) or not FHIR_ID.fullmatch(rid):
+            if not validator.is_resource_type(kind) or not isinstance(rid, str) or not FHIR_ID.fullmatch(rid):
                 continue
             out.append(FhirEntry(kind, self.rid(kind, rid), self.patient_pseudonym(record["patient"]),
                                  self.service.sealer.episode_pseudonym(record["episode"]), cid, pointer,

@@ -197,7 +197,7 @@ class Transaction:
             raise Invalid("the transaction has no entry")
         if len(entries) > self.max_entries:
             raise Invalid(f"at most {self.max_entries} entries in one transaction")
-        types = default_validator().resource_types
+        validator = default_validator()
         items, urns = [], {}
         # Each entry's text, found in one pass over the Bundle's text.
         entry_spans = [(begin, end) for _, begin, end in exactjson.items(text, exactjson.span(text, "/entry")[0])]
@@ -208,7 +208,7 @@ class Transaction:
                 self.refuse(index, "an entry needs a resource and a request")
                 continue
             kind, method, url = resource.get("resourceType"), request.get("method"), request.get("url")
-            if kind not in types:
+            if not validator.is_resource_type(kind):
                 self.refuse(index, "the resource has no FHIR R4 resourceType")
                 continue
             given = resource.get("id")

@@ -125,6 +125,11 @@ class FhirR4Validator:
         registry = Registry().with_resource(SCHEMA_ID, DRAFT6.create_resource(schema))
         self._validator = validator_class(schema, registry=registry)
 
+    def is_resource_type(self, value: Any) -> bool:
+        """Whether a JSON value names an R4 resource type (only a string can: an object or an
+        array is no set member, and must not be asked as one)."""
+        return isinstance(value, str) and value in self.resource_types
+
     def validate(self, resource: Any) -> list[Problem]:
         """Every problem of ``resource`` as (JSON pointer inside the resource, message)."""
         found = [problem for error in self._validator.iter_errors(resource) for problem in self._problems(error)]
@@ -139,7 +144,11 @@ class FhirR4Validator:
             yield ValidationError("resourceType is required", path=["resourceType"])
             return
         resource_type = instance["resourceType"]
-        if resource_type not in self.resource_types:
+        if not isinstance(resource_type, str):
+            yield ValidationError(f"resourceType must be a string, got {_json_type(resource_type)}",
+                                  path=["resourceType"])
+            return
+        if not self.is_resource_type(resource_type):
             yield ValidationError(
                 f"{_short(resource_type)} is not a FHIR R4 resource type", path=["resourceType"]
             )
@@ -262,7 +271,7 @@ def validate_embedded(document: Any, pointer: str = "") -> list[Problem]:
     problems: list[Problem] = []
     for at, resource in find_resources(document, pointer):
         name = resource.get("resourceType")
-        label = name if isinstance(name, str) and name in validator.resource_types else "resource"
+        label = name if validator.is_resource_type(name) else "resource"
         for inner, message in validator.validate(resource):
             problems.append((at + inner, f"FHIR R4 {label} at {at or '/'}: {message}"))
     return problems
