@@ -206,3 +206,35 @@ def test_data_of_another_version_is_refused(tmp_path):
     (tmp_path / "structure.json.gz").write_bytes(gzip.compress(json.dumps({"fhirVersion": "5.0.0"}).encode()))
     with pytest.raises(ValueError, match="not the FHIR R4 4.0.1 data"):
         FhirR4Validator(tmp_path)
+
+
+def test_validation_resolves_no_reference_at_run_time(monkeypatch):
+    """The schema's ~10,000 ``{"$ref": "#/definitions/X"}`` are the definitions themselves once
+    loaded: a resource is validated without a resolver lookup (which took most of the time),
+    and problems deep inside referenced definitions are still found, with the same words."""
+    import referencing._core
+
+    def no_lookup(*args, **kwargs):
+        raise AssertionError("a $ref was resolved while validating")
+    validator = FhirR4Validator()
+    monkeypatch.setattr(referencing._core.Resolver, "lookup", no_lookup)
+    assert validator.validate(VALID["Encounter"]) == []
+    bad = observation(code={"coding": [{"system": LOINC, "code": 5}]},
+                      component=[{"code": {"text": "x"}, "valueQuantity": {"value": Decimal("1"), "comparator": "~"}}],
+                      contained=[{"resourceType": "Patient", "gender": "f"}])
+    problems = dict(validator.validate(bad))
+    assert problems["/code/coding/0/code"] == "expected string, got integer", problems
+    assert problems["/component/0/valueQuantity/comparator"].startswith("'~' is not one of the codes allowed here")
+    assert problems["/contained/0/gender"].startswith("'f' is not one of the codes allowed here")
+
+    seen, stack = set(), [validator._validator.schema]
+    while stack:  # no reference is left anywhere the validator can reach
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, dict):
+            assert "$ref" not in node
+            stack.extend(v for v in node.values() if isinstance(v, (dict, list)))
+        elif isinstance(node, list):
+            stack.extend(v for v in node if isinstance(v, (dict, list)))
