@@ -4,15 +4,18 @@ seq, recorded_at) are added. Older (version 1) record nodes stay readable."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from decimal import Decimal
 
 import pytest
 import requests
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import app_client, gateway_config, ipfs_cli
 from gateway.core import exactjson
-from gateway.core.records import ClientRecord
+from gateway.core.records import ClientRecord, request_digest
 from gateway.core.sealing import clear_part
 from gateway.http.appkeys import SERVICE
 from gateway.security import crypto
@@ -213,3 +216,24 @@ async def test_version_1_records_stay_readable_and_verify(aiohttp_client, kubo):
     r = await client.get(f"/medicon/v1/episodes/{episode}/verify")
     verdict = await r.json()
     assert verdict["ok"] and verdict["checked"] == 2, verdict["break"]
+
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-10**30, max_value=10**30)
+    | st.decimals(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_JSON_VALUES)
+def test_render_writes_a_parsed_value_as_dumps_does_so_request_digests_stay_the_same(value):
+    """``request_digest`` writes the record with ``render`` (the C encoder) where it used
+    ``dumps``: for every value parsed from JSON the text, and so every digest already in an
+    index, is the same."""
+    assert exactjson.render(value, sort_keys=True) == exactjson.dumps(value, sort_keys=True)
+    assert exactjson.render(value) == exactjson.dumps(value)
+    record = {"schema": "s", "body": value}
+    expected = hashlib.sha256(exactjson.dumps({"record": record, "signer": "token:t"}, sort_keys=True)
+                              .encode("utf-8")).hexdigest()
+    assert request_digest(record, "token:t") == expected

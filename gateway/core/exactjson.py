@@ -69,9 +69,12 @@ def _dump(value: Any, out: list[str], sort_keys: bool) -> None:
         out.append(json.dumps(value, ensure_ascii=False, allow_nan=False))
 
 
-def render(value: Any) -> str:
+def render(value: Any, *, sort_keys: bool = False) -> str:
     """``value`` as compact JSON, with every ``Raw`` in it written verbatim: a response that
-    embeds stored records or FHIR resources without re-serialising them."""
+    embeds stored records or FHIR resources without re-serialising them. For a value parsed
+    from JSON (string keys) the same text as ``dumps``, written by the standard library's C
+    encoder (about 4× faster); ``dumps`` also refuses keys that are no strings, which a
+    value from elsewhere (a CBOR map) may have."""
     raws: list[str] = []
     nonce = secrets.token_hex(8)
 
@@ -84,7 +87,8 @@ def render(value: Any) -> str:
             return f"\x00raw-{nonce}-{len(raws) - 1}\x00"
         raise TypeError(f"{type(item).__name__} is not JSON")
 
-    text = json.dumps(value, default=mark, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    text = json.dumps(value, default=mark, ensure_ascii=False, separators=(",", ":"), allow_nan=False,
+                      sort_keys=sort_keys)
     if not raws:
         return text
     # json.dumps writes the marker's NUL characters as \u0000: no client text can forge one,

@@ -166,5 +166,5 @@ def dag_json_problems(value: Any, pointer: str = "") -> list[str]:
 def request_digest(record: Mapping[str, Any], signer: str) -> str:
     """What identifies one append: the record as the client sent it (its value: numbers as
     written, keys in any order), and who sent it."""
-    text = exactjson.dumps({"record": dict(record), "signer": signer}, sort_keys=True)
+    text = exactjson.render({"record": dict(record), "signer": signer}, sort_keys=True)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
