@@ -274,15 +274,23 @@ SPECIAL = st.one_of(
 
 
 def _containers(doc: dict, path: tuple = ()) -> list[tuple[tuple, dict]]:
+    """Every object in ``doc`` with its path, those in arrays too (FHIR resources in
+    ``body.fhir``, their codings and contained resources)."""
     out = [(path, doc)]
     for key, value in doc.items():
-        if isinstance(value, dict):
-            out += _containers(value, path + (key,))
+        for index, item in ([(None, value)] if isinstance(value, dict) else
+                            enumerate(value) if isinstance(value, list) else []):
+            if isinstance(item, dict):
+                out += _containers(item, path + ((key,) if index is None else (key, index)))
     return out
 
 
+# A string becomes an object or an array too: a JSON object is no member of a set of names
+# (a TypeError, once a 500, where a FHIR resourceType was asked as one).
 _LEAVES = {
-    str: st.one_of(st.integers(), st.floats(allow_nan=False), st.booleans(), st.none()),
+    str: st.one_of(st.integers(), st.floats(allow_nan=False), st.booleans(), st.none(), st.just({}),
+                   st.lists(SCALARS, min_size=1, max_size=2), st.dictionaries(st.text(max_size=5), SCALARS,
+                                                                             min_size=1, max_size=2)),
     int: st.one_of(st.text(max_size=10), st.booleans(), st.none(), st.just([])),
     float: st.one_of(st.text(max_size=10), st.booleans(), st.none()),
     bool: st.one_of(st.integers(), st.text(max_size=5), st.none()),
@@ -298,6 +306,13 @@ def _different_type(value) -> st.SearchStrategy:
 
 DROP = object()
 TEXT = st.text(min_size=1, max_size=200)
+# A valid FHIR R4 resource with codings, a reference, a quantity and a contained resource, for
+# mutations to reach FHIR validation, the search index and the facade.
+OBSERVATION = {"resourceType": "Observation", "id": "obs-fuzz", "status": "final",
+               "code": {"coding": [{"system": "http://loinc.org", "code": "29463-7"}], "text": "weight"},
+               "subject": {"reference": "Patient/p-fuzz"}, "effectiveDateTime": "2026-01-02",
+               "valueQuantity": {"value": 72.5, "unit": "kg", "system": "http://unitsofmeasure.org", "code": "kg"},
+               "contained": [{"resourceType": "Practitioner", "id": "pr1", "name": [{"family": "Fuzz"}]}]}
 # Changes a valid record of each kind stays valid under: so that some mutants are accepted
 BENIGN = {
     ENCOUNTER: [
@@ -307,6 +322,7 @@ BENIGN = {
         (("body", "period"), st.just(DROP)), (("author",), st.text(min_size=1, max_size=256)),
         (("body", "fhir"), st.lists(st.fixed_dictionaries({"resourceType": st.just("Observation")},
                                                           optional={"valueString": st.text(max_size=20)}), max_size=3)),
+        (("body", "fhir"), st.just([OBSERVATION])),
     ],
     OPENED: [
         (("body", "note"), st.text(max_size=300)), (("body", "careManager"), TEXT),
@@ -448,8 +464,10 @@ def test_mutated_records_through_the_rest_api(gw, target, data):
     error shape, and nothing moved: not the episode's head, not the patient's episode list."""
     door = data.draw(st.sampled_from(["records", "episodes"]), label="door")
     if door == "records":
+        with_fhir = encounter(target.patient, target.episode)
+        with_fhir["body"]["fhir"] = [copy.deepcopy(OBSERVATION)]
         base = data.draw(st.sampled_from([
-            encounter(target.patient, target.episode, note="n"),
+            encounter(target.patient, target.episode, note="n"), with_fhir,
             {**encounter(target.patient, target.episode), "schema": AMENDMENT,
              "body": {"corrects": REAL_CID, "reason": "typo", "changes": {}}}]), label="base")
         doc = data.draw(mutated(base), label="record")
