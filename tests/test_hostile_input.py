@@ -491,6 +491,39 @@ def test_mutated_records_through_the_rest_api(gw, target, data):
     target.heads.add(gw.state(target.episode)[0])
 
 
+def _transaction(patient: str) -> dict:
+    """A transaction Bundle as a FHIR system sends an episode's opening: the Patient, its
+    EpisodeOfCare, an Encounter and an Observation (``OBSERVATION``, with a contained resource)."""
+    eoc, enc = f"eoc-{patient}", f"enc-{patient}"
+    observation = {**copy.deepcopy(OBSERVATION), "id": f"obs-{patient}",
+                   "subject": {"reference": f"Patient/{patient}"}, "encounter": {"reference": f"Encounter/{enc}"}}
+    resources = [
+        {"resourceType": "Patient", "id": patient, "gender": "female", "birthDate": "1961-07"},
+        {"resourceType": "EpisodeOfCare", "id": eoc, "status": "active", "patient": {"reference": f"Patient/{patient}"}},
+        {"resourceType": "Encounter", "id": enc, "status": "finished",
+         "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
+         "subject": {"reference": f"Patient/{patient}"}, "episodeOfCare": [{"reference": f"EpisodeOfCare/{eoc}"}]},
+        observation]
+    return {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}} for r in resources]}
+
+
+@fuzz(40)
+@given(data=st.data())
+def test_mutated_fhir_transactions(gw, data):
+    """A mutated transaction Bundle (any object in it: the Bundle, an entry, a resource, a
+    coding, a contained resource) through the FHIR facade is stored (2xx) or refused with a
+    4xx OperationOutcome — never a 5xx."""
+    bundle = data.draw(mutated(_transaction(uid("p"))), label="bundle")
+    r = gw.request("POST", "/fhir/r4", data=json.dumps(bundle).encode(),
+                   headers={"Content-Type": "application/fhir+json"})
+    event(f"fhir transaction: {r.status_code}")
+    assert r.status_code < 500, describe(r)
+    if r.status_code >= 400:
+        assert r.headers.get("Content-Type", "").startswith("application/fhir+json"), describe(r)
+        assert r.json().get("resourceType") == "OperationOutcome", describe(r)
+
+
 @fuzz(50)
 @given(data=st.data())
 def test_mutated_records_through_add_and_dag_put(gw, target, data):
