@@ -146,7 +146,7 @@ class FhirR4Validator:
             yield ValidationError(f"resourceType must be a string, got {_json_type(resource_type)}",
                                   path=["resourceType"])
             return
-        if not self.is_resource_type(resource_type):
+        if resource_type not in self.resource_types:
             yield ValidationError(
                 f"{_short(resource_type)} is not a FHIR R4 resource type", path=["resourceType"]
             )
