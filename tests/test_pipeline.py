@@ -11,14 +11,13 @@ from __future__ import annotations
 import asyncio
 import time
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from conftest import STORAGE_URLS, app_client, bearer, gateway_config
 from gateway.core import pipeline
 from gateway.core.check import check_service
 from gateway.http.appkeys import SERVICE
 from gateway.storage.model import ChainBroken, HeadMove, IndexedRecord, StoreConflict
 from records_helpers import encounter, opened, uid
+from test_metrics import samples
 
 
 PIPELINED = {"records.pipeline": True}
@@ -34,16 +33,11 @@ async def _history(c, episode: str) -> list[dict]:
     return (await r.json())["records"]
 
 
-def _samples(text: str, name: str) -> dict[tuple, float]:
-    """The samples of ``name`` in a Prometheus scrape, by their labels' values."""
-    return {tuple(sample.labels.values()): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples if sample.name == name}
-
-
 def _kubo_batches(text: str) -> tuple[float, float]:
     """(count, sum) of the Kubo write batches in a Prometheus scrape."""
-    count = _samples(text, "medicon_storage_commit_batch_size_count").get(("kubo",))
-    total = _samples(text, "medicon_storage_commit_batch_size_sum").get(("kubo",))
+    kubo = {s.name: s.value for s in samples(text) if s.labels == {"store": "kubo"}}
+    count = kubo.get("medicon_storage_commit_batch_size_count")
+    total = kubo.get("medicon_storage_commit_batch_size_sum")
     assert count is not None and total is not None, "no Kubo write batch was reported"
     return count, total
 
@@ -194,7 +188,7 @@ async def test_pipeline_off_is_the_serial_path(aiohttp_client, kubo):
 
 def _append_paths(text: str) -> dict[str, float]:
     """Appends by the way they went (serial, pipelined) in a Prometheus scrape."""
-    return {path: n for (path,), n in _samples(text, "medicon_record_append_paths_total").items()}
+    return {s.labels["path"]: s.value for s in samples(text) if s.name == "medicon_record_append_paths_total"}
 
 
 async def test_an_append_alone_on_its_episode_is_one_kubo_round_trip_and_only_overlapping_ones_are_pipelined(

@@ -87,7 +87,7 @@ def _check(value: Any) -> None:
         stack.extend((child, level + 1) for child in items)
 
 
-# A \\u escape of a UTF-16 surrogate (D800-DFFF), or what a search cannot tell from one (an
+# A \u escape of a UTF-16 surrogate (D800-DFFF), or what a search cannot tell from one (an
 # escaped backslash before "ud800"); a JSON string literal; what is not a bracket.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
