@@ -195,6 +195,7 @@ async def test_what_postgresql_cannot_store_is_never_found_nor_a_server_error(tw
         assert await a.heads.list_episodes(odd) == [] and await a.heads.history(odd, -1, 10) == []
         assert await a.heads.record(odd) is None and await a.heads.record_by_key(odd) is None
         assert await a.heads.record_by_digest(odd, odd) is None and await a.heads.blob(odd) is None
+        assert await a.heads.indexed_among([odd, "bafy-none"]) == set()
         assert await a.tokens.get(odd) is None and await a.tokens.revoke(odd) is False
         assert await a.keys.key_by_id(odd) is None and await a.keys.gateway_key(odd) is None
         with pytest.raises(Invalid, match="cannot store"):

@@ -82,9 +82,9 @@ async def test_check_writes_plain_progress_lines_when_not_on_a_terminal(aiohttp_
     assert status == 0, err
     assert json.loads(out)["records"] == records  # stdout: the report alone
     phases = plain_lines(err, "check")
-    assert set(phases) == {"records", "episodes", "pins", "index"}
+    assert set(phases) == {"records", "pins"}
     assert phases["records"][0] == (0, records, 0) and phases["records"][-1] == (records, records, 100)
-    assert phases["episodes"][-1] == (records // 2, records // 2, 100)
+    assert phases["pins"][-1][0] == phases["pins"][-1][1]  # the pins the index lacks, all examined
     assert len(phases["records"]) <= 11  # a line every tenth of the way, not one per record
     assert "\r" not in err and "|" not in err
 
@@ -96,7 +96,6 @@ async def test_check_draws_a_progress_bar_on_a_terminal(aiohttp_client, kubo):
     assert json.loads(out)["clean"] is True
     assert "\r" in err  # the bar is redrawn in place
     assert re.search(rf"check: records: 100%\|[^|\n]+\| {records}/{records}", err), err
-    assert re.search(r"check: episodes: 100%\|[^|\n]+\| 6/6", err), err
     assert not plain_lines(err, "check")
 
 

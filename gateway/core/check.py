@@ -1,9 +1,11 @@
 """``medicon-gateway check``: compare the head store with Kubo after a crash or an incident.
 
 Every indexed record must be in Kubo and pinned (the gateway pins each record recursively as
-it stores it), every chain verifying. The chains are walked first, each in one stream from Kubo
-(``verify_episode``); a record whose block that walk read needs no second look in Kubo's
-blockstore. Pins of record nodes the index does not hold are examined one by one: a node
+it stores it), every chain verifying. Episode after episode, the chain is walked in one stream
+from Kubo (``verify_episode``), then the episode's records are checked a page at a time; a
+record whose block the walk read needs no second look in Kubo's blockstore. Then Kubo's pins
+are read as they arrive, and pins of record nodes the index does not hold are examined one by
+one: a node
 stored by an append whose head never moved (a crash, a lost compare-and-swap whose clean-up
 failed) is an orphan, never acknowledged. ``--repair`` re-pins unpinned records and removes
 orphan pins. Runs on the record service alone: no web server.
@@ -40,12 +42,12 @@ from .records import ClientRecord
 from .service import RecordService
 
 ORPHAN, COMMITTED, PENDING = "orphan", "committed", "pending"
-CHAIN_AHEAD = 500  # records the FHIR index check reads ahead, a chain at a time (those no walk opened)
+PAGE = 500  # indexed records checked at a time (an episode's, page after page); pins looked up at a time
 
 
-# ``progress(phase, done, total)``: told as each phase (``records``, ``episodes``, ``pins``,
-# ``index``)
-# starts and after each item, so a command can show how far it got; the core prints nothing.
+# ``progress(phase, done, total)``: told as each phase (``records``: the episodes walked and
+# their records checked; ``pins``: pinned record nodes the index does not hold) starts and
+# after each step, so a command can show how far it got; the core prints nothing.
 Progress = Callable[[str, int, int], None]
 
 
@@ -60,95 +62,149 @@ async def check(config: Config, *, repair: bool = False, progress: Progress | No
 
 async def check_service(service: RecordService, *, repair: bool = False,
                         progress: Progress | None = None) -> dict[str, Any]:
+    """The episodes as they stood when the check began, one after another, each walked and
+    then its records checked a page at a time; then the pins. What it holds grows with the
+    longest episode and with what it finds wrong, not with the number of records."""
     progress = progress or _no_progress
-    heads, kubo = service.storage.heads, service.kubo
-    episodes = await heads.episodes()
-    records = await heads.all_records()
-    # Read after the index: a record indexed above was pinned before its head moved, so it is
-    # in this set unless its pin was removed since.
-    pins = await kubo.recursive_pins()
-    report: dict[str, Any] = {"episodes": len(episodes), "records": len(records), "missing": [],
+    episodes = await service.storage.heads.episodes()
+    report: dict[str, Any] = {"episodes": len(episodes), "records": 0, "missing": [],
                               "unpinned": [], "broken": [], "orphans": [], "pending": [], "unindexed": [],
                               "repaired": []}
-    in_blockstore: set[str] = set()  # the blocks the chain walks read from Kubo's blockstore
     fhir = _FhirIndexCheck(service) if service.plugins.pm.get_plugin("fhir_index") is not None else None
-    progress("episodes", 0, len(episodes))
-    for done, episode in enumerate(episodes, 1):
-        verdict = await service.verify_episode(episode, streamed=in_blockstore, opened=fhir.look if fhir else None)
-        if not verdict["ok"]:
-            report["broken"].append(verdict)
-        progress("episodes", done, len(episodes))
-    progress("records", 0, len(records))
-    for done, record in enumerate(records, 1):
-        if record.cid not in in_blockstore and not await kubo.has_block(record.cid):
-            report["missing"].append({"cid": record.cid, "episode": record.episode, "seq": record.seq})
-        elif record.cid not in pins:
-            report["unpinned"].append(record.cid)
-            if repair:
-                await kubo.pin_add(record.cid)
-                report["repaired"].append({"pinned": record.cid})
-        progress("records", done, len(records))
-    indexed = {r.cid for r in records}
-    by_pseudonym = {service.sealer.episode_pseudonym(e.id): e.id for e in episodes}
-    unindexed = sorted(pins - indexed)
+    replication = service.replication
+    replicas = _ReplicaCheck(service, repair) if replication.replicas > 1 or replication.services else None
+    total = sum(episode.length for episode in episodes)
+    progress("records", 0, total)
+    for episode in episodes:
+        await _check_episode(service, episode, report, repair, fhir, replicas,
+                             lambda: progress("records", report["records"], total))
+    await _check_pins(service, report, repair, progress)
+    report["clean"] = not (report["missing"] or report["broken"]
+                           or ((report["unpinned"] or report["unindexed"]) and not repair))
+    if replicas is not None:
+        report["replicas"] = replicas.report()
+        report["clean"] = report["clean"] and not report["replicas"]["under_replicated"]
+    return report
+
+
+async def _check_episode(service: RecordService, episode: Episode, report: dict[str, Any], repair: bool,
+                         fhir: "_FhirIndexCheck | None", replicas: "_ReplicaCheck | None",
+                         advanced: Callable[[], None]) -> None:
+    """Walk the episode from the head it had when the check began (``verify_episode``: one
+    stream from Kubo), then check its indexed records up to that head, a page at a time:
+    each in Kubo (a block the walk read needs no second look), pinned, FHIR-indexed and
+    replicated. Pins are asked for after the page was read from the index: a record indexed
+    was pinned before its head moved, so it is pinned unless its pin was removed since."""
+    in_blockstore: set[str] = set()  # the blocks the walk read from Kubo's blockstore
+    verdict = await service.verify_episode(episode, streamed=in_blockstore, opened=fhir.look if fhir else None)
+    if not verdict["ok"]:
+        report["broken"].append(verdict)
+    kubo, last = service.kubo, -1
+    while last + 1 < episode.length:
+        page = await service.storage.heads.history(episode.id, last, min(PAGE, episode.length - 1 - last))
+        if not page:
+            break
+        last = page[-1].seq
+        present = []
+        for record in page:
+            if record.cid in in_blockstore or await kubo.has_block(record.cid):
+                present.append(record)
+            else:
+                report["missing"].append({"cid": record.cid, "episode": record.episode, "seq": record.seq})
+        pinned = await kubo.pinned_among([record.cid for record in present])
+        for record in present:
+            if record.cid not in pinned:
+                report["unpinned"].append(record.cid)
+                if repair:
+                    await kubo.pin_add(record.cid)
+                    report["repaired"].append({"pinned": record.cid})
+                    pinned.add(record.cid)
+        if fhir is not None:
+            await fhir.check(page, report, repair)
+        if replicas is not None:
+            await replicas.check(page, pinned)
+        report["records"] += len(page)
+        advanced()
+    if fhir is not None:
+        fhir.forget()
+
+
+async def _check_pins(service: RecordService, report: dict[str, Any], repair: bool, progress: Progress) -> None:
+    """Pinned record nodes the index does not hold, examined one by one (``_fate``). Kubo's
+    list of pins is read as it arrives and looked up in the index a page at a time; only
+    record nodes (dag-cbor, sha2-256) are examined: attachments and raw data are pinned by
+    their owners."""
+    heads, unindexed, page = service.storage.heads, [], []
+
+    async def look_up() -> None:
+        held = await heads.indexed_among(page)
+        unindexed.extend(pin for pin in page if pin not in held)
+        page.clear()
+    async for pin in service.kubo.recursive_pins():
+        if pin.startswith("bafyrei"):
+            page.append(pin)
+            if len(page) == PAGE:
+                await look_up()
+    await look_up()
+    unindexed.sort()
+    by_pseudonym = {service.sealer.episode_pseudonym(e.id): e.id for e in await heads.episodes()} if unindexed else {}
     progress("pins", 0, len(unindexed))
     for done, pin in enumerate(unindexed, 1):
-        # Only record nodes (dag-cbor, sha2-256): attachments and raw data are pinned by their owners.
-        node = await _own_record_node(service, pin) if pin.startswith("bafyrei") else None
+        node = await _own_record_node(service, pin)
         if node is not None:
             fate = await _fate(service, pin, node, by_pseudonym)
             if fate == PENDING:
                 report["pending"].append(pin)
             elif fate == ORPHAN:
                 report["orphans"].append(pin)
-                if repair and await kubo.pin_rm(pin):
+                if repair and await service.kubo.pin_rm(pin):
                     report["repaired"].append({"unpinned": pin})
         progress("pins", done, len(unindexed))
-    if fhir is not None:
-        await fhir.finish(records, report, repair, progress)
-    report["clean"] = not (report["missing"] or report["broken"]
-                           or ((report["unpinned"] or report["unindexed"]) and not repair))
-    replication = service.replication
-    if replication.replicas > 1 or replication.services:
-        pinned_here = pins | {r["pinned"] for r in report["repaired"] if "pinned" in r}
-        report["replicas"] = await _replicas(service, records, pinned_here, repair, progress)
-        report["clean"] = report["clean"] and not report["replicas"]["under_replicated"]
-    return report
 
 
-async def _replicas(service: RecordService, records: list, pinned_here: set[str], repair: bool,
-                    progress: Progress) -> dict[str, Any]:
-    """Which nodes hold each indexed record: this one and the replica services that report it
-    pinned; the records held by fewer than ``records.replicas`` (after ``repair``, if asked)."""
-    replication = service.replication
-    cids = [r.cid for r in records]
-    progress("replicas", 0, len(replication.services))
-    answers = await replication.report(cids)
-    progress("replicas", len(answers), len(replication.services))
+class _ReplicaCheck:
+    """Which nodes hold each indexed record, a page of records at a time: this one and the
+    replica services that report it pinned; the records held by fewer than
+    ``records.replicas`` (after ``repair``, if asked: the services lacking them pin them)."""
 
-    def where(cid: str) -> list[str]:
-        return (["local"] if cid in pinned_here else []) + [n for n, a in answers.items() if cid in a["pinned"]]
-    under = {r.cid: r for r in records if len(where(r.cid)) < replication.replicas}
-    repaired: dict[str, list[str]] = {}
-    if repair and under:
+    def __init__(self, service: RecordService, repair: bool) -> None:
+        self.replication, self.repair = service.replication, repair
+        self.services = {s.name: {"pinned": 0, "missing": 0, "error": None} for s in self.replication.services}
+        self.repaired: dict[str, list[str]] = {}
+        self.under_replicated: list[dict[str, Any]] = []
+
+    async def check(self, page: list[IndexedRecord], pinned_here: set[str]) -> None:
+        replicas, cids = self.replication.replicas, [r.cid for r in page]
+        answers = await self.replication.report(cids)
+
+        def where(cid: str) -> list[str]:
+            return (["local"] if cid in pinned_here else []) + [n for n, a in answers.items() if cid in a["pinned"]]
+        under = [r for r in page if len(where(r.cid)) < replicas]
+        if self.repair and under:
+            for name, answer in answers.items():
+                lacking = [r.cid for r in under if r.cid not in answer["pinned"]]
+                if lacking and await self.replication.repair(name, lacking) is None:
+                    answer["pinned"] |= set(lacking)
+                    self.repaired.setdefault(name, []).extend(lacking)
         for name, answer in answers.items():
-            lacking = [cid for cid in under if cid not in answer["pinned"]]
-            if lacking and await replication.repair(name, lacking) is None:
-                answer["pinned"] |= set(lacking)
-                repaired[name] = lacking
-    services = {name: {"pinned": len(a["pinned"]), "missing": len(cids) - len(a["pinned"]), "error": a["error"]}
-                for name, a in answers.items()}
-    return {"replicas": replication.replicas, "services": services, "repaired": repaired,
-            "under_replicated": [{"cid": cid, "episode": r.episode, "seq": r.seq, "pinned_on": where(cid)}
-                                 for cid, r in under.items() if len(where(cid)) < replication.replicas]}
+            held = self.services.setdefault(name, {"pinned": 0, "missing": 0, "error": None})
+            held["pinned"] += len(answer["pinned"])
+            held["missing"] += len(cids) - len(answer["pinned"])
+            held["error"] = held["error"] or answer["error"]
+        self.under_replicated += [{"cid": r.cid, "episode": r.episode, "seq": r.seq, "pinned_on": where(r.cid)}
+                                  for r in under if len(where(r.cid)) < replicas]
+
+    def report(self) -> dict[str, Any]:
+        return {"replicas": self.replication.replicas, "services": self.services, "repaired": self.repaired,
+                "under_replicated": self.under_replicated}
 
 
 class _FhirIndexCheck:
-    """Records whose embedded FHIR resources the search index lacks. The chain walks hand it
-    every record they opened (``look``), so a record is read and decrypted once per check;
-    ``finish`` reads the records no walk opened (below a break, or appended since the walk),
-    then reports — and on repair indexes — what is lacking, in the order of the episodes (the
-    index numbers a resource's versions in the order they are added)."""
+    """Records whose embedded FHIR resources the search index lacks, an episode at a time.
+    The walk hands it every record it opened (``look``), so a record is read and decrypted
+    once per check; ``check`` reads the records of a page no walk opened (below a break, or
+    erased), then reports — and on repair indexes — what is lacking, in the episode's order
+    (the index numbers a resource's versions in the order they are added)."""
 
     def __init__(self, service: RecordService) -> None:
         self.service = service
@@ -163,26 +219,26 @@ class _FhirIndexCheck:
         if lacking:
             self.lacking[cid] = lacking
 
-    async def finish(self, records: list[IndexedRecord], report: dict[str, Any], repair: bool,
-                     progress: Progress) -> None:
-        service, rest = self.service, [r for r in records if r.cid not in self.looked_at]
-        progress("index", 0, len(rest))
-        nodes: dict[str, dict[str, Any]] = {}  # read ahead down the episodes' chains, 500 records at a time
-        for done, record in enumerate(rest, 1):
-            if (done - 1) % CHAIN_AHEAD == 0:
-                nodes = await service.chain_nodes(rest[done - 1:done - 1 + CHAIN_AHEAD])
+    async def check(self, page: list[IndexedRecord], report: dict[str, Any], repair: bool) -> None:
+        service, rest = self.service, [r for r in page if r.cid not in self.looked_at]
+        nodes = await service.chain_nodes(rest) if rest else {}  # read a chain at a time
+        for record in rest:
             try:  # records that cannot be read are reported above, or erased
                 await self.look(record.cid, await service.read_indexed(record.cid, nodes.get(record.cid)))
             except MediconError:
                 pass
-            progress("index", done, len(rest))
-        for record in records:
-            lacking = self.lacking.get(record.cid)
+        for record in page:
+            lacking = self.lacking.pop(record.cid, None)
             if lacking:
                 report["unindexed"].append(record.cid)
                 if repair:
                     await service.storage.fhir.add(lacking)
                     report["repaired"].append({"indexed": record.cid})
+
+    def forget(self) -> None:
+        """The episode is done: what the walk opened of it is not needed any more."""
+        self.looked_at.clear()
+        self.lacking.clear()
 
 
 async def _own_record_node(service: RecordService, cid: str) -> dict[str, Any] | None:

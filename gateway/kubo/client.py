@@ -18,10 +18,11 @@ import asyncio
 import json
 import secrets
 import time
-from typing import Any, AsyncGenerator, Protocol
+from typing import Any, AsyncGenerator, AsyncIterator, Protocol
 from urllib.parse import quote, urlencode
 
 import aiohttp
+import ijson
 from yarl import URL
 
 from ..config import KuboConfig
@@ -30,6 +31,7 @@ from . import car, ipld
 from .cids import canonical
 
 CHUNK = 1 << 18  # 256 KiB: read buffer for streams through the session
+PINS_CHUNK = 1 << 14  # 16 KiB (~170 pins) of Kubo's list of pins read and parsed at a time
 
 
 # How Kubo (Go's os package) words a full disk or an exhausted quota (ENOSPC, EDQUOT).
@@ -272,9 +274,55 @@ class KuboClient:
             raise
         return True
 
-    async def recursive_pins(self) -> set[str]:
-        body = await self.call("pin/ls", [("type", "recursive")])
-        return set(json.loads(body).get("Keys", {}))
+    async def recursive_pins(self) -> AsyncIterator[str]:
+        """Every recursive pin, as ``pin/ls`` lists them, one at a time: the answer (one JSON
+        object, sent whole once Kubo has it all, so a failure is its status) is parsed as it
+        arrives, never held whole; an answer cut short is ``Unavailable``, not a shorter list.
+        (``pin/ls --stream`` would report a failure only in a trailer.)"""
+        started, error = time.perf_counter(), None
+        try:
+            async with self.session.post(self.rpc_url("pin/ls", [("type", "recursive")]),
+                                         headers=self.rpc_headers, read_bufsize=PINS_CHUNK) as resp:
+                if resp.status != 200:
+                    error = "refused"
+                    raise KuboAnswer(resp.status, (await resp.read()).decode(errors="replace").strip()[:300])
+                async for cid, _ in ijson.kvitems_async(resp.content, "Keys", buf_size=PINS_CHUNK):
+                    yield cid
+        except ijson.JSONError:
+            error = "refused"
+            raise Unavailable("Kubo's list of pins was cut short or malformed") from None
+        except asyncio.TimeoutError:
+            error = "timeout"
+            raise TimedOut("Kubo did not answer in time") from None
+        except aiohttp.ClientError as exc:
+            error = "unreachable"
+            raise Unavailable(f"Kubo is not reachable ({type(exc).__name__})") from None
+        finally:
+            self.observe("pin/ls", started, error)
+
+    async def pinned_among(self, cids: list[str]) -> set[str]:
+        """Which of ``cids`` are pinned recursively: one ``pin/ls`` per hundred while they all
+        are (the usual case); Kubo fails the call at the first that is not, so a failing batch
+        is halved until each unpinned CID is found."""
+        pinned: set[str] = set()
+        for start in range(0, len(cids), CONFIRM_BATCH):
+            pinned |= await self._pinned_of(cids[start:start + CONFIRM_BATCH])
+        return pinned
+
+    async def _pinned_of(self, cids: list[str]) -> set[str]:
+        if not cids:
+            return set()
+        try:
+            body = await self.call("pin/ls", [("type", "recursive"), *(("arg", c) for c in cids)])
+        except KuboAnswer as err:
+            if "is not pinned" not in err.kubo_message:
+                raise
+            if len(cids) == 1:
+                return set()
+            half = len(cids) // 2
+            return await self._pinned_of(cids[:half]) | await self._pinned_of(cids[half:])
+        named = {canonical(key) for line in _json_lines(body) for key in line.get("Keys", {})} - {None}
+        return {cid for cid in cids if canonical(cid) in named}
 
 
 def _json_lines(body: bytes) -> list[dict[str, Any]]:

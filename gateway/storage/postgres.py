@@ -435,6 +435,11 @@ class PostgresHeadStore:
     async def all_records(self) -> list[IndexedRecord]:
         return await self._run("read", lambda c: self._records(c, "true ORDER BY episode, seq"))
 
+    async def indexed_among(self, cids: list[str]) -> set[str]:
+        cids = [cid for cid in cids if storable(cid)]
+        rows = await self._run("read", lambda c: c.fetch("SELECT cid FROM records WHERE cid = ANY($1::text[])", cids))
+        return {row[0] for row in rows}
+
     async def record_by_digest(self, episode: str, digest: str) -> IndexedRecord | None:
         return await self._one("episode = $1 AND digest = $2 LIMIT 1", episode, digest)
 

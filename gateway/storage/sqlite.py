@@ -303,6 +303,15 @@ def _history(db: sqlite3.Connection, episode: str, after_seq: int, limit: int) -
         (episode, after_seq, limit))]
 
 
+def _indexed_among(db: sqlite3.Connection, cids: list[str]) -> set[str]:
+    held: set[str] = set()
+    for start in range(0, len(cids), 500):  # SQLite's bound parameters per statement are limited
+        batch = cids[start:start + 500]
+        held.update(row[0] for row in db.execute(
+            f"SELECT cid FROM records WHERE cid IN ({', '.join('?' * len(batch))})", batch))
+    return held
+
+
 def _add_blobs(db: sqlite3.Connection, blobs: list[Blob]) -> None:
     db.executemany("INSERT INTO blobs VALUES (?, ?, ?, ?) ON CONFLICT (cid) DO NOTHING",
                    [(b.cid, b.patient, int(b.encrypted), b.content_type) for b in blobs])
@@ -353,6 +362,9 @@ class SQLiteHeadStore:
     async def all_records(self) -> list[IndexedRecord]:
         return await self._db.read(lambda db: [IndexedRecord(*row) for row in db.execute(
             f"SELECT {_RECORD_COLS} FROM records ORDER BY episode, seq")])
+
+    async def indexed_among(self, cids: list[str]) -> set[str]:
+        return await self._db.read(_indexed_among, cids)
 
     async def record_by_digest(self, episode: str, digest: str) -> IndexedRecord | None:
         return await self._db.lookup(_record_where, "episode = ? AND digest = ?", (episode, digest))
