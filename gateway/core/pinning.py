@@ -294,20 +294,7 @@ class PinningService:
 
     async def _pinned_among(self, cids: list[str]) -> set[str]:
         """Which of ``cids`` are pinned recursively on the node (canonical form)."""
-        if not cids:
-            return set()
-        try:
-            body = await self.kubo.call("pin/ls", [("type", "recursive"), *(("arg", c) for c in dict.fromkeys(cids))])
-            return {canonical(k) for line in body.splitlines() if line.strip()
-                    for k in (json.loads(line).get("Keys") or {})}
-        except KuboAnswer as err:
-            if "not pinned" not in err.kubo_message:
-                raise
-        found = set()
-        for cid in dict.fromkeys(cids):
-            if await self.kubo.is_pinned(cid):
-                found.add(canonical(cid))
-        return found
+        return {canonical(cid) for cid in await self.kubo.pinned_among(list(dict.fromkeys(cids)))}
 
     # --- the work --------------------------------------------------------------------------------
 

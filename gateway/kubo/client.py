@@ -250,16 +250,6 @@ class KuboClient:
             return None
         return free if isinstance(free, int) else None
 
-    async def is_pinned(self, cid: str) -> bool:
-        """Whether ``cid`` is pinned recursively (asked now, for this one CID)."""
-        try:
-            await self.call("pin/ls", [("arg", cid), ("type", "recursive")])
-        except KuboAnswer as err:
-            if "not pinned" in err.kubo_message:
-                return False
-            raise
-        return True
-
     async def pin_add(self, cid: str) -> None:
         await self.call("pin/add", [("arg", cid), ("recursive", "true")])
 
@@ -315,7 +305,7 @@ class KuboClient:
         try:
             body = await self.call("pin/ls", [("type", "recursive"), *(("arg", c) for c in cids)])
         except KuboAnswer as err:
-            if "is not pinned" not in err.kubo_message:
+            if "not pinned" not in err.kubo_message:
                 raise
             if len(cids) == 1:
                 return set()
