@@ -15,6 +15,7 @@ streamed command is confirmed afterwards (``confirm_stored``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import time
@@ -113,12 +114,22 @@ class KuboClient:
         elif files is not None:
             data, form_headers = files_form(files)
             headers.update(form_headers)
+        async with self._answer(command, params, data=data, headers=headers) as resp:
+            return await resp.read()
+
+    @contextlib.asynccontextmanager
+    async def _answer(self, command: str, params: list[tuple[str, str]], *, data: bytes | None = None,
+                      headers: dict[str, str] | None = None,
+                      read_bufsize: int | None = None) -> AsyncIterator[aiohttp.ClientResponse]:
+        """Kubo's answer to one call, once its status says the call succeeded (the domain
+        error it says otherwise); the call is observed when the caller is done reading."""
         started, error = time.perf_counter(), None
         try:
-            async with self.session.post(self.rpc_url(command, params), data=data, headers=headers) as resp:
-                body = await resp.read()
+            async with self.session.post(self.rpc_url(command, params), data=data, read_bufsize=read_bufsize,
+                                         headers=self.rpc_headers if headers is None else headers) as resp:
                 if resp.status != 200:
                     error = "refused"
+                    body = await resp.read()
                     try:
                         message = json.loads(body)["Message"]
                     except (ValueError, KeyError, TypeError):
@@ -126,13 +137,16 @@ class KuboClient:
                     if is_disk_full(str(message)):
                         raise StorageFull(KUBO_FULL)
                     raise KuboAnswer(resp.status, str(message))
-                return body
+                yield resp
         except asyncio.TimeoutError:
             error = "timeout"
             raise TimedOut("Kubo did not answer in time") from None
         except aiohttp.ClientError as exc:
             error = "unreachable"
             raise Unavailable(f"Kubo is not reachable ({type(exc).__name__})") from None
+        except MediconError:  # the answer, read, was not what it had to be
+            error = error or "refused"
+            raise
         finally:
             self.observe(command, started, error)
 
@@ -269,26 +283,12 @@ class KuboClient:
         object, sent whole once Kubo has it all, so a failure is its status) is parsed as it
         arrives, never held whole; an answer cut short is ``Unavailable``, not a shorter list.
         (``pin/ls --stream`` would report a failure only in a trailer.)"""
-        started, error = time.perf_counter(), None
-        try:
-            async with self.session.post(self.rpc_url("pin/ls", [("type", "recursive")]),
-                                         headers=self.rpc_headers, read_bufsize=PINS_CHUNK) as resp:
-                if resp.status != 200:
-                    error = "refused"
-                    raise KuboAnswer(resp.status, (await resp.read()).decode(errors="replace").strip()[:300])
+        async with self._answer("pin/ls", [("type", "recursive")], read_bufsize=PINS_CHUNK) as resp:
+            try:
                 async for cid, _ in ijson.kvitems_async(resp.content, "Keys", buf_size=PINS_CHUNK):
                     yield cid
-        except ijson.JSONError:
-            error = "refused"
-            raise Unavailable("Kubo's list of pins was cut short or malformed") from None
-        except asyncio.TimeoutError:
-            error = "timeout"
-            raise TimedOut("Kubo did not answer in time") from None
-        except aiohttp.ClientError as exc:
-            error = "unreachable"
-            raise Unavailable(f"Kubo is not reachable ({type(exc).__name__})") from None
-        finally:
-            self.observe("pin/ls", started, error)
+            except ijson.JSONError:
+                raise Unavailable("Kubo's list of pins was cut short or malformed") from None
 
     async def pinned_among(self, cids: list[str]) -> set[str]:
         """Which of ``cids`` are pinned recursively: one ``pin/ls`` per hundred while they all
