@@ -432,9 +432,6 @@ class PostgresHeadStore:
     async def record(self, cid: str) -> IndexedRecord | None:
         return await self._one("cid = $1", cid)
 
-    async def all_records(self) -> list[IndexedRecord]:
-        return await self._run("read", lambda c: self._records(c, "true ORDER BY episode, seq"))
-
     async def indexed_among(self, cids: list[str]) -> set[str]:
         cids = [cid for cid in cids if storable(cid)]
         rows = await self._run("read", lambda c: c.fetch("SELECT cid FROM records WHERE cid = ANY($1::text[])", cids))

@@ -359,10 +359,6 @@ class SQLiteHeadStore:
     async def record(self, cid: str) -> IndexedRecord | None:
         return await self._db.lookup(_record_where, "cid = ?", (cid,))
 
-    async def all_records(self) -> list[IndexedRecord]:
-        return await self._db.read(lambda db: [IndexedRecord(*row) for row in db.execute(
-            f"SELECT {_RECORD_COLS} FROM records ORDER BY episode, seq")])
-
     async def indexed_among(self, cids: list[str]) -> set[str]:
         return await self._db.read(_indexed_among, cids)
 
