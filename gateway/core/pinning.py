@@ -40,7 +40,6 @@ from typing import Any
 from ..errors import Forbidden, Invalid, MediconError, NotFound, Unavailable
 from ..kubo import ipld
 from ..kubo.cids import canonical, parse_cid
-from ..kubo.client import KuboAnswer
 from ..storage.model import PIN_STATUSES, PinRequest
 from .access import Caller
 from .service import RecordService
