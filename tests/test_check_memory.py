@@ -16,7 +16,9 @@ import tracemalloc
 
 from conftest import gateway_config
 from gateway.core.access import Caller
+from gateway.core import chain, check
 from gateway.core.check import check_service
+from gateway.core.records import normalise
 from gateway.core.service import RecordService
 from gateway.security.principal import Principal
 from records_helpers import encounter, opened, uid
@@ -25,12 +27,15 @@ ADMIN = Caller(Principal("token:check-memory", "admin"), "req-check-memory", "te
 LENGTH = 25  # records per episode: the same throughout, so only the number of episodes changes
 
 
-async def _episodes(service: RecordService, count: int) -> None:
+async def _episodes(service: RecordService, count: int) -> list[tuple[str, str]]:
+    made = []
     for _ in range(count):
         patient, episode = uid("p"), uid("e")
         await service.append(opened(patient, episode), ADMIN)
         for i in range(1, LENGTH):
             await service.append(encounter(patient, episode, note=f"visit {i}"), ADMIN)
+        made.append((patient, episode))
+    return made
 
 
 async def _held_by_pass(service: RecordService) -> dict[str, int]:
@@ -85,7 +90,8 @@ async def test_records_unpinned_among_pinned_ones_are_each_found_page_by_page(ow
     is reported, and ``--repair`` pins exactly those."""
     async with RecordService.open(gateway_config(own_kubo)) as service:
         await _episodes(service, 6)  # 150 records: pages of an episode, calls of a hundred
-        pages = [await service.storage.heads.history(e.id, -1, LENGTH) for e in await service.storage.heads.episodes()]
+        heads = service.storage.heads
+        pages = [await heads.history(e.id, -1, LENGTH) for e in await heads.episodes_after("", 10)]  # check's order
         records = [r.cid for page in pages for r in page]
         unpinned = [records[i] for i in (3, 4, 61, 149)]  # neighbours, and in different calls
         for cid in unpinned:
@@ -103,8 +109,40 @@ async def test_the_index_says_which_of_many_cids_it_holds(own_kubo):
     never held (any text: a pin's CID is Kubo's word, not the gateway's)."""
     async with RecordService.open(gateway_config(own_kubo)) as service:
         await _episodes(service, 1)
-        held = [r.cid for r in await service.storage.heads.history((await service.storage.heads.episodes())[0].id, -1, LENGTH)]
+        [episode] = await service.storage.heads.episodes_after("", 2)
+        held = [r.cid for r in await service.storage.heads.history(episode.id, -1, LENGTH)]
         strangers = [f"bafyrei{i:052d}" for i in range(1200)] + ["", "not a cid", "x" * 5000]
         asked = strangers[:700] + held + strangers[700:]
         assert await service.storage.heads.indexed_among(asked) == set(held)
         assert await service.storage.heads.indexed_among([]) == set()
+
+
+async def _stored_not_appended(service: RecordService, doc: dict, episode: str | None) -> str:
+    """A signed record node for ``doc``, linked to ``episode`` as it stands now (None: as an
+    opening), stored and pinned, its head never moved: what a gateway killed between the two
+    leaves behind."""
+    current = None if episode is None else await service.storage.heads.get_episode(episode)
+    record = chain.link(normalise(doc), current, service._policy_for(doc["schema"]))
+    return await service.kubo.put_node(await service.sealer.to_node(record, "token:crashed"))
+
+
+async def test_nodes_the_index_lacks_are_placed_by_their_episode_across_pages(own_kubo, monkeypatch):
+    """A pinned record node the index does not hold names its episode by pseudonym only: found
+    through the record its ``prev`` links, or (an opening) by one pass over the episodes. With
+    pages of two, every pass of the check crosses pages."""
+    monkeypatch.setattr(check, "PAGE", 2)
+    async with RecordService.open(gateway_config(own_kubo)) as service:
+        made = sorted(await _episodes(service, 5), key=lambda pair: pair[1])  # the check's order, by id
+        (p1, e1), (p2, e2) = made[0], made[-1]  # on its first page, and on its last
+        # the only node of its episode here, an opening: placed by the pass over the episodes
+        reopened = await _stored_not_appended(service, opened(p2, e2), None)
+        # placed through the record their prev links
+        stale = await _stored_not_appended(service, encounter(p1, e1, note="crashed"), e1)
+        await service.append(encounter(p1, e1, note="took its place"), ADMIN)  # so `stale` lost its position
+        waiting = await _stored_not_appended(service, encounter(p1, e1, note="about to move the head"), e1)
+        unopened = await _stored_not_appended(service, opened(p1, uid("e")), None)  # an episode not created yet
+        report = await check_service(service)
+        assert report["episodes"] == 5 and report["records"] == 5 * LENGTH + 1, report
+        assert report["orphans"] == sorted([reopened, stale]), report
+        assert report["pending"] == sorted([waiting, unopened]), report
+        assert report["clean"] is True and report["missing"] == report["unpinned"] == report["broken"] == []

@@ -32,7 +32,7 @@ records missing from it are ``unindexed``, and ``--repair`` indexes them.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, AsyncIterator, Callable
 
 from ..config import Config
 from ..errors import MediconError
@@ -62,22 +62,24 @@ async def check(config: Config, *, repair: bool = False, progress: Progress | No
 
 async def check_service(service: RecordService, *, repair: bool = False,
                         progress: Progress | None = None) -> dict[str, Any]:
-    """The episodes as they stood when the check began, one after another, each walked and
-    then its records checked a page at a time; then the pins. What it holds grows with the
-    longest episode and with what it finds wrong, not with the number of records."""
+    """The episodes one after another (in the order of their ids, read a page at a time), each
+    walked and then its records checked a page at a time; then the pins. What it holds grows
+    with the longest episode and with what it finds wrong, not with the number of records or
+    episodes."""
     progress = progress or _no_progress
-    episodes = await service.storage.heads.episodes()
-    report: dict[str, Any] = {"episodes": len(episodes), "records": 0, "missing": [],
+    report: dict[str, Any] = {"episodes": 0, "records": 0, "missing": [],
                               "unpinned": [], "broken": [], "orphans": [], "pending": [], "unindexed": [],
                               "repaired": []}
     fhir = _FhirIndexCheck(service) if service.plugins.pm.get_plugin("fhir_index") is not None else None
     replication = service.replication
     replicas = _ReplicaCheck(service, repair) if replication.replicas > 1 or replication.services else None
-    total = sum(episode.length for episode in episodes)
+    _, total = await service.storage.heads.extent()
     progress("records", 0, total)
-    for episode in episodes:
+    async for episode in _episodes(service):
+        report["episodes"] += 1
+        # (an episode opened since the count can take the pass past it)
         await _check_episode(service, episode, report, repair, fhir, replicas,
-                             lambda: progress("records", report["records"], total))
+                             lambda: progress("records", report["records"], max(total, report["records"])))
     await _check_pins(service, report, repair, progress)
     report["clean"] = not (report["missing"] or report["broken"]
                            or ((report["unpinned"] or report["unindexed"]) and not repair))
@@ -85,6 +87,15 @@ async def check_service(service: RecordService, *, repair: bool = False,
         report["replicas"] = replicas.report()
         report["clean"] = report["clean"] and not report["replicas"]["under_replicated"]
     return report
+
+
+async def _episodes(service: RecordService) -> AsyncIterator[Episode]:
+    """Every episode, in the order of their ids, read a page at a time."""
+    after = ""
+    while page := await service.storage.heads.episodes_after(after, PAGE):
+        for episode in page:
+            yield episode
+        after = page[-1].id
 
 
 async def _check_episode(service: RecordService, episode: Episode, report: dict[str, Any], repair: bool,
@@ -147,19 +158,52 @@ async def _check_pins(service: RecordService, report: dict[str, Any], repair: bo
                 await look_up()
     await look_up()
     unindexed.sort()
-    by_pseudonym = {service.sealer.episode_pseudonym(e.id): e.id for e in await heads.episodes()} if unindexed else {}
     progress("pins", 0, len(unindexed))
+    nodes: dict[str, dict[str, Any]] = {}  # the pins that are record nodes of this deployment: their position
     for done, pin in enumerate(unindexed, 1):
         node = await _own_record_node(service, pin)
         if node is not None:
-            fate = await _fate(service, pin, node, by_pseudonym)
-            if fate == PENDING:
-                report["pending"].append(pin)
-            elif fate == ORPHAN:
-                report["orphans"].append(pin)
-                if repair and await service.kubo.pin_rm(pin):
-                    report["repaired"].append({"unpinned": pin})
+            pseudonym = node.get("episode")
+            nodes[pin] = {"episode": pseudonym if isinstance(pseudonym, str) else None, "seq": node.get("seq"),
+                          "prev": _link(node.get("prev"))}
         progress("pins", done, len(unindexed))
+    episode_of = await _episodes_named(service, list(nodes.values()))
+    for pin, node in nodes.items():
+        fate = await _fate(service, pin, node, episode_of.get(node["episode"]))
+        if fate == PENDING:
+            report["pending"].append(pin)
+        elif fate == ORPHAN:
+            report["orphans"].append(pin)
+            if repair and await service.kubo.pin_rm(pin):
+                report["repaired"].append({"unpinned": pin})
+
+
+async def _episodes_named(service: RecordService, nodes: list[dict[str, Any]]) -> dict[str, str]:
+    """The episode ids behind the nodes' episode pseudonyms (those of episodes in the index):
+    a node's ``prev``, if indexed, names its episode; the rest (openings, whose ``prev`` is
+    null) take one pass over the episodes for all of them, read after the nodes were."""
+    heads, sealer = service.storage.heads, service.sealer
+    named: dict[str, str] = {}
+    wanted = {node["episode"] for node in nodes} - {None}
+    for node in nodes:
+        if node["episode"] in wanted and isinstance(node["prev"], str):
+            below = await heads.record(node["prev"])
+            if below is not None and sealer.episode_pseudonym(below.episode) == node["episode"]:
+                named[node["episode"]] = below.episode
+                wanted.discard(node["episode"])
+    if wanted:
+        async for episode in _episodes(service):
+            pseudonym = sealer.episode_pseudonym(episode.id)
+            if pseudonym in wanted:
+                named[pseudonym] = episode.id
+                wanted.discard(pseudonym)
+                if not wanted:
+                    break
+    return named
+
+
+def _link(value: Any) -> Any:
+    return value.get("/") if isinstance(value, dict) else value
 
 
 class _ReplicaCheck:
@@ -249,19 +293,17 @@ async def _own_record_node(service: RecordService, cid: str) -> dict[str, Any] |
     return node if await service.sealer.is_record_node(node) else None
 
 
-async def _fate(service: RecordService, cid: str, node: dict[str, Any], by_pseudonym: dict[str, str]) -> str:
+async def _fate(service: RecordService, cid: str, node: dict[str, Any], episode_id: str | None) -> str:
     """Whether a pinned record node the index did not hold (when it was read) is committed by
-    now, can never be (an orphan), or may still be (its position is free)."""
+    now, can never be (an orphan), or may still be (its position is free). ``node``: its
+    ``seq``, ``prev`` and episode pseudonym; ``episode_id``: the indexed episode that pseudonym
+    names, if any."""
     heads = service.storage.heads
-    seq = node.get("seq")
+    seq = node["seq"]
     if not isinstance(seq, int) or seq < 0:
         return PENDING
-    episode_id = by_pseudonym.get(node.get("episode"))
-    if episode_id is None:  # an episode opened since the list was read, or never opened
-        by_pseudonym.update({service.sealer.episode_pseudonym(e.id): e.id for e in await heads.episodes()})
-        episode_id = by_pseudonym.get(node.get("episode"))
-        if episode_id is None:
-            return PENDING
+    if episode_id is None:  # an episode not opened yet, or never
+        return PENDING
     episode: Episode | None = await heads.get_episode(episode_id)
     if episode is None:
         return PENDING
@@ -269,11 +311,9 @@ async def _fate(service: RecordService, cid: str, node: dict[str, Any], by_pseud
         taken = await heads.history(episode_id, seq - 1, 1)
         return COMMITTED if taken and taken[0].cid == cid else ORPHAN
     if episode.length == seq and episode.status == "open":
-        prev = node.get("prev")
-        prev = prev.get("/") if isinstance(prev, dict) else prev
         # Its append may still move the head (it expects exactly this one); otherwise no append
         # can ever place it, since heads only move forward.
-        return PENDING if prev == episode.head else ORPHAN
+        return PENDING if node["prev"] == episode.head else ORPHAN
     if episode.length == seq:  # closed before this node could be appended
         return ORPHAN
     return PENDING  # beyond the episode's end: not a node this index ever expected

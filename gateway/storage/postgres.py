@@ -331,8 +331,14 @@ class PostgresHeadStore:
             return []
         return await self._run("read", lambda c: self._list(c, patient, status))
 
-    async def episodes(self) -> list[Episode]:
-        return await self._run("read", lambda c: self._list(c, None, None))
+    async def episodes_after(self, after: str, limit: int) -> list[Episode]:
+        rows = await self._run("read", lambda c: c.fetch(
+            f"SELECT {_EPISODE_COLS} FROM episodes WHERE id > $1 ORDER BY id LIMIT $2::bigint", after, limit))
+        return [Episode(*r) for r in rows]
+
+    async def extent(self) -> tuple[int, int]:
+        row = await self._run("read", lambda c: c.fetchrow("SELECT count(*), coalesce(sum(length), 0) FROM episodes"))
+        return int(row[0]), int(row[1])
 
     @staticmethod
     async def _list(conn: asyncpg.Connection, patient: str | None, status: str | None) -> list[Episode]:

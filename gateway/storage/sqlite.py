@@ -339,8 +339,13 @@ class SQLiteHeadStore:
     async def list_episodes(self, patient: str, status: str | None = None) -> list[Episode]:
         return await self._db.read(_list_episodes, patient, status)
 
-    async def episodes(self) -> list[Episode]:
-        return await self._db.read(_list_episodes, None, None)
+    async def episodes_after(self, after: str, limit: int) -> list[Episode]:
+        return await self._db.read(lambda db: [Episode(*row) for row in db.execute(
+            f"SELECT {_EPISODE_COLS} FROM episodes WHERE id > ? ORDER BY id LIMIT ?", (after, limit))])
+
+    async def extent(self) -> tuple[int, int]:
+        return await self._db.read(lambda db: tuple(db.execute(
+            "SELECT count(*), coalesce(sum(length), 0) FROM episodes").fetchone()))
 
     async def create_episode(self, record: IndexedRecord) -> Episode:
         return await self._db.write(_create_episode, record)
