@@ -101,7 +101,7 @@ async def _episodes(service: RecordService) -> AsyncIterator[Episode]:
 async def _check_episode(service: RecordService, episode: Episode, report: dict[str, Any], repair: bool,
                          fhir: "_FhirIndexCheck | None", replicas: "_ReplicaCheck | None",
                          advanced: Callable[[], None]) -> None:
-    """Walk the episode from the head it had when the check began (``verify_episode``: one
+    """Walk the episode from the head it had when the check read it (``verify_episode``: one
     stream from Kubo), then check its indexed records up to that head, a page at a time:
     each in Kubo (a block the walk read needs no second look), pinned, FHIR-indexed and
     replicated. Pins are asked for after the page was read from the index: a record indexed
