@@ -73,7 +73,7 @@ async def check_service(service: RecordService, *, repair: bool = False,
     fhir = _FhirIndexCheck(service) if service.plugins.pm.get_plugin("fhir_index") is not None else None
     replication = service.replication
     replicas = _ReplicaCheck(service, repair) if replication.replicas > 1 or replication.services else None
-    _, total = await service.storage.heads.extent()
+    total = await service.storage.heads.record_count()
     progress("records", 0, total)
     async for episode in _episodes(service):
         report["episodes"] += 1

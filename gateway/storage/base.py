@@ -26,8 +26,8 @@ class HeadStore(Protocol):
     # Episodes in the order of their ids, those after ``after`` ("" for the first), ``limit`` at
     # a time: how ``check`` goes through them all without holding them all.
     async def episodes_after(self, after: str, limit: int) -> list[Episode]: ...
-    # (episodes, records) the index holds now.
-    async def extent(self) -> tuple[int, int]: ...
+    # How many records the index holds now (the episodes' lengths summed).
+    async def record_count(self) -> int: ...
     # Both raise ``model.StoreConflict`` when the compare-and-swap loses, and ``model.KeyTaken``
     # when the record's idempotency key is held by another record (keys are unique across all
     # records): never the backend's own unique-constraint error; nothing is written either way.

@@ -336,9 +336,8 @@ class PostgresHeadStore:
             f"SELECT {_EPISODE_COLS} FROM episodes WHERE id > $1 ORDER BY id LIMIT $2::bigint", after, limit))
         return [Episode(*r) for r in rows]
 
-    async def extent(self) -> tuple[int, int]:
-        row = await self._run("read", lambda c: c.fetchrow("SELECT count(*), coalesce(sum(length), 0) FROM episodes"))
-        return int(row[0]), int(row[1])
+    async def record_count(self) -> int:
+        return int(await self._run("read", lambda c: c.fetchval("SELECT coalesce(sum(length), 0) FROM episodes")))
 
     @staticmethod
     async def _list(conn: asyncpg.Connection, patient: str | None, status: str | None) -> list[Episode]:

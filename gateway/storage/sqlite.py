@@ -343,9 +343,8 @@ class SQLiteHeadStore:
         return await self._db.read(lambda db: [Episode(*row) for row in db.execute(
             f"SELECT {_EPISODE_COLS} FROM episodes WHERE id > ? ORDER BY id LIMIT ?", (after, limit))])
 
-    async def extent(self) -> tuple[int, int]:
-        return await self._db.read(lambda db: tuple(db.execute(
-            "SELECT count(*), coalesce(sum(length), 0) FROM episodes").fetchone()))
+    async def record_count(self) -> int:
+        return await self._db.read(lambda db: db.execute("SELECT coalesce(sum(length), 0) FROM episodes").fetchone()[0])
 
     async def create_episode(self, record: IndexedRecord) -> Episode:
         return await self._db.write(_create_episode, record)
