@@ -98,6 +98,7 @@ if [ -n "$SWARM_KEY_FILE" ]; then                        # a private swarm: only
     peers="$peers{\"ID\": \"$id\", \"Addrs\": [\"${addr%/p2p/*}\"]}"
   done
   "$IPFS_BIN" config --json Peering.Peers "$peers]"                          # kept connected, redialled when lost
+  "$IPFS_BIN" config --json Internal.Bitswap.WantHaveReplaceSize 65536      # a record's block (a few kB) goes to a site in answer to its want-have: replicating it takes one bitswap exchange, not two
   if [ -n "${KUBO_IDENTITY_FILE:-}" ]; then                                   # a fixed identity the other sites name
     peer_id="$(sed -n 's/^PeerID=//p' "$KUBO_IDENTITY_FILE")"
     priv_key="$(sed -n 's/^PrivKey=//p' "$KUBO_IDENTITY_FILE")"

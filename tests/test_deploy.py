@@ -1082,7 +1082,7 @@ def test_harden_script_makes_a_private_swarm_of_real_kubo_nodes(tmp_path):
     other's peer, no bootstrap), two daemons with LIBP2P_FORCE_PNET=1: they find each other by
     peering alone and a block stored on one is fetched by the other; a node with another swarm
     key cannot join."""
-    from gateway.kubo.node import free_port
+    from gateway.kubo.node import WANT_HAVE_REPLACE_SIZE, free_port
     if not IPFS_BIN.is_file():
         pytest.fail(f"Kubo binary not found at {IPFS_BIN}: run `make setup`")
     secrets_dir = tmp_path / "secrets"
@@ -1113,6 +1113,7 @@ def test_harden_script_makes_a_private_swarm_of_real_kubo_nodes(tmp_path):
             assert cfg["Addresses"]["Swarm"] == [f"/ip4/127.0.0.1/tcp/{swarm_ports[site]}"]
             assert cfg["Peering"]["Peers"] == [{"ID": peers["PEER_ID_" + other.upper()],
                                                 "Addrs": [f"/ip4/127.0.0.1/tcp/{swarm_ports[other]}"]}]
+            assert cfg["Internal"]["Bitswap"]["WantHaveReplaceSize"] == WANT_HAVE_REPLACE_SIZE  # as the dev swarm has it
             assert stat.S_IMODE((repo / "swarm.key").stat().st_mode) == 0o600
             log = open(tmp_path / f"daemon-{site}.log", "wb")
             daemons.append(subprocess.Popen([str(IPFS_BIN), "daemon", "--migrate=false"],

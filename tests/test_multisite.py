@@ -405,6 +405,30 @@ async def test_reads_at_either_site_find_a_record_only_the_other_node_holds(clus
     assert (await r.json())["ok"] is True
 
 
+
+async def test_a_clinical_records_block_goes_to_the_other_node_in_answer_to_its_want_have(cluster):
+    """Replicating a record is one bitswap exchange, not a want-have then a want-block (each of
+    which may wait out bitswap's 20 ms between messages to a peer): the block of a record as
+    large as the clinical mix's largest (6 kB) is within the size both running nodes send in
+    answer to a want-have (Kubo's Internal.Bitswap.WantHaveReplaceSize, default 1024 bytes,
+    which a sealed record of a few hundred bytes already exceeds)."""
+    cluster.ensure_up()
+    patient, episode = uid("p"), uid("e")
+    async with aiohttp.ClientSession(headers=bearer(cluster.token)) as s:
+        site = cluster.sites[0]
+        async with s.post(f"{site.url}/medicon/v1/patients/{patient}/episodes", json=opened(patient, episode)) as r:
+            assert r.status == 201, await r.text()
+        async with s.post(f"{site.url}/medicon/v1/episodes/{episode}/records",
+                          json=encounter(patient, episode, note="HbA1c 6.1 %, fasting. " * 260)) as r:
+            assert r.status == 201, await r.text()
+            cid = (await r.json())["cid"]
+    size = json.loads(site.kubo.ipfs("block", "stat", "--enc=json", cid).stdout)["Size"]
+    assert size > 6000, f"the record's block is {size} bytes, not the size this test is about"
+    for node in (s.kubo for s in cluster.sites):
+        setting = node.ipfs("config", "Internal.Bitswap.WantHaveReplaceSize", check=False)
+        replace = int(setting.stdout) if setting.returncode == 0 else 1024  # unset: Kubo's default
+        assert size <= replace, f"a {size}-byte record block needs a want-block after the want-have"
+
 # --- the Pinning Service API, as a spec-compliant service --------------------------------------------
 
 def test_kubos_own_pin_remote_client_pins_through_a_gateway(cluster):

@@ -24,6 +24,11 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 API_USER = "medicon-gateway"
 SECRET_FILE = "medicon-api-secret"  # in the repo, 0600: the secret of Kubo's API.Authorizations
+# Blocks up to this size go to a private-swarm peer in answer to its want-have (Kubo's
+# Internal.Bitswap.WantHaveReplaceSize; its default, 1024, is below a sealed record's ~1.2 kB):
+# replicating a record then costs one bitswap exchange, not two, each of which can wait out
+# bitswap's 20 ms between messages to a peer. Attachment chunks (256 KiB) still ask first.
+WANT_HAVE_REPLACE_SIZE = 64 * 1024
 INSTALL_HINT = "run `make setup` (or `scripts/install-kubo.sh`) to build the pinned Kubo into .tools/bin/ipfs"
 
 
@@ -68,7 +73,8 @@ def harden(config: dict, *, api_port: int, gateway_port: int, offline: bool, api
 
     With ``swarm_port`` the node is a member of a private swarm (see ``private_swarm``): libp2p
     on that loopback port only, nothing announced, no bootstrap peers, and ``peers`` (the other
-    members' ``/ip4/…/tcp/…/p2p/<id>`` addresses) kept connected by Kubo's peering.
+    members' ``/ip4/…/tcp/…/p2p/<id>`` addresses) kept connected by Kubo's peering; blocks of up
+    to ``WANT_HAVE_REPLACE_SIZE`` are sent to them in answer to a want-have.
     """
     sync_datastore(config.setdefault("Datastore", {}).get("Spec", {}), sync)
     addresses = config.setdefault("Addresses", {})
@@ -92,6 +98,8 @@ def harden(config: dict, *, api_port: int, gateway_port: int, offline: bool, api
         addresses["Announce"] = []
         config["Bootstrap"] = []
         config.setdefault("Peering", {})["Peers"] = [_peering_entry(p) for p in peers or []] or None
+        internal = config["Internal"] = config.get("Internal") or {}
+        internal["Bitswap"] = {**(internal.get("Bitswap") or {}), "WantHaveReplaceSize": WANT_HAVE_REPLACE_SIZE}
     return config
 
 
