@@ -13,6 +13,7 @@ remote`` client is the client of the pinning service in its compliance test.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import random
@@ -428,6 +429,70 @@ async def test_a_clinical_records_block_goes_to_the_other_node_in_answer_to_its_
         setting = node.ipfs("config", "Internal.Bitswap.WantHaveReplaceSize", check=False)
         replace = int(setting.stdout) if setting.returncode == 0 else 1024  # unset: Kubo's default
         assert size <= replace, f"a {size}-byte record block needs a want-block after the want-have"
+
+def blocks_received(node: KuboNode) -> int:
+    """How many blocks the node has had from its peers over bitswap."""
+    return json.loads(node.ipfs("bitswap", "stat", "--enc=json").stdout)["BlocksReceived"]
+
+
+async def test_a_records_block_travels_with_its_pin_request_once_the_replica_says_it_takes_blocks(cluster):
+    """After one answer saying so (PinStatus info), site A sends each record's block in its
+    pin request, and site B pins those bytes: B's node fetches none of them by bitswap (one
+    message per 20 ms to a peer), yet every one is pinned there."""
+    cluster.ensure_up()
+    a, b = cluster.sites
+    patient, episode = uid("p"), uid("e")
+    async with aiohttp.ClientSession(headers=bearer(cluster.token)) as s:
+        async with s.post(f"{a.url}/medicon/v1/patients/{patient}/episodes", json=opened(patient, episode)) as r:
+            assert r.status == 201, await r.text()  # the first answer of B's service may come first
+        before, cids = blocks_received(b.kubo), []
+        for k in range(5):
+            async with s.post(f"{a.url}/medicon/v1/episodes/{episode}/records",
+                              json=encounter(patient, episode, note=f"pushed {k}")) as r:
+                assert r.status == 201, await r.text()
+                cids.append((await r.json())["cid"])
+    assert blocks_received(b.kubo) == before, "site B fetched the records' blocks by bitswap"
+    assert set(cids) <= b.pins()
+
+
+async def test_a_block_sent_with_a_pin_request_is_pinned_only_if_it_is_the_block_its_cid_names(cluster):
+    """The extension's bytes are checked, never believed: another block's bytes, bytes that are
+    not base64, a block above the limit or of a CID that is not dag-cbor are the spec's 400,
+    and nothing is pinned; the right bytes are pinned though no peer holds the block and no
+    origin is given."""
+    from gateway.core.replication import BLOCK_FIELD, MAX_PUSHED_BLOCK, TAKES_BLOCKS
+    from gateway.kubo import ipld
+    cluster.ensure_up()
+    a, b = cluster.sites
+    api = f"{b.url}/pinning/v1"
+    replicator = bearer(make_token(b.data_dir, role="replicator"))
+    block = ipld.encode({"note": uuid.uuid4().hex})
+    other = ipld.encode({"note": uuid.uuid4().hex})
+    cid = ipld.cid_of(block)
+    raw_cid = a.kubo.ipfs("block", "put", input=block).stdout.decode().strip()  # the same bytes, raw codec
+    big = ipld.encode({"note": "x" * MAX_PUSHED_BLOCK})
+
+    def b64(data: bytes) -> str:
+        return base64.b64encode(data).decode()
+    async with aiohttp.ClientSession(headers=replicator) as s:
+        for bad in ({"cid": cid, BLOCK_FIELD: b64(other)}, {"cid": cid, BLOCK_FIELD: b64(block)[:-4] + "!!!!"},
+                    {"cid": cid, BLOCK_FIELD: 7}, {"cid": raw_cid, BLOCK_FIELD: b64(block)},
+                    {"cid": ipld.cid_of(big), BLOCK_FIELD: b64(big)}):
+            async with s.post(f"{api}/pins", json=bad) as r:
+                body = await r.json()
+                assert r.status == 400 and body["error"]["reason"] == "BAD_REQUEST", body
+                assert BLOCK_FIELD in body["error"]["details"]
+        async with s.get(f"{api}/pins", params={"cid": f"{cid},{raw_cid}", "status": "queued,pinning,pinned,failed"}) as r:
+            assert (await r.json())["count"] == 0, "a refused request was kept"
+        assert cid not in b.pins() and raw_cid not in b.pins()
+        before = blocks_received(b.kubo)
+        async with s.post(f"{api}/pins", json={"cid": cid, BLOCK_FIELD: b64(block)}) as r:
+            status = await r.json()
+            assert r.status == 202 and status["status"] == "pinned", status
+        assert status["info"][TAKES_BLOCKS[0]] == TAKES_BLOCKS[1]
+    assert cid in b.pins() and blocks_received(b.kubo) == before
+    assert b.kubo.ipfs("block", "get", cid).stdout == block
+
 
 # --- the Pinning Service API, as a spec-compliant service --------------------------------------------
 

@@ -13,6 +13,10 @@ A pin request is stored (``storage.pins``: both backends), then worked on here:
   — the case of a record whose ``prev`` was replicated before it — the root is pinned by
   ``block/put?pin=true`` of the bytes just fetched, which costs the same whatever the length of
   the chain below it; otherwise by ``pin/add`` (which fetches and walks the whole DAG);
+* a request may carry the block itself (``replication.BLOCK_FIELD``, base64, up to
+  ``replication.MAX_PUSHED_BLOCK`` bytes: the extension another site's gateway uses once a
+  ``PinStatus``'s ``info`` here said ``replication.TAKES_BLOCKS``); its bytes must hash to the
+  CID, and when what it links to is pinned here it is pinned without a bitswap fetch at all;
 * ``POST /pins`` waits up to ``POST_WAIT`` seconds for that, so a replica is usually
   ``pinned`` in its first answer; later the status is polled;
 * a ``pinned`` status is confirmed against the node (``pin/ls``) whenever it is reported, so a
@@ -29,6 +33,8 @@ gateway does not index it: pins of records belong to the gateway, as on ``/api/v
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import json
 import logging
 import secrets
@@ -42,6 +48,7 @@ from ..kubo import ipld
 from ..kubo.cids import canonical, parse_cid
 from ..storage.model import PIN_STATUSES, PinRequest
 from .access import Caller
+from .replication import BLOCK_FIELD, MAX_PUSHED_BLOCK, TAKES_BLOCKS
 from .service import RecordService
 
 log = logging.getLogger(__name__)
@@ -93,6 +100,23 @@ def read_pin(body: Any) -> tuple[str, str | None, tuple[str, ...], tuple[tuple[s
             isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         raise Invalid(f"Pin.meta must map strings to strings (at most {MAX_META})")
     return cid, name, tuple(dict.fromkeys(origins)), tuple(sorted(meta.items()))
+
+
+def read_pushed_block(body: dict[str, Any], cid: str) -> bytes | None:
+    """The block a Pin object carries in ``BLOCK_FIELD`` (none if it carries none), checked to
+    be the dag-cbor block ``cid`` names."""
+    text = body.get(BLOCK_FIELD)
+    if text is None:
+        return None
+    wrong = f"Pin.{BLOCK_FIELD} must be the base64 of the block the CID names, at most {MAX_PUSHED_BLOCK} bytes"
+    if not isinstance(text, str) or len(text) > (MAX_PUSHED_BLOCK + 2) // 3 * 4:
+        raise Invalid(wrong)
+    try:
+        block = base64.b64decode(text, validate=True)
+        ipld.decode(cid, block)
+    except (binascii.Error, ValueError):  # not base64, another block's bytes, not dag-cbor
+        raise Invalid(wrong) from None
+    return block
 
 
 def _links(node: Any) -> list[str]:
@@ -185,9 +209,10 @@ class PinningService:
     async def create(self, caller: Caller, body: Any, *, replaces: PinRequest | None = None) -> dict[str, Any]:
         node = await self.authorize(caller)
         cid, name, origins, meta = read_pin(body)
+        block = read_pushed_block(body, cid)
         pin = PinRequest(secrets.token_hex(16), node, cid, "queued", self._created(), caller.principal.id,
                          name, origins, meta)
-        work = asyncio.ensure_future(self._pin(pin))
+        work = asyncio.ensure_future(self._pin(pin, block))
         done, _ = await asyncio.wait({work}, timeout=POST_WAIT)
         if done:
             status, details = self._outcome(work)
@@ -273,7 +298,7 @@ class PinningService:
             "requestid": pin.requestid, "status": pin.status, "created": rfc3339(pin.created_us),
             "pin": {"cid": pin.cid, **({"name": pin.name} if pin.name is not None else {}),
                     "origins": list(pin.origins), "meta": dict(pin.meta)},
-            "delegates": await self.delegates(), "info": {}}
+            "delegates": await self.delegates(), "info": {TAKES_BLOCKS[0]: TAKES_BLOCKS[1]}}
         if pin.details:
             status["info"]["status_details"] = pin.details
         return status
@@ -329,12 +354,14 @@ class PinningService:
         message = err.message if isinstance(err, MediconError) else type(err).__name__
         return "failed", message[:500]
 
-    async def _pin(self, pin: PinRequest) -> None:
-        """Pin ``pin.cid`` recursively on the node, fetching what is missing from its origins."""
+    async def _pin(self, pin: PinRequest, block: bytes | None = None) -> None:
+        """Pin ``pin.cid`` recursively on the node (its ``block`` if the request carried it,
+        checked by ``read_pushed_block``), fetching what is missing from its origins."""
         async with self._workers:
-            await self._connect(pin.origins)
             try:
-                block = await self.kubo.call("block/get", [("arg", pin.cid), ("timeout", FETCH_TIMEOUT)])
+                if block is None:
+                    await self._connect(pin.origins)
+                    block = await self.kubo.call("block/get", [("arg", pin.cid), ("timeout", FETCH_TIMEOUT)])
                 links = _links(ipld.decode(pin.cid, block))
             except (ipld.Unsupported, ipld.BlockMismatch):
                 links = None
@@ -345,6 +372,7 @@ class PinningService:
                     data=block))["Key"]
                 if canonical(key) == canonical(pin.cid):
                     return
+            await self._connect(pin.origins)
             await self.kubo.call("pin/add", [("arg", pin.cid), ("recursive", "true"), ("timeout", FETCH_TIMEOUT)])
 
     async def _connect(self, origins: tuple[str, ...]) -> None:

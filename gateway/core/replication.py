@@ -9,20 +9,27 @@ institution's existing pinning service works the same way. What a service receiv
 a sealed block, this node's addresses as ``origins`` to fetch it from (by bitswap), and a fixed
 name: never a patient's data or identifier.
 
-``Replication.ensure(cids)`` is the one call the append path makes, once per batch of stored
-records, after they are stored and pinned locally and before any head moves. It asks every
-configured service at once (``POST /pins`` per CID), polls those not yet pinned
+``Replication.ensure(blocks)`` is the one call the append path makes, once per batch of stored
+records (CID → block), after they are stored and pinned locally and before any head moves. It
+asks every configured service at once (``POST /pins`` per CID), polls those not yet pinned
 (``GET /pins/{requestid}``, backing off from 20 ms to 500 ms), and returns as soon as
 ``replicas - 1`` services report every CID pinned. It raises — and the append is not
 acknowledged — when that can no longer happen (``NotReplicated``, 503: a service unreachable,
 refusing, or reporting ``failed``) or has not happened within ``records.replica_timeout``
 (``TimedOut``, 504). Requests already sent stay with the services (a pin that completes later
 is an orphan there, which ``check --repair`` at that site removes).
+
+A service that says in a ``PinStatus``'s ``info`` that it takes blocks (``TAKES_BLOCKS``: another
+site's gateway does) gets each later record's block with its request, in the Pin object's
+``BLOCK_FIELD`` (base64, up to ``MAX_PUSHED_BLOCK`` bytes): it checks the bytes against the CID
+and pins them without fetching them by bitswap, which sends a peer at most one message per
+20 ms. Any other service gets the spec's Pin object only, and fetches from ``origins``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import time
@@ -43,6 +50,11 @@ STATUSES = ("queued", "pinning", "pinned", "failed")
 MAX_CIDS_PER_QUERY = 10   # the spec's bound on ?cid= of GET /pins
 POST_CONCURRENCY = 16     # POST /pins in flight per service
 ORIGINS_TTL = 60.0        # seconds this node's own addresses are reused before asking Kubo again
+# The Pin object's extension field carrying the block (base64), and the PinStatus ``info`` entry
+# with which a service says it takes it; larger blocks are fetched by the service over bitswap.
+BLOCK_FIELD = "medicon_block"
+TAKES_BLOCKS = ("medicon_blocks", "accepted")
+MAX_PUSHED_BLOCK = 32 * 1024
 
 
 class ReplicaError(MediconError):
@@ -78,11 +90,14 @@ class RemotePins:
         except ValueError:
             raise ReplicaError(f"replica service {self.name!r} answered something that is not JSON") from None
 
-    async def add(self, cid: str, origins: list[str]) -> dict[str, Any]:
-        """``POST /pins``: ask the service to pin ``cid``; its ``PinStatus``."""
+    async def add(self, cid: str, origins: list[str], block: bytes | None = None) -> dict[str, Any]:
+        """``POST /pins``: ask the service to pin ``cid`` (sending ``block``, its bytes, if
+        given); its ``PinStatus``."""
         body: dict[str, Any] = {"cid": cid, "name": PIN_NAME, "meta": {"app": "medicon-gateway"}}
         if origins:
             body["origins"] = origins
+        if block is not None:
+            body[BLOCK_FIELD] = base64.b64encode(block).decode("ascii")
         return _pin_status(self.name, await self._call("POST", "/pins", body=body), cid)
 
     async def status(self, requestid: str, cid: str) -> dict[str, Any]:
@@ -144,6 +159,7 @@ class Replication:
         self._tokens = [s.access_token() for s in records.replica_services]  # a missing key_file stops the start
         self._session: aiohttp.ClientSession | None = None
         self._origins: tuple[float, list[str]] = (0.0, [])
+        self._taking_blocks: set[str] = set()  # services whose answers said they take blocks
 
     @classmethod
     def disabled(cls) -> "Replication":
@@ -180,17 +196,19 @@ class Replication:
         self._origins = (time.monotonic(), addresses)
         return addresses
 
-    async def ensure(self, cids: list[str]) -> None:
-        """Return once ``records.replicas - 1`` services report every one of ``cids`` pinned;
-        ``NotReplicated`` (503) when they cannot, ``TimedOut`` (504) past the timeout. The
-        CIDs must already be stored and pinned on this gateway's Kubo (their origin)."""
+    async def ensure(self, blocks: dict[str, bytes]) -> None:
+        """Return once ``records.replicas - 1`` services report every CID of ``blocks`` (CID →
+        its bytes) pinned; ``NotReplicated`` (503) when they cannot, ``TimedOut`` (504) past the
+        timeout. The blocks must already be stored and pinned on this gateway's Kubo (their
+        origin)."""
         needed = self.replicas - 1
-        if needed <= 0 or not cids:
+        if needed <= 0 or not blocks:
             return
         origins = await self.origins()
         deadline = time.monotonic() + self.timeout
         services = self.services
-        tasks = {asyncio.ensure_future(self._replicate(s, cids, origins, deadline)): s.name for s in services}
+        tasks = {asyncio.ensure_future(self._replicate(s, list(blocks), origins, deadline, blocks)): s.name
+                 for s in services}
         done, problems = 0, []
         try:
             for finished in asyncio.as_completed(list(tasks)):
@@ -212,12 +230,20 @@ class Replication:
             raise TimedOut(message, retry_after=1)
         raise NotReplicated(message, retry_after=1)
 
-    async def _replicate(self, service: RemotePins, cids: list[str], origins: list[str], deadline: float) -> None:
+    async def _replicate(self, service: RemotePins, cids: list[str], origins: list[str], deadline: float,
+                         blocks: dict[str, bytes] | None = None) -> None:
         gate = asyncio.Semaphore(POST_CONCURRENCY)
 
         async def add(cid: str) -> dict[str, Any]:
+            block = (blocks or {}).get(cid) if service.name in self._taking_blocks else None
             async with gate:
-                return await service.add(cid, origins)
+                status = await service.add(cid, origins, block if block and len(block) <= MAX_PUSHED_BLOCK else None)
+            info = status.get("info")
+            if isinstance(info, dict) and info.get(TAKES_BLOCKS[0]) == TAKES_BLOCKS[1]:
+                self._taking_blocks.add(service.name)
+            else:  # a service replaced by one that does not say so gets the spec's Pin object again
+                self._taking_blocks.discard(service.name)
+            return status
         waiting = {}
         for cid, status in zip(cids, await asyncio.gather(*(add(c) for c in cids))):
             _raise_if_failed(service.name, status)

@@ -105,7 +105,7 @@ class RecordService:
         # records.replicas nodes once Kubo confirmed it and before any of its heads moves.
         self.writer = BlockWriter(kubo, release=self._release,
                                   on_batch=self.metrics.commit_batch_observer("kubo"),
-                                  after_write=lambda cids: self.replication.ensure(cids))
+                                  after_write=lambda blocks: self.replication.ensure(blocks))
         self.pipeline = Pipeline(storage.heads, self.writer)
 
     # --- life cycle ------------------------------------------------------------------------------
@@ -443,13 +443,14 @@ class RecordService:
         await self.validate(sealed, episode, schema=False)
         # Stored and pinned (recursively: the record and the chain under it) in one call whose
         # answer comes after both, before the head moves: an acknowledged record is in Kubo.
-        cid = await self.kubo.put_node(await self.sealer.to_node(sealed, signer))
+        block = ipld.encode(await self.sealer.to_node(sealed, signer))
+        cid = await self.kubo.put_block(block)
         indexed = IndexedRecord(cid, record["episode"], record["patient"], record["seq"],
                                 record["schema"], record["recorded_at"], digest, key)
         try:
             # --- replication: pinned on records.replicas nodes before the head moves (a failure
             # here unpins the local copy below: nothing was acknowledged) ---
-            await self.replication.ensure([cid])
+            await self.replication.ensure({cid: block})
             await settle_audits()  # the append's audit event, written meanwhile, is stored first
             if episode is None:
                 moved = await heads.create_episode(indexed)

@@ -16,7 +16,7 @@ before it by its CID before that one is written, and is not sent to Kubo until i
 same call after it, or once its call is confirmed. So Kubo never pins a record whose ``prev``
 it does not hold, and when a block fails, those waiting for it fail with it, unwritten.
 
-``after_write(cids)``, if given, runs once per call after Kubo confirmed it and before any of
+``after_write(blocks)`` (CID → bytes), if given, runs once per call after Kubo confirmed it and before any of
 its blocks is reported written (replication: pinned on ``records.replicas`` nodes before heads
 move); if it raises, every block of the call fails with that error and loses its pin.
 
@@ -37,7 +37,7 @@ from .client import KUBO_FULL, KuboClient
 
 log = logging.getLogger(__name__)
 
-AfterWrite = Callable[[list[str]], Awaitable[None]]
+AfterWrite = Callable[[dict[str, bytes]], Awaitable[None]]
 # Free bytes on Kubo's disk (beyond the blocks a call did not get to) below which a call that
 # stopped early is taken as Kubo's disk being full.
 FULL_BELOW = 4 << 20
@@ -155,7 +155,7 @@ class BlockWriter:
             written = [b for b in batch if b not in failures]
             if written and self.after_write is not None:
                 try:
-                    await self.after_write([b.cid for b in written])
+                    await self.after_write({b.cid: b.data for b in written})
                 except MediconError as err:
                     failures.update(dict.fromkeys(written, err))
         except Exception as exc:  # never leave an append waiting for ever

@@ -154,11 +154,14 @@ class KuboClient:
         return json.loads(await self.call("version", []))["Version"]
 
     async def put_node(self, node: dict[str, Any]) -> str:
-        """Store ``node`` (dag-json form: links as ``{"/": cid}``) as dag-cbor, pinned
-        recursively (without walking the links: what they point to is pinned already); return
-        its CID. Kubo answers only after the block is written and pinned, so a 200 is the
-        write; its disk full is ``StorageFull``, and nothing is pinned when it fails."""
-        block = ipld.encode(node)
+        """Store ``node`` (dag-json form: links as ``{"/": cid}``) as dag-cbor: ``put_block``."""
+        return await self.put_block(ipld.encode(node))
+
+    async def put_block(self, block: bytes) -> str:
+        """Store the dag-cbor ``block``, pinned recursively (without walking the links: what
+        they point to is pinned already); return its CID. Kubo answers only after the block is
+        written and pinned, so a 200 is the write; its disk full is ``StorageFull``, and nothing
+        is pinned when it fails."""
         expected = ipld.cid_of(block)
         if await self.put_blocks([block], pin=True) != [expected]:
             raise Unavailable(f"Kubo did not confirm the block {expected}")
