@@ -111,3 +111,24 @@ def test_the_gateways_own_cids_are_written_and_read_as_multiformats_does():
     assert cids.sha256_cid_bytes(v0) is None and cids.canonical(v0).startswith("bafy")
     link = {"/": cids.sha256_cid(0x55, os.urandom(32))}
     assert ipld.decode(ipld.cid_of(ipld.encode({"l": link})), ipld.encode({"l": link})) == {"l": link}
+
+
+def test_is_cid_says_what_parse_cid_says_and_skips_its_parse_for_the_gateways_own_cids(monkeypatch):
+    """``is_cid`` (the check on a pin request's CID, an RPC path's root, an attachment read)
+    answers exactly as ``parse_cid`` for the gateway's own CIDs, their near misses and other
+    strings, and reads a fixed-layout CID without a ``multiformats`` parse."""
+    import os
+
+    from gateway.kubo import cids
+    own = [cids.sha256_cid(code, os.urandom(32)) for code in cids.FIXED_CODECS for _ in range(50)]
+    others = [c[:-1] + x for c in own[:20] for x in "a7q"] + [c.upper() for c in own[:5]] + [
+        "QmYwAPJzv5CZsnA625s3Xf2nemtYgPpHdWEz79ojWnPbdG", "zQmYwAPJzv5CZsnA625s3Xf2nemtYgPpHdWEz79ojWnPbdG",
+        "bafkqaaa", "", "b", "not a cid", "b" + "a" * 58, "b" * 600, None, 7, own[0] + "a"]
+    for text in own + others:
+        assert cids.is_cid(text) == (cids.parse_cid(text) is not None), text
+    fresh = [cids.sha256_cid(0x71, os.urandom(32)) for _ in range(20)]
+
+    def no_parse(text):
+        raise AssertionError(f"multiformats parsed {text}")
+    monkeypatch.setattr(cids, "_parse", no_parse)
+    assert all(cids.is_cid(c) for c in fresh)

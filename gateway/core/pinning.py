@@ -45,7 +45,7 @@ from typing import Any
 
 from ..errors import Forbidden, Invalid, MediconError, NotFound, Unavailable
 from ..kubo import ipld
-from ..kubo.cids import canonical, parse_cid
+from ..kubo.cids import canonical, is_cid
 from ..storage.model import PIN_STATUSES, PinRequest
 from .access import Caller
 from .replication import BLOCK_FIELD, MAX_PUSHED_BLOCK, TAKES_BLOCKS
@@ -84,7 +84,7 @@ def read_pin(body: Any) -> tuple[str, str | None, tuple[str, ...], tuple[tuple[s
     if not isinstance(body, dict):
         raise Invalid("the body must be a Pin object: {\"cid\": …}")
     cid = body.get("cid")
-    if not isinstance(cid, str) or parse_cid(cid) is None:
+    if not is_cid(cid):
         raise Invalid("Pin.cid must be a CID")
     name = body.get("name")
     if name is not None and (not isinstance(name, str) or len(name) > MAX_NAME):

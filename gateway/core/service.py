@@ -32,7 +32,7 @@ from ..config import Config, ConfigError
 from ..errors import Conflict, Erased, Forbidden, IdempotencyKeyReused, Invalid, MediconError, NotFound, Unavailable
 from ..kubo import ipld
 from ..kubo.batcher import BlockWriter
-from ..kubo.cids import canonical, parse_cid
+from ..kubo.cids import canonical, is_cid
 from ..kubo.client import KuboClient
 from ..metrics import Metrics
 from ..security.keys import KeyProvider, KeysForOneRead
@@ -628,7 +628,7 @@ class RecordService:
         """An attachment indexed by this gateway, once the caller may read it (``NotFound`` if
         unknown or outside the caller's scope)."""
         unknown = NotFound(f"no attachment {cid[:100]!r} was added through this gateway")
-        blob = await self.attachment(cid) if parse_cid(cid) is not None else None
+        blob = await self.attachment(cid) if is_cid(cid) else None
         if blob is None:
             raise unknown
         await self._authorize_visible(caller, "blob:read", {"kind": "blob", "cid": canonical(cid) or cid,
@@ -783,7 +783,7 @@ def root_of(arg: str) -> tuple[str | None, bool]:
         raise Invalid(f"dot segments are not allowed in paths: {arg[:100]!r}")
     path = arg.removeprefix("/ipfs/").removeprefix("ipfs/").lstrip("/")
     root, _, rest = path.partition("/")
-    if parse_cid(root) is None:
+    if not is_cid(root):
         raise Invalid(f"invalid CID or path {arg[:100]!r}")
     return root, bool(rest.strip("/"))
 
