@@ -84,6 +84,54 @@ async def test_migrations_run_once_even_when_gateways_start_together(postgres_db
     assert len(await rows(postgres_db, "SELECT * FROM schema_migrations")) == len(migrations())
 
 
+async def test_a_connection_given_back_to_the_pool_costs_no_query_and_keeps_no_transaction(postgres_db):
+    """asyncpg's default reset (unlock every advisory lock, close cursors, unlisten, reset
+    settings) is a round trip after every query; the pool here sends nothing more than the
+    queries, and still rolls back a transaction a user left open."""
+    db = await PostgresDatabase.open(postgres_db, min_size=1, max_size=1)
+    try:
+        sent: list[str] = []
+        async with db.pool.acquire() as conn:
+            conn.add_query_logger(lambda logged: sent.append(logged.query))
+        sent.clear()
+        for _ in range(5):
+            assert await db.run("read", "test", lambda c: c.fetchval("SELECT 1")) == 1
+        assert sent == ["SELECT 1"] * 5
+        async with db.pool.acquire() as conn:
+            await conn.execute("BEGIN")
+        async with db.pool.acquire() as conn:
+            assert not conn.is_in_transaction()
+    finally:
+        await db.close()
+
+
+async def test_a_migration_cancelled_midway_leaves_its_lock_with_no_pooled_connection(postgres_db):
+    """``migrate`` holds a session advisory lock, which the pool's reset no longer clears:
+    cancelled while it holds it, it ends the lock itself (or its connection), so the next
+    migration runs."""
+    from gateway.storage.postgres import migrate
+    await migrate_database(postgres_db)
+    blocker = await asyncpg.connect(postgres_db)
+    db = await PostgresDatabase.open(postgres_db, min_size=1, max_size=1)
+    try:
+        await blocker.execute("BEGIN; LOCK TABLE schema_migrations IN ACCESS EXCLUSIVE MODE")
+        task = asyncio.ensure_future(db.run("migrate", "database", lambda c: migrate(c, db.where)))
+
+        async def migration_waits_on_the_table() -> bool:
+            return bool(await rows(postgres_db, "SELECT 1 FROM pg_locks WHERE locktype = 'relation' AND NOT granted"
+                                                " AND relation = 'schema_migrations'::regclass"))
+        await seen_within(migration_waits_on_the_table, 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await blocker.execute("ROLLBACK")
+        assert (await asyncio.wait_for(migrate_database(postgres_db), 10))[1] == []
+        assert await db.run("read", "test", lambda c: c.fetchval("SELECT 1")) == 1  # the pool still works
+    finally:
+        await db.close()
+        await blocker.close()
+
+
 async def test_an_unmigrated_database_is_refused_when_migrating_on_start_is_off(postgres_db):
     with pytest.raises(MigrationError, match="medicon-gateway migrate"):
         await open_postgres_storage(postgres_db, migrate_on_start=False)

@@ -115,7 +115,8 @@ class PostgresDatabase:
         try:
             pool = await asyncpg.create_pool(
                 url, min_size=min(min_size, max_size), max_size=max_size, timeout=connect_timeout,
-                command_timeout=command_timeout, server_settings={"application_name": "medicon-gateway"})
+                command_timeout=command_timeout, server_settings={"application_name": "medicon-gateway"},
+                reset=_keep_session)
         except asyncpg.InvalidPasswordError:
             raise Unavailable(f"the database at {where} refused the gateway's credentials "
                               "(check storage.url)") from None
@@ -182,6 +183,15 @@ class PostgresDatabase:
             await asyncio.wait_for(self.pool.close(), 10)
         except (asyncio.TimeoutError, *_CONNECTION_ERRORS):
             self.pool.terminate()
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """What the pool does to a connection given back, after asyncpg's own rollback of a
+    transaction left open: nothing. asyncpg's default also unlocks session advisory locks,
+    closes cursors, unlistens and resets settings, one more round trip for every query the
+    gateway makes (7 % of a gateway's CPU appending on PostgreSQL). The gateway leaves none of
+    those on a pooled connection: its advisory locks are transaction-scoped, except
+    ``migrate``'s, which ends its lock itself or else the connection."""
 
 
 def _failure(exc: BaseException, where: str, name: str, what: str) -> MediconError:
@@ -264,7 +274,11 @@ async def migrate(conn: asyncpg.Connection, where: str) -> list[str]:
             done.append(f"{m.version:04d}_{m.name}")
         return done
     finally:
-        await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
+        try:
+            await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
+        except BaseException:  # cancelled or failed: the lock must not stay with a pooled connection
+            conn.terminate()  # the server ends the lock with the session
+            raise
 
 
 async def require_migrated(conn: asyncpg.Connection, where: str) -> None:
