@@ -36,6 +36,7 @@ from typing import Any, AsyncIterator, Callable
 
 from ..config import Config
 from ..errors import MediconError
+from ..kubo import ipld
 from ..storage.model import Episode, FhirEntry, IndexedRecord
 from .fhir_facade import FhirFacade
 from .records import ClientRecord
@@ -165,7 +166,7 @@ async def _check_pins(service: RecordService, report: dict[str, Any], repair: bo
         if node is not None:
             pseudonym = node.get("episode")
             nodes[pin] = {"episode": pseudonym if isinstance(pseudonym, str) else None, "seq": node.get("seq"),
-                          "prev": _link(node.get("prev"))}
+                          "prev": ipld.link_target(node.get("prev"))}
         progress("pins", done, len(unindexed))
     episode_of = await _episodes_named(service, list(nodes.values()))
     for pin, node in nodes.items():
@@ -200,10 +201,6 @@ async def _episodes_named(service: RecordService, nodes: list[dict[str, Any]]) -
                 if not wanted:
                     break
     return named
-
-
-def _link(value: Any) -> Any:
-    return value.get("/") if isinstance(value, dict) else value
 
 
 class _ReplicaCheck:

@@ -703,8 +703,7 @@ class RecordService:
                 indexed = await heads.record(cid)
                 if head is None and (indexed is None or indexed.seq != expected_seq or indexed.episode != episode.id):
                     return report("the chain reaches a block the index does not hold at this position")
-                prev = node.get("prev")
-                prev = prev.get("/") if isinstance(prev, dict) else prev
+                prev = ipld.link_target(node.get("prev"))
                 if (expected_seq == 0) != (prev is None):
                     return report("prev must be null exactly at seq 0")
                 if expected_seq == 0 and node.get("schema") not in OPENING_KINDS:

@@ -78,6 +78,12 @@ def _as_dag_json(value: Any) -> Any:
     raise Unsupported(f"a {type(value).__name__} value")
 
 
+def link_target(value: Any) -> Any:
+    """The CID a dag-json link ``{"/": cid}`` names; any other value as it is (a ``prev`` of
+    null, or something that is not a link, for the caller to refuse)."""
+    return value.get("/") if isinstance(value, dict) else value
+
+
 def decode(cid: str, block: bytes) -> Any:
     """The node ``block`` holds, as ``dag/get`` would give it; ``BlockMismatch`` if its hash is
     not the one ``cid`` names, ``Unsupported`` for what this decoder does not cover."""
