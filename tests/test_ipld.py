@@ -132,3 +132,13 @@ def test_is_cid_says_what_parse_cid_says_and_skips_its_parse_for_the_gateways_ow
         raise AssertionError(f"multiformats parsed {text}")
     monkeypatch.setattr(cids, "_parse", no_parse)
     assert all(cids.is_cid(c) for c in fresh)
+
+
+def test_is_cid_caches_nothing_for_text_no_cid_can_be():
+    """A request can name any text as a CID; is_cid refuses what is too long before any cached
+    reader keeps it (8192 entries of megabytes each would be gigabytes)."""
+    from gateway.kubo import cids
+    before = (cids.sha256_cid_bytes.cache_info().currsize, cids._parse.cache_info().currsize)
+    for n in range(20):
+        assert not cids.is_cid("b" + "a" * (cids.MAX_CID_TEXT + n))
+    assert (cids.sha256_cid_bytes.cache_info().currsize, cids._parse.cache_info().currsize) == before

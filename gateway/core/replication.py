@@ -207,8 +207,7 @@ class Replication:
         origins = await self.origins()
         deadline = time.monotonic() + self.timeout
         services = self.services
-        tasks = {asyncio.ensure_future(self._replicate(s, list(blocks), origins, deadline, blocks)): s.name
-                 for s in services}
+        tasks = {asyncio.ensure_future(self._replicate(s, blocks, origins, deadline)): s.name for s in services}
         done, problems = 0, []
         try:
             for finished in asyncio.as_completed(list(tasks)):
@@ -230,12 +229,15 @@ class Replication:
             raise TimedOut(message, retry_after=1)
         raise NotReplicated(message, retry_after=1)
 
-    async def _replicate(self, service: RemotePins, cids: list[str], origins: list[str], deadline: float,
-                         blocks: dict[str, bytes] | None = None) -> None:
+    async def _replicate(self, service: RemotePins, blocks: dict[str, bytes | None], origins: list[str],
+                         deadline: float) -> None:
+        """Pin every CID of ``blocks`` on ``service``, sending its bytes (where given and the
+        service takes them)."""
         gate = asyncio.Semaphore(POST_CONCURRENCY)
+        cids = list(blocks)
 
         async def add(cid: str) -> dict[str, Any]:
-            block = (blocks or {}).get(cid) if service.name in self._taking_blocks else None
+            block = blocks[cid] if service.name in self._taking_blocks else None
             async with gate:
                 status = await service.add(cid, origins, block if block and len(block) <= MAX_PUSHED_BLOCK else None)
             info = status.get("info")
@@ -277,7 +279,7 @@ class Replication:
         problem, if it did not."""
         service = next(s for s in self.services if s.name == name)
         try:
-            await self._replicate(service, cids, await self.origins(), time.monotonic() + self.timeout)
+            await self._replicate(service, dict.fromkeys(cids), await self.origins(), time.monotonic() + self.timeout)
         except ReplicaError as err:
             return err.message
         return None
