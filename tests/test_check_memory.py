@@ -20,6 +20,7 @@ from gateway.core import chain, check
 from gateway.core.check import check_service
 from gateway.core.records import normalise
 from gateway.core.service import RecordService
+from gateway.kubo import ipld
 from gateway.security.principal import Principal
 from records_helpers import encounter, opened, uid
 
@@ -123,7 +124,7 @@ async def _stored_not_appended(service: RecordService, doc: dict, episode: str |
     leaves behind."""
     current = None if episode is None else await service.storage.heads.get_episode(episode)
     record = chain.link(normalise(doc), current, service._policy_for(doc["schema"]))
-    return await service.kubo.put_node(await service.sealer.to_node(record, "token:crashed"))
+    return await service.kubo.put_block(ipld.encode(await service.sealer.to_node(record, "token:crashed")))
 
 
 async def test_nodes_the_index_lacks_are_placed_by_their_episode_across_pages(own_kubo, monkeypatch):

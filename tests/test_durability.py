@@ -26,6 +26,7 @@ import pytest
 from conftest import CHAOS, app_client, bearer, chaos_scale, gateway_config, start_gateway, store_sql
 from gateway.config import load_config
 from gateway.core.check import check
+from gateway.kubo import ipld
 from gateway.kubo.node import KuboNode
 from gateway.security.keyring import LocalKeyring
 from records_helpers import encounter, opened, uid
@@ -413,7 +414,7 @@ async def _orphan(cfg, episode: str | None, patient: str) -> str:
             doc = encounter(patient, episode, note="crashed append")
             current = await service.storage.heads.get_episode(episode)
         record = chain.link(normalise(doc), current, service._policy_for(doc["schema"]))
-        return await service.kubo.put_node(await service.sealer.to_node(record, "token:crashed"))
+        return await service.kubo.put_block(ipld.encode(await service.sealer.to_node(record, "token:crashed")))
 
 
 async def test_check_repair_in_a_loop_during_a_burst_never_unpins_an_acknowledged_record(own_kubo):

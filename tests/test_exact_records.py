@@ -18,6 +18,7 @@ from gateway.core import exactjson
 from gateway.core.records import ClientRecord, request_digest
 from gateway.core.sealing import clear_part
 from gateway.http.appkeys import SERVICE
+from gateway.kubo import ipld
 from gateway.security import crypto
 from gateway.storage.model import IndexedRecord
 from records_helpers import opened, uid
@@ -203,7 +204,7 @@ async def test_version_1_records_stay_readable_and_verify(aiohttp_client, kubo):
                                            aad=crypto.canonical_json(clear_part(node)), patient=patient,
                                            keys=service.keys))
     node["sig"] = crypto.sign(service.keys.signing_key, clear_part(node))
-    cid = await service.kubo.put_node(node)
+    cid = await service.kubo.put_block(ipld.encode(node))
     await service.storage.heads.create_episode(IndexedRecord(cid, episode, patient, 0, record["schema"],
                                                              record["recorded_at"]))
     r = await client.get(f"/medicon/v1/records/{cid}")

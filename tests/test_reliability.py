@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 
 from gateway.config import load_config
+from gateway.kubo import ipld
 from conftest import (CHAOS, storage_env, app_client, bearer, chaos_scale, gateway_config, new_data_dir, start_gateway,
                       trickle_body)
 from records_helpers import encounter, opened, uid
@@ -178,7 +179,7 @@ async def _orphan_of_a_lost_race(kubo, data_dir: str, patient: str, episodes: li
         record = {**encounter(patient, episode, note="lost the race"), "prev": first.cid, "seq": taken.seq,
                   "recorded_at": taken.recorded_at}
         node = await service.sealer.to_node(record, "token:crashed-writer")
-        return await service.kubo.put_node(node)
+        return await service.kubo.put_block(ipld.encode(node))
 
 
 async def test_kubo_stopped_mid_burst(aiohttp_client, own_kubo):

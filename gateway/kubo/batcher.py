@@ -197,7 +197,7 @@ class BlockWriter:
         missing = [b for b in batch if b not in written]
         if len(written) > 1:
             # One pin/ls: each block Kubo answered for is pinned recursively (one block alone
-            # needs none: the first part's failure is the call's status, as for put_node).
+            # needs none: the first part's failure is the call's status, as for put_block).
             try:
                 await self._kubo.confirm_stored([], [b.cid for b in batch if b in written])
             except MediconError as err:

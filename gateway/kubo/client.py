@@ -153,10 +153,6 @@ class KuboClient:
     async def version(self) -> str:
         return json.loads(await self.call("version", []))["Version"]
 
-    async def put_node(self, node: dict[str, Any]) -> str:
-        """Store ``node`` (dag-json form: links as ``{"/": cid}``) as dag-cbor: ``put_block``."""
-        return await self.put_block(ipld.encode(node))
-
     async def put_block(self, block: bytes) -> str:
         """Store the dag-cbor ``block``, pinned recursively (without walking the links: what
         they point to is pinned already); return its CID. Kubo answers only after the block is

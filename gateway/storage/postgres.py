@@ -354,8 +354,8 @@ class PostgresHeadStore:
         return int(await self._run("read", lambda c: c.fetchval("SELECT coalesce(sum(length), 0) FROM episodes")))
 
     @staticmethod
-    async def _list(conn: asyncpg.Connection, patient: str | None, status: str | None) -> list[Episode]:
-        rows = await conn.fetch(f"SELECT {_EPISODE_COLS} FROM episodes WHERE ($1::text IS NULL OR patient = $1)"
+    async def _list(conn: asyncpg.Connection, patient: str, status: str | None) -> list[Episode]:
+        rows = await conn.fetch(f"SELECT {_EPISODE_COLS} FROM episodes WHERE patient = $1"
                                 " AND ($2::text IS NULL OR status = $2) ORDER BY created", patient, status)
         return [Episode(*r) for r in rows]
 

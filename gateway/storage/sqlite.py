@@ -288,10 +288,8 @@ def _append_chain(db: sqlite3.Connection, moves: list[HeadMove]) -> list[Episode
     return outcomes
 
 
-def _list_episodes(db: sqlite3.Connection, patient: str | None, status: str | None) -> list[Episode]:
-    sql, args = f"SELECT {_EPISODE_COLS} FROM episodes WHERE 1 = 1", ()
-    if patient is not None:
-        sql, args = sql + " AND patient = ?", args + (patient,)
+def _list_episodes(db: sqlite3.Connection, patient: str, status: str | None) -> list[Episode]:
+    sql, args = f"SELECT {_EPISODE_COLS} FROM episodes WHERE patient = ?", (patient,)
     if status is not None:
         sql, args = sql + " AND status = ?", args + (status,)
     return [Episode(*row) for row in db.execute(sql + " ORDER BY rowid", args)]
