@@ -26,6 +26,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import (CHAOS, ROOT, STORAGE_URLS, GatewayProcess, bearer, make_token, run_blocking,
                       start_gateway)
@@ -492,6 +493,69 @@ async def test_a_block_sent_with_a_pin_request_is_pinned_only_if_it_is_the_block
         assert status["info"][TAKES_BLOCKS[0]] == TAKES_BLOCKS[1]
     assert cid in b.pins() and blocks_received(b.kubo) == before
     assert b.kubo.ipfs("block", "get", cid).stdout == block
+
+
+async def kubo_calls(site: Site, token: str, command: str) -> float:
+    """How many ``command`` calls the site's gateway has made to its Kubo (its /metrics)."""
+    async with aiohttp.ClientSession(headers=bearer(token)) as s:
+        async with s.get(f"{site.url}/metrics") as r:
+            assert r.status == 200, await r.text()
+            text = await r.text()
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name == "medicon_kubo_call_duration_seconds_count" and sample.labels["command"] == command)
+
+
+async def test_a_chain_written_in_one_batch_is_asked_of_a_replica_in_chain_order(cluster, tmp_path):
+    """With the pipeline, a record and its ``prev`` can be written in one batch. A service sent
+    blocks is asked for a record only once it answered for its ``prev``, so each is pinned
+    alone there: no ``pin/add`` (which walks the whole chain below it, fetching what it lacks
+    by bitswap), nothing fetched. Sent all at once, a record's request could be worked on
+    before its ``prev`` was pinned."""
+    from gateway.config import RecordsConfig, ReplicaService
+    from gateway.core.replication import Replication
+    from gateway.kubo import ipld
+    cluster.ensure_up()
+    a, b = cluster.sites
+    (tmp_path / "replicator").write_text(make_token(b.data_dir, role="replicator"))
+    replication = Replication(RecordsConfig(replicas=2, replica_services=(ReplicaService(
+        name="site-b", endpoint=f"{b.url}/pinning/v1", key_file=str(tmp_path / "replicator")),)), None)
+    blocks = [ipld.encode({"note": uuid.uuid4().hex})]
+    for n in range(8):
+        blocks.append(ipld.encode({"note": uuid.uuid4().hex, "n": n, "prev": {"/": ipld.cid_of(blocks[-1])}}))
+    cids = [ipld.cid_of(block) for block in blocks]
+    for block in blocks:  # stored and pinned at their origin, as the append path leaves them
+        a.kubo.ipfs("block", "put", "--cid-codec=dag-cbor", "--pin=true", input=block)
+    try:
+        await replication.ensure({cids[0]: blocks[0]})  # B's answer says it takes blocks
+        pin_adds, received = await kubo_calls(b, cluster.token, "pin/add"), blocks_received(b.kubo)
+        await replication.ensure(dict(zip(cids[1:], blocks[1:])), dict(zip(cids[2:], cids[1:])))
+    finally:
+        await replication.close()
+    assert set(cids) <= b.pins()
+    assert await kubo_calls(b, cluster.token, "pin/add") == pin_adds, "a record was pinned by walking its chain"
+    assert blocks_received(b.kubo) == received
+
+
+async def test_a_sent_block_whose_chain_is_not_all_pinned_is_stored_before_the_chain_is_fetched(cluster):
+    """A record's request reaching a service whose node lacks the record's ``prev``: the service
+    stores the block it was sent, then ``pin/add`` fetches only what is missing below it —
+    here the ``prev``, one block by bitswap, not the record as well."""
+    from gateway.core.replication import BLOCK_FIELD
+    from gateway.kubo import ipld
+    cluster.ensure_up()
+    a, b = cluster.sites
+    prev = ipld.encode({"note": uuid.uuid4().hex})
+    block = ipld.encode({"note": uuid.uuid4().hex, "prev": {"/": ipld.cid_of(prev)}})
+    for data in (prev, block):
+        a.kubo.ipfs("block", "put", "--cid-codec=dag-cbor", "--pin=true", input=data)
+    received = blocks_received(b.kubo)
+    async with aiohttp.ClientSession(headers=bearer(make_token(b.data_dir, role="replicator"))) as s:
+        pin = {"cid": ipld.cid_of(block), "origins": [], BLOCK_FIELD: base64.b64encode(block).decode()}
+        async with s.post(f"{b.url}/pinning/v1/pins", json=pin) as r:
+            status = await r.json()
+            assert r.status == 202 and status["status"] == "pinned", status
+    assert ipld.cid_of(block) in b.pins()  # recursively: its prev is held below it
+    assert blocks_received(b.kubo) == received + 1, "the block sent with the request was fetched as well"
 
 
 # --- the Pinning Service API, as a spec-compliant service --------------------------------------------

@@ -39,7 +39,7 @@ import json
 import logging
 import secrets
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -102,7 +102,16 @@ def read_pin(body: Any) -> tuple[str, str | None, tuple[str, ...], tuple[tuple[s
     return cid, name, tuple(dict.fromkeys(origins)), tuple(sorted(meta.items()))
 
 
-def read_pushed_block(body: dict[str, Any], cid: str) -> bytes | None:
+@dataclass(frozen=True)
+class PushedBlock:
+    """A block a Pin object carried, checked to be the dag-cbor block its CID names, and the
+    CIDs it links to."""
+
+    data: bytes
+    links: tuple[str, ...]
+
+
+def read_pushed_block(body: dict[str, Any], cid: str) -> PushedBlock | None:
     """The block a Pin object carries in ``BLOCK_FIELD`` (none if it carries none), checked to
     be the dag-cbor block ``cid`` names."""
     text = body.get(BLOCK_FIELD)
@@ -113,10 +122,10 @@ def read_pushed_block(body: dict[str, Any], cid: str) -> bytes | None:
         raise Invalid(wrong)
     try:
         block = base64.b64decode(text, validate=True)
-        ipld.decode(cid, block)
+        node = ipld.decode(cid, block)
     except (binascii.Error, ValueError):  # not base64, another block's bytes, not dag-cbor
         raise Invalid(wrong) from None
-    return block
+    return PushedBlock(block, tuple(_links(node)))
 
 
 def _links(node: Any) -> list[str]:
@@ -209,10 +218,10 @@ class PinningService:
     async def create(self, caller: Caller, body: Any, *, replaces: PinRequest | None = None) -> dict[str, Any]:
         node = await self.authorize(caller)
         cid, name, origins, meta = read_pin(body)
-        block = read_pushed_block(body, cid)
+        pushed = read_pushed_block(body, cid)
         pin = PinRequest(secrets.token_hex(16), node, cid, "queued", self._created(), caller.principal.id,
                          name, origins, meta)
-        work = asyncio.ensure_future(self._pin(pin, block))
+        work = asyncio.ensure_future(self._pin(pin, pushed))
         done, _ = await asyncio.wait({work}, timeout=POST_WAIT)
         if done:
             status, details = self._outcome(work)
@@ -354,17 +363,19 @@ class PinningService:
         message = err.message if isinstance(err, MediconError) else type(err).__name__
         return "failed", message[:500]
 
-    async def _pin(self, pin: PinRequest, block: bytes | None = None) -> None:
-        """Pin ``pin.cid`` recursively on the node (its ``block`` if the request carried it,
-        checked by ``read_pushed_block``), fetching what is missing from its origins."""
+    async def _pin(self, pin: PinRequest, pushed: PushedBlock | None = None) -> None:
+        """Pin ``pin.cid`` recursively on the node (its ``pushed`` block if the request carried
+        it), fetching what is missing from its origins."""
         async with self._workers:
-            try:
-                if block is None:
-                    await self._connect(pin.origins)
-                    block = await self.kubo.call("block/get", [("arg", pin.cid), ("timeout", FETCH_TIMEOUT)])
-                links = _links(ipld.decode(pin.cid, block))
-            except (ipld.Unsupported, ipld.BlockMismatch):
-                links = None
+            if pushed is not None:
+                block, links = pushed.data, list(pushed.links)
+            else:
+                await self._connect(pin.origins)
+                block = await self.kubo.call("block/get", [("arg", pin.cid), ("timeout", FETCH_TIMEOUT)])
+                try:
+                    links = _links(ipld.decode(pin.cid, block))
+                except (ipld.Unsupported, ipld.BlockMismatch):
+                    links = None
             if links is not None and len(await self._pinned_among(links)) == len(set(map(canonical, links))):
                 # Everything below is pinned here already: pin the root without walking the chain.
                 key = json.loads(await self.kubo.call(
@@ -372,6 +383,9 @@ class PinningService:
                     data=block))["Key"]
                 if canonical(key) == canonical(pin.cid):
                     return
+            elif pushed is not None:
+                # Stored unpinned first: pin/add below then fetches only what is missing under it.
+                await self.kubo.call("block/put", [("cid-codec", "dag-cbor"), ("mhtype", "sha2-256")], data=block)
             await self._connect(pin.origins)
             await self.kubo.call("pin/add", [("arg", pin.cid), ("recursive", "true"), ("timeout", FETCH_TIMEOUT)])
 

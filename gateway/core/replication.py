@@ -196,18 +196,21 @@ class Replication:
         self._origins = (time.monotonic(), addresses)
         return addresses
 
-    async def ensure(self, blocks: dict[str, bytes]) -> None:
+    async def ensure(self, blocks: dict[str, bytes], after: dict[str, str] | None = None) -> None:
         """Return once ``records.replicas - 1`` services report every CID of ``blocks`` (CID →
         its bytes) pinned; ``NotReplicated`` (503) when they cannot, ``TimedOut`` (504) past the
         timeout. The blocks must already be stored and pinned on this gateway's Kubo (their
-        origin)."""
+        origin). ``after`` maps a CID to the one of ``blocks`` it is chained on (a record's
+        ``prev`` written in the same batch): a service sent blocks is asked for it only once it
+        answered for that one."""
         needed = self.replicas - 1
         if needed <= 0 or not blocks:
             return
         origins = await self.origins()
         deadline = time.monotonic() + self.timeout
         services = self.services
-        tasks = {asyncio.ensure_future(self._replicate(s, blocks, origins, deadline)): s.name for s in services}
+        tasks = {asyncio.ensure_future(self._replicate(s, blocks, origins, deadline, after or {})): s.name
+                 for s in services}
         done, problems = 0, []
         try:
             for finished in asyncio.as_completed(list(tasks)):
@@ -230,13 +233,18 @@ class Replication:
         raise NotReplicated(message, retry_after=1)
 
     async def _replicate(self, service: RemotePins, blocks: dict[str, bytes | None], origins: list[str],
-                         deadline: float) -> None:
+                         deadline: float, after: dict[str, str]) -> None:
         """Pin every CID of ``blocks`` on ``service``, sending its bytes (where given and the
-        service takes them)."""
+        service takes them). A block is sent once the service answered for the one it is
+        chained on (``after``): sent together, the record's request could be worked on before
+        its ``prev`` is pinned there, and the service would then pin it by walking the whole
+        chain below it (``pin/add``), fetching what it lacks by bitswap."""
         gate = asyncio.Semaphore(POST_CONCURRENCY)
-        cids = list(blocks)
+        pushing = service.name in self._taking_blocks
 
-        async def add(cid: str) -> dict[str, Any]:
+        async def add(cid: str, before: asyncio.Future | None) -> dict[str, Any]:
+            if before is not None:
+                await before
             block = blocks[cid] if service.name in self._taking_blocks else None
             async with gate:
                 status = await service.add(cid, origins, block if block and len(block) <= MAX_PUSHED_BLOCK else None)
@@ -246,8 +254,11 @@ class Replication:
             else:  # a service replaced by one that does not say so gets the spec's Pin object again
                 self._taking_blocks.discard(service.name)
             return status
+        posts: dict[str, asyncio.Future] = {}
+        for cid in blocks:
+            posts[cid] = asyncio.ensure_future(add(cid, posts.get(after.get(cid)) if pushing else None))
         waiting = {}
-        for cid, status in zip(cids, await asyncio.gather(*(add(c) for c in cids))):
+        for cid, status in zip(blocks, await asyncio.gather(*posts.values())):
             _raise_if_failed(service.name, status)
             if status["status"] != "pinned":
                 waiting[status["requestid"]] = cid
@@ -279,7 +290,7 @@ class Replication:
         problem, if it did not."""
         service = next(s for s in self.services if s.name == name)
         try:
-            await self._replicate(service, dict.fromkeys(cids), await self.origins(), time.monotonic() + self.timeout)
+            await self._replicate(service, dict.fromkeys(cids), await self.origins(), time.monotonic() + self.timeout, {})
         except ReplicaError as err:
             return err.message
         return None

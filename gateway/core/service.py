@@ -105,7 +105,7 @@ class RecordService:
         # records.replicas nodes once Kubo confirmed it and before any of its heads moves.
         self.writer = BlockWriter(kubo, release=self._release,
                                   on_batch=self.metrics.commit_batch_observer("kubo"),
-                                  after_write=lambda blocks: self.replication.ensure(blocks))
+                                  after_write=lambda blocks, after: self.replication.ensure(blocks, after))
         self.pipeline = Pipeline(storage.heads, self.writer)
 
     # --- life cycle ------------------------------------------------------------------------------

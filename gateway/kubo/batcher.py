@@ -16,9 +16,10 @@ before it by its CID before that one is written, and is not sent to Kubo until i
 same call after it, or once its call is confirmed. So Kubo never pins a record whose ``prev``
 it does not hold, and when a block fails, those waiting for it fail with it, unwritten.
 
-``after_write(blocks)`` (CID → bytes), if given, runs once per call after Kubo confirmed it and before any of
-its blocks is reported written (replication: pinned on ``records.replicas`` nodes before heads
-move); if it raises, every block of the call fails with that error and loses its pin.
+``after_write(blocks, after)`` (CID → bytes; CID → the CID of the same call it is chained on),
+if given, runs once per call after Kubo confirmed it and before any of its blocks is reported
+written (replication: pinned on ``records.replicas`` nodes before heads move); if it raises,
+every block of the call fails with that error and loses its pin.
 
 A block written but then not committed (its head did not move) is ``settle``d as not kept: its
 pin is removed once the index surely does not hold it.
@@ -37,7 +38,7 @@ from .client import KUBO_FULL, KuboClient
 
 log = logging.getLogger(__name__)
 
-AfterWrite = Callable[[dict[str, bytes]], Awaitable[None]]
+AfterWrite = Callable[[dict[str, bytes], dict[str, str]], Awaitable[None]]
 # Free bytes on Kubo's disk (beyond the blocks a call did not get to) below which a call that
 # stopped early is taken as Kubo's disk being full.
 FULL_BELOW = 4 << 20
@@ -155,7 +156,8 @@ class BlockWriter:
             written = [b for b in batch if b not in failures]
             if written and self.after_write is not None:
                 try:
-                    await self.after_write({b.cid: b.data for b in written})
+                    await self.after_write({b.cid: b.data for b in written},
+                                           {b.cid: b.after.cid for b in written if b.after in batch})
                 except MediconError as err:
                     failures.update(dict.fromkeys(written, err))
         except Exception as exc:  # never leave an append waiting for ever
