@@ -354,6 +354,41 @@ async def test_audit_appends_from_two_gateways_form_one_verifiable_chain(two, po
         await conn.close()
 
 
+async def test_an_audit_batch_after_the_gateways_own_is_one_statement_and_another_gateways_is_followed(two, postgres_db):
+    """A batch appended after this gateway's last one moves the chain's head and adds the batch
+    in one statement (no lock, no transaction of several round trips); once another gateway has
+    appended, that statement finds the head moved, changes nothing, and the batch goes after
+    the other gateway's entries under the head row's lock: one chain, no fork, no gap."""
+    from gateway.storage.postgres import PostgresAuditStore
+    db = await PostgresDatabase.open(postgres_db, min_size=1, max_size=1)
+    audit = PostgresAuditStore(db)
+    try:
+        sent: list[str] = []
+        async with db.pool.acquire() as conn:
+            conn.add_query_logger(lambda logged: sent.append(logged.query))
+        await audit.append({"action": "first", "decision": "allow"})  # the head is not known yet
+        sent.clear()
+        for i in range(5):
+            await audit.append({"action": f"own-{i}", "decision": "allow"})
+        assert len(sent) == 5 and all(q.startswith("WITH moved AS (UPDATE audit_head") for q in sent), sent
+        other = two[0].audit
+        await other.append({"action": "other", "decision": "allow"})
+        sent.clear()
+        await audit.append({"action": "after-other", "decision": "allow"})
+        assert any("FOR UPDATE" in q for q in sent), sent
+        sent.clear()
+        await audit.append({"action": "last", "decision": "allow"})
+        assert len(sent) == 1, sent
+        entries = await audit.page(0, 1000)
+        assert [e["action"] for e in entries[-4:]] == ["own-4", "other", "after-other", "last"]
+        assert [e["seq"] for e in entries] == list(range(1, len(entries) + 1))
+        verdict = await walk_chain(audit)
+        assert verdict["ok"] is True and verdict["head"] == entries[-1]["hash"]
+    finally:
+        await audit.close()
+        await db.close()
+
+
 async def test_audit_verification_leaves_the_event_loop_free(two):
     """The chain is read and hashed by the walker process: while 20 000 entries are checked, the
     event loop keeps running (reading and hashing them on the loop stalls it for 0.2-0.3 s here)."""

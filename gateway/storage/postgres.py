@@ -584,13 +584,28 @@ class PostgresTokenStore:
 
 # --- the audit log -------------------------------------------------------------------------------
 
+def _chained(kept: list[tuple[dict[str, Any], str]], seq: int, prev: str) -> tuple[list, list, list, list]:
+    """The audit rows of ``kept`` (event, its JSON) after the entry ``seq`` whose hash is
+    ``prev``, as the columns seq, event, prev, hash."""
+    seqs, texts, prevs, hashes = [], [], [], []
+    for event, text in kept:
+        seq += 1
+        digest = audit_hash(prev, event)
+        seqs.append(seq), texts.append(text), prevs.append(prev), hashes.append(digest)
+        prev = digest
+    return seqs, texts, prevs, hashes
+
+
 class PostgresAuditStore:
     """One hash chain for every gateway of the database. A batch of this gateway's events is
-    appended in one transaction that first locks the chain's head row (``audit_head``), so
-    batches from all gateways follow each other and each entry's ``prev`` is the hash of the
-    entry before it, whoever wrote that. Verification (``gateway.core`` drives it from the
-    latest signed checkpoint) has a worker process (``auditwalk``) read the chain a page at a
-    time and re-hash it, so the gateway's event loop neither decodes those rows nor hashes them."""
+    appended by one statement that moves the chain's head row (``audit_head``) from the head
+    this gateway last saw and inserts the batch after it, or does nothing if another gateway
+    moved the head since; the batch is then appended in a transaction that first locks the head
+    row. Either way batches from all gateways follow each other and each entry's ``prev`` is
+    the hash of the entry before it, whoever wrote that. Verification (``gateway.core`` drives
+    it from the latest signed checkpoint) has a worker process (``auditwalk``) read the chain a
+    page at a time and re-hash it, so the gateway's event loop neither decodes those rows nor
+    hashes them."""
 
     BATCH = 256
 
@@ -599,6 +614,8 @@ class PostgresAuditStore:
         self._group = AsyncGroupCommit(self._commit, batch=self.BATCH,
                                        on_batch=metrics.commit_batch_observer("audit") if metrics else None)
         self._walker = auditwalk.WalkerProcess()
+        # (seq, hash) of the chain's head as this gateway last wrote or read it; None: unknown.
+        self._head: tuple[int, str] | None = None
 
     async def append(self, event: dict[str, Any]) -> None:
         await self._group.submit(event)
@@ -615,23 +632,31 @@ class PostgresAuditStore:
                 outcomes.append((False, exc))
         kept = [(e, t) for e, t in zip(events, texts) if t is not None]
         if kept:
-            await self._db.run("append to the log", "audit", lambda c: self._append(c, kept))
+            head, self._head = self._head, None  # unknown until this batch is in
+            self._head = await self._db.run("append to the log", "audit", lambda c: self._append(c, kept, head))
         return outcomes
 
     @staticmethod
-    async def _append(conn: asyncpg.Connection, kept: list[tuple[dict[str, Any], str]]) -> None:
+    async def _append(conn: asyncpg.Connection, kept: list[tuple[dict[str, Any], str]],
+                      head: tuple[int, str] | None) -> tuple[int, str]:
+        """Append ``kept`` after ``head`` in one statement if the chain still ends there, else
+        after the chain's end read under its lock. The chain's new head."""
+        if head is not None:
+            rows = _chained(kept, *head)
+            if await conn.fetchval(
+                    "WITH moved AS (UPDATE audit_head SET seq = $5, hash = $6 WHERE id = 1 AND seq = $7 AND hash = $8"
+                    " RETURNING id), added AS (INSERT INTO audit (seq, event, prev, hash)"
+                    " SELECT u.* FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[]) AS u"
+                    " WHERE EXISTS (SELECT FROM moved) RETURNING seq) SELECT count(*) FROM added",
+                    *rows, rows[0][-1], rows[3][-1], *head):
+                return rows[0][-1], rows[3][-1]
         async with conn.transaction():
             seq, prev = await conn.fetchrow("SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE")
-            seqs, texts, prevs, hashes = [], [], [], []
-            for event, text in kept:
-                seq += 1
-                digest = audit_hash(prev, event)
-                seqs.append(seq), texts.append(text), prevs.append(prev), hashes.append(digest)
-                prev = digest
+            rows = _chained(kept, seq, prev)
             await conn.execute("INSERT INTO audit (seq, event, prev, hash)"
-                               " SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[])",
-                               seqs, texts, prevs, hashes)
-            await conn.execute("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1", seq, prev)
+                               " SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[])", *rows)
+            await conn.execute("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1", rows[0][-1], rows[3][-1])
+        return rows[0][-1], rows[3][-1]
 
     async def page(self, after: int, limit: int) -> list[dict[str, Any]]:
         rows = await self._db.run("read", "audit", lambda c: c.fetch(
